@@ -1,0 +1,244 @@
+//! The command line: one file per group of subcommands; each turns arguments into a library
+//! call and prints the result. Only `cli` writes to the terminal.
+
+mod maint;
+mod run;
+mod show;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cache::file_digests::FileDigests;
+use crate::cache::{Lookup, Sidecar, Store};
+use crate::error::{Error, Result};
+use crate::ml::backend::BackendKind;
+use crate::plan::{self, CacheView, Decision, KeyContext};
+use crate::spec::{self, Override, Pipeline, SpecError, SpecErrors};
+use crate::stage_kind::{Catalog, Resources};
+use crate::sweep::{self, Instance};
+
+#[derive(Parser)]
+#[command(name = "camflow", version, about = "Declarative, cached pipelines for Grad-CAM segmentation studies")]
+pub struct Cli {
+    /// Cache folder (default: $CAMFLOW_CACHE, else ./cache).
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run what is stale, reuse what is cached, write the lock file.
+    Run(run::RunArgs),
+    /// Show what would run and why.
+    Plan(run::PlanArgs),
+    /// Print the instance graph as Graphviz dot or Mermaid.
+    Dag(maint::DagArgs),
+    /// One row per sweep point: params and metrics of what has run so far.
+    Show(show::ShowArgs),
+    /// Counts of cached and stale instances per stage.
+    Status(PipelineArgs),
+    /// Remove cache entries the named pipelines do not reference.
+    Gc(maint::GcArgs),
+    /// Hash every object and check every record.
+    Verify,
+    /// List stage kinds with their inputs and params.
+    Kinds,
+}
+
+/// Arguments shared by every command that reads a pipeline.
+#[derive(Args, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline YAML file.
+    pipeline: PathBuf,
+    /// Override a field for this run: stages.masks.params.value=0.6 (repeatable).
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    sets: Vec<String>,
+    /// Numeric backend, overriding the spec's `backend`.
+    #[arg(long, value_parser = ["cpu", "cuda"])]
+    backend: Option<String>,
+    /// Re-hash data files instead of trusting (path, size, mtime).
+    #[arg(long)]
+    rehash: bool,
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_tracing(cli.verbose, cli.log_format);
+    match dispatch(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("{}", render_error(&e));
+            e.exit_code()
+        }
+    }
+}
+
+fn render_error(e: &Error) -> String {
+    match e {
+        Error::Spec(s) => s.to_string(),
+        other => format!("error: {other}"),
+    }
+}
+
+fn init_tracing(verbose: u8, format: LogFormat) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    let cache = cache_root(cli.cache_dir);
+    match cli.command {
+        Command::Run(a) => run::run(&cache, a),
+        Command::Plan(a) => run::plan(&cache, a),
+        Command::Dag(a) => maint::dag(a),
+        Command::Show(a) => show::show(&cache, a),
+        Command::Status(a) => maint::status(&cache, a),
+        Command::Gc(a) => maint::gc(&cache, a),
+        Command::Verify => maint::verify(&cache),
+        Command::Kinds => {
+            print_out(&maint::kinds_text(&crate::stages::catalog()));
+            Ok(())
+        }
+    }
+}
+
+fn cache_root(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("CAMFLOW_CACHE").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("cache"))
+}
+
+/// Prints to stdout; a closed pipe (`| head`) ends the program quietly with 0.
+pub fn print_out(s: &str) {
+    let mut out = std::io::stdout().lock();
+    if out.write_all(s.as_bytes()).and_then(|_| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// A pipeline loaded, expanded and checked, with its data digested.
+pub struct Prepared {
+    pub pipeline: Pipeline,
+    pub instances: Vec<Instance>,
+    pub resources: Vec<Resources>,
+    pub files: Vec<BTreeMap<String, String>>,
+    pub catalog: Arc<Catalog>,
+    pub backend: BackendKind,
+}
+
+/// Loads the spec, expands sweeps and checks every instance's params.
+pub fn load(args: &PipelineArgs) -> Result<(Pipeline, Vec<Instance>, Arc<Catalog>)> {
+    let catalog = Arc::new(crate::stages::catalog());
+    let mut overrides = Vec::new();
+    for s in &args.sets {
+        overrides.push(s.parse::<Override>().map_err(|m| Error::Usage(format!("--set {m}")))?);
+    }
+    let p = spec::load(&args.pipeline, &overrides, &catalog)?;
+    let order = crate::dag::stage_order(&p.stages);
+    let instances = sweep::expand(&p, &order, &catalog);
+    // Cross-param checks of each kind, once per stage and message.
+    let mut errors: Vec<SpecError> = Vec::new();
+    for inst in &instances {
+        let Some(kind) = catalog.get(&inst.kind) else { continue };
+        for (param, msg) in kind.check(&inst.params) {
+            let field = format!("stages.{}.params.{param}", inst.stage);
+            if !errors.iter().any(|e| e.field == field && e.message == msg) {
+                let loc = spec::locate(&p.source, &["stages", &inst.stage, "params", &param]).or_else(|| spec::locate(&p.source, &["stages", &inst.stage]));
+                errors.push(SpecError { field, location: loc, message: msg });
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(SpecErrors { file: args.pipeline.clone(), errors }.into());
+    }
+    Ok((p, instances, catalog))
+}
+
+pub fn prepare(args: &PipelineArgs, store: &Store) -> Result<Prepared> {
+    let (pipeline, instances, catalog) = load(args)?;
+    let backend_name = args.backend.clone().unwrap_or_else(|| pipeline.backend.clone());
+    let backend = BackendKind::parse(&backend_name).ok_or_else(|| Error::Usage(format!("unknown backend `{backend_name}`")))?;
+    if !BackendKind::compiled().contains(&backend.name()) {
+        return Err(Error::Usage(format!("backend `{}` is not compiled into this camflow (it has: {}); rebuild with `cargo build --release --features cuda`", backend.name(), BackendKind::compiled().join(", "))));
+    }
+    let mut digests = FileDigests::load(store, args.rehash);
+    let mut files = Vec::with_capacity(instances.len());
+    let mut memo: BTreeMap<PathBuf, String> = BTreeMap::new();
+    for inst in &instances {
+        let kind = catalog.get(&inst.kind).expect("validated");
+        let mut m = BTreeMap::new();
+        for (name, path) in kind.external_paths(&inst.params, &pipeline.base_dir) {
+            let d = match memo.get(&path) {
+                Some(d) => d.clone(),
+                None => {
+                    let d = digests.digest(&path).map_err(|e| Error::Usage(format!("{}: stage `{}` reads {}: {e}", args.pipeline.display(), inst.stage, path.display())))?;
+                    memo.insert(path.clone(), d.clone());
+                    d
+                }
+            };
+            m.insert(name, d);
+        }
+        files.push(m);
+    }
+    digests.save(store);
+    let resources = instances.iter().map(|i| pipeline.stages[&i.stage].resources).collect();
+    Ok(Prepared { pipeline, instances, resources, files, catalog, backend })
+}
+
+pub fn open_store(root: &Path) -> Result<Store> {
+    Store::open(root).map_err(|e| Error::Io(format!("cache {}: {e}", root.display())))
+}
+
+struct StoreView<'a> {
+    store: &'a Store,
+    pipeline: &'a str,
+    full: bool,
+}
+
+impl CacheView for StoreView<'_> {
+    fn lookup(&self, key: &str) -> Lookup {
+        self.store.lookup(key, self.full)
+    }
+    fn sidecar(&self, label: &str) -> Option<Sidecar> {
+        self.store.read_sidecar(self.pipeline, label)
+    }
+}
+
+pub fn make_plan(p: &Prepared, store: &Store, full: bool, forced: &dyn Fn(&Instance) -> bool) -> Vec<Decision> {
+    let view = StoreView { store, pipeline: &p.pipeline.name, full };
+    let kcx = KeyContext { catalog: &p.catalog, seed: p.pipeline.seed, backend_class: p.backend.class(), files: &p.files };
+    plan::plan(&p.instances, &kcx, &view, forced)
+}

@@ -1,0 +1,241 @@
+//! `camflow run` and `camflow plan`.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::{make_plan, open_store, prepare, print_out, PipelineArgs, Prepared};
+use crate::error::{Error, Result};
+use crate::exec::{self, Event, ExecInput, ExecOptions, Outcome};
+use crate::lockfile::{self, LockFile};
+use crate::plan::Decision;
+use crate::sweep::Instance;
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    p: PipelineArgs,
+    /// CPU slots shared by running instances (default: number of cores).
+    #[arg(short, long)]
+    jobs: Option<u32>,
+    /// GPU slots; stages with `resources: {gpu: 1}` get a device index from them.
+    #[arg(long, default_value_t = 1)]
+    gpus: u32,
+    /// After a failure, finish the branches that do not depend on it.
+    #[arg(long)]
+    keep_going: bool,
+    /// Print the plan and run nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Refuse to run if any cache key differs from the lock file.
+    #[arg(long)]
+    locked: bool,
+    /// Rerun these stages (by stage name or instance label) even if cached.
+    #[arg(long, value_name = "STAGE")]
+    force: Vec<String>,
+    /// Hash every cached object instead of trusting size and mtime.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    p: PipelineArgs,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Plan these stages (name or label) as forced.
+    #[arg(long, value_name = "STAGE")]
+    force: Vec<String>,
+}
+
+fn forced_fn(force: &[String]) -> impl Fn(&Instance) -> bool + '_ {
+    move |i: &Instance| force.iter().any(|f| f == &i.stage || f == &i.label)
+}
+
+fn plan_rows(p: &Prepared, decisions: &[Decision]) -> (String, serde_json::Value) {
+    let width = p.instances.iter().map(|i| i.label.len()).max().unwrap_or(8).min(70);
+    let mut text = format!("{:<7} {:<width$}  {}\n", "STATE", "INSTANCE", "REASON");
+    let mut rows = Vec::new();
+    let (mut run, mut after, mut cached) = (0, 0, 0);
+    for (inst, d) in p.instances.iter().zip(decisions) {
+        let (state, why, key) = match d {
+            Decision::Cached { key, .. } => {
+                cached += 1;
+                ("cached", String::new(), Some(key.clone()))
+            }
+            Decision::Run { key, reason } => {
+                run += 1;
+                ("run", reason.to_string(), Some(key.clone()))
+            }
+            Decision::After { upstream } => {
+                after += 1;
+                ("after", format!("waits on {}", p.instances[*upstream].label), None)
+            }
+        };
+        text.push_str(&format!("{state:<7} {:<width$}  {why}\n", inst.label));
+        rows.push(json!({ "instance": inst.label, "stage": inst.stage, "kind": inst.kind, "state": state, "reason": why, "key": key, "params": inst.params }));
+    }
+    text.push_str(&format!("plan: {run} to run, {after} after them, {cached} cached ({} instances)\n", p.instances.len()));
+    (text, json!({ "pipeline": p.pipeline.name, "run": run, "after": after, "cached": cached, "instances": rows }))
+}
+
+pub fn plan(cache: &std::path::Path, a: PlanArgs) -> Result<()> {
+    let store = open_store(cache)?;
+    let p = prepare(&a.p, &store)?;
+    let decisions = make_plan(&p, &store, false, &forced_fn(&a.force));
+    let (text, js) = plan_rows(&p, &decisions);
+    if a.json {
+        print_out(&(serde_json::to_string_pretty(&js).unwrap_or_default() + "\n"));
+    } else {
+        print_out(&text);
+    }
+    Ok(())
+}
+
+pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
+    let started = Instant::now();
+    let store = open_store(cache)?;
+    let p = prepare(&a.p, &store)?;
+    let forced = forced_fn(&a.force);
+    if a.dry_run {
+        let decisions = make_plan(&p, &store, a.verify, &forced);
+        print_out(&plan_rows(&p, &decisions).0);
+        return Ok(());
+    }
+    let lock_path = lockfile::path_for(&a.p.pipeline);
+    let locked = if a.locked { Some(LockFile::read(&lock_path).map_err(Error::Usage)?) } else { None };
+    if !p.backend.bitwise_deterministic() {
+        print_out(&format!("note: backend `{}` is not bitwise deterministic: reruns may give slightly different numbers\n", p.backend.name()));
+    }
+    let forced_idx: BTreeSet<usize> = p.instances.iter().enumerate().filter(|(_, i)| forced(i)).map(|(k, _)| k).collect();
+    let opts = ExecOptions {
+        jobs: a.jobs.unwrap_or_else(exec::default_jobs),
+        gpus: a.gpus,
+        keep_going: a.keep_going,
+        full_verify: a.verify,
+        forced: forced_idx,
+        locked,
+        backend: p.backend.name().to_string(),
+        backend_class: p.backend.class(),
+        bitwise_deterministic: p.backend.bitwise_deterministic(),
+    };
+    let labels: Vec<String> = p.instances.iter().map(|i| i.label.clone()).collect();
+    let input = ExecInput {
+        pipeline: p.pipeline.name.clone(),
+        base_dir: p.pipeline.base_dir.clone(),
+        seed: p.pipeline.seed,
+        instances: p.instances.clone(),
+        resources: p.resources.clone(),
+        files: p.files.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| Error::Io(format!("tokio runtime: {e}")))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let catalog = p.catalog.clone();
+    let total = labels.len() as u64;
+    let outcome = rt.block_on(async move {
+        let exec = tokio::spawn(exec::execute(input, catalog, store, opts, tx));
+        let bar = ProgressBar::new(total);
+        bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+        let mut counts = Counts::default();
+        let mut running: BTreeSet<usize> = BTreeSet::new();
+        let mut failures = Vec::new();
+        while let Some(ev) = rx.recv().await {
+            match &ev {
+                Event::Cached { .. } => counts.cached += 1,
+                Event::Started { idx, reason } => {
+                    running.insert(*idx);
+                    say(&bar, format!("run     {}  ({reason})", labels[*idx]));
+                }
+                Event::Finished { idx, seconds } => {
+                    running.remove(idx);
+                    counts.ran += 1;
+                    say(&bar, format!("done    {}  {seconds:.2}s", labels[*idx]));
+                }
+                Event::Reused { idx } => {
+                    running.remove(idx);
+                    counts.reused += 1;
+                    say(&bar, format!("reused  {}  (computed by another run)", labels[*idx]));
+                }
+                Event::Failed { idx, error, log } => {
+                    running.remove(idx);
+                    counts.failed += 1;
+                    let log = log.as_ref().map(|l| format!(" (log: {})", l.display())).unwrap_or_default();
+                    say(&bar, format!("FAILED  {error}{log}"));
+                    failures.push(error.clone());
+                }
+                Event::Skipped { .. } => counts.skipped += 1,
+            }
+            if !matches!(ev, Event::Started { .. }) {
+                bar.inc(1);
+            }
+            bar.set_message(running.iter().map(|i| labels[*i].as_str()).collect::<Vec<_>>().join(", "));
+        }
+        bar.finish_and_clear();
+        let outcome = exec.await.unwrap_or(Outcome::Interrupted);
+        (outcome, counts)
+    });
+    // Ctrl-C returns at once; blocking stage threads are abandoned, not awaited.
+    let (outcome, counts) = outcome;
+    match outcome {
+        Outcome::Interrupted => {
+            print_out(&format!("{}\n", counts.line(started)));
+            rt.shutdown_background();
+            Err(Error::Interrupted)
+        }
+        Outcome::LockMismatch(m) => {
+            rt.shutdown_background();
+            Err(Error::LockMismatch(m))
+        }
+        Outcome::Done { records, failed } => {
+            rt.shutdown_background();
+            print_out(&format!("{}\n", counts.line(started)));
+            let done: Vec<&crate::cache::ActionRecord> = records.iter().flatten().collect();
+            if failed == 0 && a.p.sets.is_empty() && !a.locked {
+                let lf = LockFile::from_records(&p.pipeline.name, p.backend.name(), p.backend.bitwise_deterministic(), &done);
+                lf.write(&lock_path).map_err(Error::Io)?;
+                print_out(&format!("lock: {}\n", lock_path.display()));
+            }
+            if failed > 0 {
+                return Err(Error::StagesFailed { failed });
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A line above the progress bar, or plain stdout when the bar is hidden (not a terminal).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        print_out(&(line + "\n"));
+    } else {
+        bar.println(line);
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    ran: usize,
+    cached: usize,
+    reused: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl Counts {
+    fn line(&self, started: Instant) -> String {
+        format!(
+            "summary: ran={} cached={} reused={} failed={} skipped={} in {:.2}s",
+            self.ran,
+            self.cached,
+            self.reused,
+            self.failed,
+            self.skipped,
+            started.elapsed().as_secs_f64()
+        )
+    }
+}

@@ -1,0 +1,355 @@
+//! The executor: runs stale instances, concurrently, within resource limits, and is the
+//! only writer of the cache.
+//!
+//! # Lifecycle of an instance
+//! 1. It becomes *ready* when every upstream instance has an action record.
+//! 2. Its key is built from the upstream output digests (so early cutoff is automatic).
+//! 3. With `--locked`, the key must equal the lock file's; otherwise the run stops.
+//! 4. A fresh record for the key means *cached*: nothing runs.
+//! 5. Otherwise it waits for CPU slots (and a GPU slot with its device index), then a
+//!    blocking task takes the per-key file lock, looks again (another process may have
+//!    finished it meanwhile: *reused*), runs the stage into a scratch folder in the cache,
+//!    moves each output into the object store, and writes the record last.
+//! 6. Its dependents become ready.
+//!
+//! # Concurrency
+//! `--jobs` CPU slots and `--gpus` GPU slots. A stage asking for more CPU slots than exist
+//! gets all of them (training asks for all by default: burn already uses every core).
+//! CPU-heavy work runs on tokio's blocking pool, never on the async runtime.
+//!
+//! # Failure and cancellation
+//! Fail fast by default: after a failure nothing new starts, running work finishes. With
+//! `keep_going`, independent branches go on and only dependents of the failure are skipped.
+//! Ctrl-C stops dispatching and returns at once; since every cache write is atomic and the
+//! record comes last, nothing partial is left behind and the next run resumes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value as Json;
+
+use crate::cache::lock::KeyLock;
+use crate::cache::{ActionRecord, Lookup, Sidecar, Store};
+use crate::lockfile::LockFile;
+use crate::plan::{build_key, explain, KeyContext, StaleReason};
+use crate::stage_kind::{Catalog, InputArtifact, Resources, RunContext};
+use crate::sweep::Instance;
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Cached { idx: usize },
+    Started { idx: usize, reason: StaleReason },
+    Finished { idx: usize, seconds: f64 },
+    /// Another process computed the same key while this one waited for its lock.
+    Reused { idx: usize },
+    Failed { idx: usize, error: String, log: Option<PathBuf> },
+    Skipped { idx: usize },
+}
+
+pub struct ExecOptions {
+    pub jobs: u32,
+    pub gpus: u32,
+    pub keep_going: bool,
+    /// Hash every object on lookup instead of trusting size and mtime.
+    pub full_verify: bool,
+    pub forced: BTreeSet<usize>,
+    pub locked: Option<LockFile>,
+    pub backend: String,
+    pub backend_class: String,
+    pub bitwise_deterministic: bool,
+}
+
+pub struct ExecInput {
+    pub pipeline: String,
+    pub base_dir: PathBuf,
+    pub seed: u64,
+    pub instances: Vec<Instance>,
+    pub resources: Vec<Resources>,
+    pub files: Vec<BTreeMap<String, String>>,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Done { records: Vec<Option<ActionRecord>>, failed: usize },
+    Interrupted,
+    LockMismatch(String),
+}
+
+enum Done {
+    Ran(ActionRecord, f64),
+    Reused(ActionRecord),
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum State {
+    Pending,
+    Running,
+    Done,
+    Failed,
+    Skipped,
+}
+
+pub async fn execute(input: ExecInput, catalog: Arc<Catalog>, store: Store, opts: ExecOptions, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Outcome {
+    let n = input.instances.len();
+    let input = Arc::new(input);
+    let mut state = vec![State::Pending; n];
+    let mut records: Vec<Option<ActionRecord>> = vec![None; n];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, inst) in input.instances.iter().enumerate() {
+        for &u in inst.inputs.values() {
+            dependents[u].push(i);
+        }
+    }
+    let jobs = opts.jobs.max(1);
+    let (mut cpu_free, mut gpu_free): (u32, Vec<usize>) = (jobs, (0..opts.gpus as usize).rev().collect());
+    let mut failed = 0usize;
+    let mut stop = false;
+    let mut set = tokio::task::JoinSet::new();
+    let mut holding: BTreeMap<usize, (u32, Option<usize>)> = BTreeMap::new();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        // Dispatch everything ready, in topological (index) order.
+        let mut progressed = true;
+        while progressed && !stop {
+            progressed = false;
+            for i in 0..n {
+                if state[i] != State::Pending {
+                    continue;
+                }
+                let inst = &input.instances[i];
+                if inst.inputs.values().any(|&u| matches!(state[u], State::Failed | State::Skipped)) {
+                    state[i] = State::Skipped;
+                    let _ = events.send(Event::Skipped { idx: i });
+                    progressed = true;
+                    continue;
+                }
+                if !inst.inputs.values().all(|&u| state[u] == State::Done) {
+                    continue;
+                }
+                let upstream: BTreeMap<String, String> = inst.inputs.iter().map(|(s, &u)| (s.clone(), records[u].as_ref().map(|r| r.output_digest()).unwrap_or_default())).collect();
+                let kcx = KeyContext { catalog: &catalog, seed: input.seed, backend_class: opts.backend_class.clone(), files: &input.files };
+                let key = build_key(inst, i, &kcx, upstream);
+                let digest = key.digest();
+                if let Some(lock) = &opts.locked {
+                    if let Err(m) = lock.check(&inst.label, &digest) {
+                        return Outcome::LockMismatch(m);
+                    }
+                }
+                let lookup = if opts.forced.contains(&i) { Lookup::Missing } else { store.lookup(&digest, opts.full_verify) };
+                let reason = match lookup {
+                    Lookup::Fresh(rec) => {
+                        records[i] = Some(*rec);
+                        state[i] = State::Done;
+                        let _ = events.send(Event::Cached { idx: i });
+                        progressed = true;
+                        continue;
+                    }
+                    Lookup::Corrupt(detail) => StaleReason::EntryCorrupt { detail },
+                    Lookup::Missing if opts.forced.contains(&i) => StaleReason::Forced,
+                    Lookup::Missing => {
+                        let side = store.read_sidecar(&input.pipeline, &inst.label);
+                        match &side {
+                            Some(s) if s.key == digest => StaleReason::EntryMissing,
+                            other => explain(other.as_ref(), &key),
+                        }
+                    }
+                };
+                let res = input.resources[i];
+                let want_cpu = res.cpu.clamp(1, jobs);
+                if want_cpu > cpu_free || (res.gpu > 0 && gpu_free.is_empty()) {
+                    continue;
+                }
+                if res.gpu > 0 && opts.gpus == 0 {
+                    state[i] = State::Failed;
+                    failed += 1;
+                    let _ = events.send(Event::Failed { idx: i, error: format!("{}: asks for a GPU, but --gpus is 0", inst.label), log: None });
+                    stop |= !opts.keep_going;
+                    progressed = true;
+                    continue;
+                }
+                cpu_free -= want_cpu;
+                let gpu = if res.gpu > 0 { gpu_free.pop() } else { None };
+                holding.insert(i, (want_cpu, gpu));
+                state[i] = State::Running;
+                let _ = events.send(Event::Started { idx: i, reason: reason.clone() });
+                let up_records: BTreeMap<String, ActionRecord> = inst.inputs.iter().filter_map(|(s, &u)| records[u].clone().map(|r| (s.clone(), r))).collect();
+                let job = Job {
+                    idx: i,
+                    input: input.clone(),
+                    catalog: catalog.clone(),
+                    store: store.clone(),
+                    key,
+                    digest,
+                    up_records,
+                    device: gpu.unwrap_or(0),
+                    backend: opts.backend.clone(),
+                    deterministic: opts.bitwise_deterministic,
+                    forced: opts.forced.contains(&i),
+                };
+                set.spawn_blocking(move || (i, job.run()));
+                progressed = true;
+            }
+        }
+        if set.is_empty() {
+            break;
+        }
+        tokio::select! {
+            joined = set.join_next() => {
+                let Some(joined) = joined else { break };
+                let (i, result) = match joined {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // A panicking task: find no index; treat as a failure of the whole run.
+                        let _ = events.send(Event::Failed { idx: usize::MAX, error: format!("internal error: {e}"), log: None });
+                        failed += 1;
+                        stop = true;
+                        continue;
+                    }
+                };
+                if let Some((c, g)) = holding.remove(&i) {
+                    cpu_free += c;
+                    if let Some(g) = g { gpu_free.push(g); }
+                }
+                match result {
+                    Ok(Done::Ran(rec, secs)) => {
+                        records[i] = Some(rec);
+                        state[i] = State::Done;
+                        let _ = events.send(Event::Finished { idx: i, seconds: secs });
+                    }
+                    Ok(Done::Reused(rec)) => {
+                        records[i] = Some(rec);
+                        state[i] = State::Done;
+                        let _ = events.send(Event::Reused { idx: i });
+                    }
+                    Err((error, log)) => {
+                        state[i] = State::Failed;
+                        failed += 1;
+                        let _ = events.send(Event::Failed { idx: i, error, log });
+                        if !opts.keep_going { stop = true; }
+                    }
+                }
+            }
+            _ = &mut ctrl_c => {
+                return Outcome::Interrupted;
+            }
+        }
+    }
+    for i in 0..n {
+        if state[i] == State::Pending {
+            state[i] = State::Skipped;
+            let _ = events.send(Event::Skipped { idx: i });
+        }
+    }
+    Outcome::Done { records, failed }
+}
+
+struct Job {
+    idx: usize,
+    input: Arc<ExecInput>,
+    catalog: Arc<Catalog>,
+    store: Store,
+    key: crate::cache::CacheKey,
+    digest: String,
+    up_records: BTreeMap<String, ActionRecord>,
+    device: usize,
+    backend: String,
+    deterministic: bool,
+    forced: bool,
+}
+
+impl Job {
+    fn run(self) -> Result<Done, (String, Option<PathBuf>)> {
+        let inst = &self.input.instances[self.idx];
+        let label = inst.label.clone();
+        let fail = |m: String| (format!("{label}: {m}"), None);
+        let _lock = KeyLock::acquire(&self.store.root, &self.digest).map_err(|e| fail(format!("cannot lock cache key: {e}")))?;
+        if !self.forced {
+            if let Lookup::Fresh(rec) = self.store.lookup(&self.digest, false) {
+                return Ok(Done::Reused(*rec));
+            }
+        }
+        // A stale or corrupt record must never look fresh if this run is interrupted.
+        self.store.invalidate(&self.digest);
+        let mut inputs = BTreeMap::new();
+        for (slot, rec) in &self.up_records {
+            let mut files = BTreeMap::new();
+            for (name, r) in &rec.outputs {
+                let p = self.store.verified_object(r).map_err(|e| fail(format!("input `{slot}`: {e}; rerun to recompute it")))?;
+                files.insert(name.clone(), p);
+            }
+            inputs.insert(slot.clone(), InputArtifact { files, metrics: rec.metrics.clone(), params: rec.key_inputs.params.clone(), kind: rec.kind.clone() });
+        }
+        let scratch = tempfile::Builder::new().prefix("run-").tempdir_in(self.store.tmp_dir()).map_err(|e| fail(format!("cannot create scratch folder: {e}")))?;
+        let out_dir = scratch.path().join("out");
+        std::fs::create_dir_all(&out_dir).map_err(|e| fail(format!("cannot create scratch folder: {e}")))?;
+        let mut log_lines: Vec<String> = Vec::new();
+        let kind = self.catalog.get(&inst.kind).ok_or_else(|| fail(format!("unknown kind `{}`", inst.kind)))?;
+        let started = Instant::now();
+        let result = {
+            let mut log = |line: String| {
+                tracing::info!(instance = %label, "{line}");
+                log_lines.push(line);
+            };
+            let mut ctx = RunContext {
+                params: &inst.params,
+                inputs: &inputs,
+                out_dir: &out_dir,
+                base_dir: &self.input.base_dir,
+                seed: self.input.seed,
+                backend: &self.backend,
+                device: self.device,
+                log: &mut log,
+            };
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(&mut ctx)))
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let log_path = self.store.log_path(&self.digest);
+        let log_text = log_lines.join("\n") + "\n";
+        let outcome = match result {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                let text = format!("{log_text}error: {e}\n");
+                let _ = self.store.write_atomic(&log_path, text.as_bytes());
+                return Err((format!("{label}: {e}"), Some(log_path)));
+            }
+            Err(_) => {
+                let _ = self.store.write_atomic(&log_path, format!("{log_text}error: stage panicked\n").as_bytes());
+                return Err((format!("{label}: stage panicked (a bug in camflow); see the log"), Some(log_path)));
+            }
+        };
+        let mut outputs = BTreeMap::new();
+        for f in &outcome.files {
+            let r = self.store.put_file(&out_dir.join(f)).map_err(|e| fail(format!("storing output `{f}`: {e}")))?;
+            outputs.insert(f.clone(), r);
+        }
+        let _ = self.store.write_atomic(&log_path, log_text.as_bytes());
+        let rec = ActionRecord {
+            key: self.digest.clone(),
+            label: label.clone(),
+            kind: inst.kind.clone(),
+            key_inputs: self.key.clone(),
+            outputs,
+            metrics: outcome.metrics,
+            duration_s: seconds,
+            camflow_version: env!("CARGO_PKG_VERSION").to_string(),
+            backend: self.backend.clone(),
+            bitwise_deterministic: self.deterministic,
+            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        };
+        self.store.write_record(&rec).map_err(|e| fail(format!("writing cache record: {e}")))?;
+        let _ = self.store.write_sidecar(&self.input.pipeline, &Sidecar { label: label.clone(), key: self.digest.clone(), key_inputs: self.key.clone() });
+        Ok(Done::Ran(rec, seconds))
+    }
+}
+
+/// Metrics of a record as a flat map (for tables).
+pub fn flat_metrics(m: &Json) -> BTreeMap<String, Json> {
+    m.as_object().map(|o| o.iter().filter(|(_, v)| !v.is_object() && !v.is_array()).map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+}
+
+pub fn default_jobs() -> u32 {
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+}

@@ -1,0 +1,16 @@
+//! camflow: a declarative, content-addressed workflow orchestrator for Grad-CAM
+//! segmentation studies. See ARCHITECTURE.md for the map.
+
+pub mod cache;
+pub mod cli;
+pub mod dag;
+pub mod error;
+pub mod exec;
+pub mod lockfile;
+pub mod ml;
+pub mod plan;
+pub mod spec;
+pub mod stage_kind;
+pub mod stages;
+pub mod suggest;
+pub mod sweep;

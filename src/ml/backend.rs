@@ -1,0 +1,97 @@
+//! Choosing the numeric backend at run time.
+//!
+//! The CPU backend (burn's flex) is always compiled in; CUDA only with the `cuda` feature.
+//! Generic ML code is handed to [`dispatch`] as a [`BackendJob`], which instantiates it for the
+//! chosen backend. Any panic inside burn (for example no CUDA driver) becomes an error here, so
+//! none reaches the user.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use burn::tensor::backend::AutodiffBackend;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+impl BackendKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cpu" => Some(BackendKind::Cpu),
+            "cuda" => Some(BackendKind::Cuda),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+
+    /// The numeric class that goes into cache keys: results differ between these.
+    pub fn class(self) -> String {
+        match self {
+            BackendKind::Cpu => format!("flex-{}", std::env::consts::ARCH),
+            BackendKind::Cuda => "cuda".into(),
+        }
+    }
+
+    /// Whether two runs give the same bytes. GPU kernels (atomics, autotuned reductions) may not.
+    pub fn bitwise_deterministic(self) -> bool {
+        self == BackendKind::Cpu
+    }
+
+    pub fn compiled() -> &'static [&'static str] {
+        if cfg!(feature = "cuda") { &["cpu", "cuda"] } else { &["cpu"] }
+    }
+}
+
+/// A piece of generic ML work, instantiated for one backend by [`dispatch`].
+pub trait BackendJob {
+    type Output;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("this camflow was built without CUDA; rebuild with `cargo build --release --features cuda`")]
+    CudaNotCompiled,
+    #[error("{backend} backend failed: {message}")]
+    Panicked { backend: &'static str, message: String },
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+pub fn dispatch<J: BackendJob>(kind: BackendKind, device_index: usize, job: J) -> Result<J::Output, BackendError> {
+    match kind {
+        BackendKind::Cpu => {
+            let _ = device_index;
+            catch_unwind(AssertUnwindSafe(|| job.run::<burn::backend::Autodiff<burn::backend::Flex>>(Default::default())))
+                .map_err(|p| BackendError::Panicked { backend: "cpu", message: panic_message(p) })
+        }
+        BackendKind::Cuda => dispatch_cuda(device_index, job),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn dispatch_cuda<J: BackendJob>(device_index: usize, job: J) -> Result<J::Output, BackendError> {
+    use burn::backend::cuda::CudaDevice;
+    catch_unwind(AssertUnwindSafe(|| job.run::<burn::backend::Autodiff<burn::backend::Cuda>>(CudaDevice::new(device_index))))
+        .map_err(|p| BackendError::Panicked { backend: "cuda", message: panic_message(p) })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn dispatch_cuda<J: BackendJob>(_device_index: usize, _job: J) -> Result<J::Output, BackendError> {
+    Err(BackendError::CudaNotCompiled)
+}

@@ -1,0 +1,18 @@
+//! Machine learning: data, models, training, Grad-CAM, masks, filters and scores.
+//!
+//! Knows nothing of YAML, the cache or tokio; `stages` is the only bridge to it.
+
+pub mod backend;
+pub mod dataset;
+pub mod filter;
+pub mod gradcam;
+pub mod loaders;
+pub mod metrics;
+pub mod model;
+pub mod planes;
+pub mod resize;
+pub mod rng;
+pub mod synthetic;
+pub mod threshold;
+pub mod train;
+pub mod weights;

@@ -1,0 +1,206 @@
+//! CNN classifiers: `vgg-small` (the reference architecture), a configurable `vgg`, and a
+//! small `resnet`. All are a stack of conv *units* followed by global average pooling and one
+//! linear layer to two logits, so Grad-CAM can cut any of them after any unit.
+//!
+//! A unit is conv3x3 [+BN] + ReLU (vgg) or a basic residual block (resnet), optionally
+//! followed by a 2x2 max pool. Its "activation" for Grad-CAM is the post-ReLU map *before*
+//! the pool (the last conv's ReLU output for the default layer).
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::activation::relu;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// What to build; goes into `config.json` beside the weights and into cache keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArchConfig {
+    /// `vgg-small`, `vgg` or `resnet`.
+    pub name: String,
+    pub in_channels: usize,
+    /// Output channels of each unit.
+    pub widths: Vec<usize>,
+    /// Max-pool after unit i.
+    pub pool_after: Vec<bool>,
+    pub batch_norm: bool,
+    pub residual: bool,
+}
+
+impl ArchConfig {
+    /// conv3x3(C->16) pool, conv(16->32) pool, conv(32->64) pool, conv(64->64), GAP, fc(64->2).
+    pub fn vgg_small(in_channels: usize) -> Self {
+        ArchConfig {
+            name: "vgg-small".into(),
+            in_channels,
+            widths: vec![16, 32, 64, 64],
+            pool_after: vec![true, true, true, false],
+            batch_norm: false,
+            residual: false,
+        }
+    }
+
+    /// A VGG of any widths; pools after every unit but the last.
+    pub fn vgg(in_channels: usize, widths: Vec<usize>, batch_norm: bool) -> Self {
+        let n = widths.len();
+        ArchConfig { name: "vgg".into(), in_channels, pool_after: (0..n).map(|i| i + 1 < n).collect(), widths, batch_norm, residual: false }
+    }
+
+    /// A ResNet: a stem conv, then `blocks` basic blocks per stage with a pool between stages.
+    pub fn resnet(in_channels: usize, stage_widths: &[usize], blocks: usize) -> Self {
+        let mut widths = vec![stage_widths.first().copied().unwrap_or(16)];
+        let mut pool_after = vec![false];
+        for (s, &w) in stage_widths.iter().enumerate() {
+            for b in 0..blocks.max(1) {
+                widths.push(w);
+                pool_after.push(b + 1 == blocks.max(1) && s + 1 < stage_widths.len());
+            }
+        }
+        ArchConfig { name: "resnet".into(), in_channels, widths, pool_after, batch_norm: true, residual: true }
+    }
+
+    pub fn units(&self) -> usize {
+        self.widths.len()
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Classifier<B> {
+        let mut units = Vec::new();
+        let mut cin = self.in_channels;
+        for (i, &w) in self.widths.iter().enumerate() {
+            // The resnet stem (unit 0) is a plain conv; later units are residual blocks.
+            let residual = self.residual && i > 0;
+            let conv = |a: usize, b: usize| {
+                Conv2dConfig::new([a, b], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device)
+            };
+            let bn = |c: usize| if self.batch_norm { Some(BatchNormConfig::new(c).init(device)) } else { None };
+            units.push(Unit {
+                conv1: conv(cin, w),
+                bn1: bn(w),
+                conv2: if residual { Some(conv(w, w)) } else { None },
+                bn2: if residual { bn(w) } else { None },
+                shortcut: if residual && cin != w {
+                    Some(Conv2dConfig::new([cin, w], [1, 1]).with_bias(false).init(device))
+                } else {
+                    None
+                },
+                residual,
+                pool_after: self.pool_after.get(i).copied().unwrap_or(false),
+            });
+            cin = w;
+        }
+        Classifier {
+            units,
+            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+            fc: LinearConfig::new(cin, 2).init(device),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Unit<B: Backend> {
+    pub conv1: Conv2d<B>,
+    pub bn1: Option<BatchNorm<B>>,
+    pub conv2: Option<Conv2d<B>>,
+    pub bn2: Option<BatchNorm<B>>,
+    pub shortcut: Option<Conv2d<B>>,
+    #[module(skip)]
+    pub residual: bool,
+    #[module(skip)]
+    pub pool_after: bool,
+}
+
+impl<B: Backend> Unit<B> {
+    /// # Shapes
+    /// [N, Cin, H, W] -> [N, Cout, H, W] (post-ReLU, before any pool)
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let mut y = self.conv1.forward(x.clone());
+        if let Some(bn) = &self.bn1 {
+            y = bn.forward(y);
+        }
+        if !self.residual {
+            return relu(y);
+        }
+        y = relu(y);
+        if let Some(c2) = &self.conv2 {
+            y = c2.forward(y);
+        }
+        if let Some(bn) = &self.bn2 {
+            y = bn.forward(y);
+        }
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(x),
+            None => x,
+        };
+        relu(y + skip)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Classifier<B: Backend> {
+    pub units: Vec<Unit<B>>,
+    pub pool: MaxPool2d,
+    pub fc: Linear<B>,
+}
+
+impl<B: Backend> Classifier<B> {
+    /// # Shapes
+    /// [N, C, H, W] -> [N, 2] logits
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let last = self.units.len() - 1;
+        let a = self.features(x, last);
+        self.forward_from(a, last)
+    }
+
+    /// Activations of unit `layer` (post-ReLU, pre-pool).
+    /// # Shapes
+    /// [N, C, H, W] -> [N, K, h, w]
+    pub fn features(&self, mut x: Tensor<B, 4>, layer: usize) -> Tensor<B, 4> {
+        for (i, u) in self.units.iter().enumerate() {
+            x = u.forward(x);
+            if i == layer {
+                return x;
+            }
+            if u.pool_after {
+                x = self.pool.forward(x);
+            }
+        }
+        x
+    }
+
+    /// Runs the rest of the network from the activations of unit `layer`.
+    /// # Shapes
+    /// [N, K, h, w] -> [N, 2]
+    pub fn forward_from(&self, mut x: Tensor<B, 4>, layer: usize) -> Tensor<B, 2> {
+        if self.units[layer].pool_after {
+            x = self.pool.forward(x);
+        }
+        for u in &self.units[layer + 1..] {
+            x = u.forward(x);
+            if u.pool_after {
+                x = self.pool.forward(x);
+            }
+        }
+        let [n, k, _, _] = x.dims();
+        let gap = x.mean_dim(3).mean_dim(2).reshape([n, k]); // [N, K]
+        self.fc.forward(gap) // [N, 2]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn vgg_small_shapes() {
+        let dev = Default::default();
+        let m = crate::ml::train::seeded_init::<Flex>(&ArchConfig::vgg_small(1), 1, &dev);
+        let x = Tensor::<Flex, 4>::zeros([2, 1, 32, 32], &dev);
+        assert_eq!(m.features(x.clone(), 3).dims(), [2, 64, 4, 4]);
+        assert_eq!(m.forward(x).dims(), [2, 2]);
+        let r = crate::ml::train::seeded_init::<Flex>(&ArchConfig::resnet(3, &[8, 16], 1), 1, &dev);
+        assert_eq!(r.forward(Tensor::<Flex, 4>::zeros([1, 3, 16, 16], &dev)).dims(), [1, 2]);
+    }
+}

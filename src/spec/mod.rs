@@ -1,0 +1,445 @@
+//! Pipeline specs: the YAML a user writes, validated into [`Pipeline`].
+//!
+//! The only module that knows YAML. Loading parses the text into a generic YAML value (so
+//! syntax errors carry serde_yaml's line and column), applies `--set` overrides, then walks
+//! the value by hand so that *every* problem of a file is collected in one pass, each with its
+//! field path, its location and a "did you mean" where a name is misspelt.
+
+mod error;
+mod locate;
+mod overrides;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+use serde_yaml::Value as Yaml;
+
+pub use error::{SpecError, SpecErrors, SpecResult};
+pub use locate::locate;
+pub use overrides::{apply_override, Override};
+
+use crate::stage_kind::{Catalog, Resources};
+use crate::suggest::did_you_mean;
+
+/// A validated pipeline. Stage params here are as written (type-checked, canonical), not yet
+/// merged with defaults; `sweep` resolves them per instance.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    pub file: PathBuf,
+    /// Folder of the pipeline file: relative data paths resolve against it.
+    pub base_dir: PathBuf,
+    pub seed: u64,
+    pub backend: String,
+    /// Per stage kind: param defaults that override the kind's own.
+    pub defaults: BTreeMap<String, BTreeMap<String, Json>>,
+    pub stages: BTreeMap<String, StageSpec>,
+    /// The spec text after overrides, for the report and the lock file.
+    pub source: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    pub name: String,
+    pub kind: String,
+    pub params: BTreeMap<String, Json>,
+    /// Input slot -> upstream stage name.
+    pub inputs: BTreeMap<String, String>,
+    /// Cartesian axes, in the order written.
+    pub grid: Vec<(String, Vec<Json>)>,
+    /// Paired axes of equal length.
+    pub zip: Vec<(String, Vec<Json>)>,
+    pub resources: Resources,
+}
+
+const TOP_KEYS: &[&str] = &["name", "seed", "backend", "defaults", "stages", "description"];
+const STAGE_KEYS: &[&str] = &["kind", "params", "inputs", "sweep", "resources", "description"];
+const SWEEP_KEYS: &[&str] = &["grid", "zip"];
+const RESOURCE_KEYS: &[&str] = &["cpu", "gpu"];
+
+struct Ctx<'a> {
+    source: &'a str,
+    errors: Vec<SpecError>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, path: &[&str], message: impl Into<String>) {
+        self.errors.push(SpecError { field: path.join("."), location: locate(self.source, path), message: message.into() });
+    }
+
+    fn unknown_key(&mut self, path: &[&str], key: &str, allowed: &[&str]) {
+        let mut p = path.to_vec();
+        p.push(key);
+        let hint = match did_you_mean(key, allowed.iter().copied()) {
+            Some(m) => format!("; did you mean `{m}`?"),
+            None => format!(" (expected one of: {})", allowed.join(", ")),
+        };
+        self.err(&p, format!("unknown key `{key}`{hint}"));
+    }
+}
+
+fn key_str(k: &Yaml) -> String {
+    match k {
+        Yaml::String(s) => s.clone(),
+        other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+    }
+}
+
+/// YAML scalar/sequence/map -> JSON (canonical params live as JSON).
+pub fn to_json(v: &Yaml) -> Json {
+    match v {
+        Yaml::Null => Json::Null,
+        Yaml::Bool(b) => Json::Bool(*b),
+        Yaml::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Json::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Json::from(u)
+            } else {
+                Json::from(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Yaml::String(s) => Json::String(s.clone()),
+        Yaml::Sequence(s) => Json::Array(s.iter().map(to_json).collect()),
+        Yaml::Mapping(m) => Json::Object(m.iter().map(|(k, v)| (key_str(k), to_json(v))).collect()),
+        Yaml::Tagged(t) => to_json(&t.value),
+    }
+}
+
+fn type_name(v: &Yaml) -> &'static str {
+    match v {
+        Yaml::Null => "nothing",
+        Yaml::Bool(_) => "a boolean",
+        Yaml::Number(_) => "a number",
+        Yaml::String(_) => "a string",
+        Yaml::Sequence(_) => "a list",
+        Yaml::Mapping(_) => "a map",
+        Yaml::Tagged(_) => "a tagged value",
+    }
+}
+
+/// Reads, overrides and validates a pipeline file.
+pub fn load(file: &Path, overrides: &[Override], catalog: &Catalog) -> SpecResult<Pipeline> {
+    let one = |message: String| SpecErrors { file: file.to_path_buf(), errors: vec![SpecError { field: String::new(), location: None, message }] };
+    let source = std::fs::read_to_string(file).map_err(|e| one(format!("cannot read pipeline: {e}")))?;
+    parse(file, &source, overrides, catalog)
+}
+
+/// Validates pipeline text; `file` is used for messages and relative paths only.
+pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalog) -> SpecResult<Pipeline> {
+    let fail = |errors: Vec<SpecError>| SpecErrors { file: file.to_path_buf(), errors };
+    let mut root: Yaml = serde_yaml::from_str(source).map_err(|e| {
+        let location = e.location().map(|l| (l.line(), l.column()));
+        let msg = e.to_string();
+        // serde_yaml appends " at line X column Y"; we print the location ourselves.
+        let msg = match msg.find(" at line ") {
+            Some(i) => msg[..i].to_string(),
+            None => msg,
+        };
+        fail(vec![SpecError { field: String::new(), location, message: format!("YAML syntax error: {msg}") }])
+    })?;
+    let mut cx = Ctx { source, errors: Vec::new() };
+    for o in overrides {
+        if let Err(m) = apply_override(&mut root, o) {
+            cx.errors.push(SpecError { field: o.path.clone(), location: None, message: format!("--set: {m}") });
+        }
+    }
+    let Yaml::Mapping(top) = &root else {
+        return Err(fail(vec![SpecError { field: String::new(), location: None, message: format!("a pipeline must be a map with `name` and `stages`, found {}", type_name(&root)) }]));
+    };
+    for k in top.keys() {
+        let k = key_str(k);
+        if !TOP_KEYS.contains(&k.as_str()) {
+            cx.unknown_key(&[], &k, TOP_KEYS);
+        }
+    }
+    let name = match top.get("name") {
+        Some(Yaml::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(v) => {
+            cx.err(&["name"], format!("expected a non-empty string, found {}", type_name(v)));
+            String::new()
+        }
+        None => {
+            cx.err(&[], "missing required key `name`");
+            String::new()
+        }
+    };
+    let seed = match top.get("seed") {
+        None => 0,
+        Some(v) => match v.as_u64() {
+            Some(s) => s,
+            None => {
+                cx.err(&["seed"], format!("expected a non-negative integer, found {}", type_name(v)));
+                0
+            }
+        },
+    };
+    let backend = match top.get("backend") {
+        None => "cpu".to_string(),
+        Some(Yaml::String(s)) if s == "cpu" || s == "cuda" => s.clone(),
+        Some(v) => {
+            cx.err(&["backend"], format!("expected `cpu` or `cuda`, found {}", show_yaml(v)));
+            "cpu".into()
+        }
+    };
+    let mut defaults = BTreeMap::new();
+    if let Some(d) = top.get("defaults") {
+        match d {
+            Yaml::Mapping(m) => {
+                for (k, v) in m {
+                    let kind = key_str(k);
+                    let Some(sk) = catalog.get(&kind) else {
+                        cx.unknown_key(&["defaults"], &kind, &catalog.names());
+                        continue;
+                    };
+                    let specs = sk.params();
+                    let mut out = BTreeMap::new();
+                    match v {
+                        Yaml::Mapping(pm) => {
+                            for (pk, pv) in pm {
+                                let p = key_str(pk);
+                                check_param(&mut cx, &["defaults", &kind, &p], &specs, &p, pv, &mut out);
+                            }
+                        }
+                        other => cx.err(&["defaults", &kind], format!("expected a map of params, found {}", type_name(other))),
+                    }
+                    defaults.insert(kind, out);
+                }
+            }
+            other => cx.err(&["defaults"], format!("expected a map from stage kind to params, found {}", type_name(other))),
+        }
+    }
+    let mut stages = BTreeMap::new();
+    match top.get("stages") {
+        None => cx.err(&[], "missing required key `stages`"),
+        Some(Yaml::Mapping(m)) if m.is_empty() => cx.err(&["stages"], "a pipeline needs at least one stage"),
+        Some(Yaml::Mapping(m)) => {
+            let names: Vec<String> = m.keys().map(key_str).collect();
+            for (k, v) in m {
+                let sname = key_str(k);
+                if let Some(s) = stage(&mut cx, &sname, v, &names, m, catalog) {
+                    stages.insert(sname, s);
+                }
+            }
+        }
+        Some(v) => cx.err(&["stages"], format!("expected a map of named stages, found {}", type_name(v))),
+    }
+    if cx.errors.is_empty() {
+        if let Err(cycle) = crate::dag::stage_cycle(&stages) {
+            let first = cycle.first().cloned().unwrap_or_default();
+            cx.err(&["stages", &first, "inputs"], format!("dependency cycle: {}", cycle.join(" -> ")));
+        }
+    }
+    if !cx.errors.is_empty() {
+        return Err(fail(cx.errors));
+    }
+    let base_dir = file.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }).unwrap_or(Path::new(".")).to_path_buf();
+    let source = if overrides.is_empty() { source.to_string() } else { serde_yaml::to_string(&root).unwrap_or_else(|_| source.to_string()) };
+    Ok(Pipeline { name, file: file.to_path_buf(), base_dir, seed, backend, defaults, stages, source })
+}
+
+fn show_yaml(v: &Yaml) -> String {
+    match v {
+        Yaml::String(s) => format!("`{s}`"),
+        Yaml::Number(n) => format!("`{n}`"),
+        Yaml::Bool(b) => format!("`{b}`"),
+        other => type_name(other).to_string(),
+    }
+}
+
+fn check_param(cx: &mut Ctx<'_>, path: &[&str], specs: &[crate::stage_kind::ParamSpec], name: &str, v: &Yaml, out: &mut BTreeMap<String, Json>) {
+    let Some(spec) = specs.iter().find(|s| s.name == name) else {
+        let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+        cx.unknown_key(&path[..path.len() - 1], name, &names);
+        return;
+    };
+    match spec.ty.check(&to_json(v)) {
+        Ok(j) => {
+            out.insert(name.to_string(), j);
+        }
+        Err(m) => cx.err(path, m),
+    }
+}
+
+fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_yaml::Mapping, catalog: &Catalog) -> Option<StageSpec> {
+    let base = ["stages", sname];
+    let Yaml::Mapping(m) = v else {
+        cx.err(&base, format!("expected a map with `kind`, found {}", type_name(v)));
+        return None;
+    };
+    for k in m.keys() {
+        let k = key_str(k);
+        if !STAGE_KEYS.contains(&k.as_str()) {
+            cx.unknown_key(&base, &k, STAGE_KEYS);
+        }
+    }
+    let kind_name = match m.get("kind") {
+        Some(Yaml::String(s)) => s.clone(),
+        Some(other) => {
+            cx.err(&["stages", sname, "kind"], format!("expected a stage kind name, found {}", type_name(other)));
+            return None;
+        }
+        None => {
+            cx.err(&base, format!("missing required key `kind` (one of: {})", catalog.names().join(", ")));
+            return None;
+        }
+    };
+    let Some(kind) = catalog.get(&kind_name) else {
+        let hint = match did_you_mean(&kind_name, catalog.names()) {
+            Some(m) => format!("; did you mean `{m}`?"),
+            None => format!(" (known kinds: {})", catalog.names().join(", ")),
+        };
+        cx.err(&["stages", sname, "kind"], format!("unknown stage kind `{kind_name}`{hint}"));
+        return None;
+    };
+    let specs = kind.params();
+    let mut params = BTreeMap::new();
+    match m.get("params") {
+        None | Some(Yaml::Null) => {}
+        Some(Yaml::Mapping(pm)) => {
+            for (pk, pv) in pm {
+                let p = key_str(pk);
+                check_param(cx, &["stages", sname, "params", &p], &specs, &p, pv, &mut params);
+            }
+        }
+        Some(other) => cx.err(&["stages", sname, "params"], format!("expected a map of params, found {}", type_name(other))),
+    }
+    // Inputs: slot -> stage, typed.
+    let mut inputs = BTreeMap::new();
+    match m.get("inputs") {
+        None | Some(Yaml::Null) => {}
+        Some(Yaml::Mapping(im)) => {
+            for (ik, iv) in im {
+                let slot_name = key_str(ik);
+                let path = ["stages", sname, "inputs", slot_name.as_str()];
+                let Some(slot) = kind.inputs().iter().find(|s| s.name == slot_name) else {
+                    let slots: Vec<&str> = kind.inputs().iter().map(|s| s.name).collect();
+                    cx.unknown_key(&path[..3], &slot_name, &slots);
+                    continue;
+                };
+                let Yaml::String(target) = iv else {
+                    cx.err(&path, format!("expected the name of a stage, found {}", type_name(iv)));
+                    continue;
+                };
+                if !names.contains(target) {
+                    let hint = match did_you_mean(target, names.iter().map(|s| s.as_str())) {
+                        Some(m) => format!("; did you mean `{m}`?"),
+                        None => String::new(),
+                    };
+                    cx.err(&path, format!("unknown stage `{target}`{hint} (stages: {})", names.join(", ")));
+                    continue;
+                }
+                // Type check against the upstream kind's output.
+                if let Some(up_kind) = all.get(target.as_str()).and_then(|u| u.get("kind")).and_then(|k| k.as_str()).and_then(|k| catalog.get(k)) {
+                    if up_kind.output() != slot.artifact {
+                        cx.err(&path, format!(
+                            "stage `{target}` ({}) produces {}, but input `{}` of {} needs {}",
+                            up_kind.name(), up_kind.output().name(), slot.name, kind.name(), slot.artifact.name()
+                        ));
+                        continue;
+                    }
+                }
+                inputs.insert(slot_name, target.clone());
+            }
+        }
+        Some(other) => cx.err(&["stages", sname, "inputs"], format!("expected a map from input name to stage, found {}", type_name(other))),
+    }
+    for slot in kind.inputs() {
+        if slot.required && !inputs.contains_key(slot.name) && !cx.errors.iter().any(|e| e.field.starts_with(&format!("stages.{sname}.inputs"))) {
+            cx.err(&["stages", sname, "inputs"], format!("missing required input `{}` ({}) of {}", slot.name, slot.artifact.name(), kind.name()));
+        }
+    }
+    // Sweep axes.
+    let (mut grid, mut zip) = (Vec::new(), Vec::new());
+    match m.get("sweep") {
+        None | Some(Yaml::Null) => {}
+        Some(Yaml::Mapping(sm)) => {
+            for (sk, sv) in sm {
+                let sk = key_str(sk);
+                if !SWEEP_KEYS.contains(&sk.as_str()) {
+                    cx.unknown_key(&["stages", sname, "sweep"], &sk, SWEEP_KEYS);
+                    continue;
+                }
+                let Yaml::Mapping(axes) = sv else {
+                    cx.err(&["stages", sname, "sweep", &sk], format!("expected a map from param to a list of values, found {}", type_name(sv)));
+                    continue;
+                };
+                let target = if sk == "grid" { &mut grid } else { &mut zip };
+                for (ak, av) in axes {
+                    let axis = key_str(ak);
+                    let path = ["stages", sname, "sweep", sk.as_str(), axis.as_str()];
+                    let Some(spec) = specs.iter().find(|s| s.name == axis) else {
+                        let pnames: Vec<&str> = specs.iter().map(|s| s.name).collect();
+                        cx.unknown_key(&path[..4], &axis, &pnames);
+                        continue;
+                    };
+                    let Yaml::Sequence(vals) = av else {
+                        cx.err(&path, format!("expected a list of values, found {}", type_name(av)));
+                        continue;
+                    };
+                    if vals.is_empty() {
+                        cx.err(&path, "sweep axis is empty; give at least one value");
+                        continue;
+                    }
+                    let mut checked = Vec::new();
+                    for (i, v) in vals.iter().enumerate() {
+                        match spec.ty.check(&to_json(v)) {
+                            Ok(j) => checked.push(j),
+                            Err(msg) => cx.err(&path, format!("value {}: {msg}", i + 1)),
+                        }
+                    }
+                    if params.contains_key(&axis) {
+                        cx.err(&path, format!("`{axis}` is both a fixed param and a sweep axis; keep one"));
+                    }
+                    target.push((axis, checked));
+                }
+            }
+        }
+        Some(other) => cx.err(&["stages", sname, "sweep"], format!("expected a map with `grid` and/or `zip`, found {}", type_name(other))),
+    }
+    for (a, _) in &zip {
+        if grid.iter().any(|(g, _)| g == a) {
+            cx.err(&["stages", sname, "sweep", "zip", a], format!("axis `{a}` is swept in both `grid` and `zip`"));
+        }
+    }
+    if let Some((first, fv)) = zip.first() {
+        for (a, v) in &zip[1..] {
+            if v.len() != fv.len() {
+                cx.err(&["stages", sname, "sweep", "zip", a], format!("zipped axes must have equal lengths: `{first}` has {}, `{a}` has {}", fv.len(), v.len()));
+            }
+        }
+    }
+    // Resources.
+    let mut resources = kind.default_resources();
+    match m.get("resources") {
+        None | Some(Yaml::Null) => {}
+        Some(Yaml::Mapping(rm)) => {
+            for (rk, rv) in rm {
+                let rk = key_str(rk);
+                if !RESOURCE_KEYS.contains(&rk.as_str()) {
+                    cx.unknown_key(&["stages", sname, "resources"], &rk, RESOURCE_KEYS);
+                    continue;
+                }
+                match rv.as_u64() {
+                    Some(n) if n <= 1024 => {
+                        if rk == "cpu" { resources.cpu = n as u32 } else { resources.gpu = n as u32 }
+                    }
+                    _ => cx.err(&["stages", sname, "resources", &rk], format!("expected a count (non-negative integer), found {}", show_yaml(rv))),
+                }
+            }
+        }
+        Some(other) => cx.err(&["stages", sname, "resources"], format!("expected a map like {{gpu: 1, cpu: 2}}, found {}", type_name(other))),
+    }
+    // Required params: given as param, axis or default.
+    for s in &specs {
+        let given = params.contains_key(s.name) || grid.iter().chain(&zip).any(|(a, _)| a == s.name);
+        if !given && !s.optional && (s.default)().is_null() {
+            cx.err(&["stages", sname, "params"], format!("missing required param `{}` ({})", s.name, s.ty.describe()));
+        }
+    }
+    if cx.errors.iter().any(|e| e.field.starts_with(&format!("stages.{sname}."))) {
+        return None;
+    }
+    Some(StageSpec { name: sname.to_string(), kind: kind_name, params, inputs, grid, zip, resources })
+}

@@ -1,0 +1,230 @@
+//! The one trait through which stage kinds plug into the orchestration core.
+//!
+//! The core (spec, sweep, dag, cache, plan, exec) sees a stage kind only through
+//! [`StageKind`]: its name and version, the artifact types it consumes and produces, its
+//! parameters with types and defaults, and a `run` that turns input files into output files.
+//! It knows nothing of neural networks; `stages` implements the kinds.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+
+/// Resolved parameters of one instance: defaults filled in, sweep values applied.
+pub type Params = BTreeMap<String, Json>;
+
+/// What flows along an edge of the DAG; wiring is checked against it before anything runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ArtifactType {
+    Dataset,
+    Model,
+    Heatmaps,
+    Masks,
+    Metrics,
+}
+
+impl ArtifactType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ArtifactType::Dataset => "dataset",
+            ArtifactType::Model => "model",
+            ArtifactType::Heatmaps => "heatmaps",
+            ArtifactType::Masks => "masks",
+            ArtifactType::Metrics => "metrics",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct InputSlot {
+    pub name: &'static str,
+    pub artifact: ArtifactType,
+    pub required: bool,
+    pub doc: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParamType {
+    Int { min: i64, max: i64 },
+    Float { min: f64, max: f64 },
+    Bool,
+    Str,
+    Choice(&'static [&'static str]),
+    /// An integer or a string (e.g. a layer index or name).
+    IntOrStr,
+    FloatList,
+    IntList,
+    StrList,
+}
+
+impl ParamType {
+    pub fn describe(&self) -> String {
+        match self {
+            ParamType::Int { min, max } => match (*min, *max) {
+                (i64::MIN, i64::MAX) => "an integer".into(),
+                (lo, i64::MAX) => format!("an integer >= {lo}"),
+                (lo, hi) => format!("an integer in {lo}..={hi}"),
+            },
+            ParamType::Float { min, max } => {
+                if max.is_infinite() { format!("a number >= {min}") } else { format!("a number in [{min}, {max}]") }
+            }
+            ParamType::Bool => "true or false".into(),
+            ParamType::Str => "a string".into(),
+            ParamType::Choice(c) => format!("one of {}", c.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")),
+            ParamType::IntOrStr => "an integer or a string".into(),
+            ParamType::FloatList => "a list of numbers".into(),
+            ParamType::IntList => "a list of integers".into(),
+            ParamType::StrList => "a list of strings".into(),
+        }
+    }
+
+    /// Checks `v` and returns it in canonical form (floats always as floats), or what was
+    /// expected.
+    pub fn check(&self, v: &Json) -> Result<Json, String> {
+        let bad = || Err(format!("expected {}, found {}", self.describe(), show(v)));
+        match self {
+            ParamType::Int { min, max } => match v.as_i64() {
+                Some(i) if i >= *min && i <= *max => Ok(Json::from(i)),
+                _ => bad(),
+            },
+            ParamType::Float { min, max } => match v.as_f64() {
+                Some(f) if f >= *min && f <= *max && f.is_finite() => Ok(Json::from(f)),
+                _ => bad(),
+            },
+            ParamType::Bool => if v.is_boolean() { Ok(v.clone()) } else { bad() },
+            ParamType::Str => if v.is_string() { Ok(v.clone()) } else { bad() },
+            ParamType::Choice(c) => match v.as_str() {
+                Some(s) if c.contains(&s) => Ok(v.clone()),
+                Some(s) => match crate::suggest::did_you_mean(s, c.iter().copied()) {
+                    Some(m) => Err(format!("expected {}, found `{s}`; did you mean `{m}`?", self.describe())),
+                    None => bad(),
+                },
+                None => bad(),
+            },
+            ParamType::IntOrStr => if v.is_i64() || v.is_string() { Ok(v.clone()) } else { bad() },
+            ParamType::FloatList => match v.as_array() {
+                Some(a) if a.iter().all(|x| x.as_f64().is_some()) => Ok(Json::Array(a.iter().map(|x| Json::from(x.as_f64().unwrap_or(0.0))).collect())),
+                _ => bad(),
+            },
+            ParamType::IntList => match v.as_array() {
+                Some(a) if a.iter().all(|x| x.as_i64().is_some()) => Ok(v.clone()),
+                _ => bad(),
+            },
+            ParamType::StrList => match v.as_array() {
+                Some(a) if a.iter().all(|x| x.is_string()) => Ok(v.clone()),
+                _ => bad(),
+            },
+        }
+    }
+}
+
+/// Short rendering of a value for error messages.
+pub fn show(v: &Json) -> String {
+    match v {
+        Json::String(s) => format!("`{s}`"),
+        Json::Null => "nothing".into(),
+        Json::Array(_) => "a list".into(),
+        Json::Object(_) => "a map".into(),
+        other => format!("`{other}`"),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub ty: ParamType,
+    /// `Json::Null` means "no default: required" unless `optional`.
+    pub default: fn() -> Json,
+    pub optional: bool,
+    pub doc: &'static str,
+}
+
+/// CPU threads and GPUs an instance holds while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resources {
+    pub cpu: u32,
+    pub gpu: u32,
+}
+
+/// The output of an upstream instance, as a stage sees it: verified files in the store.
+#[derive(Debug, Clone)]
+pub struct InputArtifact {
+    pub files: BTreeMap<String, PathBuf>,
+    pub metrics: Json,
+    /// The upstream instance's resolved params and stage kind, for stages that report them.
+    pub params: Params,
+    pub kind: String,
+}
+
+pub struct RunContext<'a> {
+    pub params: &'a Params,
+    pub inputs: &'a BTreeMap<String, InputArtifact>,
+    /// Empty folder to write outputs into.
+    pub out_dir: &'a Path,
+    /// Folder of the pipeline file; relative data paths resolve against it.
+    pub base_dir: &'a Path,
+    pub seed: u64,
+    /// `cpu` or `cuda`.
+    pub backend: &'a str,
+    /// GPU index handed out by the executor (0 when none).
+    pub device: usize,
+    pub log: &'a mut dyn FnMut(String),
+}
+
+pub struct Outcome {
+    /// Names of the files written into `out_dir`.
+    pub files: Vec<String>,
+    pub metrics: Json,
+}
+
+/// An error from a stage's own work; the executor adds the instance name.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StageError(pub String);
+
+impl StageError {
+    pub fn new(msg: impl std::fmt::Display) -> Self {
+        StageError(msg.to_string())
+    }
+}
+
+pub trait StageKind: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Bumped whenever the implementation changes its outputs; part of every cache key.
+    fn version(&self) -> u32;
+    fn doc(&self) -> &'static str;
+    fn inputs(&self) -> &'static [InputSlot];
+    fn output(&self) -> ArtifactType;
+    fn params(&self) -> Vec<ParamSpec>;
+    /// Checks across params after each was type-checked: (param, message) pairs.
+    fn check(&self, _params: &Params) -> Vec<(String, String)> {
+        Vec::new()
+    }
+    /// Whether results depend on the numeric backend (then the backend class is in the key).
+    fn backend_dependent(&self) -> bool {
+        false
+    }
+    fn default_resources(&self) -> Resources {
+        Resources { cpu: 1, gpu: 0 }
+    }
+    /// Files or folders outside the cache whose *contents* the outputs depend on.
+    fn external_paths(&self, _params: &Params, _base_dir: &Path) -> Vec<(String, PathBuf)> {
+        Vec::new()
+    }
+    fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError>;
+}
+
+/// The set of kinds a binary knows.
+pub struct Catalog {
+    pub kinds: Vec<Box<dyn StageKind>>,
+}
+
+impl Catalog {
+    pub fn get(&self, name: &str) -> Option<&dyn StageKind> {
+        self.kinds.iter().find(|k| k.name() == name).map(|k| k.as_ref())
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.kinds.iter().map(|k| k.name()).collect()
+    }
+}

@@ -1,0 +1,160 @@
+//! `data`: the data source stage (synthetic phantoms, LGG, class folders, CSV manifest).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value as Json};
+
+use super::io;
+use super::params as p;
+use crate::ml::dataset::{assign_splits, Dataset, Normalize, Split, SplitConfig};
+use crate::ml::loaders::{self, ChannelSelect, LoadOptions};
+use crate::ml::synthetic::{self, SyntheticConfig};
+use crate::stage_kind::*;
+
+pub struct Data;
+
+const SOURCES: &[&str] = &["synthetic", "lgg", "folders", "manifest"];
+
+fn resolve(base: &Path, s: &str) -> PathBuf {
+    let p = Path::new(s);
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
+fn channel(params: &Params, source: &str) -> Result<ChannelSelect, StageError> {
+    match params.get("channel") {
+        Some(Json::Number(n)) => Ok(ChannelSelect::Index(n.as_u64().unwrap_or(0) as usize)),
+        Some(Json::String(s)) => match (s.as_str(), source) {
+            ("gray" | "grey", _) => Ok(ChannelSelect::Gray),
+            ("rgb", _) => Ok(ChannelSelect::Rgb),
+            // The LGG TIFFs hold pre-contrast, FLAIR and post-contrast in R, G, B.
+            ("pre", "lgg") => Ok(ChannelSelect::Index(0)),
+            ("flair", "lgg") => Ok(ChannelSelect::Index(1)),
+            ("post", "lgg") => Ok(ChannelSelect::Index(2)),
+            (other, _) => Err(StageError::new(format!("channel `{other}` is not known for source `{source}` (use gray, rgb, an index, or pre/flair/post for lgg)"))),
+        },
+        _ => Ok(ChannelSelect::Gray),
+    }
+}
+
+impl StageKind for Data {
+    fn name(&self) -> &'static str {
+        "data"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "Loads or generates labelled images with ground-truth masks, resized and normalised, split into train/val/test by group (patient)."
+    }
+    fn inputs(&self) -> &'static [InputSlot] {
+        &[]
+    }
+    fn output(&self) -> ArtifactType {
+        ArtifactType::Dataset
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec { name: "source", ty: ParamType::Choice(SOURCES), default: || json!("synthetic"), optional: false, doc: "where the images come from" },
+            ParamSpec { name: "root", ty: ParamType::Str, default: p::null, optional: true, doc: "data folder (lgg: the kaggle_3m folder or its parent; folders: the class folders' parent), relative to the pipeline file" },
+            ParamSpec { name: "manifest", ty: ParamType::Str, default: p::null, optional: true, doc: "CSV with image,label[,mask][,group] columns (source: manifest)" },
+            ParamSpec { name: "positive", ty: ParamType::StrList, default: || json!([]), optional: false, doc: "class folders labelled positive (source: folders)" },
+            ParamSpec { name: "image_size", ty: ParamType::Int { min: 8, max: 1024 }, default: || json!(32), optional: false, doc: "images are resized to image_size x image_size (bilinear; masks nearest)" },
+            ParamSpec { name: "channel", ty: ParamType::IntOrStr, default: || json!("gray"), optional: false, doc: "gray, rgb, a channel index, or for lgg pre/flair/post" },
+            ParamSpec { name: "normalize", ty: ParamType::Choice(&["minmax", "zscore", "none"]), default: || json!("minmax"), optional: false, doc: "per-image intensity normalisation" },
+            ParamSpec { name: "val_fraction", ty: ParamType::Float { min: 0.0, max: 0.9 }, default: || json!(0.15), optional: false, doc: "fraction of groups for validation" },
+            ParamSpec { name: "test_fraction", ty: ParamType::Float { min: 0.0, max: 0.9 }, default: || json!(0.25), optional: false, doc: "fraction of groups for test" },
+            ParamSpec { name: "split_seed", ty: ParamType::Int { min: 0, max: i64::MAX }, default: p::null, optional: true, doc: "seed of the group split (default: the pipeline seed)" },
+            ParamSpec { name: "on_error", ty: ParamType::Choice(&["fail", "skip"]), default: || json!("fail"), optional: false, doc: "bad files stop the stage, or are skipped and listed in the metrics" },
+            ParamSpec { name: "count", ty: ParamType::Int { min: 2, max: 1_000_000 }, default: || json!(400), optional: false, doc: "synthetic: number of slices" },
+            ParamSpec { name: "tumor_fraction", ty: ParamType::Float { min: 0.0, max: 1.0 }, default: || json!(0.5), optional: false, doc: "synthetic: fraction of slices with a tumor" },
+            ParamSpec { name: "contrast", ty: ParamType::Float { min: 0.0, max: 5.0 }, default: || json!(0.3), optional: false, doc: "synthetic: tumor brightness over tissue" },
+            ParamSpec { name: "noise", ty: ParamType::Float { min: 0.0, max: 5.0 }, default: || json!(0.1), optional: false, doc: "synthetic: pixel noise standard deviation" },
+            ParamSpec { name: "slices_per_patient", ty: ParamType::Int { min: 1, max: 10_000 }, default: || json!(8), optional: false, doc: "synthetic: slices per synthetic patient (split group)" },
+        ]
+    }
+    fn check(&self, params: &Params) -> Vec<(String, String)> {
+        let mut e = Vec::new();
+        match p::opt_str(params, "source") {
+            Some("lgg" | "folders") if p::opt_str(params, "root").is_none() => e.push(("root".into(), "is required for this source".into())),
+            Some("manifest") if p::opt_str(params, "manifest").is_none() => e.push(("manifest".into(), "is required for source `manifest`".into())),
+            _ => {}
+        }
+        let (v, t) = (params.get("val_fraction").and_then(|v| v.as_f64()).unwrap_or(0.0), params.get("test_fraction").and_then(|v| v.as_f64()).unwrap_or(0.0));
+        if v + t >= 1.0 {
+            e.push(("test_fraction".into(), format!("val_fraction + test_fraction must be below 1, found {}", v + t)));
+        }
+        e
+    }
+    fn external_paths(&self, params: &Params, base: &Path) -> Vec<(String, PathBuf)> {
+        match p::opt_str(params, "source") {
+            Some("lgg" | "folders") => p::opt_str(params, "root").map(|r| vec![("root".to_string(), resolve(base, r))]).unwrap_or_default(),
+            Some("manifest") => p::opt_str(params, "manifest")
+                .map(|m| {
+                    let m = resolve(base, m);
+                    let dir = m.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+                    vec![("manifest_dir".to_string(), dir)]
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+    fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
+        let params = ctx.params;
+        let source = p::str(params, "source")?;
+        let size = p::usize(params, "image_size")?;
+        let normalize = match p::str(params, "normalize")? {
+            "zscore" => Normalize::ZScore,
+            "none" => Normalize::None,
+            _ => Normalize::MinMax,
+        };
+        let opts = LoadOptions { channel: channel(params, source)?, size, normalize, skip_errors: p::str(params, "on_error")? == "skip" };
+        let err = |e: loaders::LoadError| StageError::new(e);
+        let (mut samples, channels, skipped) = match source {
+            "synthetic" => {
+                let mut ds = synthetic::generate(&SyntheticConfig {
+                    count: p::usize(params, "count")?,
+                    size,
+                    tumor_fraction: p::f64(params, "tumor_fraction")?,
+                    contrast: p::f64(params, "contrast")? as f32,
+                    noise: p::f64(params, "noise")? as f32,
+                    slices_per_patient: p::usize(params, "slices_per_patient")?,
+                    seed: ctx.seed,
+                });
+                for s in &mut ds.samples {
+                    crate::ml::dataset::normalize_image(&mut s.image, 1, normalize);
+                }
+                (ds.samples, 1, Vec::new())
+            }
+            "lgg" => {
+                let root = resolve(ctx.base_dir, p::str(params, "root")?);
+                let (s, r) = loaders::load_lgg(&root, &opts).map_err(err)?;
+                (s, opts.channels(), r.skipped)
+            }
+            "folders" => {
+                let root = resolve(ctx.base_dir, p::str(params, "root")?);
+                let (s, r) = loaders::load_folders(&root, &p::str_list(params, "positive"), &opts).map_err(err)?;
+                (s, opts.channels(), r.skipped)
+            }
+            _ => {
+                let m = resolve(ctx.base_dir, p::str(params, "manifest")?);
+                let (s, r) = loaders::load_manifest(&m, &opts).map_err(err)?;
+                (s, opts.channels(), r.skipped)
+            }
+        };
+        for s in &skipped {
+            (ctx.log)(format!("skipped: {s}"));
+        }
+        let split_seed = p::opt_u64(params, "split_seed").unwrap_or(ctx.seed);
+        assign_splits(&mut samples, SplitConfig { val: p::f64(params, "val_fraction")?, test: p::f64(params, "test_fraction")?, seed: split_seed });
+        let ds = Dataset { channels, height: size, width: size, samples };
+        let count = |sp: Split, l: u8| ds.samples.iter().filter(|s| s.split == sp && s.label == l).count();
+        let groups = |sp: Split| ds.samples.iter().filter(|s| s.split == sp).map(|s| s.group.as_str()).collect::<std::collections::BTreeSet<_>>().len();
+        let mut metrics = json!({ "images": ds.samples.len(), "skipped": skipped.len(), "skipped_files": skipped });
+        for sp in [Split::Train, Split::Val, Split::Test] {
+            metrics[sp.name()] = json!({ "positive": count(sp, 1), "negative": count(sp, 0), "groups": groups(sp) });
+        }
+        (ctx.log)(format!("{} images ({} skipped), {}x{}x{}", ds.samples.len(), skipped.len(), channels, size, size));
+        let f = io::write(ctx.out_dir, io::DATASET_FILE, &ds.encode())?;
+        Ok(Outcome { files: vec![f], metrics })
+    }
+}

@@ -1,0 +1,120 @@
+//! `score`: segmentation scores of masks against ground truth, and classification scores of
+//! a model, on one split. Writes `metrics.json` and a per-image `per_image.csv`.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::backend::AutodiffBackend;
+use serde_json::json;
+
+use super::io;
+use super::params as p;
+use super::train::{backend, load_model, nan_to_null};
+use crate::ml::backend::{dispatch, BackendJob};
+use crate::ml::dataset::{Dataset, Split};
+use crate::ml::metrics::{self, Overlap};
+use crate::ml::train::predict;
+use crate::stage_kind::*;
+
+pub struct Score;
+
+struct PredictJob<'a> {
+    inputs: &'a BTreeMap<String, InputArtifact>,
+    ds: &'a Dataset,
+    idx: &'a [usize],
+}
+
+impl BackendJob for PredictJob<'_> {
+    type Output = Result<Vec<f32>, StageError>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let (_, model) = load_model::<B::InnerBackend>(self.inputs, "model", &device)?;
+        Ok(predict(&model, self.ds, self.idx, 64))
+    }
+}
+
+impl StageKind for Score {
+    fn name(&self) -> &'static str {
+        "score"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "Scores masks against the ground truth (mean-Dice over images with tumor, Dice over all images, IoU, pixel precision/recall) and/or a model's classification (accuracy, sensitivity, specificity, ROC AUC)."
+    }
+    fn inputs(&self) -> &'static [InputSlot] {
+        &[
+            InputSlot { name: "data", artifact: ArtifactType::Dataset, required: true, doc: "ground truth: labels and masks (for a retrained model, the filtered dataset)" },
+            InputSlot { name: "masks", artifact: ArtifactType::Masks, required: false, doc: "predicted masks to score" },
+            InputSlot { name: "model", artifact: ArtifactType::Model, required: false, doc: "classifier to score" },
+        ]
+    }
+    fn output(&self) -> ArtifactType {
+        ArtifactType::Metrics
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![ParamSpec { name: "split", ty: ParamType::Choice(&["test", "val", "train", "all"]), default: || json!("test"), optional: false, doc: "which images are scored" }]
+    }
+    fn backend_dependent(&self) -> bool {
+        // Only through a model input; harmless to key on it always.
+        true
+    }
+    fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
+        let ds = io::dataset(io::file(ctx.inputs, "data", io::DATASET_FILE)?)?;
+        let idx: Vec<usize> = match p::str(ctx.params, "split")? {
+            "all" => (0..ds.samples.len()).collect(),
+            "val" => ds.indices(Split::Val),
+            "train" => ds.indices(Split::Train),
+            _ => ds.indices(Split::Test),
+        };
+        if !ctx.inputs.contains_key("masks") && !ctx.inputs.contains_key("model") {
+            return Err(StageError::new("score needs a `masks` input, a `model` input, or both"));
+        }
+        let mut metrics = json!({ "images": idx.len() });
+        let mut dice_col: Option<Vec<Overlap>> = None;
+        if ctx.inputs.contains_key("masks") {
+            let masks = io::planes(io::file(ctx.inputs, "masks", io::MASKS_FILE)?)?;
+            let index = masks.index();
+            let mut pairs = Vec::with_capacity(idx.len());
+            for &i in &idx {
+                let s = &ds.samples[i];
+                let m = index.get(s.id.as_str()).ok_or_else(|| StageError::new(format!("no mask for sample `{}`", s.id)))?;
+                let pred: Vec<u8> = masks.data[*m].iter().map(|&v| (v > 0.5) as u8).collect();
+                pairs.push((Overlap::of(&pred, &s.mask), s.mask.iter().any(|&v| v > 0)));
+            }
+            let seg = metrics::segmentation(&pairs);
+            metrics["mean_dice"] = nan_to_null(seg.mean_dice);
+            metrics["dice_all"] = nan_to_null(seg.dice_all);
+            metrics["iou"] = nan_to_null(seg.mean_iou);
+            metrics["precision"] = nan_to_null(seg.precision);
+            metrics["recall"] = nan_to_null(seg.recall);
+            metrics["images_with_tumor"] = json!(seg.images_with_tumor);
+            dice_col = Some(pairs.into_iter().map(|p| p.0).collect());
+        }
+        let mut probs: Option<Vec<f32>> = None;
+        if ctx.inputs.contains_key("model") {
+            let pr = dispatch(backend(ctx)?, ctx.device, PredictJob { inputs: ctx.inputs, ds: &ds, idx: &idx }).map_err(StageError::new)??;
+            let labels: Vec<u8> = idx.iter().map(|&i| ds.samples[i].label).collect();
+            let c = metrics::classification(&pr, &labels);
+            metrics["accuracy"] = nan_to_null(c.accuracy);
+            metrics["sensitivity"] = nan_to_null(c.sensitivity);
+            metrics["specificity"] = nan_to_null(c.specificity);
+            metrics["auc"] = nan_to_null(c.auc);
+            probs = Some(pr);
+        }
+        let mut csv = String::from("id,group,label,probability,dice,iou\n");
+        for (k, &i) in idx.iter().enumerate() {
+            let s = &ds.samples[i];
+            let prob = probs.as_ref().map(|p| format!("{:.6}", p[k])).unwrap_or_default();
+            let (d, u) = dice_col.as_ref().map(|o| (format!("{:.6}", o[k].dice()), format!("{:.6}", o[k].iou()))).unwrap_or_default();
+            csv.push_str(&format!("{},{},{},{prob},{d},{u}\n", quote(&s.id), quote(&s.group), s.label));
+        }
+        let m = io::write(ctx.out_dir, "metrics.json", &serde_json::to_vec_pretty(&metrics).map_err(StageError::new)?)?;
+        let c = io::write(ctx.out_dir, "per_image.csv", csv.as_bytes())?;
+        (ctx.log)(format!("scored {} images: {metrics}", idx.len()));
+        Ok(Outcome { files: vec![m, c], metrics })
+    }
+}
+
+fn quote(s: &str) -> String {
+    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+}

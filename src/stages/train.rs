@@ -1,0 +1,167 @@
+//! `train` and `retrain`: a CNN classifier trained on a dataset's train split, validated on
+//! val, scored on test. `retrain` is the same work on a heatmap-filtered dataset; it is its
+//! own kind so the DAG, the tables and the report can tell the two apart.
+
+use burn::tensor::backend::AutodiffBackend;
+use serde_json::{json, Value as Json};
+
+use super::io;
+use super::params as p;
+use crate::ml::backend::{dispatch, BackendJob, BackendKind};
+use crate::ml::dataset::{Dataset, Split};
+use crate::ml::model::ArchConfig;
+use crate::ml::train::{self as ml_train, ClassWeights, OptimizerKind, TrainConfig};
+use crate::ml::weights;
+use crate::stage_kind::*;
+
+pub struct Train {
+    pub retrain: bool,
+}
+
+pub fn arch_params() -> Vec<ParamSpec> {
+    vec![
+        ParamSpec { name: "arch", ty: ParamType::Choice(&["vgg-small", "vgg", "resnet"]), default: || json!("vgg-small"), optional: false, doc: "architecture: vgg-small (reference), vgg (widths, batch_norm), resnet (widths per stage, blocks)" },
+        ParamSpec { name: "widths", ty: ParamType::IntList, default: || json!([16, 32, 64, 64]), optional: false, doc: "vgg: channels of each conv unit; resnet: channels of each stage (vgg-small ignores it)" },
+        ParamSpec { name: "batch_norm", ty: ParamType::Bool, default: || json!(false), optional: false, doc: "vgg: batch norm after each conv (resnet always has it)" },
+        ParamSpec { name: "blocks", ty: ParamType::Int { min: 1, max: 16 }, default: || json!(1), optional: false, doc: "resnet: basic blocks per stage" },
+    ]
+}
+
+pub fn arch_from(params: &Params, in_channels: usize) -> Result<ArchConfig, StageError> {
+    let widths = p::usize_list(params, "widths")?;
+    if widths.is_empty() || widths.contains(&0) {
+        return Err(StageError::new("param `widths` must be a non-empty list of positive integers"));
+    }
+    Ok(match p::str(params, "arch")? {
+        "vgg" => ArchConfig::vgg(in_channels, widths, p::bool(params, "batch_norm")?),
+        "resnet" => ArchConfig::resnet(in_channels, &widths, p::usize(params, "blocks")?),
+        _ => ArchConfig::vgg_small(in_channels),
+    })
+}
+
+struct TrainJob<'a> {
+    cfg: TrainConfig,
+    ds: &'a Dataset,
+    batch: usize,
+}
+
+struct TrainOut {
+    weights: Vec<u8>,
+    epochs: Vec<ml_train::EpochLog>,
+    test: crate::ml::metrics::ClassificationScores,
+    val: crate::ml::metrics::ClassificationScores,
+}
+
+impl BackendJob for TrainJob<'_> {
+    type Output = Result<TrainOut, StageError>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let t = ml_train::train::<B>(&self.cfg, self.ds, &device).map_err(StageError::new)?;
+        let (test, _) = ml_train::evaluate(&t.model, self.ds, Split::Test, self.batch);
+        let (val, _) = ml_train::evaluate(&t.model, self.ds, Split::Val, self.batch);
+        let weights = weights::to_safetensors(&self.cfg.arch, &t.model).map_err(StageError::new)?;
+        Ok(TrainOut { weights, epochs: t.epochs, test, val })
+    }
+}
+
+pub fn backend(ctx: &RunContext<'_>) -> Result<BackendKind, StageError> {
+    BackendKind::parse(ctx.backend).ok_or_else(|| StageError::new(format!("unknown backend `{}`", ctx.backend)))
+}
+
+pub fn nan_to_null(v: f64) -> Json {
+    if v.is_finite() { json!(v) } else { Json::Null }
+}
+
+impl StageKind for Train {
+    fn name(&self) -> &'static str {
+        if self.retrain { "retrain" } else { "train" }
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        if self.retrain {
+            "Trains a fresh classifier on a heatmap-filtered dataset and scores it on the filtered test split (same params as train)."
+        } else {
+            "Trains a CNN classifier (tumor / no tumor) on the train split; reports per-epoch loss and accuracy, validation and test scores."
+        }
+    }
+    fn inputs(&self) -> &'static [InputSlot] {
+        &[InputSlot { name: "data", artifact: ArtifactType::Dataset, required: true, doc: "the dataset to train on" }]
+    }
+    fn output(&self) -> ArtifactType {
+        ArtifactType::Model
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        let mut v = arch_params();
+        v.extend([
+            ParamSpec { name: "optimizer", ty: ParamType::Choice(&["adam", "adamw", "sgd"]), default: || json!("adam"), optional: false, doc: "optimizer" },
+            ParamSpec { name: "lr", ty: ParamType::Float { min: 0.0, max: 10.0 }, default: || json!(0.001), optional: false, doc: "learning rate" },
+            ParamSpec { name: "weight_decay", ty: ParamType::Float { min: 0.0, max: 1.0 }, default: || json!(0.0), optional: false, doc: "L2 penalty (adam, sgd) or decoupled decay (adamw)" },
+            ParamSpec { name: "momentum", ty: ParamType::Float { min: 0.0, max: 1.0 }, default: || json!(0.9), optional: false, doc: "sgd momentum" },
+            ParamSpec { name: "epochs", ty: ParamType::Int { min: 0, max: 100_000 }, default: || json!(5), optional: false, doc: "passes over the train split" },
+            ParamSpec { name: "batch_size", ty: ParamType::Int { min: 1, max: 65_536 }, default: || json!(32), optional: false, doc: "images per step" },
+            ParamSpec { name: "class_weights", ty: ParamType::Choice(&["none", "balanced"]), default: || json!("balanced"), optional: false, doc: "loss weights: balanced = inverse class frequency of the train split" },
+            ParamSpec { name: "flip", ty: ParamType::Bool, default: || json!(true), optional: false, doc: "random horizontal flips of training images" },
+            ParamSpec { name: "seed", ty: ParamType::Int { min: 0, max: i64::MAX }, default: p::null, optional: true, doc: "init and batch-order seed (default: the pipeline seed)" },
+        ]);
+        v
+    }
+    fn backend_dependent(&self) -> bool {
+        true
+    }
+    fn default_resources(&self) -> Resources {
+        // burn uses every core of the machine: by default a training holds all CPU slots.
+        Resources { cpu: u32::MAX, gpu: 0 }
+    }
+    fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
+        let params = ctx.params;
+        let ds = io::dataset(io::file(ctx.inputs, "data", io::DATASET_FILE)?)?;
+        let arch = arch_from(params, ds.channels)?;
+        let cfg = TrainConfig {
+            arch: arch.clone(),
+            optimizer: match p::str(params, "optimizer")? {
+                "adamw" => OptimizerKind::AdamW,
+                "sgd" => OptimizerKind::Sgd,
+                _ => OptimizerKind::Adam,
+            },
+            lr: p::f64(params, "lr")?,
+            weight_decay: p::f64(params, "weight_decay")?,
+            momentum: p::f64(params, "momentum")?,
+            epochs: p::usize(params, "epochs")?,
+            batch_size: p::usize(params, "batch_size")?,
+            class_weights: if p::str(params, "class_weights")? == "balanced" { ClassWeights::Balanced } else { ClassWeights::None },
+            flip: p::bool(params, "flip")?,
+            seed: p::opt_u64(params, "seed").unwrap_or(ctx.seed),
+        };
+        (ctx.log)(format!("training {} on {} images for {} epochs ({})", arch.name, ds.count(Split::Train), cfg.epochs, ctx.backend));
+        let batch = cfg.batch_size;
+        let out = dispatch(backend(ctx)?, ctx.device, TrainJob { cfg, ds: &ds, batch }).map_err(StageError::new)??;
+        for e in &out.epochs {
+            (ctx.log)(format!("epoch {}: loss {:.4} acc {:.3} val_acc {}", e.epoch, e.loss, e.accuracy, e.val_accuracy.map(|v| format!("{v:.3}")).unwrap_or("-".into())));
+        }
+        let w = io::write(ctx.out_dir, io::WEIGHTS_FILE, &out.weights)?;
+        let c = io::write(ctx.out_dir, io::CONFIG_FILE, &serde_json::to_vec_pretty(&arch).map_err(StageError::new)?)?;
+        let l = io::write(ctx.out_dir, "train_log.json", &serde_json::to_vec_pretty(&out.epochs).map_err(StageError::new)?)?;
+        let last = out.epochs.last();
+        let metrics = json!({
+            "train_loss": last.map(|e| nan_to_null(e.loss)),
+            "train_accuracy": last.map(|e| nan_to_null(e.accuracy)),
+            "val_accuracy": nan_to_null(out.val.accuracy),
+            "accuracy": nan_to_null(out.test.accuracy),
+            "sensitivity": nan_to_null(out.test.sensitivity),
+            "specificity": nan_to_null(out.test.specificity),
+            "auc": nan_to_null(out.test.auc),
+            "test_images": out.test.n,
+            "epochs": out.epochs,
+        });
+        Ok(Outcome { files: vec![w, c, l], metrics })
+    }
+}
+
+/// Loads a model artifact (config + weights) for a backend.
+pub fn load_model<B: burn::tensor::backend::Backend>(inputs: &std::collections::BTreeMap<String, InputArtifact>, slot: &str, device: &B::Device) -> Result<(ArchConfig, crate::ml::model::Classifier<B>), StageError> {
+    let arch: ArchConfig = serde_json::from_slice(&io::read(io::file(inputs, slot, io::CONFIG_FILE)?)?).map_err(|e| StageError::new(format!("model config: {e}")))?;
+    let bytes = io::read(io::file(inputs, slot, io::WEIGHTS_FILE)?)?;
+    let m = weights::from_safetensors::<B>(&arch, &bytes, device).map_err(StageError::new)?;
+    Ok((arch, m))
+}
