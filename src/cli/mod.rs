@@ -1,6 +1,7 @@
 //! The command line: one file per group of subcommands; each turns arguments into a library
 //! call and prints the result. Only `cli` writes to the terminal.
 
+mod bench;
 mod maint;
 mod run;
 mod show;
@@ -61,6 +62,8 @@ enum Command {
     Verify,
     /// List stage kinds with their inputs and params.
     Kinds,
+    /// Benchmarks: orchestration overhead and ML throughput.
+    Bench(bench::BenchArgs),
 }
 
 /// Arguments shared by every command that reads a pipeline.
@@ -130,6 +133,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Status(a) => maint::status(&cache, a),
         Command::Gc(a) => maint::gc(&cache, a),
         Command::Verify => maint::verify(&cache),
+        Command::Bench(a) => bench::bench(a),
         Command::Kinds => {
             print_out(&maint::kinds_text(&crate::stages::catalog()));
             Ok(())

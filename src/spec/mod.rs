@@ -61,11 +61,16 @@ const RESOURCE_KEYS: &[&str] = &["cpu", "gpu"];
 struct Ctx<'a> {
     source: &'a str,
     errors: Vec<SpecError>,
+    /// Field paths given by `--set`: their values are not in the file.
+    overridden: Vec<String>,
 }
 
 impl Ctx<'_> {
     fn err(&mut self, path: &[&str], message: impl Into<String>) {
-        self.errors.push(SpecError { field: path.join("."), location: locate(self.source, path), message: message.into() });
+        let field = path.join(".");
+        let from_set = self.overridden.iter().any(|o| field == *o || field.starts_with(&format!("{o}.")));
+        let (location, message) = if from_set { (None, format!("{} (value from --set)", message.into())) } else { (locate(self.source, path), message.into()) };
+        self.errors.push(SpecError { field, location, message });
     }
 
     fn unknown_key(&mut self, path: &[&str], key: &str, allowed: &[&str]) {
@@ -139,7 +144,7 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
         };
         fail(vec![SpecError { field: String::new(), location, message: format!("YAML syntax error: {msg}") }])
     })?;
-    let mut cx = Ctx { source, errors: Vec::new() };
+    let mut cx = Ctx { source, errors: Vec::new(), overridden: overrides.iter().map(|o| o.path.clone()).collect() };
     for o in overrides {
         if let Err(m) = apply_override(&mut root, o) {
             cx.errors.push(SpecError { field: o.path.clone(), location: None, message: format!("--set: {m}") });

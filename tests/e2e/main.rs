@@ -1,1 +1,7 @@
+//! End-to-end tests: the real `camflow` binary on real files, with the real stage kinds at
+//! tiny sizes (16x16 phantoms, one epoch).
 
+mod caching;
+mod concurrency;
+mod spec_errors;
+mod support;

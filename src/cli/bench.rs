@@ -1,0 +1,205 @@
+//! `camflow bench`: the benchmarks the issues name, run as a command (not timed tests).
+//!
+//! - `bench orch`: builds the paper-shaped sweep (train[a], gradcam[a], threshold[a,t],
+//!   score[a,t], filter[a,m], retrain[a,m], score[a,m], plus the one data source) with the
+//!   real stage kinds at the smallest size, runs it once, then times `camflow plan` and a
+//!   no-op `camflow run` as separate processes, as a user would see them.
+//! - `bench ml`: vgg-small at a given size and batch: one training step (forward, backward,
+//!   Adam), inference images/s and Grad-CAM heatmaps/s on the chosen backend.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::print_out;
+use crate::error::{Error, Result};
+use crate::ml::backend::{dispatch, BackendJob, BackendKind};
+use crate::ml::dataset::{Dataset, Sample, Split};
+use crate::ml::gradcam::{heatmaps, CamMethod, CamTarget};
+use crate::ml::model::{ArchConfig, Classifier};
+use crate::ml::rng::Rng;
+use crate::ml::train::seeded_init;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Planning and no-op reruns of the paper-shaped sweep DAG.
+    Orch {
+        /// Architectures (A), thresholds (T) and filter modes (M, at most 4), repeatable as
+        /// A,T,M triples. Default: 2,9,4 (64 stages), 10,20,4 (540), 100,43,4 (10,000).
+        #[arg(long = "shape", value_name = "A,T,M")]
+        shapes: Vec<String>,
+        /// Timed repetitions of each command (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Keep the generated projects here instead of a temporary folder.
+        #[arg(long)]
+        workdir: Option<std::path::PathBuf>,
+    },
+    /// Training step, inference and Grad-CAM throughput of vgg-small.
+    Ml {
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 1)]
+        channels: usize,
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+        backend: String,
+    },
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    match a.what {
+        BenchWhat::Orch { shapes, reps, workdir } => orch(shapes, reps, workdir),
+        BenchWhat::Ml { size, batch, channels, reps, backend } => ml(size, batch, channels, reps, &backend),
+    }
+}
+
+/// The bench pipeline: `a` models (a seed axis stands in for architectures), `t` thresholds,
+/// `m` filter modes; 16 images of 8x8 and zero epochs keep every stage in milliseconds.
+pub fn sweep_yaml(a: usize, t: usize, m: usize) -> String {
+    let seeds: Vec<String> = (1..=a).map(|i| i.to_string()).collect();
+    let thr: Vec<String> = (1..=t).map(|i| format!("{}", i as f64 / (t + 1) as f64)).collect();
+    let modes = ["multiply", "inverse", "mask", "inverse-mask"];
+    format!(
+        "name: bench\nseed: 1\nstages:\n  data:\n    kind: data\n    params: {{source: synthetic, count: 16, image_size: 8, slices_per_patient: 1}}\n  train:\n    kind: train\n    inputs: {{data: data}}\n    params: {{epochs: 0, batch_size: 16}}\n    resources: {{cpu: 1}}\n    sweep:\n      grid:\n        seed: [{}]\n  gradcam:\n    kind: gradcam\n    inputs: {{model: train, data: data}}\n    resources: {{cpu: 1}}\n  threshold:\n    kind: threshold\n    inputs: {{heatmaps: gradcam}}\n    sweep:\n      grid:\n        value: [{}]\n  score_seg:\n    kind: score\n    inputs: {{data: data, masks: threshold}}\n  filter:\n    kind: filter\n    inputs: {{data: data, heatmaps: gradcam}}\n    sweep:\n      grid:\n        mode: [{}]\n  retrain:\n    kind: retrain\n    inputs: {{data: filter}}\n    params: {{epochs: 0, batch_size: 16}}\n    resources: {{cpu: 1}}\n  score_cls:\n    kind: score\n    inputs: {{data: filter, model: retrain}}\n",
+        seeds.join(", "),
+        thr.join(", "),
+        modes[..m.min(4)].join(", ")
+    )
+}
+
+fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+fn camflow(dir: &Path, args: &[&str]) -> Result<()> {
+    let exe = std::env::current_exe().map_err(|e| Error::Io(format!("current exe: {e}")))?;
+    let out = Command::new(exe).current_dir(dir).args(args).env_remove("CAMFLOW_CACHE").output().map_err(|e| Error::Io(format!("spawn camflow: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Io(format!("camflow {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(())
+}
+
+fn orch(shapes: Vec<String>, reps: usize, workdir: Option<std::path::PathBuf>) -> Result<()> {
+    let shapes = if shapes.is_empty() { vec!["2,9,4".to_string(), "10,20,4".into(), "100,43,4".into()] } else { shapes };
+    let tmp = tempfile::tempdir().map_err(|e| Error::Io(e.to_string()))?;
+    let root = workdir.unwrap_or_else(|| tmp.path().to_path_buf());
+    for s in shapes {
+        let v: Vec<usize> = s.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        let [a, t, m] = v[..] else { return Err(Error::Usage(format!("--shape {s}: expected A,T,M"))) };
+        let dir = root.join(format!("a{a}-t{t}-m{m}"));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io(e.to_string()))?;
+        std::fs::write(dir.join("sweep.yaml"), sweep_yaml(a, t, m)).map_err(|e| Error::Io(e.to_string()))?;
+        let stages = a * (2 + 2 * t + 3 * m.min(4));
+        let t0 = Instant::now();
+        camflow(&dir, &["run", "sweep.yaml"])?;
+        let first_s = t0.elapsed().as_secs_f64();
+        let plan_ms = median_ms(reps, || camflow(&dir, &["plan", "sweep.yaml"]))?;
+        let noop_ms = median_ms(reps, || camflow(&dir, &["run", "sweep.yaml"]))?;
+        // One threshold value changes: its instances and their scores rerun.
+        let changed = sweep_yaml(a, t, m).replacen(&format!("{}", 1.0 / (t + 1) as f64), "0.0123", 1);
+        std::fs::write(dir.join("sweep.yaml"), changed).map_err(|e| Error::Io(e.to_string()))?;
+        let change_ms = median_ms(1, || camflow(&dir, &["run", "sweep.yaml"]))?;
+        print_out(&format!(
+            "{}\n",
+            json!({ "tool": format!("camflow {}", env!("CARGO_PKG_VERSION")), "stages": stages, "instances": stages + 1, "first_run_s": (first_s * 100.0).round() / 100.0, "plan_ms": (plan_ms * 10.0).round() / 10.0, "noop_ms": (noop_ms * 10.0).round() / 10.0, "threshold_change_ms": change_ms.round() })
+        ));
+    }
+    Ok(())
+}
+
+struct MlJob {
+    size: usize,
+    batch: usize,
+    channels: usize,
+    reps: usize,
+}
+
+impl BackendJob for MlJob {
+    type Output = serde_json::Value;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let (n, c, s) = (self.batch, self.channels, self.size);
+        let arch = ArchConfig::vgg_small(c);
+        let mut model = seeded_init::<B>(&arch, 0, &device);
+        let mut rng = Rng::new(0);
+        let x: Vec<f32> = (0..n * c * s * s).map(|_| rng.normal()).collect();
+        let y: Vec<i64> = (0..n).map(|i| (i % 2) as i64).collect();
+        let xt = Tensor::<B, 4>::from_data(TensorData::new(x.clone(), [n, c, s, s]), &device);
+        let yt = Tensor::<B, 1, Int>::from_data(TensorData::new(y, [n]), &device);
+        let mut optim = AdamConfig::new().init();
+        let loss_fn = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
+        let mut step = |model: Classifier<B>| {
+            let loss = loss_fn.forward(model.forward(xt.clone()), yt.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let m = optim.step(1e-3, model, grads);
+            // Wait for the device so the time is the step's, not the queue's.
+            let _ = m.fc.weight.val().into_data();
+            m
+        };
+        for _ in 0..2 {
+            model = step(model);
+        }
+        let t = Instant::now();
+        for _ in 0..self.reps {
+            model = step(model);
+        }
+        let step_ms = t.elapsed().as_secs_f64() * 1e3 / self.reps as f64;
+        let inner = model.valid();
+        let xi = Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(x.clone(), [n, c, s, s]), &device);
+        let _ = inner.forward(xi.clone()).into_data();
+        let t = Instant::now();
+        for _ in 0..self.reps {
+            let _ = inner.forward(xi.clone()).into_data();
+        }
+        let infer = (n * self.reps) as f64 / t.elapsed().as_secs_f64();
+        let ds = Dataset {
+            channels: c,
+            height: s,
+            width: s,
+            samples: (0..n).map(|i| Sample { id: i.to_string(), group: i.to_string(), label: 1, split: Split::Test, image: x[i * c * s * s..(i + 1) * c * s * s].to_vec(), mask: vec![0; s * s] }).collect(),
+        };
+        let idx: Vec<usize> = (0..n).collect();
+        let _ = heatmaps(&model, &ds, &idx, 3, CamMethod::GradCam, CamTarget::Class(1), n);
+        let cam_reps = (self.reps / 4).max(3);
+        let t = Instant::now();
+        for _ in 0..cam_reps {
+            let _ = heatmaps(&model, &ds, &idx, 3, CamMethod::GradCam, CamTarget::Class(1), n);
+        }
+        let cams = (n * cam_reps) as f64 / t.elapsed().as_secs_f64();
+        json!({ "size": s, "batch": n, "channels": c, "train_step_ms": (step_ms * 100.0).round() / 100.0, "infer_images_per_s": infer.round(), "gradcam_heatmaps_per_s": cams.round() })
+    }
+}
+
+
+fn ml(size: usize, batch: usize, channels: usize, reps: usize, backend: &str) -> Result<()> {
+    let kind = BackendKind::parse(backend).ok_or_else(|| Error::Usage(format!("unknown backend {backend}")))?;
+    let mut out = dispatch(kind, 0, MlJob { size, batch, channels, reps }).map_err(|e| Error::Usage(e.to_string()))?;
+    out["tool"] = json!(format!("camflow {} (burn 0.21, {})", env!("CARGO_PKG_VERSION"), kind.class()));
+    out["threads"] = json!(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    print_out(&format!("{out}\n"));
+    Ok(())
+}

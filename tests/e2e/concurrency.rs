@@ -1,0 +1,58 @@
+//! Two runs on one cache, and a run killed midway.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use crate::support::{Project, TINY};
+
+#[test]
+fn two_concurrent_runs_compute_every_key_once() {
+    let p = Project::new(TINY);
+    let pl = p.pipeline();
+    let cache = p.cache();
+    let spawn = || {
+        p.cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap(), "--jobs", "1"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn")
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().expect("a"), b.wait_with_output().expect("b"));
+    assert!(a.status.success() && b.status.success());
+    let count = |o: &std::process::Output, f: &str| {
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        let line = s.lines().find(|l| l.starts_with("summary:")).expect("summary").to_string();
+        line.split_whitespace().find_map(|t| t.strip_prefix(&format!("{f}="))).and_then(|v| v.parse::<usize>().ok()).expect("count")
+    };
+    // Every key computed exactly once between the two processes; the other reused or found it.
+    assert_eq!(count(&a, "ran") + count(&b, "ran"), 13);
+    assert_eq!(count(&a, "ran") + count(&a, "reused") + count(&a, "cached"), 13);
+    assert_eq!(count(&b, "ran") + count(&b, "reused") + count(&b, "cached"), 13);
+    assert_eq!(std::fs::read_dir(cache.join("actions")).unwrap().count(), 13);
+}
+
+#[test]
+fn kill_9_midway_then_rerun_resumes() {
+    // A training long enough to be killed in the middle of.
+    let yaml = TINY.replace("params: {epochs: 1, batch_size: 16}\n  cams", "params: {epochs: 400, batch_size: 16}\n  cams");
+    let p = Project::new(&yaml);
+    let pl = p.pipeline();
+    let cache = p.cache();
+    let mut child = p.cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        let started_train = line.starts_with("run     train ");
+        seen.push(line);
+        if started_train {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.starts_with("done    data")), "{seen:?}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let r = p.run(&[]).ok();
+    // data had finished before the kill: reused; everything else completes now.
+    assert_eq!(r.summary("cached"), 1, "{}", r.stdout());
+    assert_eq!(r.summary("ran"), 12);
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}

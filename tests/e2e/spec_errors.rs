@@ -1,0 +1,75 @@
+//! Malformed pipelines: the full error text, naming the file, the field and the location.
+
+use crate::support::Project;
+
+const HEAD: &str = "name: bad\nstages:\n  data:\n    kind: data\n    params: {source: synthetic, count: 16, image_size: 16}\n";
+
+fn check(yaml: &str, args: &[&str], expected: &str) {
+    let p = Project::new(yaml);
+    let pl = p.pipeline();
+    let mut a = vec!["plan", pl.to_str().unwrap()];
+    a.extend(args);
+    let r = p.camflow(&a);
+    assert_eq!(r.code(), 2, "yaml:\n{yaml}\nstdout:\n{}\nstderr:\n{}", r.stdout(), r.stderr());
+    let got = r.stderr().replace(pl.to_str().unwrap(), "p.yaml");
+    assert_eq!(got.trim_end(), expected, "yaml:\n{yaml}");
+}
+
+#[test]
+fn malformed_pipelines() {
+    let cases: Vec<(&str, String, Vec<&str>, &str)> = vec![
+        ("syntax error", "name: bad\nstages:\n  data:\n    kind: [data\n".into(), vec![],
+         "error: p.yaml:5:1: YAML syntax error: did not find expected ',' or ']'"),
+        ("not a map", "- a\n- b\n".into(), vec![],
+         "error: p.yaml: a pipeline must be a map with `name` and `stages`, found a list"),
+        ("missing stages", "name: x\n".into(), vec![],
+         "error: p.yaml: missing required key `stages`"),
+        ("unknown top-level key", format!("{HEAD}sead: 3\n"), vec![],
+         "error: p.yaml:6:1: sead: unknown key `sead`; did you mean `seed`?"),
+        ("unknown stage key", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    parms: {{epochs: 1}}\n"), vec![],
+         "error: p.yaml:9:5: stages.t.parms: unknown key `parms`; did you mean `params`?"),
+        ("unknown kind", format!("{HEAD}  t:\n    kind: trian\n"), vec![],
+         "error: p.yaml:7:5: stages.t.kind: unknown stage kind `trian`; did you mean `train`?"),
+        ("unknown param", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    params: {{epoch: 1}}\n"), vec![],
+         "error: p.yaml:9:14: stages.t.params.epoch: unknown key `epoch`; did you mean `epochs`?"),
+        ("bad param type", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    params:\n      epochs: many\n"), vec![],
+         "error: p.yaml:10:7: stages.t.params.epochs: expected an integer in 0..=100000, found `many`"),
+        ("bad choice", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    params:\n      optimizer: adma\n"), vec![],
+         "error: p.yaml:10:7: stages.t.params.optimizer: expected one of `adam`, `adamw`, `sgd`, found `adma`; did you mean `adam`?"),
+        ("unknown stage reference", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: dat}}\n"), vec![],
+         "error: p.yaml:8:14: stages.t.inputs.data: unknown stage `dat`; did you mean `data`? (stages: data, t)"),
+        ("wrong artifact type", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n  m:\n    kind: threshold\n    inputs:\n      heatmaps: t\n"), vec![],
+         "error: p.yaml:12:7: stages.m.inputs.heatmaps: stage `t` (train) produces model, but input `heatmaps` of threshold needs heatmaps"),
+        ("missing required input", format!("{HEAD}  c:\n    kind: gradcam\n    inputs: {{data: data}}\n"), vec![],
+         "error: p.yaml:8:5: stages.c.inputs: missing required input `model` (model) of gradcam"),
+        ("cycle", "name: cyc\nstages:\n  a:\n    kind: filter\n    inputs: {data: b, heatmaps: h}\n  b:\n    kind: filter\n    inputs: {data: a, heatmaps: h}\n  h:\n    kind: gradcam\n    inputs: {model: t, data: a}\n  t:\n    kind: train\n    inputs: {data: a}\n".into(), vec![],
+         "error: p.yaml:5:5: stages.a.inputs: dependency cycle: a -> b -> a"),
+        ("empty axis", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    sweep:\n      grid:\n        lr: []\n"), vec![],
+         "error: p.yaml:11:9: stages.t.sweep.grid.lr: sweep axis is empty; give at least one value"),
+        ("zip length mismatch", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    sweep:\n      zip:\n        lr: [0.1, 0.01]\n        epochs: [1, 2, 3]\n"), vec![],
+         "error: p.yaml:12:9: stages.t.sweep.zip.epochs: zipped axes must have equal lengths: `lr` has 2, `epochs` has 3"),
+        ("axis collision", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    sweep:\n      grid: {{lr: [0.1]}}\n      zip: {{lr: [0.2]}}\n"), vec![],
+         "error: p.yaml:11:13: stages.t.sweep.zip.lr: axis `lr` is swept in both `grid` and `zip`"),
+        ("param and axis collide", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    params: {{lr: 0.1}}\n    sweep:\n      grid:\n        lr: [0.2]\n"), vec![],
+         "error: p.yaml:12:9: stages.t.sweep.grid.lr: `lr` is both a fixed param and a sweep axis; keep one"),
+        ("bad value inside an axis", format!("{HEAD}  m:\n    kind: threshold\n    inputs: {{heatmaps: m}}\n    sweep:\n      grid:\n        method: [fixed, otsu, triangle]\n"), vec![],
+         "error: p.yaml:8:14: stages.m.inputs.heatmaps: stage `m` (threshold) produces masks, but input `heatmaps` of threshold needs heatmaps\nerror: p.yaml:11:9: stages.m.sweep.grid.method: value 3: expected one of `fixed`, `otsu`, `percentile`, found `triangle`\n2 errors in p.yaml"),
+        ("bad resources", format!("{HEAD}    resources: {{gpu: -1}}\n"), vec![],
+         "error: p.yaml:6:17: stages.data.resources.gpu: expected a count (non-negative integer), found `-1`"),
+        ("cross-param check", format!("name: bad\nstages:\n  data:\n    kind: data\n    params:\n      source: lgg\n"), vec![],
+         "error: p.yaml:5:5: stages.data.params.root: is required for this source"),
+        ("bad --set", HEAD.into(), vec!["--set", "stages.data.params.count=lots"],
+         "error: p.yaml: stages.data.params.count: expected an integer in 2..=1000000, found `lots` (value from --set)"),
+        ("several errors at once", "name: bad\nseed: -1\nstages:\n  d:\n    kind: data\n    params: {imagesize: 3}\n  t:\n    kind: train\n    inputs: {data: nope}\n".into(), vec![],
+         "error: p.yaml:2:1: seed: expected a non-negative integer, found a number\nerror: p.yaml:6:14: stages.d.params.imagesize: unknown key `imagesize`; did you mean `image_size`?\nerror: p.yaml:9:14: stages.t.inputs.data: unknown stage `nope` (stages: d, t)\n3 errors in p.yaml"),
+    ];
+    assert!(cases.len() >= 15);
+    let mut failures = Vec::new();
+    for (name, yaml, args, expected) in &cases {
+        if let Err(e) = std::panic::catch_unwind(|| check(yaml, args, expected)) {
+            let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+            failures.push(format!("--- {name}\n{msg}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
