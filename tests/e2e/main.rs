@@ -3,5 +3,6 @@
 
 mod caching;
 mod concurrency;
+mod reference;
 mod spec_errors;
 mod support;

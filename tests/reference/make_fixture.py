@@ -49,9 +49,13 @@ class VggSmall(nn.Module):
 def main():
     torch.manual_seed(1234)
     model = VggSmall().eval()
-    # Make the class-1 logit depend on a spatially varying pattern, so heatmaps are not flat.
+    # Random init gives a class-1 logit that may not respond positively to anything, and
+    # Grad-CAM would then be ReLU'd to zero everywhere. Mix signs so that some channels push
+    # class 1 up and some down: the maps are neither empty nor trivially positive.
     with torch.no_grad():
-        model.fc.weight.mul_(4.0)
+        w = model.fc.weight
+        w[1] = w[1].abs() * 4.0 - w[1].abs().mean() * 2.0
+        w[0] = -w[1]
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(HERE, "vgg_small.safetensors"))
     rng = np.random.default_rng(7)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
