@@ -9,6 +9,7 @@ pub mod exec;
 pub mod lockfile;
 pub mod ml;
 pub mod plan;
+pub mod report;
 pub mod spec;
 pub mod stage_kind;
 pub mod stages;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod maint;
+mod report;
 mod run;
 mod show;
 
@@ -54,6 +55,8 @@ enum Command {
     Dag(maint::DagArgs),
     /// One row per sweep point: params and metrics of what has run so far.
     Show(show::ShowArgs),
+    /// Write a static HTML report (tables, plots, gallery, provenance).
+    Report(report::ReportArgs),
     /// Counts of cached and stale instances per stage.
     Status(PipelineArgs),
     /// Remove cache entries the named pipelines do not reference.
@@ -130,6 +133,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Plan(a) => run::plan(&cache, a),
         Command::Dag(a) => maint::dag(a),
         Command::Show(a) => show::show(&cache, a),
+        Command::Report(a) => report::run(&cache, a),
         Command::Status(a) => maint::status(&cache, a),
         Command::Gc(a) => maint::gc(&cache, a),
         Command::Verify => maint::verify(&cache),

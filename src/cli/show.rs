@@ -56,10 +56,37 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
         }
         stages.to_vec()
     };
+    // Metrics of every finished instance, for joins across rows.
+    let metrics_of = |i: usize| -> Option<BTreeMap<String, Json>> {
+        match &decisions[i] {
+            Decision::Cached { key, .. } => store.read_record(key).and_then(|r| r.ok()).map(|r| flat_metrics(&r.metrics)),
+            _ => None,
+        }
+    };
+    // The original classifier's score beside a retrained one's: walk up from the retrained
+    // model to its `train` instance, then find a score of that model.
+    let original_of = |i: usize| -> Option<BTreeMap<String, Json>> {
+        let model = *prep.instances[i].inputs.get("model")?;
+        if prep.instances[model].kind != "retrain" {
+            return None;
+        }
+        let mut todo = vec![model];
+        let mut train = None;
+        while let Some(u) = todo.pop() {
+            if prep.instances[u].kind == "train" {
+                train = Some(u);
+                break;
+            }
+            todo.extend(prep.instances[u].inputs.values().copied());
+        }
+        let train = train?;
+        let score = prep.instances.iter().position(|x| x.kind == "score" && x.inputs.get("model") == Some(&train))?;
+        metrics_of(score)
+    };
     let mut axis_cols: Vec<String> = Vec::new();
     let mut metric_cols: BTreeSet<String> = BTreeSet::new();
     let mut rows = Vec::new();
-    for (inst, d) in prep.instances.iter().zip(&decisions) {
+    for (idx, (inst, d)) in prep.instances.iter().zip(&decisions).enumerate() {
         if !chosen.contains(&inst.stage) {
             continue;
         }
@@ -76,11 +103,16 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
             row.insert(col, v.clone());
         }
         let status = match d {
-            Decision::Cached { key, .. } => {
-                if let Some(Ok(rec)) = store.read_record(key) {
-                    for (k, v) in flat_metrics(&rec.metrics) {
-                        metric_cols.insert(k.clone());
-                        row.insert(k, v);
+            Decision::Cached { .. } => {
+                for (k, v) in metrics_of(idx).unwrap_or_default() {
+                    metric_cols.insert(k.clone());
+                    row.insert(k, v);
+                }
+                if let Some(orig) = original_of(idx) {
+                    for k in ["accuracy", "auc"] {
+                        let col = format!("original_{k}");
+                        metric_cols.insert(col.clone());
+                        row.insert(col, orig.get(k).cloned().unwrap_or(Json::Null));
                     }
                 }
                 "done"
@@ -90,7 +122,7 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
         row.insert("status".to_string(), json!(status));
         rows.push(row);
     }
-    let preferred = ["mean_dice", "dice_all", "iou", "precision", "recall", "accuracy", "sensitivity", "specificity", "auc"];
+    let preferred = ["mean_dice", "dice_all", "iou", "precision", "recall", "accuracy", "original_accuracy", "auc", "original_auc", "sensitivity", "specificity"];
     let mut columns = vec!["stage".to_string()];
     columns.extend(axis_cols);
     columns.extend(preferred.iter().filter(|c| metric_cols.contains(**c)).map(|c| c.to_string()));

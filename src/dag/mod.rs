@@ -138,6 +138,7 @@ mod tests {
                 grid: vec![],
                 zip: vec![],
                 resources: Default::default(),
+                refs: vec![],
             },
         )
     }

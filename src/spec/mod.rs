@@ -51,6 +51,25 @@ pub struct StageSpec {
     /// Paired axes of equal length.
     pub zip: Vec<(String, Vec<Json>)>,
     pub resources: Resources,
+    /// Params taken from an upstream stage, written `${stage.param}`: (param, stage, param).
+    pub refs: Vec<ParamRef>,
+}
+
+/// `param: ${stage.param}`: the value of an upstream stage's param (its sweep value, if it
+/// sweeps it), so e.g. `retrain` trains the same architecture as the `train` upstream of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamRef {
+    pub param: String,
+    pub stage: String,
+    pub upstream_param: String,
+}
+
+/// Parses `${stage.param}`.
+fn as_ref(v: &Yaml) -> Option<(String, String)> {
+    let s = v.as_str()?.trim();
+    let inner = s.strip_prefix("${")?.strip_suffix('}')?;
+    let (st, p) = inner.split_once('.')?;
+    Some((st.trim().to_string(), p.trim().to_string()))
 }
 
 const TOP_KEYS: &[&str] = &["name", "seed", "backend", "defaults", "stages", "description"];
@@ -231,6 +250,9 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
         Some(v) => cx.err(&["stages"], format!("expected a map of named stages, found {}", type_name(v))),
     }
     if cx.errors.is_empty() {
+        check_refs(&mut cx, &stages, catalog);
+    }
+    if cx.errors.is_empty() {
         if let Err(cycle) = crate::dag::stage_cycle(&stages) {
             let first = cycle.first().cloned().unwrap_or_default();
             cx.err(&["stages", &first, "inputs"], format!("dependency cycle: {}", cycle.join(" -> ")));
@@ -242,6 +264,45 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
     let base_dir = file.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }).unwrap_or(Path::new(".")).to_path_buf();
     let source = if overrides.is_empty() { source.to_string() } else { serde_yaml::to_string(&root).unwrap_or_else(|_| source.to_string()) };
     Ok(Pipeline { name, file: file.to_path_buf(), base_dir, seed, backend, defaults, stages, source })
+}
+
+fn ancestors(stages: &BTreeMap<String, StageSpec>, of: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    let mut todo: Vec<String> = stages.get(of).map(|s| s.inputs.values().cloned().collect()).unwrap_or_default();
+    while let Some(n) = todo.pop() {
+        if seen.contains(&n) {
+            continue;
+        }
+        if let Some(s) = stages.get(&n) {
+            todo.extend(s.inputs.values().cloned());
+        }
+        seen.push(n);
+    }
+    seen
+}
+
+fn check_refs(cx: &mut Ctx<'_>, stages: &BTreeMap<String, StageSpec>, catalog: &Catalog) {
+    for s in stages.values() {
+        for r in &s.refs {
+            let path = ["stages", s.name.as_str(), "params", r.param.as_str()];
+            let anc = ancestors(stages, &s.name);
+            let Some(up) = stages.get(&r.stage).filter(|_| anc.contains(&r.stage)) else {
+                let hint = match did_you_mean(&r.stage, anc.iter().map(|a| a.as_str())) {
+                    Some(m) => format!("; did you mean `{m}`?"),
+                    None => String::new(),
+                };
+                cx.err(&path, format!("`${{{}.{}}}`: `{}` is not upstream of `{}`{hint}", r.stage, r.upstream_param, r.stage, s.name));
+                continue;
+            };
+            let mine = catalog.get(&s.kind).and_then(|k| k.params().into_iter().find(|p| p.name == r.param)).map(|p| p.ty);
+            let theirs = catalog.get(&up.kind).and_then(|k| k.params().into_iter().find(|p| p.name == r.upstream_param)).map(|p| p.ty);
+            match theirs {
+                None => cx.err(&path, format!("`${{{}.{}}}`: stage `{}` ({}) has no param `{}`", r.stage, r.upstream_param, r.stage, up.kind, r.upstream_param)),
+                Some(t) if Some(t) != mine => cx.err(&path, format!("`${{{}.{}}}` is {}, but `{}` needs {}", r.stage, r.upstream_param, t.describe(), r.param, mine.map(|m| m.describe()).unwrap_or_default())),
+                Some(_) => {}
+            }
+        }
+    }
 }
 
 fn show_yaml(v: &Yaml) -> String {
@@ -300,11 +361,21 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
     };
     let specs = kind.params();
     let mut params = BTreeMap::new();
+    let mut refs = Vec::new();
     match m.get("params") {
         None | Some(Yaml::Null) => {}
         Some(Yaml::Mapping(pm)) => {
             for (pk, pv) in pm {
                 let p = key_str(pk);
+                if let Some((st, up)) = as_ref(pv) {
+                    if !specs.iter().any(|s| s.name == p) {
+                        let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+                        cx.unknown_key(&["stages", sname, "params"], &p, &names);
+                    } else {
+                        refs.push(ParamRef { param: p, stage: st, upstream_param: up });
+                    }
+                    continue;
+                }
                 check_param(cx, &["stages", sname, "params", &p], &specs, &p, pv, &mut params);
             }
         }
@@ -438,7 +509,7 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
     }
     // Required params: given as param, axis or default.
     for s in &specs {
-        let given = params.contains_key(s.name) || grid.iter().chain(&zip).any(|(a, _)| a == s.name);
+        let given = params.contains_key(s.name) || refs.iter().any(|r| r.param == s.name) || grid.iter().chain(&zip).any(|(a, _)| a == s.name);
         if !given && !s.optional && (s.default)().is_null() {
             cx.err(&["stages", sname, "params"], format!("missing required param `{}` ({})", s.name, s.ty.describe()));
         }
@@ -446,5 +517,5 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
     if cx.errors.iter().any(|e| e.field.starts_with(&format!("stages.{sname}."))) {
         return None;
     }
-    Some(StageSpec { name: sname.to_string(), kind: kind_name, params, inputs, grid, zip, resources })
+    Some(StageSpec { name: sname.to_string(), kind: kind_name, params, inputs, grid, zip, resources, refs })
 }

@@ -69,13 +69,16 @@ fn agree(a: &BTreeMap<String, Json>, b: &BTreeMap<String, Json>) -> bool {
     a.iter().all(|(k, v)| b.get(k).is_none_or(|w| w == v))
 }
 
-fn label(stage: &str, coords: &BTreeMap<String, Json>) -> String {
+/// `stage[axis=value,...]`, axes in pipeline order (upstream stages first).
+fn label(stage: &str, coords: &BTreeMap<String, Json>, rank: &BTreeMap<&str, usize>) -> String {
     if coords.is_empty() {
         return stage.to_string();
     }
     let short = |id: &str| id.split_once('.').map(|(_, p)| p.to_string()).unwrap_or_else(|| id.to_string());
-    let parts: Vec<String> = coords
-        .iter()
+    let mut ordered: Vec<(&String, &Json)> = coords.iter().collect();
+    ordered.sort_by_key(|(id, _)| id.split_once('.').and_then(|(s, _)| rank.get(s).copied()).unwrap_or(usize::MAX));
+    let parts: Vec<String> = ordered
+        .into_iter()
         .map(|(id, v)| {
             let s = short(id);
             let ambiguous = coords.keys().filter(|k| short(k) == s).count() > 1;
@@ -85,8 +88,21 @@ fn label(stage: &str, coords: &BTreeMap<String, Json>) -> String {
     format!("{stage}[{}]", parts.join(","))
 }
 
+/// The instance of `stage` upstream of an instance with these `inputs`.
+fn find_upstream(out: &[Instance], inputs: &BTreeMap<String, usize>, stage: &str) -> Option<usize> {
+    let mut todo: Vec<usize> = inputs.values().copied().collect();
+    while let Some(u) = todo.pop() {
+        if out[u].stage == stage {
+            return Some(u);
+        }
+        todo.extend(out[u].inputs.values().copied());
+    }
+    None
+}
+
 /// Expands every stage in `order` (a topological order of stage names).
 pub fn expand(p: &Pipeline, order: &[String], catalog: &Catalog) -> Vec<Instance> {
+    let rank: BTreeMap<&str, usize> = order.iter().enumerate().map(|(i, s)| (s.as_str(), i)).collect();
     let mut out: Vec<Instance> = Vec::new();
     let mut by_stage: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for sname in order {
@@ -125,8 +141,15 @@ pub fn expand(p: &Pipeline, order: &[String], catalog: &Catalog) -> Vec<Instance
                     c.insert(format!("{sname}.{axis}"), v.clone());
                     params.insert(axis.clone(), v.clone());
                 }
+                for r in &s.refs {
+                    if let Some(u) = find_upstream(&out, inputs, &r.stage) {
+                        if let Some(v) = out[u].params.get(&r.upstream_param) {
+                            params.insert(r.param.clone(), v.clone());
+                        }
+                    }
+                }
                 mine.push(out.len());
-                out.push(Instance { stage: sname.clone(), kind: s.kind.clone(), label: label(sname, &c), coords: c, params, inputs: inputs.clone() });
+                out.push(Instance { stage: sname.clone(), kind: s.kind.clone(), label: label(sname, &c, &rank), coords: c, params, inputs: inputs.clone() });
             }
         }
         by_stage.insert(sname.as_str(), mine);
@@ -148,6 +171,7 @@ mod tests {
             grid: grid.into_iter().map(|(a, v)| (a.to_string(), v)).collect(),
             zip: zip.into_iter().map(|(a, v)| (a.to_string(), v)).collect(),
             resources: Default::default(),
+            refs: vec![],
         }
     }
 
@@ -165,8 +189,9 @@ mod tests {
         c.insert("cams.method".to_string(), json!("gradcam"));
         c.insert("masks.method".to_string(), json!("otsu"));
         c.insert("train.arch".to_string(), json!("vgg-small"));
-        assert_eq!(label("masks", &c), "masks[cams.method=gradcam,masks.method=otsu,arch=vgg-small]");
-        assert_eq!(label("data", &BTreeMap::new()), "data");
+        let rank: BTreeMap<&str, usize> = [("train", 0), ("cams", 1), ("masks", 2)].into_iter().collect();
+        assert_eq!(label("masks", &c, &rank), "masks[arch=vgg-small,cams.method=gradcam,masks.method=otsu]");
+        assert_eq!(label("data", &BTreeMap::new(), &rank), "data");
     }
 
     #[test]

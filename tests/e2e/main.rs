@@ -3,6 +3,8 @@
 
 mod caching;
 mod concurrency;
+mod pipelines;
 mod reference;
+mod science;
 mod spec_errors;
 mod support;
