@@ -82,11 +82,17 @@ pub fn run(cache: &std::path::Path, a: ReportArgs) -> Result<()> {
     let p = prepare(&a.p, &store)?;
     let decisions = make_plan(&p, &store, false, &|_| false);
     let pending = decisions.iter().filter(|d| !matches!(d, Decision::Cached { .. })).count();
-    let to_report = |t: super::show::Table| ReportTable { columns: t.columns, rows: t.rows };
+    let thresholds: Vec<&str> = p.pipeline.stages.values().filter(|s| s.kind == "threshold").map(|s| s.name.as_str()).collect();
+    let to_report = |t: super::show::Table| {
+        let find = |param: &str| t.axes.iter().find(|(_, id)| id.split_once('.').is_some_and(|(st, pa)| pa == param && thresholds.contains(&st))).map(|(c, _)| c.clone());
+        let (threshold_value, threshold_method) = (find("value"), find("method"));
+        ReportTable { columns: t.columns, rows: t.rows, threshold_value, threshold_method }
+    };
+    let empty = || ReportTable { columns: vec![], rows: vec![], threshold_value: None, threshold_method: None };
     let seg_stages = stages_with(&p, "masks");
     let cls_stages = stages_with(&p, "model");
-    let segmentation = if seg_stages.is_empty() { ReportTable { columns: vec![], rows: vec![] } } else { to_report(table(cache, &a.p, &seg_stages)?) };
-    let classification = if cls_stages.is_empty() { ReportTable { columns: vec![], rows: vec![] } } else { to_report(table(cache, &a.p, &cls_stages)?) };
+    let segmentation = if seg_stages.is_empty() { empty() } else { to_report(table(cache, &a.p, &seg_stages)?) };
+    let classification = if cls_stages.is_empty() { empty() } else { to_report(table(cache, &a.p, &cls_stages)?) };
     let gallery: Vec<GalleryInput> = gallery(&p, &store, &decisions, &segmentation, a.gallery).into_iter().collect();
     let lock = std::fs::read_to_string(crate::lockfile::path_for(&a.p.pipeline)).ok();
     let input = ReportInput { pipeline: &p.pipeline.name, spec: &p.pipeline.source, lock, segmentation, classification, gallery, pending };

@@ -39,6 +39,8 @@ pub struct ShowArgs {
 pub struct Table {
     pub columns: Vec<String>,
     pub rows: Vec<BTreeMap<String, Json>>,
+    /// Axis columns -> their axis id (`stage.param`).
+    pub axes: BTreeMap<String, String>,
 }
 
 /// Rows for the chosen stages: `stage`, `instance`, short axis names, then metrics.
@@ -84,6 +86,7 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
         metrics_of(score)
     };
     let mut axis_cols: Vec<String> = Vec::new();
+    let mut axes: BTreeMap<String, String> = BTreeMap::new();
     let mut metric_cols: BTreeSet<String> = BTreeSet::new();
     let mut rows = Vec::new();
     for (idx, (inst, d)) in prep.instances.iter().zip(&decisions).enumerate() {
@@ -100,6 +103,7 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
             if !axis_cols.contains(&col) {
                 axis_cols.push(col.clone());
             }
+            axes.insert(col.clone(), id.clone());
             row.insert(col, v.clone());
         }
         let status = match d {
@@ -128,7 +132,7 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
     columns.extend(preferred.iter().filter(|c| metric_cols.contains(**c)).map(|c| c.to_string()));
     columns.extend(metric_cols.iter().filter(|c| !preferred.contains(&c.as_str())).cloned());
     columns.push("status".into());
-    Ok(Table { columns, rows })
+    Ok(Table { columns, rows, axes })
 }
 
 fn cell(v: Option<&Json>) -> String {

@@ -17,6 +17,9 @@ pub use gallery::{GalleryInput, GalleryItem};
 pub struct ReportTable {
     pub columns: Vec<String>,
     pub rows: Vec<BTreeMap<String, Json>>,
+    /// The columns holding a threshold stage's `value` and `method` axes, if swept.
+    pub threshold_value: Option<String>,
+    pub threshold_method: Option<String>,
 }
 
 pub struct ReportInput<'a> {

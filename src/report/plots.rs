@@ -34,14 +34,13 @@ fn text(v: Option<&Json>) -> String {
 /// Mean-Dice against the fixed threshold value, one curve per other axis combination
 /// (model, CAM method...). Returns false when there is nothing to plot.
 pub fn dice_vs_threshold(t: &ReportTable, out: &Path) -> Result<bool, String> {
-    let value_col = t.columns.iter().find(|c| c.as_str() == "value" || c.ends_with(".value")).cloned();
-    let method_col = t.columns.iter().find(|c| c.ends_with("masks.method") || c.as_str() == "method").cloned();
-    let Some(value_col) = value_col else { return Ok(false) };
+    let method_col = t.threshold_method.clone();
+    let Some(value_col) = t.threshold_value.clone() else { return Ok(false) };
     let series_cols: Vec<&String> = t
         .columns
         .iter()
         .take_while(|c| c.as_str() != "mean_dice")
-        .filter(|c| !["stage", "status", "instance"].contains(&c.as_str()) && **c != value_col && Some(*c) != method_col.as_ref() && !c.ends_with(".method") || c.as_str() == "cams.method")
+        .filter(|c| !["stage", "status", "instance"].contains(&c.as_str()) && **c != value_col && Some(*c) != method_col.as_ref())
         .collect();
     let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for r in &t.rows {

@@ -143,3 +143,18 @@ fn gc_keeps_what_the_pipeline_references() {
     assert_eq!(p.run(&[]).ok().summary("cached"), 13);
     assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
 }
+
+#[test]
+fn training_gives_the_same_weight_bytes_in_two_processes() {
+    // Two separate caches, two separate processes: the trained model's file is the same
+    // object, byte for byte (burn's own record formats are not byte-stable; ours are).
+    let a = Project::new(TINY);
+    let b = Project::new(TINY);
+    a.run(&[]).ok();
+    b.run(&[]).ok();
+    let digest = |p: &Project| p.object_of("train", "model.safetensors").file_name().unwrap().to_owned();
+    assert_eq!(digest(&a), digest(&b));
+    let lock_a = std::fs::read_to_string(a.path().join("p.lock.yaml")).unwrap();
+    let lock_b = std::fs::read_to_string(b.path().join("p.lock.yaml")).unwrap();
+    assert_eq!(lock_a, lock_b, "the same spec gives the same lock file, keys and output digests");
+}

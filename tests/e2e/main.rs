@@ -5,6 +5,7 @@ mod caching;
 mod concurrency;
 mod pipelines;
 mod reference;
+mod report;
 mod science;
 mod spec_errors;
 mod support;
