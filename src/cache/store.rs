@@ -297,6 +297,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn records_read_back_exactly() {
+        // Floats must survive the JSON round trip bit for bit, or a key read back from its
+        // record would hash differently and a lock file written after a no-op run would differ.
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let params: BTreeMap<String, Json> = [("lr", 0.002), ("value", 0.7), ("x", 35.0 / 71.0), ("y", 0.9833746898263028)].into_iter().map(|(k, v)| (k.to_string(), Json::from(v))).collect();
+        let key_inputs = CacheKey { format: 1, kind: "k".into(), kind_version: 1, params: params.clone(), inputs: BTreeMap::new(), files: BTreeMap::new(), seed: 1, backend: None };
+        let rec = ActionRecord {
+            key: key_inputs.digest(),
+            label: "k".into(),
+            kind: "k".into(),
+            key_inputs,
+            outputs: BTreeMap::new(),
+            metrics: Json::Object(params.into_iter().collect()),
+            duration_s: 0.1,
+            camflow_version: "0".into(),
+            backend: "cpu".into(),
+            bitwise_deterministic: true,
+            created: 0,
+        };
+        s.write_record(&rec).unwrap();
+        let back = s.read_record(&rec.key).unwrap().unwrap();
+        assert_eq!(back, rec);
+        assert_eq!(back.key_inputs.digest(), rec.key);
+    }
+
+    #[test]
     fn objects_are_written_once_and_verified() {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();

@@ -152,22 +152,34 @@ impl BackendJob for MlJob {
         let yt = Tensor::<B, 1, Int>::from_data(TensorData::new(y, [n]), &device);
         let mut optim = AdamConfig::new().init();
         let loss_fn = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
-        let mut step = |model: Classifier<B>| {
+        // One step, timed in three parts (each part waits for its result, so on a GPU the
+        // time is the work's, not the queue's): forward, backward, optimizer update.
+        let mut parts = [0f64; 3];
+        let mut step = |model: Classifier<B>, parts: &mut [f64; 3]| {
+            let t = Instant::now();
             let loss = loss_fn.forward(model.forward(xt.clone()), yt.clone());
+            let _ = loss.clone().into_data();
+            let t1 = Instant::now();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let t2 = Instant::now();
             let m = optim.step(1e-3, model, grads);
-            // Wait for the device so the time is the step's, not the queue's.
             let _ = m.fc.weight.val().into_data();
+            let t3 = Instant::now();
+            parts[0] += (t1 - t).as_secs_f64();
+            parts[1] += (t2 - t1).as_secs_f64();
+            parts[2] += (t3 - t2).as_secs_f64();
             m
         };
+        let mut warm = [0f64; 3];
         for _ in 0..2 {
-            model = step(model);
+            model = step(model, &mut warm);
         }
         let t = Instant::now();
         for _ in 0..self.reps {
-            model = step(model);
+            model = step(model, &mut parts);
         }
         let step_ms = t.elapsed().as_secs_f64() * 1e3 / self.reps as f64;
+        let part_ms = |i: usize| (parts[i] * 1e3 / self.reps as f64 * 100.0).round() / 100.0;
         let inner = model.valid();
         let xi = Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(x.clone(), [n, c, s, s]), &device);
         let _ = inner.forward(xi.clone()).into_data();
@@ -190,7 +202,7 @@ impl BackendJob for MlJob {
             let _ = heatmaps(&model, &ds, &idx, 3, CamMethod::GradCam, CamTarget::Class(1), n);
         }
         let cams = (n * cam_reps) as f64 / t.elapsed().as_secs_f64();
-        json!({ "size": s, "batch": n, "channels": c, "train_step_ms": (step_ms * 100.0).round() / 100.0, "infer_images_per_s": infer.round(), "gradcam_heatmaps_per_s": cams.round() })
+        json!({ "size": s, "batch": n, "channels": c, "train_step_ms": (step_ms * 100.0).round() / 100.0, "forward_ms": part_ms(0), "backward_ms": part_ms(1), "optimizer_ms": part_ms(2), "infer_images_per_s": infer.round(), "gradcam_heatmaps_per_s": cams.round() })
     }
 }
 

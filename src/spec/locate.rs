@@ -26,13 +26,8 @@ pub fn locate(source: &str, path: &[&str]) -> Option<(usize, usize)> {
                 hit = Some((i, key_indent as usize));
                 break;
             }
-            // Flow style on the parent's line: `parent: {seg: ...}`.
-            if let Some((pl, _)) = found {
-                if i == pl {
-                    continue;
-                }
-            }
         }
+        // Not a block key: try flow style on the parent's line, `parent: {seg: ...}`.
         if hit.is_none() {
             if let Some((pl, _)) = found {
                 let line = lines[pl];

@@ -56,3 +56,28 @@ fn kill_9_midway_then_rerun_resumes() {
     assert_eq!(r.summary("ran"), 12);
     assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_and_the_next_run_resumes() {
+    let yaml = TINY.replace("params: {epochs: 1, batch_size: 16}\n  cams", "params: {epochs: 400, batch_size: 16}\n  cams");
+    let p = Project::new(&yaml);
+    let pl = p.pipeline();
+    let cache = p.cache();
+    let mut child = p.cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    for line in lines.by_ref() {
+        if line.expect("line").starts_with("run     train ") {
+            break;
+        }
+    }
+    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill -INT");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted; finished work is cached and the next run resumes"));
+    // No partial entry: only the data stage has a record; the rerun does the rest.
+    assert_eq!(std::fs::read_dir(cache.join("actions")).unwrap().count(), 1);
+    let r = p.run(&[]).ok();
+    assert_eq!((r.summary("cached"), r.summary("ran")), (1, 12));
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}
