@@ -8,7 +8,6 @@ use serde_json::{json, Value as Json};
 
 use super::{make_plan, open_store, prepare, print_out, PipelineArgs};
 use crate::error::{Error, Result};
-use crate::exec::flat_metrics;
 use crate::plan::Decision;
 use crate::sweep::show_value;
 
@@ -34,6 +33,11 @@ pub struct ShowArgs {
     /// Keep rows whose column equals a value: --where arch=vgg-small (repeatable).
     #[arg(long = "where", value_name = "COLUMN=VALUE")]
     filters: Vec<String>,
+}
+
+/// Metrics of a record as a flat map: scalar values only (per-epoch logs are left out).
+fn flat_metrics(m: &Json) -> BTreeMap<String, Json> {
+    m.as_object().map(|o| o.iter().filter(|(_, v)| !v.is_object() && !v.is_array()).map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
 }
 
 pub struct Table {

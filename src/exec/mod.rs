@@ -28,8 +28,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::Value as Json;
-
 use crate::cache::lock::KeyLock;
 use crate::cache::{ActionRecord, Lookup, Sidecar, Store};
 use crate::lockfile::LockFile;
@@ -343,11 +341,6 @@ impl Job {
         let _ = self.store.write_sidecar(&self.input.pipeline, &Sidecar { label: label.clone(), key: self.digest.clone(), key_inputs: self.key.clone() });
         Ok(Done::Ran(rec, seconds))
     }
-}
-
-/// Metrics of a record as a flat map (for tables).
-pub fn flat_metrics(m: &Json) -> BTreeMap<String, Json> {
-    m.as_object().map(|o| o.iter().filter(|(_, v)| !v.is_object() && !v.is_array()).map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
 }
 
 pub fn default_jobs() -> u32 {

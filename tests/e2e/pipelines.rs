@@ -49,3 +49,13 @@ fn readme_kinds_reference_is_current() {
     let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
     assert!(readme.contains(&kinds), "README's stage kinds reference differs from `camflow kinds`; paste its output");
 }
+
+#[test]
+fn readme_example_pipeline_is_valid() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let start = readme.find("```yaml\n").expect("a yaml block in the README") + "```yaml\n".len();
+    let yaml = &readme[start..start + readme[start..].find("```").expect("block end")];
+    let p = Project::new(yaml);
+    let plan = p.camflow(&["plan", p.pipeline().to_str().unwrap()]).ok();
+    assert!(plan.stdout().contains("plan: 1 to run, 24 after them, 0 cached (25 instances)"), "{}", plan.stdout());
+}
