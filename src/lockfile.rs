@@ -57,7 +57,13 @@ impl LockFile {
                 )
             })
             .collect();
-        LockFile { pipeline: pipeline.into(), camflow_version: env!("CARGO_PKG_VERSION").into(), backend: backend.into(), bitwise_deterministic: deterministic, instances }
+        LockFile {
+            pipeline: pipeline.into(),
+            camflow_version: env!("CARGO_PKG_VERSION").into(),
+            backend: backend.into(),
+            bitwise_deterministic: deterministic,
+            instances,
+        }
     }
 
     pub fn read(path: &Path) -> Result<LockFile, String> {
@@ -84,7 +90,11 @@ impl LockFile {
     pub fn check(&self, label: &str, key: &str) -> Result<(), String> {
         match self.instances.get(label) {
             None => Err(format!("{label}: not in the lock file (the spec has changed since it was locked)")),
-            Some(l) if l.key != key => Err(format!("{label}: cache key {} differs from the locked {} (params, inputs, data or backend changed)", &key[..12], &l.key[..12.min(l.key.len())])),
+            Some(l) if l.key != key => Err(format!(
+                "{label}: cache key {} differs from the locked {} (params, inputs, data or backend changed)",
+                &key[..12],
+                &l.key[..12.min(l.key.len())]
+            )),
             Some(_) => Ok(()),
         }
     }

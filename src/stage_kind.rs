@@ -45,8 +45,14 @@ pub struct InputSlot {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ParamType {
-    Int { min: i64, max: i64 },
-    Float { min: f64, max: f64 },
+    Int {
+        min: i64,
+        max: i64,
+    },
+    Float {
+        min: f64,
+        max: f64,
+    },
     Bool,
     Str,
     Choice(&'static [&'static str]),
@@ -66,7 +72,11 @@ impl ParamType {
                 (lo, hi) => format!("an integer in {lo}..={hi}"),
             },
             ParamType::Float { min, max } => {
-                if max.is_infinite() { format!("a number >= {min}") } else { format!("a number in [{min}, {max}]") }
+                if max.is_infinite() {
+                    format!("a number >= {min}")
+                } else {
+                    format!("a number in [{min}, {max}]")
+                }
             }
             ParamType::Bool => "true or false".into(),
             ParamType::Str => "a string".into(),
@@ -91,8 +101,20 @@ impl ParamType {
                 Some(f) if f >= *min && f <= *max && f.is_finite() => Ok(Json::from(f)),
                 _ => bad(),
             },
-            ParamType::Bool => if v.is_boolean() { Ok(v.clone()) } else { bad() },
-            ParamType::Str => if v.is_string() { Ok(v.clone()) } else { bad() },
+            ParamType::Bool => {
+                if v.is_boolean() {
+                    Ok(v.clone())
+                } else {
+                    bad()
+                }
+            }
+            ParamType::Str => {
+                if v.is_string() {
+                    Ok(v.clone())
+                } else {
+                    bad()
+                }
+            }
             ParamType::Choice(c) => match v.as_str() {
                 Some(s) if c.contains(&s) => Ok(v.clone()),
                 Some(s) => match crate::suggest::did_you_mean(s, c.iter().copied()) {
@@ -101,9 +123,17 @@ impl ParamType {
                 },
                 None => bad(),
             },
-            ParamType::IntOrStr => if v.is_i64() || v.is_string() { Ok(v.clone()) } else { bad() },
+            ParamType::IntOrStr => {
+                if v.is_i64() || v.is_string() {
+                    Ok(v.clone())
+                } else {
+                    bad()
+                }
+            }
             ParamType::FloatList => match v.as_array() {
-                Some(a) if a.iter().all(|x| x.as_f64().is_some()) => Ok(Json::Array(a.iter().map(|x| Json::from(x.as_f64().unwrap_or(0.0))).collect())),
+                Some(a) if a.iter().all(|x| x.as_f64().is_some()) => {
+                    Ok(Json::Array(a.iter().map(|x| Json::from(x.as_f64().unwrap_or(0.0))).collect()))
+                }
                 _ => bad(),
             },
             ParamType::IntList => match v.as_array() {

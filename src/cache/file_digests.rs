@@ -10,7 +10,7 @@ use std::time::UNIX_EPOCH;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::store::{hash_file, Store, StoreError, StoreResult};
+use super::store::{Store, StoreError, StoreResult, hash_file};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Entry {
@@ -57,7 +57,10 @@ impl FileDigests {
             return self.file(p);
         }
         if !p.is_dir() {
-            return Err(StoreError::Io { path: p.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder") });
+            return Err(StoreError::Io {
+                path: p.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            });
         }
         let mut files = Vec::new();
         walk(p, &mut files).map_err(|source| StoreError::Io { path: p.to_path_buf(), source })?;

@@ -92,7 +92,10 @@ mod tests {
         // If this breaks, the key encoding changed: bump KEY_FORMAT on purpose.
         assert_eq!(
             String::from_utf8(key().canonical()).unwrap(),
-            format!(r#"{{"format":1,"kind":"threshold","kind_version":1,"params":{{"method":"fixed","value":0.5}},"inputs":{{"heatmaps":"{}"}},"files":{{}},"seed":42,"backend":null}}"#, "ab".repeat(32))
+            format!(
+                r#"{{"format":1,"kind":"threshold","kind_version":1,"params":{{"method":"fixed","value":0.5}},"inputs":{{"heatmaps":"{}"}},"files":{{}},"seed":42,"backend":null}}"#,
+                "ab".repeat(32)
+            )
         );
         assert_eq!(key().digest(), "355973fdf0b8fa4da03a89a8b6e5c2fb403d12a1f84518b38ae0ebf35770569d");
     }

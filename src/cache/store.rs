@@ -246,7 +246,8 @@ impl Store {
         let dir = self.root.join("actions");
         let mut out = Vec::new();
         if let Ok(rd) = fs::read_dir(&dir) {
-            let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
+            let mut paths: Vec<PathBuf> =
+                rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
             paths.sort();
             for p in paths {
                 let r = fs::read(&p).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
@@ -302,8 +303,20 @@ mod tests {
         // record would hash differently and a lock file written after a no-op run would differ.
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
-        let params: BTreeMap<String, Json> = [("lr", 0.002), ("value", 0.7), ("x", 35.0 / 71.0), ("y", 0.9833746898263028)].into_iter().map(|(k, v)| (k.to_string(), Json::from(v))).collect();
-        let key_inputs = CacheKey { format: 1, kind: "k".into(), kind_version: 1, params: params.clone(), inputs: BTreeMap::new(), files: BTreeMap::new(), seed: 1, backend: None };
+        let params: BTreeMap<String, Json> = [("lr", 0.002), ("value", 0.7), ("x", 35.0 / 71.0), ("y", 0.9833746898263028)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Json::from(v)))
+            .collect();
+        let key_inputs = CacheKey {
+            format: 1,
+            kind: "k".into(),
+            kind_version: 1,
+            params: params.clone(),
+            inputs: BTreeMap::new(),
+            files: BTreeMap::new(),
+            seed: 1,
+            backend: None,
+        };
         let rec = ActionRecord {
             key: key_inputs.digest(),
             label: "k".into(),

@@ -20,9 +20,9 @@ use serde_json::json;
 
 use super::print_out;
 use crate::error::{Error, Result};
-use crate::ml::backend::{dispatch, BackendJob, BackendKind};
+use crate::ml::backend::{BackendJob, BackendKind, dispatch};
 use crate::ml::dataset::{Dataset, Sample, Split};
-use crate::ml::gradcam::{heatmaps, CamMethod, CamTarget};
+use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps};
 use crate::ml::model::{ArchConfig, Classifier};
 use crate::ml::rng::Rng;
 use crate::ml::train::seeded_init;
@@ -97,7 +97,12 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 fn camflow(dir: &Path, args: &[&str]) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::Io(format!("current exe: {e}")))?;
-    let out = Command::new(exe).current_dir(dir).args(args).env_remove("CAMFLOW_CACHE").output().map_err(|e| Error::Io(format!("spawn camflow: {e}")))?;
+    let out = Command::new(exe)
+        .current_dir(dir)
+        .args(args)
+        .env_remove("CAMFLOW_CACHE")
+        .output()
+        .map_err(|e| Error::Io(format!("spawn camflow: {e}")))?;
     if !out.status.success() {
         return Err(Error::Io(format!("camflow {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr))));
     }
@@ -192,7 +197,16 @@ impl BackendJob for MlJob {
             channels: c,
             height: s,
             width: s,
-            samples: (0..n).map(|i| Sample { id: i.to_string(), group: i.to_string(), label: 1, split: Split::Test, image: x[i * c * s * s..(i + 1) * c * s * s].to_vec(), mask: vec![0; s * s] }).collect(),
+            samples: (0..n)
+                .map(|i| Sample {
+                    id: i.to_string(),
+                    group: i.to_string(),
+                    label: 1,
+                    split: Split::Test,
+                    image: x[i * c * s * s..(i + 1) * c * s * s].to_vec(),
+                    mask: vec![0; s * s],
+                })
+                .collect(),
         };
         let idx: Vec<usize> = (0..n).collect();
         let _ = heatmaps(&model, &ds, &idx, 3, CamMethod::GradCam, CamTarget::Class(1), n);
@@ -205,7 +219,6 @@ impl BackendJob for MlJob {
         json!({ "size": s, "batch": n, "channels": c, "train_step_ms": (step_ms * 100.0).round() / 100.0, "forward_ms": part_ms(0), "backward_ms": part_ms(1), "optimizer_ms": part_ms(2), "infer_images_per_s": infer.round(), "gradcam_heatmaps_per_s": cams.round() })
     }
 }
-
 
 fn ml(size: usize, batch: usize, channels: usize, reps: usize, backend: &str) -> Result<()> {
     let kind = BackendKind::parse(backend).ok_or_else(|| Error::Usage(format!("unknown backend {backend}")))?;

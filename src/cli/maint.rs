@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use clap::{Args, ValueEnum};
 
-use super::{load, make_plan, open_store, prepare, print_out, PipelineArgs};
+use super::{PipelineArgs, load, make_plan, open_store, prepare, print_out};
 use crate::error::{Error, Result};
 use crate::plan::Decision;
 use crate::stage_kind::Catalog;

@@ -184,7 +184,8 @@ pub fn load(args: &PipelineArgs) -> Result<(Pipeline, Vec<Instance>, Arc<Catalog
         for (param, msg) in kind.check(&inst.params) {
             let field = format!("stages.{}.params.{param}", inst.stage);
             if !errors.iter().any(|e| e.field == field && e.message == msg) {
-                let loc = spec::locate(&p.source, &["stages", &inst.stage, "params", &param]).or_else(|| spec::locate(&p.source, &["stages", &inst.stage]));
+                let loc = spec::locate(&p.source, &["stages", &inst.stage, "params", &param])
+                    .or_else(|| spec::locate(&p.source, &["stages", &inst.stage]));
                 errors.push(SpecError { field, location: loc, message: msg });
             }
         }
@@ -200,7 +201,11 @@ pub fn prepare(args: &PipelineArgs, store: &Store) -> Result<Prepared> {
     let backend_name = args.backend.clone().unwrap_or_else(|| pipeline.backend.clone());
     let backend = BackendKind::parse(&backend_name).ok_or_else(|| Error::Usage(format!("unknown backend `{backend_name}`")))?;
     if !BackendKind::compiled().contains(&backend.name()) {
-        return Err(Error::Usage(format!("backend `{}` is not compiled into this camflow (it has: {}); rebuild with `cargo build --release --features cuda`", backend.name(), BackendKind::compiled().join(", "))));
+        return Err(Error::Usage(format!(
+            "backend `{}` is not compiled into this camflow (it has: {}); rebuild with `cargo build --release --features cuda`",
+            backend.name(),
+            BackendKind::compiled().join(", ")
+        )));
     }
     let mut digests = FileDigests::load(store, args.rehash);
     let mut files = Vec::with_capacity(instances.len());
@@ -212,7 +217,9 @@ pub fn prepare(args: &PipelineArgs, store: &Store) -> Result<Prepared> {
             let d = match memo.get(&path) {
                 Some(d) => d.clone(),
                 None => {
-                    let d = digests.digest(&path).map_err(|e| Error::Usage(format!("{}: stage `{}` reads {}: {e}", args.pipeline.display(), inst.stage, path.display())))?;
+                    let d = digests.digest(&path).map_err(|e| {
+                        Error::Usage(format!("{}: stage `{}` reads {}: {e}", args.pipeline.display(), inst.stage, path.display()))
+                    })?;
                     memo.insert(path.clone(), d.clone());
                     d
                 }

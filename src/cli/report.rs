@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::show::table;
-use super::{make_plan, open_store, prepare, print_out, PipelineArgs, Prepared};
+use super::{PipelineArgs, Prepared, make_plan, open_store, prepare, print_out};
 use crate::cache::Store;
 use crate::error::{Error, Result};
 use crate::ml::dataset::{Dataset, Split};
@@ -33,7 +33,8 @@ fn output_path(store: &Store, decisions: &[Decision], idx: usize, file: &str) ->
 }
 
 fn stages_with(p: &Prepared, slot: &str) -> Vec<String> {
-    let mut v: Vec<String> = p.instances.iter().filter(|i| i.kind == "score" && i.inputs.contains_key(slot)).map(|i| i.stage.clone()).collect();
+    let mut v: Vec<String> =
+        p.instances.iter().filter(|i| i.kind == "score" && i.inputs.contains_key(slot)).map(|i| i.stage.clone()).collect();
     v.dedup();
     v
 }
@@ -71,7 +72,12 @@ fn gallery(p: &Prepared, store: &Store, decisions: &[Decision], seg: &ReportTabl
         .into_iter()
         .filter_map(|(d, i, tag)| {
             let s = &ds.samples[i];
-            Some((s.clone(), heat.data[*hi.get(s.id.as_str())?].clone(), masks.data[*mi.get(s.id.as_str())?].clone(), format!("{tag}: {} (Dice {d:.3})", s.id)))
+            Some((
+                s.clone(),
+                heat.data[*hi.get(s.id.as_str())?].clone(),
+                masks.data[*mi.get(s.id.as_str())?].clone(),
+                format!("{tag}: {} (Dice {d:.3})", s.id),
+            ))
         })
         .collect();
     Some(GalleryInput { title: format!("{label}: best and worst test images by Dice"), height: ds.height, width: ds.width, items })
@@ -84,7 +90,12 @@ pub fn run(cache: &std::path::Path, a: ReportArgs) -> Result<()> {
     let pending = decisions.iter().filter(|d| !matches!(d, Decision::Cached { .. })).count();
     let thresholds: Vec<&str> = p.pipeline.stages.values().filter(|s| s.kind == "threshold").map(|s| s.name.as_str()).collect();
     let to_report = |t: super::show::Table| {
-        let find = |param: &str| t.axes.iter().find(|(_, id)| id.split_once('.').is_some_and(|(st, pa)| pa == param && thresholds.contains(&st))).map(|(c, _)| c.clone());
+        let find = |param: &str| {
+            t.axes
+                .iter()
+                .find(|(_, id)| id.split_once('.').is_some_and(|(st, pa)| pa == param && thresholds.contains(&st)))
+                .map(|(c, _)| c.clone())
+        };
         let (threshold_value, threshold_method) = (find("value"), find("method"));
         ReportTable { columns: t.columns, rows: t.rows, threshold_value, threshold_method }
     };

@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::{make_plan, open_store, prepare, print_out, PipelineArgs, Prepared};
+use super::{PipelineArgs, Prepared, make_plan, open_store, prepare, print_out};
 use crate::error::{Error, Result};
 use crate::exec::{self, Event, ExecInput, ExecOptions, Outcome};
 use crate::lockfile::{self, LockFile};
@@ -110,7 +110,10 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let lock_path = lockfile::path_for(&a.p.pipeline);
     let locked = if a.locked { Some(LockFile::read(&lock_path).map_err(Error::Usage)?) } else { None };
     if !p.backend.bitwise_deterministic() {
-        print_out(&format!("note: backend `{}` is not bitwise deterministic: reruns may give slightly different numbers\n", p.backend.name()));
+        print_out(&format!(
+            "note: backend `{}` is not bitwise deterministic: reruns may give slightly different numbers\n",
+            p.backend.name()
+        ));
     }
     let forced_idx: BTreeSet<usize> = p.instances.iter().enumerate().filter(|(_, i)| forced(i)).map(|(k, _)| k).collect();
     let opts = ExecOptions {
@@ -133,14 +136,21 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         resources: p.resources.clone(),
         files: p.files.clone(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| Error::Io(format!("tokio runtime: {e}")))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Io(format!("tokio runtime: {e}")))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let catalog = p.catalog.clone();
     let total = labels.len() as u64;
     let outcome = rt.block_on(async move {
         let exec = tokio::spawn(exec::execute(input, catalog, store, opts, tx));
         let bar = ProgressBar::new(total);
-        bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {wide_msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
         let mut counts = Counts::default();
         let mut running: BTreeSet<usize> = BTreeSet::new();
         let mut failures = Vec::new();

@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use clap::{Args, ValueEnum};
-use serde_json::{json, Value as Json};
+use serde_json::{Value as Json, json};
 
-use super::{make_plan, open_store, prepare, print_out, PipelineArgs};
+use super::{PipelineArgs, make_plan, open_store, prepare, print_out};
 use crate::error::{Error, Result};
 use crate::plan::Decision;
 use crate::sweep::show_value;
@@ -37,7 +37,9 @@ pub struct ShowArgs {
 
 /// Metrics of a record as a flat map: scalar values only (per-epoch logs are left out).
 fn flat_metrics(m: &Json) -> BTreeMap<String, Json> {
-    m.as_object().map(|o| o.iter().filter(|(_, v)| !v.is_object() && !v.is_array()).map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    m.as_object()
+        .map(|o| o.iter().filter(|(_, v)| !v.is_object() && !v.is_array()).map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
 }
 
 pub struct Table {
@@ -57,7 +59,10 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
     } else {
         for s in stages {
             if !prep.pipeline.stages.contains_key(s) {
-                return Err(Error::Usage(format!("--stage {s}: no such stage (stages: {})", prep.pipeline.stages.keys().cloned().collect::<Vec<_>>().join(", "))));
+                return Err(Error::Usage(format!(
+                    "--stage {s}: no such stage (stages: {})",
+                    prep.pipeline.stages.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
             }
         }
         stages.to_vec()
@@ -130,7 +135,19 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
         row.insert("status".to_string(), json!(status));
         rows.push(row);
     }
-    let preferred = ["mean_dice", "dice_all", "iou", "precision", "recall", "accuracy", "original_accuracy", "auc", "original_auc", "sensitivity", "specificity"];
+    let preferred = [
+        "mean_dice",
+        "dice_all",
+        "iou",
+        "precision",
+        "recall",
+        "accuracy",
+        "original_accuracy",
+        "auc",
+        "original_auc",
+        "sensitivity",
+        "specificity",
+    ];
     let mut columns = vec!["stage".to_string()];
     columns.extend(axis_cols);
     columns.extend(preferred.iter().filter(|c| metric_cols.contains(**c)).map(|c| c.to_string()));
@@ -183,18 +200,28 @@ pub fn show(cache: &std::path::Path, a: ShowArgs) -> Result<()> {
         Format::Csv => {
             let mut s = t.columns.join(",") + "\n";
             for r in &t.rows {
-                let cells: Vec<String> = t.columns.iter().map(|c| match r.get(c) {
-                    None | Some(Json::Null) => String::new(),
-                    Some(v) => { let x = show_value(v); if x.contains(',') { format!("\"{x}\"") } else { x } }
-                }).collect();
+                let cells: Vec<String> = t
+                    .columns
+                    .iter()
+                    .map(|c| match r.get(c) {
+                        None | Some(Json::Null) => String::new(),
+                        Some(v) => {
+                            let x = show_value(v);
+                            if x.contains(',') { format!("\"{x}\"") } else { x }
+                        }
+                    })
+                    .collect();
                 s.push_str(&(cells.join(",") + "\n"));
             }
             s
         }
         Format::Table => {
             let cells: Vec<Vec<String>> = t.rows.iter().map(|r| t.columns.iter().map(|c| cell(r.get(c))).collect()).collect();
-            let widths: Vec<usize> = t.columns.iter().enumerate().map(|(i, c)| cells.iter().map(|r| r[i].len()).chain([c.len()]).max().unwrap_or(0)).collect();
-            let line = |v: Vec<&str>| v.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string() + "\n";
+            let widths: Vec<usize> =
+                t.columns.iter().enumerate().map(|(i, c)| cells.iter().map(|r| r[i].len()).chain([c.len()]).max().unwrap_or(0)).collect();
+            let line = |v: Vec<&str>| {
+                v.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string() + "\n"
+            };
             let mut s = line(t.columns.iter().map(|c| c.as_str()).collect());
             for r in &cells {
                 s.push_str(&line(r.iter().map(|c| c.as_str()).collect()));

@@ -31,19 +31,35 @@ use std::time::Instant;
 use crate::cache::lock::KeyLock;
 use crate::cache::{ActionRecord, Lookup, Sidecar, Store};
 use crate::lockfile::LockFile;
-use crate::plan::{build_key, explain, KeyContext, StaleReason};
+use crate::plan::{KeyContext, StaleReason, build_key, explain};
 use crate::stage_kind::{Catalog, InputArtifact, Resources, RunContext};
 use crate::sweep::Instance;
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    Cached { idx: usize },
-    Started { idx: usize, reason: StaleReason },
-    Finished { idx: usize, seconds: f64 },
+    Cached {
+        idx: usize,
+    },
+    Started {
+        idx: usize,
+        reason: StaleReason,
+    },
+    Finished {
+        idx: usize,
+        seconds: f64,
+    },
     /// Another process computed the same key while this one waited for its lock.
-    Reused { idx: usize },
-    Failed { idx: usize, error: String, log: Option<PathBuf> },
-    Skipped { idx: usize },
+    Reused {
+        idx: usize,
+    },
+    Failed {
+        idx: usize,
+        error: String,
+        log: Option<PathBuf>,
+    },
+    Skipped {
+        idx: usize,
+    },
 }
 
 pub struct ExecOptions {
@@ -89,7 +105,13 @@ enum State {
     Skipped,
 }
 
-pub async fn execute(input: ExecInput, catalog: Arc<Catalog>, store: Store, opts: ExecOptions, events: tokio::sync::mpsc::UnboundedSender<Event>) -> Outcome {
+pub async fn execute(
+    input: ExecInput,
+    catalog: Arc<Catalog>,
+    store: Store,
+    opts: ExecOptions,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+) -> Outcome {
     let n = input.instances.len();
     let input = Arc::new(input);
     let mut state = vec![State::Pending; n];
@@ -127,8 +149,13 @@ pub async fn execute(input: ExecInput, catalog: Arc<Catalog>, store: Store, opts
                 if !inst.inputs.values().all(|&u| state[u] == State::Done) {
                     continue;
                 }
-                let upstream: BTreeMap<String, String> = inst.inputs.iter().map(|(s, &u)| (s.clone(), records[u].as_ref().map(|r| r.output_digest()).unwrap_or_default())).collect();
-                let kcx = KeyContext { catalog: &catalog, seed: input.seed, backend_class: opts.backend_class.clone(), files: &input.files };
+                let upstream: BTreeMap<String, String> = inst
+                    .inputs
+                    .iter()
+                    .map(|(s, &u)| (s.clone(), records[u].as_ref().map(|r| r.output_digest()).unwrap_or_default()))
+                    .collect();
+                let kcx =
+                    KeyContext { catalog: &catalog, seed: input.seed, backend_class: opts.backend_class.clone(), files: &input.files };
                 let key = build_key(inst, i, &kcx, upstream);
                 let digest = key.digest();
                 if let Some(lock) = &opts.locked {
@@ -163,7 +190,8 @@ pub async fn execute(input: ExecInput, catalog: Arc<Catalog>, store: Store, opts
                 if res.gpu > 0 && opts.gpus == 0 {
                     state[i] = State::Failed;
                     failed += 1;
-                    let _ = events.send(Event::Failed { idx: i, error: format!("{}: asks for a GPU, but --gpus is 0", inst.label), log: None });
+                    let _ =
+                        events.send(Event::Failed { idx: i, error: format!("{}: asks for a GPU, but --gpus is 0", inst.label), log: None });
                     stop |= !opts.keep_going;
                     progressed = true;
                     continue;
@@ -173,7 +201,8 @@ pub async fn execute(input: ExecInput, catalog: Arc<Catalog>, store: Store, opts
                 holding.insert(i, (want_cpu, gpu));
                 state[i] = State::Running;
                 let _ = events.send(Event::Started { idx: i, reason: reason.clone() });
-                let up_records: BTreeMap<String, ActionRecord> = inst.inputs.iter().filter_map(|(s, &u)| records[u].clone().map(|r| (s.clone(), r))).collect();
+                let up_records: BTreeMap<String, ActionRecord> =
+                    inst.inputs.iter().filter_map(|(s, &u)| records[u].clone().map(|r| (s.clone(), r))).collect();
                 let job = Job {
                     idx: i,
                     input: input.clone(),
@@ -278,9 +307,15 @@ impl Job {
                 let p = self.store.verified_object(r).map_err(|e| fail(format!("input `{slot}`: {e}; rerun to recompute it")))?;
                 files.insert(name.clone(), p);
             }
-            inputs.insert(slot.clone(), InputArtifact { files, metrics: rec.metrics.clone(), params: rec.key_inputs.params.clone(), kind: rec.kind.clone() });
+            inputs.insert(
+                slot.clone(),
+                InputArtifact { files, metrics: rec.metrics.clone(), params: rec.key_inputs.params.clone(), kind: rec.kind.clone() },
+            );
         }
-        let scratch = tempfile::Builder::new().prefix("run-").tempdir_in(self.store.tmp_dir()).map_err(|e| fail(format!("cannot create scratch folder: {e}")))?;
+        let scratch = tempfile::Builder::new()
+            .prefix("run-")
+            .tempdir_in(self.store.tmp_dir())
+            .map_err(|e| fail(format!("cannot create scratch folder: {e}")))?;
         let out_dir = scratch.path().join("out");
         std::fs::create_dir_all(&out_dir).map_err(|e| fail(format!("cannot create scratch folder: {e}")))?;
         let mut log_lines: Vec<String> = Vec::new();
@@ -338,7 +373,9 @@ impl Job {
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         };
         self.store.write_record(&rec).map_err(|e| fail(format!("writing cache record: {e}")))?;
-        let _ = self.store.write_sidecar(&self.input.pipeline, &Sidecar { label: label.clone(), key: self.digest.clone(), key_inputs: self.key.clone() });
+        let _ = self
+            .store
+            .write_sidecar(&self.input.pipeline, &Sidecar { label: label.clone(), key: self.digest.clone(), key_inputs: self.key.clone() });
         Ok(Done::Ran(rec, seconds))
     }
 }

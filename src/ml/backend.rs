@@ -5,7 +5,7 @@
 //! chosen backend. Any panic inside burn (for example no CUDA driver) becomes an error here, so
 //! none reaches the user.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use burn::tensor::backend::AutodiffBackend;
 

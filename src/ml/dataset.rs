@@ -168,10 +168,8 @@ pub fn assign_splits(samples: &mut [Sample], cfg: SplitConfig) {
     }
     let mut rng = Rng::derive(cfg.seed, "split");
     let mut assignment = std::collections::BTreeMap::<String, Split>::new();
-    let strata: [Vec<String>; 2] = [
-        groups.iter().filter(|g| g.1).map(|g| g.0.clone()).collect(),
-        groups.iter().filter(|g| !g.1).map(|g| g.0.clone()).collect(),
-    ];
+    let strata: [Vec<String>; 2] =
+        [groups.iter().filter(|g| g.1).map(|g| g.0.clone()).collect(), groups.iter().filter(|g| !g.1).map(|g| g.0.clone()).collect()];
     for mut stratum in strata {
         rng.shuffle(&mut stratum);
         let n = stratum.len();
@@ -261,8 +259,7 @@ mod tests {
 
     #[test]
     fn split_keeps_groups_together() {
-        let mut s: Vec<Sample> =
-            (0..60).map(|i| sample(&format!("s{i}"), &format!("p{}", i / 5), (i % 3 == 0) as u8)).collect();
+        let mut s: Vec<Sample> = (0..60).map(|i| sample(&format!("s{i}"), &format!("p{}", i / 5), (i % 3 == 0) as u8)).collect();
         assign_splits(&mut s, SplitConfig { val: 0.2, test: 0.2, seed: 3 });
         let mut by_group = std::collections::BTreeMap::new();
         for x in &s {

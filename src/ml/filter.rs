@@ -56,7 +56,19 @@ mod tests {
 
     #[test]
     fn modes() {
-        let ds = Dataset { channels: 1, height: 1, width: 2, samples: vec![Sample { id: "a".into(), group: "g".into(), label: 1, split: Split::Test, image: vec![2.0, 4.0], mask: vec![0, 1] }] };
+        let ds = Dataset {
+            channels: 1,
+            height: 1,
+            width: 2,
+            samples: vec![Sample {
+                id: "a".into(),
+                group: "g".into(),
+                label: 1,
+                split: Split::Test,
+                image: vec![2.0, 4.0],
+                mask: vec![0, 1],
+            }],
+        };
         let h = Planes { kind: PlaneKind::Heatmap, height: 1, width: 2, ids: vec!["a".into()], data: vec![vec![0.25, 0.75]] };
         let img = |m| apply(&ds, &h, m).unwrap().samples[0].image.clone();
         assert_eq!(img(FilterMode::Multiply), vec![0.5, 3.0]);

@@ -65,12 +65,20 @@ pub fn heatmaps<B: AutodiffBackend>(
             CamTarget::Class(c) => (0..n).flat_map(|_| (0..2).map(move |j| (j == c) as u8 as f32)).collect(),
             CamTarget::Predicted => {
                 let l = logits.clone().inner().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-                l.chunks(2).flat_map(|r| { let c = (r[1] > r[0]) as usize; [(c == 0) as u8 as f32, (c == 1) as u8 as f32] }).collect()
+                l.chunks(2)
+                    .flat_map(|r| {
+                        let c = (r[1] > r[0]) as usize;
+                        [(c == 0) as u8 as f32, (c == 1) as u8 as f32]
+                    })
+                    .collect()
             }
         };
         let sel = Tensor::<B, 2>::from_data(TensorData::new(onehot, [n, 2]), &device);
         let grads = (logits * sel).sum().backward();
-        let g = a.grad(&grads).map(|g| g.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()).unwrap_or_else(|| vec![0.0; n * k * h * w]);
+        let g = a
+            .grad(&grads)
+            .map(|g| g.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default())
+            .unwrap_or_else(|| vec![0.0; n * k * h * w]);
         let av = acts.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
         let hw = h * w;
         for i in 0..n {

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::dataset::{normalize_image, Normalize, Sample, Split};
+use super::dataset::{Normalize, Sample, Split, normalize_image};
 use super::resize;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -256,7 +256,12 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
     let col = |name: &str| headers.iter().position(|h| h.trim() == name);
     let (ci, cl) = match (col("image"), col("label")) {
         (Some(i), Some(l)) => (i, l),
-        _ => return Err(err(csv_path, format!("CSV header must have `image` and `label` columns, found: {}", headers.iter().collect::<Vec<_>>().join(",")))),
+        _ => {
+            return Err(err(
+                csv_path,
+                format!("CSV header must have `image` and `label` columns, found: {}", headers.iter().collect::<Vec<_>>().join(",")),
+            ));
+        }
     };
     let (cm, cg) = (col("mask"), col("group"));
     let mut report = LoadReport::default();

@@ -10,9 +10,9 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 /// What to build; goes into `config.json` beside the weights and into cache keys.
@@ -71,30 +71,21 @@ impl ArchConfig {
         for (i, &w) in self.widths.iter().enumerate() {
             // The resnet stem (unit 0) is a plain conv; later units are residual blocks.
             let residual = self.residual && i > 0;
-            let conv = |a: usize, b: usize| {
-                Conv2dConfig::new([a, b], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device)
-            };
+            let conv =
+                |a: usize, b: usize| Conv2dConfig::new([a, b], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device);
             let bn = |c: usize| if self.batch_norm { Some(BatchNormConfig::new(c).init(device)) } else { None };
             units.push(Unit {
                 conv1: conv(cin, w),
                 bn1: bn(w),
                 conv2: if residual { Some(conv(w, w)) } else { None },
                 bn2: if residual { bn(w) } else { None },
-                shortcut: if residual && cin != w {
-                    Some(Conv2dConfig::new([cin, w], [1, 1]).with_bias(false).init(device))
-                } else {
-                    None
-                },
+                shortcut: if residual && cin != w { Some(Conv2dConfig::new([cin, w], [1, 1]).with_bias(false).init(device)) } else { None },
                 residual,
                 pool_after: self.pool_after.get(i).copied().unwrap_or(false),
             });
             cin = w;
         }
-        Classifier {
-            units,
-            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
-            fc: LinearConfig::new(cin, 2).init(device),
-        }
+        Classifier { units, pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(), fc: LinearConfig::new(cin, 2).init(device) }
     }
 }
 

@@ -55,9 +55,8 @@ fn phantom(rng: &mut Rng, n: usize, positive: bool, contrast: f32, noise: f32) -
     let ax = nf * rng.range(0.36, 0.43);
     let ay = nf * rng.range(0.40, 0.46);
     // Texture: a few random low-frequency waves.
-    let waves: Vec<(f32, f32, f32, f32)> = (0..4)
-        .map(|_| (rng.range(1.0, 4.0) / nf, rng.range(1.0, 4.0) / nf, rng.range(0.0, 6.28), rng.range(0.03, 0.08)))
-        .collect();
+    let waves: Vec<(f32, f32, f32, f32)> =
+        (0..4).map(|_| (rng.range(1.0, 4.0) / nf, rng.range(1.0, 4.0) / nf, rng.range(0.0, 6.28), rng.range(0.03, 0.08))).collect();
     let vent: Vec<(f32, f32, f32, f32)> = (0..2)
         .map(|k| {
             let side = if k == 0 { -1.0 } else { 1.0 };

@@ -5,9 +5,9 @@
 
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, Optimizer, SgdConfig};
-use burn::optim::decay::WeightDecayConfig;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -231,14 +231,22 @@ pub fn evaluate<B: Backend>(model: &Classifier<B>, ds: &Dataset, split: Split, b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ml::dataset::{assign_splits, SplitConfig};
-    use crate::ml::synthetic::{generate, SyntheticConfig};
+    use crate::ml::dataset::{SplitConfig, assign_splits};
+    use crate::ml::synthetic::{SyntheticConfig, generate};
     use crate::ml::weights::to_safetensors;
     use burn::backend::{Autodiff, Flex};
 
     #[test]
     fn training_is_bit_reproducible() {
-        let mut ds = generate(&SyntheticConfig { count: 24, size: 16, tumor_fraction: 0.5, contrast: 0.6, noise: 0.05, slices_per_patient: 2, seed: 5 });
+        let mut ds = generate(&SyntheticConfig {
+            count: 24,
+            size: 16,
+            tumor_fraction: 0.5,
+            contrast: 0.6,
+            noise: 0.05,
+            slices_per_patient: 2,
+            seed: 5,
+        });
         assign_splits(&mut ds.samples, SplitConfig { val: 0.2, test: 0.2, seed: 1 });
         let cfg = TrainConfig {
             arch: ArchConfig::vgg_small(1),

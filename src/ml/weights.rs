@@ -19,8 +19,8 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Param, RunningState};
-use burn::nn::conv::Conv2d;
 use burn::nn::BatchNorm;
+use burn::nn::conv::Conv2d;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::tensor::{Dtype, TensorView};
@@ -210,7 +210,21 @@ mod tests {
         }
         let names = named_tensors(&ArchConfig::vgg_small(1), &crate::ml::train::seeded_init::<Flex>(&ArchConfig::vgg_small(1), 3, &dev));
         let keys: Vec<&str> = names.keys().map(|s| s.as_str()).collect();
-        assert_eq!(keys, ["conv1.bias", "conv1.weight", "conv2.bias", "conv2.weight", "conv3.bias", "conv3.weight", "conv4.bias", "conv4.weight", "fc.bias", "fc.weight"]);
+        assert_eq!(
+            keys,
+            [
+                "conv1.bias",
+                "conv1.weight",
+                "conv2.bias",
+                "conv2.weight",
+                "conv3.bias",
+                "conv3.weight",
+                "conv4.bias",
+                "conv4.weight",
+                "fc.bias",
+                "fc.weight"
+            ]
+        );
         assert_eq!(names["fc.weight"].0, vec![2, 64]);
     }
 }

@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use crate::cache::{CacheKey, Lookup, Sidecar, KEY_FORMAT};
+use crate::cache::{CacheKey, KEY_FORMAT, Lookup, Sidecar};
 use crate::stage_kind::Catalog;
-use crate::sweep::{show_value, Instance};
+use crate::sweep::{Instance, show_value};
 
 /// What the planner needs from the cache.
 pub trait CacheView {
@@ -52,7 +52,9 @@ impl std::fmt::Display for StaleReason {
             StaleReason::DataChanged { files } => write!(f, "data changed: {}", files.join(", ")),
             StaleReason::ImplementationChanged { from, to } => write!(f, "stage implementation changed (v{from} -> v{to})"),
             StaleReason::SeedChanged { from, to } => write!(f, "seed changed: {from} -> {to}"),
-            StaleReason::BackendChanged { from, to } => write!(f, "backend changed: {} -> {}", from.as_deref().unwrap_or("none"), to.as_deref().unwrap_or("none")),
+            StaleReason::BackendChanged { from, to } => {
+                write!(f, "backend changed: {} -> {}", from.as_deref().unwrap_or("none"), to.as_deref().unwrap_or("none"))
+            }
             StaleReason::KeyFormatChanged => write!(f, "cache key format changed"),
             StaleReason::EntryMissing => write!(f, "cache entry missing"),
             StaleReason::EntryCorrupt { detail } => write!(f, "cache entry corrupt: {detail}"),
@@ -67,10 +69,18 @@ fn show(v: &Json) -> String {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    Cached { key: String, output_digest: String },
-    Run { key: String, reason: StaleReason },
+    Cached {
+        key: String,
+        output_digest: String,
+    },
+    Run {
+        key: String,
+        reason: StaleReason,
+    },
     /// Waits on the named upstream instance, which will run; its key is not known yet.
-    After { upstream: usize },
+    After {
+        upstream: usize,
+    },
 }
 
 /// Everything a key needs besides upstream output digests.
@@ -110,16 +120,36 @@ pub fn explain(old: Option<&Sidecar>, new: &CacheKey) -> StaleReason {
     let changes: Vec<ParamChange> = names
         .into_iter()
         .filter(|n| o.params.get(*n) != new.params.get(*n))
-        .map(|n| ParamChange { param: n.clone(), from: o.params.get(n).cloned().unwrap_or(Json::Null), to: new.params.get(n).cloned().unwrap_or(Json::Null) })
+        .map(|n| ParamChange {
+            param: n.clone(),
+            from: o.params.get(n).cloned().unwrap_or(Json::Null),
+            to: new.params.get(n).cloned().unwrap_or(Json::Null),
+        })
         .collect();
     if !changes.is_empty() {
         return StaleReason::ParamsChanged { changes };
     }
-    let inputs: Vec<String> = o.inputs.keys().chain(new.inputs.keys()).collect::<BTreeSet<_>>().into_iter().filter(|k| o.inputs.get(*k) != new.inputs.get(*k)).cloned().collect();
+    let inputs: Vec<String> = o
+        .inputs
+        .keys()
+        .chain(new.inputs.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| o.inputs.get(*k) != new.inputs.get(*k))
+        .cloned()
+        .collect();
     if !inputs.is_empty() {
         return StaleReason::InputsChanged { inputs };
     }
-    let files: Vec<String> = o.files.keys().chain(new.files.keys()).collect::<BTreeSet<_>>().into_iter().filter(|k| o.files.get(*k) != new.files.get(*k)).cloned().collect();
+    let files: Vec<String> = o
+        .files
+        .keys()
+        .chain(new.files.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| o.files.get(*k) != new.files.get(*k))
+        .cloned()
+        .collect();
     if !files.is_empty() {
         return StaleReason::DataChanged { files };
     }

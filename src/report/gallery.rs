@@ -54,7 +54,13 @@ fn picture(s: &Sample, heat: &[f32], pred: &[f32], w: usize, h: usize) -> RgbIma
             let p1 = if edge { [1.0, 0.0, 0.0] } else { [g, g, g] };
             let j = jet(heat[i]);
             let p2 = [0.5 * g + 0.5 * j[0], 0.5 * g + 0.5 * j[1], 0.5 * g + 0.5 * j[2]];
-            let p3 = if edge { [1.0, 0.0, 0.0] } else if pred[i] > 0.5 { [0.2, 0.8, 0.2] } else { [g * 0.6, g * 0.6, g * 0.6] };
+            let p3 = if edge {
+                [1.0, 0.0, 0.0]
+            } else if pred[i] > 0.5 {
+                [0.2, 0.8, 0.2]
+            } else {
+                [g * 0.6, g * 0.6, g * 0.6]
+            };
             for (k, p) in [p1, p2, p3].into_iter().enumerate() {
                 let px = Rgb([(p[0] * 255.0) as u8, (p[1] * 255.0) as u8, (p[2] * 255.0) as u8]);
                 let ox = k as u32 * (w as u32 * SCALE + SCALE);

@@ -88,7 +88,13 @@ pub fn write(input: &ReportInput<'_>, out: &Path) -> Result<std::path::PathBuf, 
         p = esc(input.pipeline),
         css = "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}figure{display:inline-block;margin:6px;text-align:center;font-size:11px}img{image-rendering:pixelated}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:11px}"
     );
-    let _ = write!(h, "<h1>camflow report: {}</h1><p>camflow {} &middot; {} instances not run yet</p>", esc(input.pipeline), env!("CARGO_PKG_VERSION"), input.pending);
+    let _ = write!(
+        h,
+        "<h1>camflow report: {}</h1><p>camflow {} &middot; {} instances not run yet</p>",
+        esc(input.pipeline),
+        env!("CARGO_PKG_VERSION"),
+        input.pending
+    );
     h.push_str("<h2>Do the heatmaps segment the tumor?</h2><p>Mean-Dice is over test images with a tumor (the paper's measure); Dice-all counts every test image (empty prediction of an empty truth = 1).</p>");
     if dice_plot {
         h.push_str("<p><img src=\"img/dice_vs_threshold.svg\" alt=\"mean-Dice against threshold\" width=\"720\"></p>");
@@ -103,7 +109,13 @@ pub fn write(input: &ReportInput<'_>, out: &Path) -> Result<std::path::PathBuf, 
     for it in &items {
         let _ = write!(h, "<h3>{}</h3>", esc(&it.title));
         for (file, caption) in &it.images {
-            let _ = write!(h, "<figure><img src=\"img/{}\" alt=\"{}\"><figcaption>{}</figcaption></figure>", esc(file), esc(caption), esc(caption));
+            let _ = write!(
+                h,
+                "<figure><img src=\"img/{}\" alt=\"{}\"><figcaption>{}</figcaption></figure>",
+                esc(file),
+                esc(caption),
+                esc(caption)
+            );
         }
     }
     let _ = write!(h, "<h2>Spec</h2><pre>{}</pre>", esc(input.spec));

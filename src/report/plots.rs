@@ -75,7 +75,13 @@ pub fn dice_vs_threshold(t: &ReportTable, out: &Path) -> Result<bool, String> {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
         chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(|e| e.to_string())?;
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw().map_err(|e| e.to_string())?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())?;
     Ok(true)
 }
@@ -86,7 +92,12 @@ pub fn retrained_accuracy(t: &ReportTable, out: &Path) -> Result<bool, String> {
     if rows.is_empty() {
         return Ok(false);
     }
-    let label_cols: Vec<&String> = t.columns.iter().take_while(|c| c.as_str() != "accuracy").filter(|c| !["stage", "status", "instance"].contains(&c.as_str())).collect();
+    let label_cols: Vec<&String> = t
+        .columns
+        .iter()
+        .take_while(|c| c.as_str() != "accuracy")
+        .filter(|c| !["stage", "status", "instance"].contains(&c.as_str()))
+        .collect();
     let labels: Vec<String> = rows.iter().map(|r| label_cols.iter().map(|c| text(r.get(*c))).collect::<Vec<_>>().join(" / ")).collect();
     let n = rows.len();
     let root = SVGBackend::new(out, (900, 140 + 22 * n as u32)).into_drawing_area();
@@ -119,7 +130,11 @@ pub fn retrained_accuracy(t: &ReportTable, out: &Path) -> Result<bool, String> {
         }))
         .map_err(|e| e.to_string())?;
     chart
-        .draw_series(rows.iter().enumerate().map(|(i, r)| Circle::new((num(r.get("original_accuracy")).unwrap_or(0.0), SegmentValue::CenterOf(i)), 5, PALETTE[3].filled())))
+        .draw_series(
+            rows.iter().enumerate().map(|(i, r)| {
+                Circle::new((num(r.get("original_accuracy")).unwrap_or(0.0), SegmentValue::CenterOf(i)), 5, PALETTE[3].filled())
+            }),
+        )
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())?;
     Ok(true)

@@ -17,7 +17,7 @@ use serde_yaml::Value as Yaml;
 
 pub use error::{SpecError, SpecErrors, SpecResult};
 pub use locate::locate;
-pub use overrides::{apply_override, Override};
+pub use overrides::{Override, apply_override};
 
 use crate::stage_kind::{Catalog, Resources};
 use crate::suggest::did_you_mean;
@@ -88,7 +88,8 @@ impl Ctx<'_> {
     fn err(&mut self, path: &[&str], message: impl Into<String>) {
         let field = path.join(".");
         let from_set = self.overridden.iter().any(|o| field == *o || field.starts_with(&format!("{o}.")));
-        let (location, message) = if from_set { (None, format!("{} (value from --set)", message.into())) } else { (locate(self.source, path), message.into()) };
+        let (location, message) =
+            if from_set { (None, format!("{} (value from --set)", message.into())) } else { (locate(self.source, path), message.into()) };
         self.errors.push(SpecError { field, location, message });
     }
 
@@ -145,7 +146,10 @@ fn type_name(v: &Yaml) -> &'static str {
 
 /// Reads, overrides and validates a pipeline file.
 pub fn load(file: &Path, overrides: &[Override], catalog: &Catalog) -> SpecResult<Pipeline> {
-    let one = |message: String| SpecErrors { file: file.to_path_buf(), errors: vec![SpecError { field: String::new(), location: None, message }] };
+    let one = |message: String| SpecErrors {
+        file: file.to_path_buf(),
+        errors: vec![SpecError { field: String::new(), location: None, message }],
+    };
     let source = std::fs::read_to_string(file).map_err(|e| one(format!("cannot read pipeline: {e}")))?;
     parse(file, &source, overrides, catalog)
 }
@@ -170,7 +174,11 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
         }
     }
     let Yaml::Mapping(top) = &root else {
-        return Err(fail(vec![SpecError { field: String::new(), location: None, message: format!("a pipeline must be a map with `name` and `stages`, found {}", type_name(&root)) }]));
+        return Err(fail(vec![SpecError {
+            field: String::new(),
+            location: None,
+            message: format!("a pipeline must be a map with `name` and `stages`, found {}", type_name(&root)),
+        }]));
     };
     for k in top.keys() {
         let k = key_str(k);
@@ -262,7 +270,8 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
         return Err(fail(cx.errors));
     }
     let base_dir = file.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }).unwrap_or(Path::new(".")).to_path_buf();
-    let source = if overrides.is_empty() { source.to_string() } else { serde_yaml::to_string(&root).unwrap_or_else(|_| source.to_string()) };
+    let source =
+        if overrides.is_empty() { source.to_string() } else { serde_yaml::to_string(&root).unwrap_or_else(|_| source.to_string()) };
     Ok(Pipeline { name, file: file.to_path_buf(), base_dir, seed, backend, defaults, stages, source })
 }
 
@@ -297,8 +306,24 @@ fn check_refs(cx: &mut Ctx<'_>, stages: &BTreeMap<String, StageSpec>, catalog: &
             let mine = catalog.get(&s.kind).and_then(|k| k.params().into_iter().find(|p| p.name == r.param)).map(|p| p.ty);
             let theirs = catalog.get(&up.kind).and_then(|k| k.params().into_iter().find(|p| p.name == r.upstream_param)).map(|p| p.ty);
             match theirs {
-                None => cx.err(&path, format!("`${{{}.{}}}`: stage `{}` ({}) has no param `{}`", r.stage, r.upstream_param, r.stage, up.kind, r.upstream_param)),
-                Some(t) if Some(t) != mine => cx.err(&path, format!("`${{{}.{}}}` is {}, but `{}` needs {}", r.stage, r.upstream_param, t.describe(), r.param, mine.map(|m| m.describe()).unwrap_or_default())),
+                None => cx.err(
+                    &path,
+                    format!(
+                        "`${{{}.{}}}`: stage `{}` ({}) has no param `{}`",
+                        r.stage, r.upstream_param, r.stage, up.kind, r.upstream_param
+                    ),
+                ),
+                Some(t) if Some(t) != mine => cx.err(
+                    &path,
+                    format!(
+                        "`${{{}.{}}}` is {}, but `{}` needs {}",
+                        r.stage,
+                        r.upstream_param,
+                        t.describe(),
+                        r.param,
+                        mine.map(|m| m.describe()).unwrap_or_default()
+                    ),
+                ),
                 Some(_) => {}
             }
         }
@@ -314,7 +339,14 @@ fn show_yaml(v: &Yaml) -> String {
     }
 }
 
-fn check_param(cx: &mut Ctx<'_>, path: &[&str], specs: &[crate::stage_kind::ParamSpec], name: &str, v: &Yaml, out: &mut BTreeMap<String, Json>) {
+fn check_param(
+    cx: &mut Ctx<'_>,
+    path: &[&str],
+    specs: &[crate::stage_kind::ParamSpec],
+    name: &str,
+    v: &Yaml,
+    out: &mut BTreeMap<String, Json>,
+) {
     let Some(spec) = specs.iter().find(|s| s.name == name) else {
         let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
         cx.unknown_key(&path[..path.len() - 1], name, &names);
@@ -407,12 +439,21 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
                     continue;
                 }
                 // Type check against the upstream kind's output.
-                if let Some(up_kind) = all.get(target.as_str()).and_then(|u| u.get("kind")).and_then(|k| k.as_str()).and_then(|k| catalog.get(k)) {
+                if let Some(up_kind) =
+                    all.get(target.as_str()).and_then(|u| u.get("kind")).and_then(|k| k.as_str()).and_then(|k| catalog.get(k))
+                {
                     if up_kind.output() != slot.artifact {
-                        cx.err(&path, format!(
-                            "stage `{target}` ({}) produces {}, but input `{}` of {} needs {}",
-                            up_kind.name(), up_kind.output().name(), slot.name, kind.name(), slot.artifact.name()
-                        ));
+                        cx.err(
+                            &path,
+                            format!(
+                                "stage `{target}` ({}) produces {}, but input `{}` of {} needs {}",
+                                up_kind.name(),
+                                up_kind.output().name(),
+                                slot.name,
+                                kind.name(),
+                                slot.artifact.name()
+                            ),
+                        );
                         continue;
                     }
                 }
@@ -422,8 +463,14 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
         Some(other) => cx.err(&["stages", sname, "inputs"], format!("expected a map from input name to stage, found {}", type_name(other))),
     }
     for slot in kind.inputs() {
-        if slot.required && !inputs.contains_key(slot.name) && !cx.errors.iter().any(|e| e.field.starts_with(&format!("stages.{sname}.inputs"))) {
-            cx.err(&["stages", sname, "inputs"], format!("missing required input `{}` ({}) of {}", slot.name, slot.artifact.name(), kind.name()));
+        if slot.required
+            && !inputs.contains_key(slot.name)
+            && !cx.errors.iter().any(|e| e.field.starts_with(&format!("stages.{sname}.inputs")))
+        {
+            cx.err(
+                &["stages", sname, "inputs"],
+                format!("missing required input `{}` ({}) of {}", slot.name, slot.artifact.name(), kind.name()),
+            );
         }
     }
     // Sweep axes.
@@ -438,7 +485,10 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
                     continue;
                 }
                 let Yaml::Mapping(axes) = sv else {
-                    cx.err(&["stages", sname, "sweep", &sk], format!("expected a map from param to a list of values, found {}", type_name(sv)));
+                    cx.err(
+                        &["stages", sname, "sweep", &sk],
+                        format!("expected a map from param to a list of values, found {}", type_name(sv)),
+                    );
                     continue;
                 };
                 let target = if sk == "grid" { &mut grid } else { &mut zip };
@@ -482,7 +532,10 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
     if let Some((first, fv)) = zip.first() {
         for (a, v) in &zip[1..] {
             if v.len() != fv.len() {
-                cx.err(&["stages", sname, "sweep", "zip", a], format!("zipped axes must have equal lengths: `{first}` has {}, `{a}` has {}", fv.len(), v.len()));
+                cx.err(
+                    &["stages", sname, "sweep", "zip", a],
+                    format!("zipped axes must have equal lengths: `{first}` has {}, `{a}` has {}", fv.len(), v.len()),
+                );
             }
         }
     }
@@ -499,17 +552,27 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
                 }
                 match rv.as_u64() {
                     Some(n) if n <= 1024 => {
-                        if rk == "cpu" { resources.cpu = n as u32 } else { resources.gpu = n as u32 }
+                        if rk == "cpu" {
+                            resources.cpu = n as u32
+                        } else {
+                            resources.gpu = n as u32
+                        }
                     }
-                    _ => cx.err(&["stages", sname, "resources", &rk], format!("expected a count (non-negative integer), found {}", show_yaml(rv))),
+                    _ => cx.err(
+                        &["stages", sname, "resources", &rk],
+                        format!("expected a count (non-negative integer), found {}", show_yaml(rv)),
+                    ),
                 }
             }
         }
-        Some(other) => cx.err(&["stages", sname, "resources"], format!("expected a map like {{gpu: 1, cpu: 2}}, found {}", type_name(other))),
+        Some(other) => {
+            cx.err(&["stages", sname, "resources"], format!("expected a map like {{gpu: 1, cpu: 2}}, found {}", type_name(other)))
+        }
     }
     // Required params: given as param, axis or default.
     for s in &specs {
-        let given = params.contains_key(s.name) || refs.iter().any(|r| r.param == s.name) || grid.iter().chain(&zip).any(|(a, _)| a == s.name);
+        let given =
+            params.contains_key(s.name) || refs.iter().any(|r| r.param == s.name) || grid.iter().chain(&zip).any(|(a, _)| a == s.name);
         if !given && !s.optional && (s.default)().is_null() {
             cx.err(&["stages", sname, "params"], format!("missing required param `{}` ({})", s.name, s.ty.describe()));
         }

@@ -2,11 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value as Json};
+use serde_json::{Value as Json, json};
 
 use super::io;
 use super::params as p;
-use crate::ml::dataset::{assign_splits, Dataset, Normalize, Split, SplitConfig};
+use crate::ml::dataset::{Dataset, Normalize, Split, SplitConfig, assign_splits};
 use crate::ml::loaders::{self, ChannelSelect, LoadOptions};
 use crate::ml::synthetic::{self, SyntheticConfig};
 use crate::stage_kind::*;
@@ -30,7 +30,9 @@ fn channel(params: &Params, source: &str) -> Result<ChannelSelect, StageError> {
             ("pre", "lgg") => Ok(ChannelSelect::Index(0)),
             ("flair", "lgg") => Ok(ChannelSelect::Index(1)),
             ("post", "lgg") => Ok(ChannelSelect::Index(2)),
-            (other, _) => Err(StageError::new(format!("channel `{other}` is not known for source `{source}` (use gray, rgb, an index, or pre/flair/post for lgg)"))),
+            (other, _) => Err(StageError::new(format!(
+                "channel `{other}` is not known for source `{source}` (use gray, rgb, an index, or pre/flair/post for lgg)"
+            ))),
         },
         _ => Ok(ChannelSelect::Gray),
     }
@@ -54,32 +56,135 @@ impl StageKind for Data {
     }
     fn params(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec { name: "source", ty: ParamType::Choice(SOURCES), default: || json!("synthetic"), optional: false, doc: "where the images come from" },
-            ParamSpec { name: "root", ty: ParamType::Str, default: p::null, optional: true, doc: "data folder (lgg: the kaggle_3m folder or its parent; folders: the class folders' parent), relative to the pipeline file" },
-            ParamSpec { name: "manifest", ty: ParamType::Str, default: p::null, optional: true, doc: "CSV with image,label[,mask][,group] columns (source: manifest)" },
-            ParamSpec { name: "positive", ty: ParamType::StrList, default: || json!([]), optional: false, doc: "class folders labelled positive (source: folders)" },
-            ParamSpec { name: "image_size", ty: ParamType::Int { min: 8, max: 1024 }, default: || json!(32), optional: false, doc: "images are resized to image_size x image_size (bilinear; masks nearest)" },
-            ParamSpec { name: "channel", ty: ParamType::IntOrStr, default: || json!("gray"), optional: false, doc: "gray, rgb, a channel index, or for lgg pre/flair/post" },
-            ParamSpec { name: "normalize", ty: ParamType::Choice(&["minmax", "zscore", "none"]), default: || json!("minmax"), optional: false, doc: "per-image intensity normalisation" },
-            ParamSpec { name: "val_fraction", ty: ParamType::Float { min: 0.0, max: 0.9 }, default: || json!(0.15), optional: false, doc: "fraction of groups for validation" },
-            ParamSpec { name: "test_fraction", ty: ParamType::Float { min: 0.0, max: 0.9 }, default: || json!(0.25), optional: false, doc: "fraction of groups for test" },
-            ParamSpec { name: "split_seed", ty: ParamType::Int { min: 0, max: i64::MAX }, default: p::null, optional: true, doc: "seed of the group split (default: the pipeline seed)" },
-            ParamSpec { name: "on_error", ty: ParamType::Choice(&["fail", "skip"]), default: || json!("fail"), optional: false, doc: "bad files stop the stage, or are skipped and listed in the metrics" },
-            ParamSpec { name: "count", ty: ParamType::Int { min: 2, max: 1_000_000 }, default: || json!(400), optional: false, doc: "synthetic: number of slices" },
-            ParamSpec { name: "tumor_fraction", ty: ParamType::Float { min: 0.0, max: 1.0 }, default: || json!(0.5), optional: false, doc: "synthetic: fraction of slices with a tumor" },
-            ParamSpec { name: "contrast", ty: ParamType::Float { min: 0.0, max: 5.0 }, default: || json!(0.3), optional: false, doc: "synthetic: tumor brightness over tissue" },
-            ParamSpec { name: "noise", ty: ParamType::Float { min: 0.0, max: 5.0 }, default: || json!(0.1), optional: false, doc: "synthetic: pixel noise standard deviation" },
-            ParamSpec { name: "slices_per_patient", ty: ParamType::Int { min: 1, max: 10_000 }, default: || json!(8), optional: false, doc: "synthetic: slices per synthetic patient (split group)" },
+            ParamSpec {
+                name: "source",
+                ty: ParamType::Choice(SOURCES),
+                default: || json!("synthetic"),
+                optional: false,
+                doc: "where the images come from",
+            },
+            ParamSpec {
+                name: "root",
+                ty: ParamType::Str,
+                default: p::null,
+                optional: true,
+                doc: "data folder (lgg: the kaggle_3m folder or its parent; folders: the class folders' parent), relative to the pipeline file",
+            },
+            ParamSpec {
+                name: "manifest",
+                ty: ParamType::Str,
+                default: p::null,
+                optional: true,
+                doc: "CSV with image,label[,mask][,group] columns (source: manifest)",
+            },
+            ParamSpec {
+                name: "positive",
+                ty: ParamType::StrList,
+                default: || json!([]),
+                optional: false,
+                doc: "class folders labelled positive (source: folders)",
+            },
+            ParamSpec {
+                name: "image_size",
+                ty: ParamType::Int { min: 8, max: 1024 },
+                default: || json!(32),
+                optional: false,
+                doc: "images are resized to image_size x image_size (bilinear; masks nearest)",
+            },
+            ParamSpec {
+                name: "channel",
+                ty: ParamType::IntOrStr,
+                default: || json!("gray"),
+                optional: false,
+                doc: "gray, rgb, a channel index, or for lgg pre/flair/post",
+            },
+            ParamSpec {
+                name: "normalize",
+                ty: ParamType::Choice(&["minmax", "zscore", "none"]),
+                default: || json!("minmax"),
+                optional: false,
+                doc: "per-image intensity normalisation",
+            },
+            ParamSpec {
+                name: "val_fraction",
+                ty: ParamType::Float { min: 0.0, max: 0.9 },
+                default: || json!(0.15),
+                optional: false,
+                doc: "fraction of groups for validation",
+            },
+            ParamSpec {
+                name: "test_fraction",
+                ty: ParamType::Float { min: 0.0, max: 0.9 },
+                default: || json!(0.25),
+                optional: false,
+                doc: "fraction of groups for test",
+            },
+            ParamSpec {
+                name: "split_seed",
+                ty: ParamType::Int { min: 0, max: i64::MAX },
+                default: p::null,
+                optional: true,
+                doc: "seed of the group split (default: the pipeline seed)",
+            },
+            ParamSpec {
+                name: "on_error",
+                ty: ParamType::Choice(&["fail", "skip"]),
+                default: || json!("fail"),
+                optional: false,
+                doc: "bad files stop the stage, or are skipped and listed in the metrics",
+            },
+            ParamSpec {
+                name: "count",
+                ty: ParamType::Int { min: 2, max: 1_000_000 },
+                default: || json!(400),
+                optional: false,
+                doc: "synthetic: number of slices",
+            },
+            ParamSpec {
+                name: "tumor_fraction",
+                ty: ParamType::Float { min: 0.0, max: 1.0 },
+                default: || json!(0.5),
+                optional: false,
+                doc: "synthetic: fraction of slices with a tumor",
+            },
+            ParamSpec {
+                name: "contrast",
+                ty: ParamType::Float { min: 0.0, max: 5.0 },
+                default: || json!(0.3),
+                optional: false,
+                doc: "synthetic: tumor brightness over tissue",
+            },
+            ParamSpec {
+                name: "noise",
+                ty: ParamType::Float { min: 0.0, max: 5.0 },
+                default: || json!(0.1),
+                optional: false,
+                doc: "synthetic: pixel noise standard deviation",
+            },
+            ParamSpec {
+                name: "slices_per_patient",
+                ty: ParamType::Int { min: 1, max: 10_000 },
+                default: || json!(8),
+                optional: false,
+                doc: "synthetic: slices per synthetic patient (split group)",
+            },
         ]
     }
     fn check(&self, params: &Params) -> Vec<(String, String)> {
         let mut e = Vec::new();
         match p::opt_str(params, "source") {
-            Some("lgg" | "folders") if p::opt_str(params, "root").is_none() => e.push(("root".into(), "is required for this source".into())),
-            Some("manifest") if p::opt_str(params, "manifest").is_none() => e.push(("manifest".into(), "is required for source `manifest`".into())),
+            Some("lgg" | "folders") if p::opt_str(params, "root").is_none() => {
+                e.push(("root".into(), "is required for this source".into()))
+            }
+            Some("manifest") if p::opt_str(params, "manifest").is_none() => {
+                e.push(("manifest".into(), "is required for source `manifest`".into()))
+            }
             _ => {}
         }
-        let (v, t) = (params.get("val_fraction").and_then(|v| v.as_f64()).unwrap_or(0.0), params.get("test_fraction").and_then(|v| v.as_f64()).unwrap_or(0.0));
+        let (v, t) = (
+            params.get("val_fraction").and_then(|v| v.as_f64()).unwrap_or(0.0),
+            params.get("test_fraction").and_then(|v| v.as_f64()).unwrap_or(0.0),
+        );
         if v + t >= 1.0 {
             e.push(("test_fraction".into(), format!("val_fraction + test_fraction must be below 1, found {}", v + t)));
         }
@@ -145,10 +250,15 @@ impl StageKind for Data {
             (ctx.log)(format!("skipped: {s}"));
         }
         let split_seed = p::opt_u64(params, "split_seed").unwrap_or(ctx.seed);
-        assign_splits(&mut samples, SplitConfig { val: p::f64(params, "val_fraction")?, test: p::f64(params, "test_fraction")?, seed: split_seed });
+        assign_splits(
+            &mut samples,
+            SplitConfig { val: p::f64(params, "val_fraction")?, test: p::f64(params, "test_fraction")?, seed: split_seed },
+        );
         let ds = Dataset { channels, height: size, width: size, samples };
         let count = |sp: Split, l: u8| ds.samples.iter().filter(|s| s.split == sp && s.label == l).count();
-        let groups = |sp: Split| ds.samples.iter().filter(|s| s.split == sp).map(|s| s.group.as_str()).collect::<std::collections::BTreeSet<_>>().len();
+        let groups = |sp: Split| {
+            ds.samples.iter().filter(|s| s.split == sp).map(|s| s.group.as_str()).collect::<std::collections::BTreeSet<_>>().len()
+        };
         let mut metrics = json!({ "images": ds.samples.len(), "skipped": skipped.len(), "skipped_files": skipped });
         for sp in [Split::Train, Split::Val, Split::Test] {
             metrics[sp.name()] = json!({ "positive": count(sp, 1), "negative": count(sp, 0), "groups": groups(sp) });

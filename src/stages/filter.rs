@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::io;
 use super::params as p;
-use crate::ml::filter::{apply, FilterMode};
+use crate::ml::filter::{FilterMode, apply};
 use crate::stage_kind::*;
 
 pub struct Filter;
@@ -30,8 +30,20 @@ impl StageKind for Filter {
     }
     fn params(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec { name: "mode", ty: ParamType::Choice(&["multiply", "inverse", "mask", "inverse-mask"]), default: || json!("multiply"), optional: false, doc: "multiply: image*h; inverse: image*(1-h); mask: image*[h>=threshold]; inverse-mask: image*[h<threshold]" },
-            ParamSpec { name: "threshold", ty: ParamType::Float { min: 0.0, max: 1.0 }, default: || json!(0.5), optional: false, doc: "cut for the mask modes" },
+            ParamSpec {
+                name: "mode",
+                ty: ParamType::Choice(&["multiply", "inverse", "mask", "inverse-mask"]),
+                default: || json!("multiply"),
+                optional: false,
+                doc: "multiply: image*h; inverse: image*(1-h); mask: image*[h>=threshold]; inverse-mask: image*[h<threshold]",
+            },
+            ParamSpec {
+                name: "threshold",
+                ty: ParamType::Float { min: 0.0, max: 1.0 },
+                default: || json!(0.5),
+                optional: false,
+                doc: "cut for the mask modes",
+            },
         ]
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {

@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::backend::AutodiffBackend;
-use serde_json::{json, Value as Json};
+use serde_json::{Value as Json, json};
 
 use super::io;
 use super::params as p;
 use super::train::{backend, load_model};
-use crate::ml::backend::{dispatch, BackendJob};
+use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::dataset::Dataset;
-use crate::ml::gradcam::{heatmaps, CamMethod, CamTarget};
+use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps};
 use crate::ml::planes::{PlaneKind, Planes};
 use crate::ml::{resize, rng::Rng};
 use crate::stage_kind::*;
@@ -21,7 +21,12 @@ const METHODS: &[&str] = &["gradcam", "gradcam++", "hirescam", "random"];
 
 /// `last`, a 0-based unit index, or `convN` / `unitN` (1-based, as in the weight names).
 fn layer_index(v: Option<&Json>, units: usize) -> Result<usize, StageError> {
-    let bad = |s: String| StageError::new(format!("param `layer`: `{s}` is not a layer of this model (it has {units} conv units: use last, 0..{}, or conv1..conv{units})", units - 1));
+    let bad = |s: String| {
+        StageError::new(format!(
+            "param `layer`: `{s}` is not a layer of this model (it has {units} conv units: use last, 0..{}, or conv1..conv{units})",
+            units - 1
+        ))
+    };
     match v {
         None | Some(Json::Null) => Ok(units - 1),
         Some(Json::Number(n)) => n.as_u64().map(|i| i as usize).filter(|&i| i < units).ok_or_else(|| bad(n.to_string())),
@@ -89,16 +94,44 @@ impl StageKind for GradCam {
     }
     fn params(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec { name: "method", ty: ParamType::Choice(METHODS), default: || json!("gradcam"), optional: false, doc: "gradcam (Selvaraju et al.), gradcam++ (Chattopadhay et al.), hirescam (Draelos & Carin), random (baseline)" },
-            ParamSpec { name: "layer", ty: ParamType::IntOrStr, default: || json!("last"), optional: false, doc: "conv unit to explain: last, a 0-based index, or convN (1-based)" },
-            ParamSpec { name: "target", ty: ParamType::IntOrStr, default: || json!("positive"), optional: false, doc: "class whose score is explained: positive (1), predicted, or a class index" },
-            ParamSpec { name: "batch_size", ty: ParamType::Int { min: 1, max: 65_536 }, default: || json!(32), optional: false, doc: "images per batch" },
+            ParamSpec {
+                name: "method",
+                ty: ParamType::Choice(METHODS),
+                default: || json!("gradcam"),
+                optional: false,
+                doc: "gradcam (Selvaraju et al.), gradcam++ (Chattopadhay et al.), hirescam (Draelos & Carin), random (baseline)",
+            },
+            ParamSpec {
+                name: "layer",
+                ty: ParamType::IntOrStr,
+                default: || json!("last"),
+                optional: false,
+                doc: "conv unit to explain: last, a 0-based index, or convN (1-based)",
+            },
+            ParamSpec {
+                name: "target",
+                ty: ParamType::IntOrStr,
+                default: || json!("positive"),
+                optional: false,
+                doc: "class whose score is explained: positive (1), predicted, or a class index",
+            },
+            ParamSpec {
+                name: "batch_size",
+                ty: ParamType::Int { min: 1, max: 65_536 },
+                default: || json!(32),
+                optional: false,
+                doc: "images per batch",
+            },
         ]
     }
     fn check(&self, params: &Params) -> Vec<(String, String)> {
         match params.get("target") {
-            Some(Json::String(s)) if s != "positive" && s != "predicted" => vec![("target".into(), format!("expected positive, predicted, 0 or 1, found `{s}`"))],
-            Some(Json::Number(n)) if n.as_u64().is_none_or(|c| c > 1) => vec![("target".into(), format!("expected class 0 or 1, found {n}"))],
+            Some(Json::String(s)) if s != "positive" && s != "predicted" => {
+                vec![("target".into(), format!("expected positive, predicted, 0 or 1, found `{s}`"))]
+            }
+            Some(Json::Number(n)) if n.as_u64().is_none_or(|c| c > 1) => {
+                vec![("target".into(), format!("expected class 0 or 1, found {n}"))]
+            }
             _ => Vec::new(),
         }
     }
@@ -121,12 +154,25 @@ impl StageKind for GradCam {
                 _ => CamTarget::Class(1),
             };
             let method = CamMethod::parse(method_name).ok_or_else(|| StageError::new(format!("unknown method `{method_name}`")))?;
-            let job = CamJob { inputs: ctx.inputs, ds: &ds, layer: params.get("layer").cloned().unwrap_or(Json::Null), method, target, batch: p::usize(params, "batch_size")? };
+            let job = CamJob {
+                inputs: ctx.inputs,
+                ds: &ds,
+                layer: params.get("layer").cloned().unwrap_or(Json::Null),
+                method,
+                target,
+                batch: p::usize(params, "batch_size")?,
+            };
             let (l, m) = dispatch(backend(ctx)?, ctx.device, job).map_err(StageError::new)??;
             (json!(l), m)
         };
         (ctx.log)(format!("{} heatmaps ({method_name}, layer {layer})", maps.len()));
-        let planes = Planes { kind: PlaneKind::Heatmap, height: ds.height, width: ds.width, ids: ds.samples.iter().map(|s| s.id.clone()).collect(), data: maps };
+        let planes = Planes {
+            kind: PlaneKind::Heatmap,
+            height: ds.height,
+            width: ds.width,
+            ids: ds.samples.iter().map(|s| s.id.clone()).collect(),
+            data: maps,
+        };
         let f = io::write(ctx.out_dir, io::HEATMAPS_FILE, &planes.encode())?;
         Ok(Outcome { files: vec![f], metrics: json!({ "heatmaps": planes.ids.len(), "layer": layer, "method": method_name }) })
     }

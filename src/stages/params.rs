@@ -18,7 +18,10 @@ pub fn f64(p: &Params, name: &str) -> Result<f64, StageError> {
 }
 
 pub fn usize(p: &Params, name: &str) -> Result<usize, StageError> {
-    p.get(name).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| StageError::new(format!("param `{name}` must be a non-negative integer")))
+    p.get(name)
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| StageError::new(format!("param `{name}` must be a non-negative integer")))
 }
 
 pub fn opt_u64(p: &Params, name: &str) -> Option<u64> {

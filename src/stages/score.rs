@@ -9,7 +9,7 @@ use serde_json::json;
 use super::io;
 use super::params as p;
 use super::train::{backend, load_model, nan_to_null};
-use crate::ml::backend::{dispatch, BackendJob};
+use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::dataset::{Dataset, Split};
 use crate::ml::metrics::{self, Overlap};
 use crate::ml::train::predict;
@@ -43,7 +43,12 @@ impl StageKind for Score {
     }
     fn inputs(&self) -> &'static [InputSlot] {
         &[
-            InputSlot { name: "data", artifact: ArtifactType::Dataset, required: true, doc: "ground truth: labels and masks (for a retrained model, the filtered dataset)" },
+            InputSlot {
+                name: "data",
+                artifact: ArtifactType::Dataset,
+                required: true,
+                doc: "ground truth: labels and masks (for a retrained model, the filtered dataset)",
+            },
             InputSlot { name: "masks", artifact: ArtifactType::Masks, required: false, doc: "predicted masks to score" },
             InputSlot { name: "model", artifact: ArtifactType::Model, required: false, doc: "classifier to score" },
         ]
@@ -52,7 +57,13 @@ impl StageKind for Score {
         ArtifactType::Metrics
     }
     fn params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec { name: "split", ty: ParamType::Choice(&["test", "val", "train", "all"]), default: || json!("test"), optional: false, doc: "which images are scored" }]
+        vec![ParamSpec {
+            name: "split",
+            ty: ParamType::Choice(&["test", "val", "train", "all"]),
+            default: || json!("test"),
+            optional: false,
+            doc: "which images are scored",
+        }]
     }
     fn backend_dependent(&self) -> bool {
         // Only through a model input; harmless to key on it always.
@@ -92,7 +103,8 @@ impl StageKind for Score {
         }
         let mut probs: Option<Vec<f32>> = None;
         if ctx.inputs.contains_key("model") {
-            let pr = dispatch(backend(ctx)?, ctx.device, PredictJob { inputs: ctx.inputs, ds: &ds, idx: &idx }).map_err(StageError::new)??;
+            let pr =
+                dispatch(backend(ctx)?, ctx.device, PredictJob { inputs: ctx.inputs, ds: &ds, idx: &idx }).map_err(StageError::new)??;
             let labels: Vec<u8> = idx.iter().map(|&i| ds.samples[i].label).collect();
             let c = metrics::classification(&pr, &labels);
             metrics["accuracy"] = nan_to_null(c.accuracy);

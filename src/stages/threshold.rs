@@ -5,7 +5,7 @@ use serde_json::json;
 use super::io;
 use super::params as p;
 use crate::ml::planes::{PlaneKind, Planes};
-use crate::ml::threshold::{mask, ThresholdMethod};
+use crate::ml::threshold::{ThresholdMethod, mask};
 use crate::stage_kind::*;
 
 pub struct Threshold;
@@ -28,8 +28,20 @@ impl StageKind for Threshold {
     }
     fn params(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec { name: "method", ty: ParamType::Choice(&["fixed", "otsu", "percentile"]), default: || json!("fixed"), optional: false, doc: "fixed: h >= value; otsu: per-image Otsu cut (value ignored); percentile: keep the top `value` percent of pixels" },
-            ParamSpec { name: "value", ty: ParamType::Float { min: 0.0, max: 100.0 }, default: || json!(0.5), optional: false, doc: "the cut in [0,1] (fixed) or a percentage (percentile)" },
+            ParamSpec {
+                name: "method",
+                ty: ParamType::Choice(&["fixed", "otsu", "percentile"]),
+                default: || json!("fixed"),
+                optional: false,
+                doc: "fixed: h >= value; otsu: per-image Otsu cut (value ignored); percentile: keep the top `value` percent of pixels",
+            },
+            ParamSpec {
+                name: "value",
+                ty: ParamType::Float { min: 0.0, max: 100.0 },
+                default: || json!(0.5),
+                optional: false,
+                doc: "the cut in [0,1] (fixed) or a percentage (percentile)",
+            },
         ]
     }
     fn check(&self, params: &Params) -> Vec<(String, String)> {
@@ -48,7 +60,8 @@ impl StageKind for Threshold {
             _ => ThresholdMethod::Fixed(v),
         };
         let data: Vec<Vec<f32>> = heat.data.iter().map(|h| mask(h, method).into_iter().map(f32::from).collect()).collect();
-        let fg: f64 = data.iter().map(|m| m.iter().sum::<f32>() as f64).sum::<f64>() / (data.len().max(1) * heat.height * heat.width) as f64;
+        let fg: f64 =
+            data.iter().map(|m| m.iter().sum::<f32>() as f64).sum::<f64>() / (data.len().max(1) * heat.height * heat.width) as f64;
         let masks = Planes { kind: PlaneKind::Mask, height: heat.height, width: heat.width, ids: heat.ids, data };
         let f = io::write(ctx.out_dir, io::MASKS_FILE, &masks.encode())?;
         Ok(Outcome { files: vec![f], metrics: json!({ "masks": masks.ids.len(), "foreground_fraction": fg }) })

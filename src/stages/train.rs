@@ -3,11 +3,11 @@
 //! own kind so the DAG, the tables and the report can tell the two apart.
 
 use burn::tensor::backend::AutodiffBackend;
-use serde_json::{json, Value as Json};
+use serde_json::{Value as Json, json};
 
 use super::io;
 use super::params as p;
-use crate::ml::backend::{dispatch, BackendJob, BackendKind};
+use crate::ml::backend::{BackendJob, BackendKind, dispatch};
 use crate::ml::dataset::{Dataset, Split};
 use crate::ml::model::ArchConfig;
 use crate::ml::train::{self as ml_train, ClassWeights, OptimizerKind, TrainConfig};
@@ -20,10 +20,34 @@ pub struct Train {
 
 pub fn arch_params() -> Vec<ParamSpec> {
     vec![
-        ParamSpec { name: "arch", ty: ParamType::Choice(&["vgg-small", "vgg", "resnet"]), default: || json!("vgg-small"), optional: false, doc: "architecture: vgg-small (reference), vgg (widths, batch_norm), resnet (widths per stage, blocks)" },
-        ParamSpec { name: "widths", ty: ParamType::IntList, default: || json!([16, 32, 64, 64]), optional: false, doc: "vgg: channels of each conv unit; resnet: channels of each stage (vgg-small ignores it)" },
-        ParamSpec { name: "batch_norm", ty: ParamType::Bool, default: || json!(false), optional: false, doc: "vgg: batch norm after each conv (resnet always has it)" },
-        ParamSpec { name: "blocks", ty: ParamType::Int { min: 1, max: 16 }, default: || json!(1), optional: false, doc: "resnet: basic blocks per stage" },
+        ParamSpec {
+            name: "arch",
+            ty: ParamType::Choice(&["vgg-small", "vgg", "resnet"]),
+            default: || json!("vgg-small"),
+            optional: false,
+            doc: "architecture: vgg-small (reference), vgg (widths, batch_norm), resnet (widths per stage, blocks)",
+        },
+        ParamSpec {
+            name: "widths",
+            ty: ParamType::IntList,
+            default: || json!([16, 32, 64, 64]),
+            optional: false,
+            doc: "vgg: channels of each conv unit; resnet: channels of each stage (vgg-small ignores it)",
+        },
+        ParamSpec {
+            name: "batch_norm",
+            ty: ParamType::Bool,
+            default: || json!(false),
+            optional: false,
+            doc: "vgg: batch norm after each conv (resnet always has it)",
+        },
+        ParamSpec {
+            name: "blocks",
+            ty: ParamType::Int { min: 1, max: 16 },
+            default: || json!(1),
+            optional: false,
+            doc: "resnet: basic blocks per stage",
+        },
     ]
 }
 
@@ -94,15 +118,69 @@ impl StageKind for Train {
     fn params(&self) -> Vec<ParamSpec> {
         let mut v = arch_params();
         v.extend([
-            ParamSpec { name: "optimizer", ty: ParamType::Choice(&["adam", "adamw", "sgd"]), default: || json!("adam"), optional: false, doc: "optimizer" },
-            ParamSpec { name: "lr", ty: ParamType::Float { min: 0.0, max: 10.0 }, default: || json!(0.001), optional: false, doc: "learning rate" },
-            ParamSpec { name: "weight_decay", ty: ParamType::Float { min: 0.0, max: 1.0 }, default: || json!(0.0), optional: false, doc: "L2 penalty (adam, sgd) or decoupled decay (adamw)" },
-            ParamSpec { name: "momentum", ty: ParamType::Float { min: 0.0, max: 1.0 }, default: || json!(0.9), optional: false, doc: "sgd momentum" },
-            ParamSpec { name: "epochs", ty: ParamType::Int { min: 0, max: 100_000 }, default: || json!(5), optional: false, doc: "passes over the train split" },
-            ParamSpec { name: "batch_size", ty: ParamType::Int { min: 1, max: 65_536 }, default: || json!(32), optional: false, doc: "images per step" },
-            ParamSpec { name: "class_weights", ty: ParamType::Choice(&["none", "balanced"]), default: || json!("balanced"), optional: false, doc: "loss weights: balanced = inverse class frequency of the train split" },
-            ParamSpec { name: "flip", ty: ParamType::Bool, default: || json!(true), optional: false, doc: "random horizontal flips of training images" },
-            ParamSpec { name: "seed", ty: ParamType::Int { min: 0, max: i64::MAX }, default: p::null, optional: true, doc: "init and batch-order seed (default: the pipeline seed)" },
+            ParamSpec {
+                name: "optimizer",
+                ty: ParamType::Choice(&["adam", "adamw", "sgd"]),
+                default: || json!("adam"),
+                optional: false,
+                doc: "optimizer",
+            },
+            ParamSpec {
+                name: "lr",
+                ty: ParamType::Float { min: 0.0, max: 10.0 },
+                default: || json!(0.001),
+                optional: false,
+                doc: "learning rate",
+            },
+            ParamSpec {
+                name: "weight_decay",
+                ty: ParamType::Float { min: 0.0, max: 1.0 },
+                default: || json!(0.0),
+                optional: false,
+                doc: "L2 penalty (adam, sgd) or decoupled decay (adamw)",
+            },
+            ParamSpec {
+                name: "momentum",
+                ty: ParamType::Float { min: 0.0, max: 1.0 },
+                default: || json!(0.9),
+                optional: false,
+                doc: "sgd momentum",
+            },
+            ParamSpec {
+                name: "epochs",
+                ty: ParamType::Int { min: 0, max: 100_000 },
+                default: || json!(5),
+                optional: false,
+                doc: "passes over the train split",
+            },
+            ParamSpec {
+                name: "batch_size",
+                ty: ParamType::Int { min: 1, max: 65_536 },
+                default: || json!(32),
+                optional: false,
+                doc: "images per step",
+            },
+            ParamSpec {
+                name: "class_weights",
+                ty: ParamType::Choice(&["none", "balanced"]),
+                default: || json!("balanced"),
+                optional: false,
+                doc: "loss weights: balanced = inverse class frequency of the train split",
+            },
+            ParamSpec {
+                name: "flip",
+                ty: ParamType::Bool,
+                default: || json!(true),
+                optional: false,
+                doc: "random horizontal flips of training images",
+            },
+            ParamSpec {
+                name: "seed",
+                ty: ParamType::Int { min: 0, max: i64::MAX },
+                default: p::null,
+                optional: true,
+                doc: "init and batch-order seed (default: the pipeline seed)",
+            },
         ]);
         v
     }
@@ -137,7 +215,13 @@ impl StageKind for Train {
         let batch = cfg.batch_size;
         let out = dispatch(backend(ctx)?, ctx.device, TrainJob { cfg, ds: &ds, batch }).map_err(StageError::new)??;
         for e in &out.epochs {
-            (ctx.log)(format!("epoch {}: loss {:.4} acc {:.3} val_acc {}", e.epoch, e.loss, e.accuracy, e.val_accuracy.map(|v| format!("{v:.3}")).unwrap_or("-".into())));
+            (ctx.log)(format!(
+                "epoch {}: loss {:.4} acc {:.3} val_acc {}",
+                e.epoch,
+                e.loss,
+                e.accuracy,
+                e.val_accuracy.map(|v| format!("{v:.3}")).unwrap_or("-".into())
+            ));
         }
         let w = io::write(ctx.out_dir, io::WEIGHTS_FILE, &out.weights)?;
         let c = io::write(ctx.out_dir, io::CONFIG_FILE, &serde_json::to_vec_pretty(&arch).map_err(StageError::new)?)?;
@@ -159,8 +243,13 @@ impl StageKind for Train {
 }
 
 /// Loads a model artifact (config + weights) for a backend.
-pub fn load_model<B: burn::tensor::backend::Backend>(inputs: &std::collections::BTreeMap<String, InputArtifact>, slot: &str, device: &B::Device) -> Result<(ArchConfig, crate::ml::model::Classifier<B>), StageError> {
-    let arch: ArchConfig = serde_json::from_slice(&io::read(io::file(inputs, slot, io::CONFIG_FILE)?)?).map_err(|e| StageError::new(format!("model config: {e}")))?;
+pub fn load_model<B: burn::tensor::backend::Backend>(
+    inputs: &std::collections::BTreeMap<String, InputArtifact>,
+    slot: &str,
+    device: &B::Device,
+) -> Result<(ArchConfig, crate::ml::model::Classifier<B>), StageError> {
+    let arch: ArchConfig = serde_json::from_slice(&io::read(io::file(inputs, slot, io::CONFIG_FILE)?)?)
+        .map_err(|e| StageError::new(format!("model config: {e}")))?;
     let bytes = io::read(io::file(inputs, slot, io::WEIGHTS_FILE)?)?;
     let m = weights::from_safetensors::<B>(&arch, &bytes, device).map_err(StageError::new)?;
     Ok((arch, m))

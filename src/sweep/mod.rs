@@ -149,7 +149,14 @@ pub fn expand(p: &Pipeline, order: &[String], catalog: &Catalog) -> Vec<Instance
                     }
                 }
                 mine.push(out.len());
-                out.push(Instance { stage: sname.clone(), kind: s.kind.clone(), label: label(sname, &c, &rank), coords: c, params, inputs: inputs.clone() });
+                out.push(Instance {
+                    stage: sname.clone(),
+                    kind: s.kind.clone(),
+                    label: label(sname, &c, &rank),
+                    coords: c,
+                    params,
+                    inputs: inputs.clone(),
+                });
             }
         }
         by_stage.insert(sname.as_str(), mine);
@@ -177,7 +184,12 @@ mod tests {
 
     #[test]
     fn grid_and_zip_points() {
-        let s = spec("t", &[], vec![("a", vec![json!(1), json!(2)]), ("b", vec![json!("x"), json!("y"), json!("z")])], vec![("c", vec![json!(1), json!(2)]), ("d", vec![json!(3), json!(4)])]);
+        let s = spec(
+            "t",
+            &[],
+            vec![("a", vec![json!(1), json!(2)]), ("b", vec![json!("x"), json!("y"), json!("z")])],
+            vec![("c", vec![json!(1), json!(2)]), ("d", vec![json!(3), json!(4)])],
+        );
         let pts = own_points(&s);
         assert_eq!(pts.len(), 2 * 3 * 2);
         assert!(pts.iter().all(|p| p["d"].as_i64() == p["c"].as_i64().map(|c| c + 2)));

@@ -1,6 +1,6 @@
 //! Reruns, invalidation, early cutoff and corruption, on the real stage kinds.
 
-use crate::support::{flip_byte, Project, TINY};
+use crate::support::{Project, TINY, flip_byte};
 
 #[test]
 fn second_run_of_unchanged_pipeline_runs_nothing() {
@@ -66,7 +66,13 @@ fn corrupt_object_is_detected_by_run_and_recomputed() {
     let obj = p.object_of("masks[value=0.3]", "masks.bin");
     flip_byte(&obj, false);
     let plan = p.camflow(&["plan", p.pipeline().to_str().unwrap()]).ok();
-    assert!(plan.stdout().lines().any(|l| l.starts_with("run     masks[value=0.3]") && l.contains("cache entry corrupt: object") && l.contains("is corrupt")), "{}", plan.stdout());
+    assert!(
+        plan.stdout()
+            .lines()
+            .any(|l| l.starts_with("run     masks[value=0.3]") && l.contains("cache entry corrupt: object") && l.contains("is corrupt")),
+        "{}",
+        plan.stdout()
+    );
     let r = p.run(&[]).ok();
     // The recomputed masks have the original bytes, so the score below stays cached.
     assert_eq!(r.ran(), vec!["masks[value=0.3]"]);

@@ -11,7 +11,11 @@ fn two_concurrent_runs_compute_every_key_once() {
     let pl = p.pipeline();
     let cache = p.cache();
     let spawn = || {
-        p.cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap(), "--jobs", "1"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn")
+        p.cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap(), "--jobs", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
     };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().expect("a"), b.wait_with_output().expect("b"));
@@ -35,7 +39,12 @@ fn kill_9_midway_then_rerun_resumes() {
     let p = Project::new(&yaml);
     let pl = p.pipeline();
     let cache = p.cache();
-    let mut child = p.cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut child = p
+        .cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut seen = Vec::new();
     for line in lines.by_ref() {
@@ -63,7 +72,12 @@ fn ctrl_c_stops_cleanly_and_the_next_run_resumes() {
     let p = Project::new(&yaml);
     let pl = p.pipeline();
     let cache = p.cache();
-    let mut child = p.cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = p
+        .cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     for line in lines.by_ref() {
         if line.expect("line").starts_with("run     train ") {

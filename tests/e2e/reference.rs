@@ -7,7 +7,7 @@
 
 use burn::backend::{Autodiff, Flex};
 use camflow::ml::dataset::{Dataset, Sample, Split};
-use camflow::ml::gradcam::{heatmaps, CamMethod, CamTarget};
+use camflow::ml::gradcam::{CamMethod, CamTarget, heatmaps};
 use camflow::ml::model::ArchConfig;
 use camflow::ml::weights::from_safetensors;
 
@@ -17,11 +17,23 @@ fn gradcam_matches_pytorch_grad_cam() {
     let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("fixture.json")).expect("fixture.json")).expect("json");
     let weights = std::fs::read(dir.join("vgg_small.safetensors")).expect("weights");
     let size = fixture["size"].as_u64().expect("size") as usize;
-    let inputs: Vec<Vec<f32>> = fixture["inputs"].as_array().expect("inputs").iter().map(|r| r.as_array().expect("row").iter().map(|v| v.as_f64().expect("f") as f32).collect()).collect();
+    let inputs: Vec<Vec<f32>> = fixture["inputs"]
+        .as_array()
+        .expect("inputs")
+        .iter()
+        .map(|r| r.as_array().expect("row").iter().map(|v| v.as_f64().expect("f") as f32).collect())
+        .collect();
     let samples = inputs
         .iter()
         .enumerate()
-        .map(|(i, img)| Sample { id: format!("x{i}"), group: format!("g{i}"), label: 1, split: Split::Test, image: img.clone(), mask: vec![0; size * size] })
+        .map(|(i, img)| Sample {
+            id: format!("x{i}"),
+            group: format!("g{i}"),
+            label: 1,
+            split: Split::Test,
+            image: img.clone(),
+            mask: vec![0; size * size],
+        })
         .collect();
     let ds = Dataset { channels: 1, height: size, width: size, samples };
     let dev = Default::default();

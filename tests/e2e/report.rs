@@ -35,7 +35,16 @@ fn report_renders_in_headless_chromium() {
     // only appear if the browser loaded the images.
     let shot = p.path().join("shot.png");
     let status = std::process::Command::new(chromium())
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,4000"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1280,4000",
+        ])
         .arg(format!("--user-data-dir={}", p.path().join("chrome-profile").display()))
         .arg(format!("--screenshot={}", shot.display()))
         .arg(format!("file://{}", out.join("index.html").display()))

@@ -57,7 +57,9 @@ fn synthetic_classifier_and_gradcam_beat_chance() {
 
 #[test]
 fn lgg_subset_runs_end_to_end() {
-    let root = std::env::var("CAMFLOW_LGG_SUBSET").map(std::path::PathBuf::from).unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/lgg-subset"));
+    let root = std::env::var("CAMFLOW_LGG_SUBSET")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/lgg-subset"));
     assert!(root.join("kaggle_3m").is_dir(), "the LGG subset is expected at {} (set CAMFLOW_LGG_SUBSET)", root.display());
     let pipeline = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/lgg.yaml")).expect("lgg.yaml");
     let p = Project::new(&pipeline);
@@ -85,9 +87,12 @@ fn lgg_subset_runs_end_to_end() {
     assert_eq!(seg.len(), 10);
     assert!(seg.iter().all(|r| r["mean_dice"].is_number() && r["images_with_tumor"].as_u64().unwrap_or(0) > 0), "{seg:?}");
     // Patients never straddle splits: the data stage's metrics count groups per split, 12 in all.
-    let rec: serde_json::Value = std::fs::read_dir(p.cache().join("actions")).unwrap().flatten()
+    let rec: serde_json::Value = std::fs::read_dir(p.cache().join("actions"))
+        .unwrap()
+        .flatten()
         .map(|e| serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap()).unwrap())
-        .find(|v| v["label"] == "data").expect("data record");
+        .find(|v| v["label"] == "data")
+        .expect("data record");
     let m = &rec["metrics"];
     assert_eq!(m["images"], 386);
     let groups: u64 = ["train", "val", "test"].iter().map(|s| m[*s]["groups"].as_u64().unwrap()).sum();

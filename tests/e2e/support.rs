@@ -70,13 +70,23 @@ impl Run {
     /// The `summary:` counts of a run.
     #[track_caller]
     pub fn summary(&self, field: &str) -> usize {
-        let line = self.stdout().lines().find(|l| l.starts_with("summary:")).map(String::from).unwrap_or_else(|| panic!("no summary line in:\n{}", self.stdout()));
+        let line = self
+            .stdout()
+            .lines()
+            .find(|l| l.starts_with("summary:"))
+            .map(String::from)
+            .unwrap_or_else(|| panic!("no summary line in:\n{}", self.stdout()));
         let tok = line.split_whitespace().find(|t| t.starts_with(&format!("{field}="))).unwrap_or_else(|| panic!("no {field} in {line}"));
         tok[field.len() + 1..].parse().expect("a count")
     }
     /// Labels of the instances this run executed (`done` lines).
     pub fn ran(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.stdout().lines().filter_map(|l| l.strip_prefix("done    ")).map(|l| l.rsplit_once("  ").map(|x| x.0).unwrap_or(l).to_string()).collect();
+        let mut v: Vec<String> = self
+            .stdout()
+            .lines()
+            .filter_map(|l| l.strip_prefix("done    "))
+            .map(|l| l.rsplit_once("  ").map(|x| x.0).unwrap_or(l).to_string())
+            .collect();
         v.sort();
         v
     }
