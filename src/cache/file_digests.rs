@@ -37,12 +37,12 @@ impl FileDigests {
         let meta = fs::metadata(p).map_err(|source| StoreError::Io { path: p.to_path_buf(), source })?;
         let mtime_ns = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
         let key = fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).to_string_lossy().into_owned();
-        if !self.rehash {
-            if let Some(e) = self.memo.get(&key) {
-                if e.size == meta.len() && e.mtime_ns == mtime_ns {
-                    return Ok(e.digest.clone());
-                }
-            }
+        if !self.rehash
+            && let Some(e) = self.memo.get(&key)
+            && e.size == meta.len()
+            && e.mtime_ns == mtime_ns
+        {
+            return Ok(e.digest.clone());
         }
         let digest = hash_file(p)?;
         self.memo.insert(key, Entry { size: meta.len(), mtime_ns, digest: digest.clone() });
@@ -79,10 +79,10 @@ impl FileDigests {
 
     /// Saves the memo (atomically) if it changed.
     pub fn save(&self, store: &Store) {
-        if self.dirty {
-            if let Ok(bytes) = serde_json::to_vec(&self.memo) {
-                let _ = store.write_atomic(&self.path, &bytes);
-            }
+        if self.dirty
+            && let Ok(bytes) = serde_json::to_vec(&self.memo)
+        {
+            let _ = store.write_atomic(&self.path, &bytes);
         }
     }
 }

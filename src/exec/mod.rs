@@ -158,10 +158,10 @@ pub async fn execute(
                     KeyContext { catalog: &catalog, seed: input.seed, backend_class: opts.backend_class.clone(), files: &input.files };
                 let key = build_key(inst, i, &kcx, upstream);
                 let digest = key.digest();
-                if let Some(lock) = &opts.locked {
-                    if let Err(m) = lock.check(&inst.label, &digest) {
-                        return Outcome::LockMismatch(m);
-                    }
+                if let Some(lock) = &opts.locked
+                    && let Err(m) = lock.check(&inst.label, &digest)
+                {
+                    return Outcome::LockMismatch(m);
                 }
                 let lookup = if opts.forced.contains(&i) { Lookup::Missing } else { store.lookup(&digest, opts.full_verify) };
                 let reason = match lookup {
@@ -264,9 +264,9 @@ pub async fn execute(
             }
         }
     }
-    for i in 0..n {
-        if state[i] == State::Pending {
-            state[i] = State::Skipped;
+    for (i, st) in state.iter_mut().enumerate() {
+        if *st == State::Pending {
+            *st = State::Skipped;
             let _ = events.send(Event::Skipped { idx: i });
         }
     }
@@ -293,10 +293,10 @@ impl Job {
         let label = inst.label.clone();
         let fail = |m: String| (format!("{label}: {m}"), None);
         let _lock = KeyLock::acquire(&self.store.root, &self.digest).map_err(|e| fail(format!("cannot lock cache key: {e}")))?;
-        if !self.forced {
-            if let Lookup::Fresh(rec) = self.store.lookup(&self.digest, false) {
-                return Ok(Done::Reused(*rec));
-            }
+        if !self.forced
+            && let Lookup::Fresh(rec) = self.store.lookup(&self.digest, false)
+        {
+            return Ok(Done::Reused(*rec));
         }
         // A stale or corrupt record must never look fresh if this run is interrupted.
         self.store.invalidate(&self.digest);

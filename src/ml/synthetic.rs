@@ -153,7 +153,7 @@ mod tests {
         let a = generate(&cfg());
         assert_eq!(a, generate(&cfg()));
         for s in &a.samples {
-            let has = s.mask.iter().any(|&m| m == 1);
+            let has = s.mask.contains(&1);
             assert_eq!(has, s.label == 1, "{}", s.id);
         }
         assert!(a.samples.iter().any(|s| s.label == 1) && a.samples.iter().any(|s| s.label == 0));

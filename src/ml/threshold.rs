@@ -44,9 +44,9 @@ pub fn otsu(h: &[f32]) -> f32 {
     let sum_all: f64 = hist.iter().enumerate().map(|(i, &c)| i as f64 * c as f64).sum();
     let (mut w0, mut sum0) = (0f64, 0f64);
     let (mut best, mut best_t) = (-1f64, 0usize);
-    for t in 0..BINS - 1 {
-        w0 += hist[t] as f64;
-        sum0 += t as f64 * hist[t] as f64;
+    for (t, &count) in hist.iter().enumerate().take(BINS - 1) {
+        w0 += count as f64;
+        sum0 += t as f64 * count as f64;
         let w1 = total - w0;
         if w0 == 0.0 || w1 == 0.0 {
             continue;

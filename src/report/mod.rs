@@ -84,9 +84,8 @@ pub fn write(input: &ReportInput<'_>, out: &Path) -> Result<std::path::PathBuf, 
     let mut h = String::new();
     let _ = write!(
         h,
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>camflow report: {p}</title><style>{css}</style></head><body>",
-        p = esc(input.pipeline),
-        css = "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}figure{display:inline-block;margin:6px;text-align:center;font-size:11px}img{image-rendering:pixelated}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:11px}"
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>camflow report: {p}</title><style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}th{{background:#eee}}figure{{display:inline-block;margin:6px;text-align:center;font-size:11px}}img{{image-rendering:pixelated}}pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:11px}}</style></head><body>",
+        p = esc(input.pipeline)
     );
     let _ = write!(
         h,

@@ -260,11 +260,11 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
     if cx.errors.is_empty() {
         check_refs(&mut cx, &stages, catalog);
     }
-    if cx.errors.is_empty() {
-        if let Err(cycle) = crate::dag::stage_cycle(&stages) {
-            let first = cycle.first().cloned().unwrap_or_default();
-            cx.err(&["stages", &first, "inputs"], format!("dependency cycle: {}", cycle.join(" -> ")));
-        }
+    if cx.errors.is_empty()
+        && let Err(cycle) = crate::dag::stage_cycle(&stages)
+    {
+        let first = cycle.first().cloned().unwrap_or_default();
+        cx.err(&["stages", &first, "inputs"], format!("dependency cycle: {}", cycle.join(" -> ")));
     }
     if !cx.errors.is_empty() {
         return Err(fail(cx.errors));
@@ -441,21 +441,20 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
                 // Type check against the upstream kind's output.
                 if let Some(up_kind) =
                     all.get(target.as_str()).and_then(|u| u.get("kind")).and_then(|k| k.as_str()).and_then(|k| catalog.get(k))
+                    && up_kind.output() != slot.artifact
                 {
-                    if up_kind.output() != slot.artifact {
-                        cx.err(
-                            &path,
-                            format!(
-                                "stage `{target}` ({}) produces {}, but input `{}` of {} needs {}",
-                                up_kind.name(),
-                                up_kind.output().name(),
-                                slot.name,
-                                kind.name(),
-                                slot.artifact.name()
-                            ),
-                        );
-                        continue;
-                    }
+                    cx.err(
+                        &path,
+                        format!(
+                            "stage `{target}` ({}) produces {}, but input `{}` of {} needs {}",
+                            up_kind.name(),
+                            up_kind.output().name(),
+                            slot.name,
+                            kind.name(),
+                            slot.artifact.name()
+                        ),
+                    );
+                    continue;
                 }
                 inputs.insert(slot_name, target.clone());
             }

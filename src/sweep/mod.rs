@@ -142,10 +142,10 @@ pub fn expand(p: &Pipeline, order: &[String], catalog: &Catalog) -> Vec<Instance
                     params.insert(axis.clone(), v.clone());
                 }
                 for r in &s.refs {
-                    if let Some(u) = find_upstream(&out, inputs, &r.stage) {
-                        if let Some(v) = out[u].params.get(&r.upstream_param) {
-                            params.insert(r.param.clone(), v.clone());
-                        }
+                    if let Some(u) = find_upstream(&out, inputs, &r.stage)
+                        && let Some(v) = out[u].params.get(&r.upstream_param)
+                    {
+                        params.insert(r.param.clone(), v.clone());
                     }
                 }
                 mine.push(out.len());

@@ -56,7 +56,7 @@ fn malformed_pipelines() {
          "error: p.yaml:8:14: stages.m.inputs.heatmaps: stage `m` (threshold) produces masks, but input `heatmaps` of threshold needs heatmaps\nerror: p.yaml:11:9: stages.m.sweep.grid.method: value 3: expected one of `fixed`, `otsu`, `percentile`, found `triangle`\n2 errors in p.yaml"),
         ("bad resources", format!("{HEAD}    resources: {{gpu: -1}}\n"), vec![],
          "error: p.yaml:6:17: stages.data.resources.gpu: expected a count (non-negative integer), found `-1`"),
-        ("cross-param check", format!("name: bad\nstages:\n  data:\n    kind: data\n    params:\n      source: lgg\n"), vec![],
+        ("cross-param check", "name: bad\nstages:\n  data:\n    kind: data\n    params:\n      source: lgg\n".to_string(), vec![],
          "error: p.yaml:5:5: stages.data.params.root: is required for this source"),
         ("bad --set", HEAD.into(), vec!["--set", "stages.data.params.count=lots"],
          "error: p.yaml: stages.data.params.count: expected an integer in 2..=1000000, found `lots` (value from --set)"),
