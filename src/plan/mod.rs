@@ -106,6 +106,12 @@ pub fn build_key(inst: &Instance, idx: usize, cx: &KeyContext<'_>, inputs: BTree
     }
 }
 
+/// Names present in either map whose values differ, sorted.
+fn changed_keys<V: PartialEq>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V>) -> Vec<String> {
+    let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    names.into_iter().filter(|k| old.get(*k) != new.get(*k)).cloned().collect()
+}
+
 /// Why `new` differs from the key of the last run of the same label.
 pub fn explain(old: Option<&Sidecar>, new: &CacheKey) -> StaleReason {
     let Some(old) = old else { return StaleReason::NeverRun };
@@ -116,40 +122,22 @@ pub fn explain(old: Option<&Sidecar>, new: &CacheKey) -> StaleReason {
     if o.kind_version != new.kind_version || o.kind != new.kind {
         return StaleReason::ImplementationChanged { from: o.kind_version, to: new.kind_version };
     }
-    let names: BTreeSet<&String> = o.params.keys().chain(new.params.keys()).collect();
-    let changes: Vec<ParamChange> = names
+    let changes: Vec<ParamChange> = changed_keys(&o.params, &new.params)
         .into_iter()
-        .filter(|n| o.params.get(*n) != new.params.get(*n))
         .map(|n| ParamChange {
-            param: n.clone(),
-            from: o.params.get(n).cloned().unwrap_or(Json::Null),
-            to: new.params.get(n).cloned().unwrap_or(Json::Null),
+            from: o.params.get(&n).cloned().unwrap_or(Json::Null),
+            to: new.params.get(&n).cloned().unwrap_or(Json::Null),
+            param: n,
         })
         .collect();
     if !changes.is_empty() {
         return StaleReason::ParamsChanged { changes };
     }
-    let inputs: Vec<String> = o
-        .inputs
-        .keys()
-        .chain(new.inputs.keys())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .filter(|k| o.inputs.get(*k) != new.inputs.get(*k))
-        .cloned()
-        .collect();
+    let inputs = changed_keys(&o.inputs, &new.inputs);
     if !inputs.is_empty() {
         return StaleReason::InputsChanged { inputs };
     }
-    let files: Vec<String> = o
-        .files
-        .keys()
-        .chain(new.files.keys())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .filter(|k| o.files.get(*k) != new.files.get(*k))
-        .cloned()
-        .collect();
+    let files = changed_keys(&o.files, &new.files);
     if !files.is_empty() {
         return StaleReason::DataChanged { files };
     }

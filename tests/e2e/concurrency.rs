@@ -32,9 +32,12 @@ fn two_concurrent_runs_compute_every_key_once() {
     assert_eq!(std::fs::read_dir(cache.join("actions")).unwrap().count(), 13);
 }
 
-#[test]
-fn kill_9_midway_then_rerun_resumes() {
-    // A training long enough to be killed in the middle of.
+/// The still-open stdout of a run: dropping it would end the run by a broken pipe.
+type Output = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// A project whose training takes seconds, and a run of it followed until the training has
+/// started; returns the running child, the rest of its stdout and the lines it printed.
+fn start_long_training() -> (Project, std::process::Child, Output, Vec<String>) {
     let yaml = TINY.replace("params: {epochs: 1, batch_size: 16}\n  cams", "params: {epochs: 400, batch_size: 16}\n  cams");
     let p = Project::new(&yaml);
     let pl = p.pipeline();
@@ -42,7 +45,7 @@ fn kill_9_midway_then_rerun_resumes() {
     let mut child = p
         .cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
@@ -55,6 +58,12 @@ fn kill_9_midway_then_rerun_resumes() {
             break;
         }
     }
+    (p, child, lines, seen)
+}
+
+#[test]
+fn kill_9_midway_then_rerun_resumes() {
+    let (p, mut child, _stdout, seen) = start_long_training();
     assert!(seen.iter().any(|l| l.starts_with("done    data")), "{seen:?}");
     std::thread::sleep(std::time::Duration::from_millis(300));
     child.kill().expect("SIGKILL");
@@ -68,24 +77,12 @@ fn kill_9_midway_then_rerun_resumes() {
 
 #[test]
 fn ctrl_c_stops_cleanly_and_the_next_run_resumes() {
-    let yaml = TINY.replace("params: {epochs: 1, batch_size: 16}\n  cams", "params: {epochs: 400, batch_size: 16}\n  cams");
-    let p = Project::new(&yaml);
-    let pl = p.pipeline();
+    let (p, child, stdout, _) = start_long_training();
     let cache = p.cache();
-    let mut child = p
-        .cmd(&["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    for line in lines.by_ref() {
-        if line.expect("line").starts_with("run     train ") {
-            break;
-        }
-    }
     let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill -INT");
     assert!(status.success());
+    let rest: Vec<String> = stdout.map(|l| l.expect("line")).collect();
+    assert!(rest.iter().any(|l| l.starts_with("summary: ran=1 cached=0")), "{rest:?}");
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted; finished work is cached and the next run resumes"));
