@@ -164,3 +164,35 @@ fn training_gives_the_same_weight_bytes_in_two_processes() {
     let lock_b = std::fs::read_to_string(b.path().join("p.lock.yaml")).unwrap();
     assert_eq!(lock_a, lock_b, "the same spec gives the same lock file, keys and output digests");
 }
+
+#[test]
+fn data_files_are_hashed_by_content_memoised_by_size_and_mtime() {
+    // A class-folder data set on disk.
+    let yaml = "name: folders\nstages:\n  data:\n    kind: data\n    params: {source: folders, root: imgs, positive: [tumor], image_size: 8, val_fraction: 0.0, test_fraction: 0.0}\n";
+    let p = Project::new(yaml);
+    for (class, n) in [("tumor", 3u8), ("normal", 3u8)] {
+        let dir = p.path().join("imgs").join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..n {
+            image::GrayImage::from_fn(8, 8, |x, y| image::Luma([(x * 20 + y * 3 + i as u32 * 7) as u8]))
+                .save(dir.join(format!("img{i}.png")))
+                .unwrap();
+        }
+    }
+    assert_eq!(p.run(&[]).ok().summary("ran"), 1);
+    assert_eq!(p.run(&[]).ok().summary("cached"), 1);
+    // Same size and mtime, other content: trusted from the memo until --rehash.
+    let f = p.path().join("imgs/normal/img0.png");
+    let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+    let other = p.path().join("imgs/normal/img1.png");
+    let (a, b) = (std::fs::read(&f).unwrap(), std::fs::read(&other).unwrap());
+    assert_eq!(a.len(), b.len(), "fixture images must have equal sizes");
+    std::fs::write(&f, &b).unwrap();
+    std::fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
+    assert_eq!(p.run(&[]).ok().summary("cached"), 1);
+    let plan = p.camflow(&["plan", p.pipeline().to_str().unwrap(), "--rehash"]).ok();
+    assert!(plan.stdout().contains("run     data  data changed: root"), "{}", plan.stdout());
+    // A changed mtime is noticed without --rehash: put the original bytes back.
+    std::fs::write(&f, &a).unwrap();
+    assert_eq!(p.run(&[]).ok().summary("cached"), 1, "original content, original key");
+}
