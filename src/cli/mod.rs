@@ -218,7 +218,7 @@ pub fn prepare(args: &PipelineArgs, store: &Store) -> Result<Prepared> {
                 Some(d) => d.clone(),
                 None => {
                     let d = digests.digest(&path).map_err(|e| {
-                        Error::Usage(format!("{}: stage `{}` reads {}: {e}", args.pipeline.display(), inst.stage, path.display()))
+                        Error::Usage(format!("{}: stage `{}` cannot read its data: {e}", args.pipeline.display(), inst.stage))
                     })?;
                     memo.insert(path.clone(), d.clone());
                     d
