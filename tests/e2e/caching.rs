@@ -196,3 +196,22 @@ fn data_files_are_hashed_by_content_memoised_by_size_and_mtime() {
     std::fs::write(&f, &a).unwrap();
     assert_eq!(p.run(&[]).ok().summary("cached"), 1, "original content, original key");
 }
+
+#[test]
+fn status_counts_and_gc_max_size() {
+    let p = Project::new(TINY);
+    let pl = p.pipeline();
+    let before = p.camflow(&["status", pl.to_str().unwrap()]).ok().stdout();
+    assert!(before.contains("0 of 13 instances cached"), "{before}");
+    p.run(&[]).ok();
+    let after = p.camflow(&["status", pl.to_str().unwrap()]).ok().stdout();
+    assert!(after.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["masks", "2", "2", "0"]), "{after}");
+    assert!(after.contains("13 of 13 instances cached"), "{after}");
+    // Without pipelines, --max-size drops the oldest entries until the cache fits.
+    let g = p.camflow(&["gc", "--max-size", "1K"]).ok().stdout();
+    assert!(g.starts_with("gc: removed ") && g.contains("records kept"), "{g}");
+    let kept: usize = g.split("; ").nth(1).and_then(|t| t.split_whitespace().next()).and_then(|n| n.parse().ok()).expect("kept count");
+    assert!(kept < 13, "{g}");
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+    assert_eq!(p.run(&[]).ok().summary("ran"), 13 - kept);
+}
