@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::show::table;
+use super::show::table_of;
 use super::{PipelineArgs, Prepared, make_plan, open_store, prepare, print_out};
 use crate::cache::Store;
 use crate::error::{Error, Result};
@@ -102,8 +102,8 @@ pub fn run(cache: &std::path::Path, a: ReportArgs) -> Result<()> {
     let empty = || ReportTable { columns: vec![], rows: vec![], threshold_value: None, threshold_method: None };
     let seg_stages = stages_with(&p, "masks");
     let cls_stages = stages_with(&p, "model");
-    let segmentation = if seg_stages.is_empty() { empty() } else { to_report(table(cache, &a.p, &seg_stages)?) };
-    let classification = if cls_stages.is_empty() { empty() } else { to_report(table(cache, &a.p, &cls_stages)?) };
+    let segmentation = if seg_stages.is_empty() { empty() } else { to_report(table_of(&p, &store, &decisions, &seg_stages)?) };
+    let classification = if cls_stages.is_empty() { empty() } else { to_report(table_of(&p, &store, &decisions, &cls_stages)?) };
     let gallery: Vec<GalleryInput> = gallery(&p, &store, &decisions, &segmentation, a.gallery).into_iter().collect();
     let lock = std::fs::read_to_string(crate::lockfile::path_for(&a.p.pipeline)).ok();
     let input = ReportInput { pipeline: &p.pipeline.name, spec: &p.pipeline.source, lock, segmentation, classification, gallery, pending };

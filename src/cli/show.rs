@@ -6,10 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use clap::{Args, ValueEnum};
 use serde_json::{Value as Json, json};
 
-use super::{PipelineArgs, make_plan, open_store, prepare, print_out};
+use super::{PipelineArgs, Prepared, make_plan, open_store, prepare, print_out};
+use crate::cache::Store;
 use crate::error::{Error, Result};
 use crate::plan::Decision;
-use crate::sweep::show_value;
+use crate::sweep::{find_upstream, show_value};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Format {
@@ -54,6 +55,11 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
     let store = open_store(cache)?;
     let prep = prepare(p, &store)?;
     let decisions = make_plan(&prep, &store, false, &|_| false);
+    table_of(&prep, &store, &decisions, stages)
+}
+
+/// [`table`] for a pipeline already prepared and planned.
+pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: &[String]) -> Result<Table> {
     let chosen: Vec<String> = if stages.is_empty() {
         prep.pipeline.stages.values().filter(|s| s.kind == "score").map(|s| s.name.clone()).collect()
     } else {
@@ -81,16 +87,7 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
         if prep.instances[model].kind != "retrain" {
             return None;
         }
-        let mut todo = vec![model];
-        let mut train = None;
-        while let Some(u) = todo.pop() {
-            if prep.instances[u].kind == "train" {
-                train = Some(u);
-                break;
-            }
-            todo.extend(prep.instances[u].inputs.values().copied());
-        }
-        let train = train?;
+        let train = find_upstream(&prep.instances, &prep.instances[model].inputs, |x| x.kind == "train")?;
         let score = prep.instances.iter().position(|x| x.kind == "score" && x.inputs.get("model") == Some(&train))?;
         metrics_of(score)
     };
@@ -98,7 +95,7 @@ pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Re
     let mut axes: BTreeMap<String, String> = BTreeMap::new();
     let mut metric_cols: BTreeSet<String> = BTreeSet::new();
     let mut rows = Vec::new();
-    for (idx, (inst, d)) in prep.instances.iter().zip(&decisions).enumerate() {
+    for (idx, (inst, d)) in prep.instances.iter().zip(decisions).enumerate() {
         if !chosen.contains(&inst.stage) {
             continue;
         }

@@ -116,12 +116,9 @@ pub async fn execute(
     let input = Arc::new(input);
     let mut state = vec![State::Pending; n];
     let mut records: Vec<Option<ActionRecord>> = vec![None; n];
-    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (i, inst) in input.instances.iter().enumerate() {
-        for &u in inst.inputs.values() {
-            dependents[u].push(i);
-        }
-    }
+    // Key, digest and reason of a ready instance found stale, kept while it waits for slots so
+    // that each pass does not rebuild its key and look it up again.
+    let mut stale: Vec<Option<(crate::cache::CacheKey, String, StaleReason)>> = vec![None; n];
     let jobs = opts.jobs.max(1);
     let (mut cpu_free, mut gpu_free): (u32, Vec<usize>) = (jobs, (0..opts.gpus as usize).rev().collect());
     let mut failed = 0usize;
@@ -149,39 +146,36 @@ pub async fn execute(
                 if !inst.inputs.values().all(|&u| state[u] == State::Done) {
                     continue;
                 }
-                let upstream: BTreeMap<String, String> = inst
-                    .inputs
-                    .iter()
-                    .map(|(s, &u)| (s.clone(), records[u].as_ref().map(|r| r.output_digest()).unwrap_or_default()))
-                    .collect();
-                let kcx =
-                    KeyContext { catalog: &catalog, seed: input.seed, backend_class: opts.backend_class.clone(), files: &input.files };
-                let key = build_key(inst, i, &kcx, upstream);
-                let digest = key.digest();
-                if let Some(lock) = &opts.locked
-                    && let Err(m) = lock.check(&inst.label, &digest)
-                {
-                    return Outcome::LockMismatch(m);
-                }
-                let lookup = if opts.forced.contains(&i) { Lookup::Missing } else { store.lookup(&digest, opts.full_verify) };
-                let reason = match lookup {
-                    Lookup::Fresh(rec) => {
-                        records[i] = Some(*rec);
-                        state[i] = State::Done;
-                        let _ = events.send(Event::Cached { idx: i });
-                        progressed = true;
-                        continue;
+                if stale[i].is_none() {
+                    let upstream: BTreeMap<String, String> = inst
+                        .inputs
+                        .iter()
+                        .map(|(s, &u)| (s.clone(), records[u].as_ref().map(|r| r.output_digest()).unwrap_or_default()))
+                        .collect();
+                    let kcx =
+                        KeyContext { catalog: &catalog, seed: input.seed, backend_class: opts.backend_class.clone(), files: &input.files };
+                    let key = build_key(inst, i, &kcx, upstream);
+                    let digest = key.digest();
+                    if let Some(lock) = &opts.locked
+                        && let Err(m) = lock.check(&inst.label, &digest)
+                    {
+                        return Outcome::LockMismatch(m);
                     }
-                    Lookup::Corrupt(detail) => StaleReason::EntryCorrupt { detail },
-                    Lookup::Missing if opts.forced.contains(&i) => StaleReason::Forced,
-                    Lookup::Missing => {
-                        let side = store.read_sidecar(&input.pipeline, &inst.label);
-                        match &side {
-                            Some(s) if s.key == digest => StaleReason::EntryMissing,
-                            other => explain(other.as_ref(), &key),
+                    let lookup = if opts.forced.contains(&i) { Lookup::Missing } else { store.lookup(&digest, opts.full_verify) };
+                    let reason = match lookup {
+                        Lookup::Fresh(rec) => {
+                            records[i] = Some(*rec);
+                            state[i] = State::Done;
+                            let _ = events.send(Event::Cached { idx: i });
+                            progressed = true;
+                            continue;
                         }
-                    }
-                };
+                        Lookup::Corrupt(detail) => StaleReason::EntryCorrupt { detail },
+                        Lookup::Missing if opts.forced.contains(&i) => StaleReason::Forced,
+                        Lookup::Missing => explain(store.read_sidecar(&input.pipeline, &inst.label).as_ref(), &key),
+                    };
+                    stale[i] = Some((key, digest, reason));
+                }
                 let res = input.resources[i];
                 let want_cpu = res.cpu.clamp(1, jobs);
                 if want_cpu > cpu_free || (res.gpu > 0 && gpu_free.is_empty()) {
@@ -196,11 +190,12 @@ pub async fn execute(
                     progressed = true;
                     continue;
                 }
+                let Some((key, digest, reason)) = stale[i].take() else { continue };
                 cpu_free -= want_cpu;
                 let gpu = if res.gpu > 0 { gpu_free.pop() } else { None };
                 holding.insert(i, (want_cpu, gpu));
                 state[i] = State::Running;
-                let _ = events.send(Event::Started { idx: i, reason: reason.clone() });
+                let _ = events.send(Event::Started { idx: i, reason });
                 let up_records: BTreeMap<String, ActionRecord> =
                     inst.inputs.iter().filter_map(|(s, &u)| records[u].clone().map(|r| (s.clone(), r))).collect();
                 let job = Job {

@@ -112,7 +112,8 @@ fn changed_keys<V: PartialEq>(old: &BTreeMap<String, V>, new: &BTreeMap<String, 
     names.into_iter().filter(|k| old.get(*k) != new.get(*k)).cloned().collect()
 }
 
-/// Why `new` differs from the key of the last run of the same label.
+/// Why `new` differs from the key of the last run of the same label; when nothing differs,
+/// the entry itself has gone missing.
 pub fn explain(old: Option<&Sidecar>, new: &CacheKey) -> StaleReason {
     let Some(old) = old else { return StaleReason::NeverRun };
     let o = &old.key_inputs;
@@ -180,14 +181,7 @@ pub fn plan(instances: &[Instance], cx: &KeyContext<'_>, view: &dyn CacheView, f
         let d = match view.lookup(&digest) {
             Lookup::Fresh(rec) => Decision::Cached { output_digest: rec.output_digest(), key: digest },
             Lookup::Corrupt(detail) => Decision::Run { key: digest, reason: StaleReason::EntryCorrupt { detail } },
-            Lookup::Missing => {
-                let side = view.sidecar(&inst.label);
-                let reason = match &side {
-                    Some(s) if s.key == digest => StaleReason::EntryMissing,
-                    other => explain(other.as_ref(), &key),
-                };
-                Decision::Run { key: digest, reason }
-            }
+            Lookup::Missing => Decision::Run { reason: explain(view.sidecar(&inst.label).as_ref(), &key), key: digest },
         };
         out.push(d);
     }

@@ -88,11 +88,11 @@ fn label(stage: &str, coords: &BTreeMap<String, Json>, rank: &BTreeMap<&str, usi
     format!("{stage}[{}]", parts.join(","))
 }
 
-/// The instance of `stage` upstream of an instance with these `inputs`.
-fn find_upstream(out: &[Instance], inputs: &BTreeMap<String, usize>, stage: &str) -> Option<usize> {
+/// The first instance matching `wanted` upstream of an instance with these `inputs`.
+pub fn find_upstream(out: &[Instance], inputs: &BTreeMap<String, usize>, wanted: impl Fn(&Instance) -> bool) -> Option<usize> {
     let mut todo: Vec<usize> = inputs.values().copied().collect();
     while let Some(u) = todo.pop() {
-        if out[u].stage == stage {
+        if wanted(&out[u]) {
             return Some(u);
         }
         todo.extend(out[u].inputs.values().copied());
@@ -142,7 +142,7 @@ pub fn expand(p: &Pipeline, order: &[String], catalog: &Catalog) -> Vec<Instance
                     params.insert(axis.clone(), v.clone());
                 }
                 for r in &s.refs {
-                    if let Some(u) = find_upstream(&out, inputs, &r.stage)
+                    if let Some(u) = find_upstream(&out, inputs, |x| x.stage == r.stage)
                         && let Some(v) = out[u].params.get(&r.upstream_param)
                     {
                         params.insert(r.param.clone(), v.clone());
