@@ -117,7 +117,8 @@ pub async fn execute(
     let mut state = vec![State::Pending; n];
     let mut records: Vec<Option<ActionRecord>> = vec![None; n];
     // Key, digest and reason of a ready instance found stale, kept while it waits for slots so
-    // that each pass does not rebuild its key and look it up again.
+    // that each pass does not rebuild its key and explain it again (it only looks again whether
+    // an identical key has been recorded meanwhile).
     let mut stale: Vec<Option<(crate::cache::CacheKey, String, StaleReason)>> = vec![None; n];
     let jobs = opts.jobs.max(1);
     let (mut cpu_free, mut gpu_free): (u32, Vec<usize>) = (jobs, (0..opts.gpus as usize).rev().collect());
@@ -175,6 +176,17 @@ pub async fn execute(
                         Lookup::Missing => explain(store.read_sidecar(&input.pipeline, &inst.label).as_ref(), &key),
                     };
                     stale[i] = Some((key, digest, reason));
+                } else if let Some((_, digest, _)) = &stale[i]
+                    && !opts.forced.contains(&i)
+                    && let Lookup::Fresh(rec) = store.lookup(digest, opts.full_verify)
+                {
+                    // Another instance with the same key finished while this one waited.
+                    records[i] = Some(*rec);
+                    state[i] = State::Done;
+                    stale[i] = None;
+                    let _ = events.send(Event::Cached { idx: i });
+                    progressed = true;
+                    continue;
                 }
                 let res = input.resources[i];
                 let want_cpu = res.cpu.clamp(1, jobs);
