@@ -11,9 +11,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use crate::ml::fast_ops::TrainBackend;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -146,7 +146,7 @@ struct MlJob {
 
 impl BackendJob for MlJob {
     type Output = serde_json::Value;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let (n, c, s) = (self.batch, self.channels, self.size);
         let arch = ArchConfig::vgg_small(c);
         let mut model = seeded_init::<B>(&arch, 0, &device);

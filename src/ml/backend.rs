@@ -7,7 +7,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use burn::tensor::backend::AutodiffBackend;
+use super::fast_ops::TrainBackend;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
@@ -52,7 +52,7 @@ impl BackendKind {
 /// A piece of generic ML work, instantiated for one backend by [`dispatch`].
 pub trait BackendJob {
     type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,8 @@
 //! ReLU -> per-image `(x - min) / (max + 1e-7)` -> bilinear (half-pixel) resize to the input
 //! -> the same min-max again. The reference test in `tests/` holds us to 1e-4 of it.
 
+use super::fast_ops::TrainBackend;
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -43,7 +43,7 @@ pub enum CamTarget {
 }
 
 /// One heatmap per sample of `idx`, each `height * width` values in [0, 1].
-pub fn heatmaps<B: AutodiffBackend>(
+pub fn heatmaps<B: TrainBackend>(
     model: &Classifier<B>,
     ds: &Dataset,
     idx: &[usize],

@@ -3,7 +3,9 @@
 //! Knows nothing of YAML, the cache or tokio; `stages` is the only bridge to it.
 
 pub mod backend;
+pub mod cpu_kernels;
 pub mod dataset;
+pub mod fast_ops;
 pub mod filter;
 pub mod gradcam;
 pub mod loaders;

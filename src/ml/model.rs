@@ -8,11 +8,12 @@
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
+
+use super::fast_ops::FastOps;
 use serde::{Deserialize, Serialize};
 
 /// What to build; goes into `config.json` beside the weights and into cache keys.
@@ -85,7 +86,7 @@ impl ArchConfig {
             });
             cin = w;
         }
-        Classifier { units, pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(), fc: LinearConfig::new(cin, 2).init(device) }
+        Classifier { units, fc: LinearConfig::new(cin, 2).init(device) }
     }
 }
 
@@ -102,20 +103,36 @@ pub struct Unit<B: Backend> {
     pub pool_after: bool,
 }
 
-impl<B: Backend> Unit<B> {
+/// A 3x3 conv with bias [+ ReLU] through [`FastOps`]; other convs through burn.
+fn conv<B: FastOps>(c: &Conv2d<B>, x: Tensor<B, 4>, with_relu: bool) -> Tensor<B, 4> {
+    let same_3x3 = c.kernel_size == [3, 3]
+        && c.stride == [1, 1]
+        && c.dilation == [1, 1]
+        && c.groups == 1
+        && matches!(c.padding, PaddingConfig2d::Explicit(1, 1, 1, 1));
+    match &c.bias {
+        Some(bias) if same_3x3 => B::conv3x3(x, c.weight.val(), bias.val(), with_relu),
+        _ => {
+            let y = c.forward(x);
+            if with_relu { relu(y) } else { y }
+        }
+    }
+}
+
+impl<B: FastOps> Unit<B> {
     /// # Shapes
     /// [N, Cin, H, W] -> [N, Cout, H, W] (post-ReLU, before any pool)
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut y = self.conv1.forward(x.clone());
+        // Without batch norm the ReLU fuses into the conv.
+        let mut y = conv(&self.conv1, x.clone(), self.bn1.is_none());
         if let Some(bn) = &self.bn1 {
-            y = bn.forward(y);
+            y = relu(bn.forward(y));
         }
         if !self.residual {
-            return relu(y);
+            return y;
         }
-        y = relu(y);
         if let Some(c2) = &self.conv2 {
-            y = c2.forward(y);
+            y = conv(c2, y, false);
         }
         if let Some(bn) = &self.bn2 {
             y = bn.forward(y);
@@ -131,11 +148,10 @@ impl<B: Backend> Unit<B> {
 #[derive(Module, Debug)]
 pub struct Classifier<B: Backend> {
     pub units: Vec<Unit<B>>,
-    pub pool: MaxPool2d,
     pub fc: Linear<B>,
 }
 
-impl<B: Backend> Classifier<B> {
+impl<B: FastOps> Classifier<B> {
     /// # Shapes
     /// [N, C, H, W] -> [N, 2] logits
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
@@ -154,7 +170,7 @@ impl<B: Backend> Classifier<B> {
                 return x;
             }
             if u.pool_after {
-                x = self.pool.forward(x);
+                x = B::max_pool2x2(x);
             }
         }
         x
@@ -165,12 +181,12 @@ impl<B: Backend> Classifier<B> {
     /// [N, K, h, w] -> [N, 2]
     pub fn forward_from(&self, mut x: Tensor<B, 4>, layer: usize) -> Tensor<B, 2> {
         if self.units[layer].pool_after {
-            x = self.pool.forward(x);
+            x = B::max_pool2x2(x);
         }
         for u in &self.units[layer + 1..] {
             x = u.forward(x);
             if u.pool_after {
-                x = self.pool.forward(x);
+                x = B::max_pool2x2(x);
             }
         }
         let [n, k, _, _] = x.dims();

@@ -9,11 +9,12 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, Optimizer, SgdConfig};
 use burn::tensor::activation::softmax;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::dataset::{Dataset, Split};
+use super::fast_ops::{FastOps, TrainBackend};
 use super::metrics::{self, ClassificationScores};
 use super::model::{ArchConfig, Classifier};
 use super::rng::Rng;
@@ -107,7 +108,7 @@ fn class_weights(cfg: &ClassWeights, ds: &Dataset, train: &[usize]) -> Option<Ve
     }
 }
 
-pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, ds: &Dataset, device: &B::Device) -> Result<Trained<B::InnerBackend>, TrainError> {
+pub fn train<B: TrainBackend>(cfg: &TrainConfig, ds: &Dataset, device: &B::Device) -> Result<Trained<B::InnerBackend>, TrainError> {
     match cfg.optimizer {
         OptimizerKind::Adam => {
             let mut o = AdamConfig::new();
@@ -130,7 +131,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, ds: &Dataset, device: &B::De
     }
 }
 
-fn train_with<B: AutodiffBackend, O: Optimizer<Classifier<B>, B>>(
+fn train_with<B: TrainBackend, O: Optimizer<Classifier<B>, B>>(
     cfg: &TrainConfig,
     ds: &Dataset,
     device: &B::Device,
@@ -195,7 +196,7 @@ pub fn seeded_init<B: Backend>(arch: &ArchConfig, seed: u64, device: &B::Device)
     model
 }
 
-fn evaluate_loss<B: Backend>(model: &Classifier<B>, ds: &Dataset, idx: &[usize], batch: usize, weights: &Option<Vec<f32>>) -> (f64, f64) {
+fn evaluate_loss<B: FastOps>(model: &Classifier<B>, ds: &Dataset, idx: &[usize], batch: usize, weights: &Option<Vec<f32>>) -> (f64, f64) {
     let device = model.fc.weight.val().device();
     let loss_fn = CrossEntropyLossConfig::new().with_weights(weights.clone()).init(&device);
     let (mut l, mut c) = (0f64, 0usize);
@@ -209,7 +210,7 @@ fn evaluate_loss<B: Backend>(model: &Classifier<B>, ds: &Dataset, idx: &[usize],
 }
 
 /// Positive-class probabilities for the samples `idx`.
-pub fn predict<B: Backend>(model: &Classifier<B>, ds: &Dataset, idx: &[usize], batch: usize) -> Vec<f32> {
+pub fn predict<B: FastOps>(model: &Classifier<B>, ds: &Dataset, idx: &[usize], batch: usize) -> Vec<f32> {
     let device = model.fc.weight.val().device();
     let mut out = Vec::with_capacity(idx.len());
     for chunk in idx.chunks(batch.max(1)) {
@@ -221,7 +222,7 @@ pub fn predict<B: Backend>(model: &Classifier<B>, ds: &Dataset, idx: &[usize], b
 }
 
 /// Classification scores of `model` on one split.
-pub fn evaluate<B: Backend>(model: &Classifier<B>, ds: &Dataset, split: Split, batch: usize) -> (ClassificationScores, Vec<f32>) {
+pub fn evaluate<B: FastOps>(model: &Classifier<B>, ds: &Dataset, split: Split, batch: usize) -> (ClassificationScores, Vec<f32>) {
     let idx = ds.indices(split);
     let probs = predict(model, ds, &idx, batch);
     let labels: Vec<u8> = idx.iter().map(|&i| ds.samples[i].label).collect();

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::ml::fast_ops::TrainBackend;
 use serde_json::{Value as Json, json};
 
 use super::io;
@@ -50,7 +50,7 @@ struct CamJob<'a> {
 
 impl BackendJob for CamJob<'_> {
     type Output = Result<(usize, Vec<Vec<f32>>), StageError>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let (arch, model) = load_model::<B>(self.inputs, "model", &device)?;
         let layer = layer_index(Some(&self.layer), arch.units())?;
         let idx: Vec<usize> = (0..self.ds.samples.len()).collect();
@@ -78,7 +78,8 @@ impl StageKind for GradCam {
         "gradcam"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: convolutions and pooling on the CPU run through `ml::fast_ops` (other rounding).
+        2
     }
     fn doc(&self) -> &'static str {
         "Class-activation heatmaps (Grad-CAM, Grad-CAM++, HiResCAM, or a random baseline) for every image, upsampled to the input and min-max normalised per image."

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::ml::fast_ops::TrainBackend;
 use serde_json::json;
 
 use super::io;
@@ -25,7 +25,7 @@ struct PredictJob<'a> {
 
 impl BackendJob for PredictJob<'_> {
     type Output = Result<Vec<f32>, StageError>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let (_, model) = load_model::<B::InnerBackend>(self.inputs, "model", &device)?;
         Ok(predict(&model, self.ds, self.idx, 64))
     }
@@ -36,7 +36,8 @@ impl StageKind for Score {
         "score"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: convolutions and pooling on the CPU run through `ml::fast_ops` (other rounding).
+        2
     }
     fn doc(&self) -> &'static str {
         "Scores masks against the ground truth (mean-Dice over images with tumor, Dice over all images, IoU, pixel precision/recall) and/or a model's classification (accuracy, sensitivity, specificity, ROC AUC)."

@@ -2,7 +2,7 @@
 //! val, scored on test. `retrain` is the same work on a heatmap-filtered dataset; it is its
 //! own kind so the DAG, the tables and the report can tell the two apart.
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::ml::fast_ops::TrainBackend;
 use serde_json::{Value as Json, json};
 
 use super::io;
@@ -78,7 +78,7 @@ struct TrainOut {
 
 impl BackendJob for TrainJob<'_> {
     type Output = Result<TrainOut, StageError>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let t = ml_train::train::<B>(&self.cfg, self.ds, &device).map_err(StageError::new)?;
         let (test, _) = ml_train::evaluate(&t.model, self.ds, Split::Test, self.batch);
         let (val, _) = ml_train::evaluate(&t.model, self.ds, Split::Val, self.batch);
@@ -100,7 +100,8 @@ impl StageKind for Train {
         if self.retrain { "retrain" } else { "train" }
     }
     fn version(&self) -> u32 {
-        1
+        // 2: convolutions and pooling on the CPU run through `ml::fast_ops` (other rounding).
+        2
     }
     fn doc(&self) -> &'static str {
         if self.retrain {

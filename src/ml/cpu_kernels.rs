@@ -1,0 +1,435 @@
+//! Hand-written CPU kernels for the two layers that dominate a CNN step here: the 3x3
+//! convolution (stride 1, padding 1, bias, optional fused ReLU) and the 2x2 max pool.
+//!
+//! Why they exist: burn 0.21's flex backend computes a convolution's *weight* gradient as a
+//! second convolution whose kernel is the whole output-gradient map, and its ReLU and pool
+//! backward passes each allocate and sweep full tensors; together that made a vgg-small step
+//! 4.5x slower than PyTorch (BENCHMARKS.md). Here every convolution pass is im2col + one GEMM per
+//! image (the `gemm` crate, which flex itself uses for its forward pass):
+//!
+//! - forward:         out_n[Co, HW]  = W[Co, K] . col_n[K, HW] + b   (K = Cin*9)
+//! - weight gradient: dW[Co, K]     += g_n[Co, HW] . col_n^T
+//! - input gradient:  dcol_n[K, HW]  = W^T . g_n, scattered back by col2im
+//!
+//! where g is the output gradient masked by the ReLU (out > 0).
+//!
+//! Determinism: the images of a batch are cut into a number of chunks that depends only on the
+//! batch size; each chunk's weight gradient is accumulated in image order and the chunks are
+//! summed in chunk order, so the bytes do not depend on the rayon thread count.
+//!
+//! Layouts are NCHW, contiguous, f32. These functions know nothing of burn.
+
+use rayon::prelude::*;
+
+/// The weight gradient is reduced over at most this many chunks of images (see module docs).
+const GRAD_CHUNKS: usize = 8;
+
+/// The shape of one 3x3 same-padding convolution over a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv3x3Shape {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Conv3x3Shape {
+    fn plane(&self) -> usize {
+        self.height * self.width
+    }
+    fn input_len(&self) -> usize {
+        self.in_channels * self.plane()
+    }
+    fn output_len(&self) -> usize {
+        self.out_channels * self.plane()
+    }
+    /// Rows of the im2col matrix (and columns of the weight matrix).
+    fn k(&self) -> usize {
+        self.in_channels * 9
+    }
+}
+
+/// A read-only matrix view: element (i, j) lives at `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl MatRef<'_> {
+    fn fits(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// `dst[m x n, row-major] = (accumulate ? dst : 0) + a . b`, single-threaded (callers
+/// parallelise over images, which keeps the summation order fixed).
+fn gemm(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && dst.len() == m * n && a.fits() && b.fits(), "gemm operands out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the assertion above keeps every index the kernel reads or writes inside the three
+    // slices (non-negative strides, extents checked by `fits` and `dst.len()`); `dst` is a
+    // unique borrow, so it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The source index range of a row shifted by `d` in {-1, 0, 1} with zero padding: output
+/// positions `dst` take input positions `dst + d`.
+fn shifted(d: isize, len: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    match d {
+        -1 => (1..len, 0..len.saturating_sub(1)),
+        1 => (0..len.saturating_sub(1), 1..len),
+        _ => (0..len, 0..len),
+    }
+}
+
+/// col[(ci*9 + kh*3 + kw), oh*W + ow] = x[ci, oh+kh-1, ow+kw-1], zero outside the image.
+fn im2col(x: &[f32], channels: usize, h: usize, w: usize, col: &mut [f32]) {
+    let plane = h * w;
+    for ci in 0..channels {
+        let src = &x[ci * plane..(ci + 1) * plane];
+        for kh in 0..3 {
+            for kw in 0..3 {
+                let row = &mut col[(ci * 9 + kh * 3 + kw) * plane..][..plane];
+                let (dst_cols, src_cols) = shifted(kw as isize - 1, w);
+                for oh in 0..h {
+                    let out = &mut row[oh * w..(oh + 1) * w];
+                    let ih = oh as isize + kh as isize - 1;
+                    if ih < 0 || ih >= h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let ih = ih as usize;
+                    out.fill(0.0);
+                    out[dst_cols.clone()].copy_from_slice(&src[ih * w..][src_cols.clone()]);
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: dx[ci, ih, iw] = sum of the col entries that read it.
+fn col2im(col: &[f32], channels: usize, h: usize, w: usize, dx: &mut [f32]) {
+    let plane = h * w;
+    dx.fill(0.0);
+    for ci in 0..channels {
+        let dst = &mut dx[ci * plane..(ci + 1) * plane];
+        for kh in 0..3 {
+            for kw in 0..3 {
+                let row = &col[(ci * 9 + kh * 3 + kw) * plane..][..plane];
+                let (col_cols, dx_cols) = shifted(kw as isize - 1, w);
+                for oh in 0..h {
+                    let ih = oh as isize + kh as isize - 1;
+                    if ih < 0 || ih >= h as isize {
+                        continue;
+                    }
+                    let ih = ih as usize;
+                    let from = &row[oh * w..][col_cols.clone()];
+                    let to = &mut dst[ih * w..][dx_cols.clone()];
+                    for (t, f) in to.iter_mut().zip(from) {
+                        *t += f;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `relu(conv3x3(x, weight) + bias)` (or without the ReLU), NCHW in and out.
+/// `weight` is [Co, Cin, 3, 3], `bias` [Co].
+pub fn conv3x3_forward(s: Conv3x3Shape, x: &[f32], weight: &[f32], bias: &[f32], relu: bool) -> Vec<f32> {
+    assert!(x.len() == s.batch * s.input_len() && weight.len() == s.out_channels * s.k() && bias.len() == s.out_channels);
+    let mut out = vec![0f32; s.batch * s.output_len()];
+    if out.is_empty() {
+        return out;
+    }
+    let (plane, k) = (s.plane(), s.k());
+    let w = MatRef { data: weight, rows: s.out_channels, cols: k, row_stride: k, col_stride: 1 };
+    out.par_chunks_mut(s.output_len()).zip(x.par_chunks(s.input_len().max(1))).for_each_init(
+        || vec![0f32; k * plane],
+        |col, (out_n, x_n)| {
+            im2col(x_n, s.in_channels, s.height, s.width, col);
+            for (row, &b) in out_n.chunks_mut(plane).zip(bias) {
+                row.fill(b);
+            }
+            gemm(out_n, w, MatRef { data: col, rows: k, cols: plane, row_stride: plane, col_stride: 1 }, true);
+            if relu {
+                for v in out_n.iter_mut() {
+                    *v = v.max(0.0);
+                }
+            }
+        },
+    );
+    out
+}
+
+/// Gradients of [`conv3x3_forward`].
+pub struct Conv3x3Grads {
+    /// d loss / d x, when asked for.
+    pub x: Option<Vec<f32>>,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// Backward pass of [`conv3x3_forward`]. `out` is the forward output (post-ReLU when `relu`),
+/// which is all the ReLU's gradient needs; `grad` is d loss / d out.
+pub fn conv3x3_backward(s: Conv3x3Shape, x: &[f32], weight: &[f32], out: &[f32], relu: bool, grad: &[f32], want_x: bool) -> Conv3x3Grads {
+    let (plane, k, in_len, out_len) = (s.plane(), s.k(), s.input_len(), s.output_len());
+    assert!(x.len() == s.batch * in_len && out.len() == s.batch * out_len && grad.len() == out.len());
+    let per_chunk = s.batch.div_ceil(GRAD_CHUNKS).max(1);
+    let mut dx = if want_x { vec![0f32; x.len()] } else { Vec::new() };
+    let dx_chunks: Vec<Option<&mut [f32]>> = if want_x && !dx.is_empty() {
+        dx.chunks_mut(per_chunk * in_len).map(Some).collect()
+    } else {
+        (0..s.batch.div_ceil(per_chunk)).map(|_| None).collect()
+    };
+    let w_t = MatRef { data: weight, rows: k, cols: s.out_channels, row_stride: 1, col_stride: k };
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx_chunks
+        .into_par_iter()
+        .enumerate()
+        .map(|(c, mut dx_chunk)| {
+            let mut dw = vec![0f32; s.out_channels * k];
+            let mut db = vec![0f32; s.out_channels];
+            let mut col = vec![0f32; k * plane];
+            let mut g = vec![0f32; out_len];
+            let mut dcol = if want_x { vec![0f32; k * plane] } else { Vec::new() };
+            let images = (c * per_chunk)..((c + 1) * per_chunk).min(s.batch);
+            for (j, n) in images.enumerate() {
+                let grad_n = &grad[n * out_len..(n + 1) * out_len];
+                if relu {
+                    let out_n = &out[n * out_len..(n + 1) * out_len];
+                    for ((gv, &d), &o) in g.iter_mut().zip(grad_n).zip(out_n) {
+                        *gv = if o > 0.0 { d } else { 0.0 };
+                    }
+                } else {
+                    g.copy_from_slice(grad_n);
+                }
+                for (b, row) in db.iter_mut().zip(g.chunks(plane)) {
+                    *b += row.iter().sum::<f32>();
+                }
+                im2col(&x[n * in_len..(n + 1) * in_len], s.in_channels, s.height, s.width, &mut col);
+                let g_mat = MatRef { data: &g, rows: s.out_channels, cols: plane, row_stride: plane, col_stride: 1 };
+                let col_t = MatRef { data: &col, rows: plane, cols: k, row_stride: 1, col_stride: plane };
+                gemm(&mut dw, g_mat, col_t, true);
+                if let Some(dx_chunk) = dx_chunk.as_deref_mut() {
+                    gemm(&mut dcol, w_t, g_mat, false);
+                    col2im(&dcol, s.in_channels, s.height, s.width, &mut dx_chunk[j * in_len..(j + 1) * in_len]);
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut weight_grad = vec![0f32; s.out_channels * k];
+    let mut bias_grad = vec![0f32; s.out_channels];
+    for (dw, db) in &partials {
+        weight_grad.iter_mut().zip(dw).for_each(|(a, b)| *a += b);
+        bias_grad.iter_mut().zip(db).for_each(|(a, b)| *a += b);
+    }
+    Conv3x3Grads { x: want_x.then_some(dx), weight: weight_grad, bias: bias_grad }
+}
+
+/// 2x2 max pool with stride 2 over `planes` planes of `h x w` (odd edges dropped, as burn and
+/// PyTorch do). Returns the pooled values and, per output, which of the four inputs won
+/// (row-major within the window; the first maximum on ties).
+pub fn max_pool2x2_forward(x: &[f32], planes: usize, h: usize, w: usize) -> (Vec<f32>, Vec<u8>) {
+    let (oh, ow) = (h / 2, w / 2);
+    assert_eq!(x.len(), planes * h * w);
+    let mut out = vec![0f32; planes * oh * ow];
+    let mut arg = vec![0u8; out.len()];
+    if out.is_empty() {
+        return (out, arg);
+    }
+    out.par_chunks_mut(oh * ow).zip(arg.par_chunks_mut(oh * ow)).zip(x.par_chunks(h * w)).for_each(|((o, a), p)| {
+        for i in 0..oh {
+            let (top, bottom) = (&p[2 * i * w..], &p[(2 * i + 1) * w..]);
+            for j in 0..ow {
+                let cands = [top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]];
+                let mut best = 0;
+                for (c, &v) in cands.iter().enumerate().skip(1) {
+                    if v > cands[best] {
+                        best = c;
+                    }
+                }
+                o[i * ow + j] = cands[best];
+                a[i * ow + j] = best as u8;
+            }
+        }
+    });
+    (out, arg)
+}
+
+/// Backward pass of [`max_pool2x2_forward`]: each output's gradient goes to the input that won.
+pub fn max_pool2x2_backward(grad: &[f32], arg: &[u8], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let (oh, ow) = (h / 2, w / 2);
+    assert!(grad.len() == planes * oh * ow && arg.len() == grad.len());
+    let mut dx = vec![0f32; planes * h * w];
+    if grad.is_empty() {
+        return dx;
+    }
+    dx.par_chunks_mut(h * w).zip(grad.par_chunks(oh * ow)).zip(arg.par_chunks(oh * ow)).for_each(|((d, g), a)| {
+        for i in 0..oh {
+            for j in 0..ow {
+                let winner = a[i * ow + j] as usize;
+                d[(2 * i + winner / 2) * w + 2 * j + winner % 2] = g[i * ow + j];
+            }
+        }
+    });
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ml::rng::Rng;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::derive(seed, "kernels");
+        (0..n).map(|_| r.uniform() * 2.0 - 1.0).collect()
+    }
+
+    /// The textbook six-loop convolution, the oracle for the GEMM version.
+    fn naive_forward(s: Conv3x3Shape, x: &[f32], wt: &[f32], b: &[f32]) -> Vec<f32> {
+        let (h, w) = (s.height as isize, s.width as isize);
+        let mut out = vec![0f32; s.batch * s.output_len()];
+        for n in 0..s.batch {
+            for co in 0..s.out_channels {
+                for oh in 0..h {
+                    for ow in 0..w {
+                        let mut acc = b[co] as f64;
+                        for ci in 0..s.in_channels {
+                            for kh in 0..3 {
+                                for kw in 0..3 {
+                                    let (ih, iw) = (oh + kh - 1, ow + kw - 1);
+                                    if ih >= 0 && ih < h && iw >= 0 && iw < w {
+                                        let xv = x[((n * s.in_channels + ci) * s.height + ih as usize) * s.width + iw as usize];
+                                        let wv = wt[((co * s.in_channels + ci) * 3 + kh as usize) * 3 + kw as usize];
+                                        acc += (xv * wv) as f64;
+                                    }
+                                }
+                            }
+                        }
+                        out[((n * s.out_channels + co) * s.height + oh as usize) * s.width + ow as usize] = acc as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn forward_matches_naive_convolution() {
+        for s in [
+            Conv3x3Shape { batch: 3, in_channels: 1, out_channels: 4, height: 5, width: 7 },
+            Conv3x3Shape { batch: 2, in_channels: 3, out_channels: 5, height: 1, width: 4 },
+            Conv3x3Shape { batch: 1, in_channels: 6, out_channels: 2, height: 8, width: 8 },
+        ] {
+            let x = random(s.batch * s.input_len(), 1);
+            let wt = random(s.out_channels * s.k(), 2);
+            let b = random(s.out_channels, 3);
+            let expected = naive_forward(s, &x, &wt, &b);
+            assert!(max_diff(&conv3x3_forward(s, &x, &wt, &b, false), &expected) < 1e-5, "{s:?}");
+            let relu: Vec<f32> = expected.iter().map(|v| v.max(0.0)).collect();
+            assert!(max_diff(&conv3x3_forward(s, &x, &wt, &b, true), &relu) < 1e-5, "{s:?}");
+        }
+    }
+
+    /// Every gradient against central finite differences of loss = sum(out * probe).
+    #[test]
+    fn backward_matches_finite_differences() {
+        let s = Conv3x3Shape { batch: 3, in_channels: 2, out_channels: 3, height: 4, width: 5 };
+        let x = random(s.batch * s.input_len(), 4);
+        let wt = random(s.out_channels * s.k(), 5);
+        let b = random(s.out_channels, 6);
+        let probe = random(s.batch * s.output_len(), 7);
+        for relu in [false, true] {
+            let loss = |x: &[f32], wt: &[f32], b: &[f32]| -> f64 {
+                conv3x3_forward(s, x, wt, b, relu).iter().zip(&probe).map(|(o, p)| (*o as f64) * (*p as f64)).sum()
+            };
+            let out = conv3x3_forward(s, &x, &wt, &b, relu);
+            let g = conv3x3_backward(s, &x, &wt, &out, relu, &probe, true);
+            // Central differences of `f` around `v`, one coordinate at a time, against `analytic`.
+            let check = |what: &str, v: &[f32], analytic: &[f32], f: &dyn Fn(&[f32]) -> f64| {
+                let eps = 1e-2f32;
+                for (i, a) in analytic.iter().enumerate() {
+                    let (mut up, mut down) = (v.to_vec(), v.to_vec());
+                    up[i] += eps;
+                    down[i] -= eps;
+                    let numeric = ((f(&up) - f(&down)) / (2.0 * eps as f64)) as f32;
+                    assert!((numeric - a).abs() < 2e-2, "{what}[{i}] relu={relu}: {numeric} vs {a}");
+                }
+            };
+            check("dx", &x, g.x.as_deref().expect("asked for dx"), &|v| loss(v, &wt, &b));
+            check("dw", &wt, &g.weight, &|v| loss(&x, v, &b));
+            check("db", &b, &g.bias, &|v| loss(&x, &wt, v));
+        }
+    }
+
+    #[test]
+    fn backward_bytes_do_not_depend_on_thread_count() {
+        let s = Conv3x3Shape { batch: 11, in_channels: 3, out_channels: 4, height: 6, width: 6 };
+        let x = random(s.batch * s.input_len(), 8);
+        let wt = random(s.out_channels * s.k(), 9);
+        let b = random(s.out_channels, 10);
+        let g = random(s.batch * s.output_len(), 11);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+            pool.install(|| {
+                let out = conv3x3_forward(s, &x, &wt, &b, true);
+                let gr = conv3x3_backward(s, &x, &wt, &out, true, &g, true);
+                (out, gr.x, gr.weight, gr.bias)
+            })
+        };
+        assert_eq!(run(1), run(3));
+    }
+
+    #[test]
+    fn max_pool_picks_the_first_maximum_and_routes_gradients_to_it() {
+        // One 3x4 plane: the odd last row is dropped.
+        let x = [1.0, 5.0, 2.0, 2.0, 3.0, 0.0, 2.0, -1.0, 9.0, 9.0, 9.0, 9.0];
+        let (out, arg) = max_pool2x2_forward(&x, 1, 3, 4);
+        assert_eq!(out, vec![5.0, 2.0]);
+        assert_eq!(arg, vec![1, 0]);
+        let dx = max_pool2x2_backward(&[10.0, 20.0], &arg, 1, 3, 4);
+        assert_eq!(dx, vec![0.0, 10.0, 20.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+}
