@@ -154,11 +154,7 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
 }
 
 fn cell(v: Option<&Json>) -> String {
-    match v {
-        None | Some(Json::Null) => "-".into(),
-        Some(Json::Number(n)) if n.is_f64() => format!("{:.4}", n.as_f64().unwrap_or(f64::NAN)),
-        Some(other) => show_value(other),
-    }
+    crate::report::format_cell(v, "-")
 }
 
 fn cmp_json(a: Option<&Json>, b: Option<&Json>) -> std::cmp::Ordering {

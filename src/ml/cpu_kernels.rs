@@ -322,6 +322,16 @@ mod tests {
         (0..n).map(|_| r.uniform() * 2.0 - 1.0).collect()
     }
 
+    /// Input, weight, bias and an output-sized probe (an upstream gradient) for shape `s`.
+    fn operands(s: Conv3x3Shape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        (
+            random(s.batch * s.input_len(), seed),
+            random(s.out_channels * s.k(), seed + 1),
+            random(s.out_channels, seed + 2),
+            random(s.batch * s.output_len(), seed + 3),
+        )
+    }
+
     /// The textbook six-loop convolution, the oracle for the GEMM version.
     fn naive_forward(s: Conv3x3Shape, x: &[f32], wt: &[f32], b: &[f32]) -> Vec<f32> {
         let (h, w) = (s.height as isize, s.width as isize);
@@ -363,9 +373,7 @@ mod tests {
             Conv3x3Shape { batch: 2, in_channels: 3, out_channels: 5, height: 1, width: 4 },
             Conv3x3Shape { batch: 1, in_channels: 6, out_channels: 2, height: 8, width: 8 },
         ] {
-            let x = random(s.batch * s.input_len(), 1);
-            let wt = random(s.out_channels * s.k(), 2);
-            let b = random(s.out_channels, 3);
+            let (x, wt, b, _) = operands(s, 1);
             let expected = naive_forward(s, &x, &wt, &b);
             assert!(max_diff(&conv3x3_forward(s, &x, &wt, &b, false), &expected) < 1e-5, "{s:?}");
             let relu: Vec<f32> = expected.iter().map(|v| v.max(0.0)).collect();
@@ -377,10 +385,7 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences() {
         let s = Conv3x3Shape { batch: 3, in_channels: 2, out_channels: 3, height: 4, width: 5 };
-        let x = random(s.batch * s.input_len(), 4);
-        let wt = random(s.out_channels * s.k(), 5);
-        let b = random(s.out_channels, 6);
-        let probe = random(s.batch * s.output_len(), 7);
+        let (x, wt, b, probe) = operands(s, 4);
         for relu in [false, true] {
             let loss = |x: &[f32], wt: &[f32], b: &[f32]| -> f64 {
                 conv3x3_forward(s, x, wt, b, relu).iter().zip(&probe).map(|(o, p)| (*o as f64) * (*p as f64)).sum()
@@ -407,10 +412,7 @@ mod tests {
     #[test]
     fn backward_bytes_do_not_depend_on_thread_count() {
         let s = Conv3x3Shape { batch: 11, in_channels: 3, out_channels: 4, height: 6, width: 6 };
-        let x = random(s.batch * s.input_len(), 8);
-        let wt = random(s.out_channels * s.k(), 9);
-        let b = random(s.out_channels, 10);
-        let g = random(s.batch * s.output_len(), 11);
+        let (x, wt, b, g) = operands(s, 8);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
             pool.install(|| {

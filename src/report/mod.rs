@@ -47,12 +47,13 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-fn cell(v: Option<&Json>) -> String {
+/// A metric or parameter as a table cell: floats to 4 decimals, `missing` for absent values.
+/// `camflow show` and the report print the same cells.
+pub fn format_cell(v: Option<&Json>, missing: &str) -> String {
     match v {
-        None | Some(Json::Null) => "–".into(),
+        None | Some(Json::Null) => missing.into(),
         Some(Json::Number(n)) if n.is_f64() => format!("{:.4}", n.as_f64().unwrap_or(f64::NAN)),
-        Some(Json::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
+        Some(other) => crate::sweep::show_value(other),
     }
 }
 
@@ -66,7 +67,7 @@ fn table_html(t: &ReportTable, skip: &[&str]) -> String {
     for r in &t.rows {
         s.push_str("<tr>");
         for c in &cols {
-            let _ = write!(s, "<td>{}</td>", esc(&cell(r.get(*c))));
+            let _ = write!(s, "<td>{}</td>", esc(&format_cell(r.get(*c), "–")));
         }
         s.push_str("</tr>");
     }
