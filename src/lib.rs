@@ -7,6 +7,7 @@ pub mod dag;
 pub mod error;
 pub mod exec;
 pub mod lockfile;
+pub mod malloc_tuning;
 pub mod ml;
 pub mod plan;
 pub mod report;

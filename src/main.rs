@@ -1,6 +1,7 @@
-//! Parse arguments, run, turn the error into an exit code. Nothing else.
+//! Tune the allocator, parse arguments, run, turn the error into an exit code. Nothing else.
 
 fn main() {
+    camflow::malloc_tuning::tune();
     let code = camflow::cli::main();
     std::process::exit(code);
 }

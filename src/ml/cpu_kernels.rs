@@ -135,8 +135,14 @@ fn im2col(x: &[f32], channels: usize, h: usize, w: usize, col: &mut [f32]) {
                         continue;
                     }
                     let ih = ih as usize;
-                    out.fill(0.0);
                     out[dst_cols.clone()].copy_from_slice(&src[ih * w..][src_cols.clone()]);
+                    // Only the one padded column (if any) is left to zero.
+                    if dst_cols.start > 0 {
+                        out[0] = 0.0;
+                    }
+                    if dst_cols.end < w {
+                        out[w - 1] = 0.0;
+                    }
                 }
             }
         }
