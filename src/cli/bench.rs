@@ -11,7 +11,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::ml::fast_ops::TrainBackend;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -22,6 +21,7 @@ use super::print_out;
 use crate::error::{Error, Result};
 use crate::ml::backend::{BackendJob, BackendKind, dispatch};
 use crate::ml::dataset::{Dataset, Sample, Split};
+use crate::ml::fast_ops::TrainBackend;
 use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps};
 use crate::ml::model::{ArchConfig, Classifier};
 use crate::ml::rng::Rng;

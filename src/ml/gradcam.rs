@@ -8,12 +8,12 @@
 //! ReLU -> per-image `(x - min) / (max + 1e-7)` -> bilinear (half-pixel) resize to the input
 //! -> the same min-max again. The reference test in `tests/` holds us to 1e-4 of it.
 
-use super::fast_ops::TrainBackend;
 use burn::module::AutodiffModule;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::dataset::Dataset;
+use super::fast_ops::TrainBackend;
 use super::model::Classifier;
 use super::resize;
 use super::train::batch_tensor;

@@ -12,9 +12,9 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
+use serde::{Deserialize, Serialize};
 
 use super::fast_ops::FastOps;
-use serde::{Deserialize, Serialize};
 
 /// What to build; goes into `config.json` beside the weights and into cache keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

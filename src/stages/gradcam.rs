@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::ml::fast_ops::TrainBackend;
 use serde_json::{Value as Json, json};
 
 use super::io;
@@ -10,6 +9,7 @@ use super::params as p;
 use super::train::{backend, load_model};
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::dataset::Dataset;
+use crate::ml::fast_ops::TrainBackend;
 use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps};
 use crate::ml::planes::{PlaneKind, Planes};
 use crate::ml::{resize, rng::Rng};

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::ml::fast_ops::TrainBackend;
 use serde_json::json;
 
 use super::io;
@@ -11,6 +10,7 @@ use super::params as p;
 use super::train::{backend, load_model, nan_to_null};
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::dataset::{Dataset, Split};
+use crate::ml::fast_ops::TrainBackend;
 use crate::ml::metrics::{self, Overlap};
 use crate::ml::train::predict;
 use crate::stage_kind::*;

@@ -2,13 +2,13 @@
 //! val, scored on test. `retrain` is the same work on a heatmap-filtered dataset; it is its
 //! own kind so the DAG, the tables and the report can tell the two apart.
 
-use crate::ml::fast_ops::TrainBackend;
 use serde_json::{Value as Json, json};
 
 use super::io;
 use super::params as p;
 use crate::ml::backend::{BackendJob, BackendKind, dispatch};
 use crate::ml::dataset::{Dataset, Split};
+use crate::ml::fast_ops::TrainBackend;
 use crate::ml::model::ArchConfig;
 use crate::ml::train::{self as ml_train, ClassWeights, OptimizerKind, TrainConfig};
 use crate::ml::weights;
