@@ -149,10 +149,9 @@ fn im2col(x: &[f32], channels: usize, h: usize, w: usize, col: &mut [f32]) {
     }
 }
 
-/// The adjoint of [`im2col`]: dx[ci, ih, iw] = sum of the col entries that read it.
-fn col2im(col: &[f32], channels: usize, h: usize, w: usize, dx: &mut [f32]) {
+/// The adjoint of [`im2col`], added into `dx`: dx[ci, ih, iw] += the col entries that read it.
+fn col2im_add(col: &[f32], channels: usize, h: usize, w: usize, dx: &mut [f32]) {
     let plane = h * w;
-    dx.fill(0.0);
     for ci in 0..channels {
         let dst = &mut dx[ci * plane..(ci + 1) * plane];
         for kh in 0..3 {
@@ -254,7 +253,8 @@ pub fn conv3x3_backward(s: Conv3x3Shape, x: &[f32], weight: &[f32], out: &[f32],
                 gemm(&mut dw, g_mat, col_t, true);
                 if let Some(dx_chunk) = dx_chunk.as_deref_mut() {
                     gemm(&mut dcol, w_t, g_mat, false);
-                    col2im(&dcol, s.in_channels, s.height, s.width, &mut dx_chunk[j * in_len..(j + 1) * in_len]);
+                    // `dx` starts zeroed and each image's slice is written by this call only.
+                    col2im_add(&dcol, s.in_channels, s.height, s.width, &mut dx_chunk[j * in_len..(j + 1) * in_len]);
                 }
             }
             (dw, db)

@@ -69,19 +69,29 @@ fn conv_shape(x: [usize; 4], weight: [usize; 4]) -> Conv3x3Shape {
     Conv3x3Shape { batch: x[0], in_channels: x[1], out_channels: weight[0], height: x[2], width: x[3] }
 }
 
+/// The forward conv on flex tensors, shared by the plain and the autodiff backend.
+fn conv3x3_flex(s: Conv3x3Shape, x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor, with_relu: bool) -> FlexTensor {
+    let out = kernels::conv3x3_forward(s, values(x), values(weight), values(bias), with_relu);
+    flex_from(out, &[s.batch, s.out_channels, s.height, s.width])
+}
+
+/// The forward pool on flex tensors and the winner of each window (for the backward pass).
+fn max_pool2x2_flex(x: &FlexTensor, [n, c, h, w]: [usize; 4]) -> (FlexTensor, Vec<u8>) {
+    let (out, winners) = kernels::max_pool2x2_forward(values(x), n * c, h, w);
+    (flex_from(out, &[n, c, h / 2, w / 2]), winners)
+}
+
 impl FastOps for Flex {
     fn conv3x3(x: Tensor<Self, 4>, weight: Tensor<Self, 4>, bias: Tensor<Self, 1>, with_relu: bool) -> Tensor<Self, 4> {
         let s = conv_shape(x.dims(), weight.dims());
-        let (x, weight, bias) = (flex_of(x), flex_of(weight), flex_of(bias));
-        let out = kernels::conv3x3_forward(s, values(&x), values(&weight), values(&bias), with_relu);
-        Tensor::from_primitive(TensorPrimitive::Float(flex_from(out, &[s.batch, s.out_channels, s.height, s.width])))
+        let out = conv3x3_flex(s, &flex_of(x), &flex_of(weight), &flex_of(bias), with_relu);
+        Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 
     fn max_pool2x2(x: Tensor<Self, 4>) -> Tensor<Self, 4> {
-        let [n, c, h, w] = x.dims();
-        let x = flex_of(x);
-        let (out, _) = kernels::max_pool2x2_forward(values(&x), n * c, h, w);
-        Tensor::from_primitive(TensorPrimitive::Float(flex_from(out, &[n, c, h / 2, w / 2])))
+        let dims = x.dims();
+        let (out, _) = max_pool2x2_flex(&flex_of(x), dims);
+        Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
 
@@ -149,10 +159,7 @@ impl FastOps for Autodiff<Flex> {
         let s = conv_shape(x.dims(), weight.dims());
         let (x, weight, bias) = (x.into_primitive().tensor(), weight.into_primitive().tensor(), bias.into_primitive().tensor());
         let (xv, wv, bv) = (x.primitive.to_contiguous(), weight.primitive.to_contiguous(), bias.primitive.to_contiguous());
-        let out = flex_from(
-            kernels::conv3x3_forward(s, values(&xv), values(&wv), values(&bv), with_relu),
-            &[s.batch, s.out_channels, s.height, s.width],
-        );
+        let out = conv3x3_flex(s, &xv, &wv, &bv, with_relu);
         let tracked = match Conv3x3Backward
             .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone(), bias.node.clone()])
             .compute_bound()
@@ -165,11 +172,9 @@ impl FastOps for Autodiff<Flex> {
     }
 
     fn max_pool2x2(x: Tensor<Self, 4>) -> Tensor<Self, 4> {
-        let dims @ [n, c, h, w] = x.dims();
+        let dims = x.dims();
         let x = x.into_primitive().tensor();
-        let xv = x.primitive.to_contiguous();
-        let (out, winners) = kernels::max_pool2x2_forward(values(&xv), n * c, h, w);
-        let out = flex_from(out, &[n, c, h / 2, w / 2]);
+        let (out, winners) = max_pool2x2_flex(&x.primitive.to_contiguous(), dims);
         let tracked = match MaxPool2x2Backward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(MaxPool2x2State { winners: Arc::new(winners), dims }, out),
             OpsKind::UnTracked(prep) => prep.finish(out),
