@@ -186,7 +186,6 @@ impl FastOps for Autodiff<Flex> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
 
     type Ad = Autodiff<Flex>;
 
@@ -203,11 +202,17 @@ mod tests {
     #[test]
     fn flex_layers_agree_with_burns_operations() {
         let dev = Default::default();
-        Flex::seed(&dev, 3);
-        let x = Tensor::<Ad, 4>::random([3, 2, 6, 8], Distribution::Normal(0.0, 1.0), &dev).require_grad();
-        let w = Tensor::<Ad, 4>::random([4, 2, 3, 3], Distribution::Normal(0.0, 1.0), &dev).require_grad();
-        let b = Tensor::<Ad, 1>::random([4], Distribution::Normal(0.0, 1.0), &dev).require_grad();
-        let probe = Tensor::<Ad, 4>::random([3, 4, 3, 4], Distribution::Normal(0.0, 1.0), &dev);
+        // Values from camflow's own generator: burn's RNG is process-global, and drawing from it
+        // here would perturb a concurrent test's seeded initialisation.
+        let mut rng = crate::ml::rng::Rng::new(3);
+        let mut normal = |shape: Vec<usize>| {
+            let n = shape.iter().product();
+            Tensor::<Ad, 4>::from_data(TensorData::new((0..n).map(|_| rng.normal()).collect::<Vec<f32>>(), shape), &dev)
+        };
+        let x = normal(vec![3, 2, 6, 8]).require_grad();
+        let w = normal(vec![4, 2, 3, 3]).require_grad();
+        let b = normal(vec![1, 1, 1, 4]).reshape([4]).require_grad();
+        let probe = normal(vec![3, 4, 3, 4]);
 
         let ours = Ad::max_pool2x2(Ad::conv3x3(x.clone(), w.clone(), b.clone(), true));
         let theirs = reference(x.clone(), w.clone(), b.clone());
