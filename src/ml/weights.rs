@@ -159,7 +159,10 @@ fn load_bn<B: Backend>(named: &Named, name: &str, bn: &mut BatchNorm<B>) -> Resu
 /// Builds the model of `arch` and fills it from safetensors bytes.
 pub fn from_safetensors<B: Backend>(arch: &ArchConfig, bytes: &[u8], device: &B::Device) -> Result<Classifier<B>, WeightsError> {
     let named = read_all(bytes)?;
-    let mut m = arch.init::<B>(device);
+    // Every parameter is overwritten below, but building one draws its lazy initial values from
+    // burn's process-global RNG: under `seeded_init`'s lock, so that loading a model in one stage
+    // cannot shift the random stream of a training that is initialising in another.
+    let mut m = crate::ml::train::seeded_init::<B>(arch, 0, device);
     for (i, u) in m.units.iter_mut().enumerate() {
         load_conv(&named, &prefix(arch, i, "conv1"), &mut u.conv1)?;
         if let Some(bn) = u.bn1.as_mut() {
