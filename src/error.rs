@@ -6,9 +6,12 @@
 //! | 1    | one or more stage instances failed |
 //! | 2    | bad usage or an invalid pipeline spec |
 //! | 3    | `verify` found corrupt or missing cache entries |
-//! | 4    | `run --locked`: a cache key differs from the lock file |
+//! | 4    | `run --locked`: a cache key, output or metric differs from the lock file; `diff`: the two sides diverged |
 //! | 5    | the cache or another file could not be read or written |
-//! | 130  | interrupted (Ctrl-C); the cache stays consistent and the next run resumes |
+//! | 6    | `gc`: a `camflow run` is using the cache (nothing was removed; `--wait` waits) |
+//! | 101  | an internal error (a bug in camflow) |
+//! | 130  | interrupted (Ctrl-C, SIGINT); the cache stays consistent and the next run resumes |
+//! | 143  | terminated (SIGTERM, as Slurm and systemd send): handled like Ctrl-C |
 
 use crate::spec::SpecErrors;
 
@@ -24,10 +27,17 @@ pub enum Error {
     VerifyFailed(usize),
     #[error("--locked: {0}")]
     LockMismatch(String),
+    #[error("diverged: {0}")]
+    Diverged(String),
     #[error("{0}")]
     Io(String),
-    #[error("interrupted; finished work is cached and the next run resumes")]
-    Interrupted,
+    /// Stopped by a signal (its number: 2 for SIGINT, 15 for SIGTERM).
+    #[error("{}; finished work is cached and the next run resumes", if *signal == 15 { "terminated (SIGTERM)" } else { "interrupted" })]
+    Interrupted { signal: i32 },
+    #[error("{0}")]
+    Busy(String),
+    #[error("internal error (a bug in camflow): {0}")]
+    Internal(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -38,9 +48,11 @@ impl Error {
             Error::StagesFailed { .. } => 1,
             Error::Spec(_) | Error::Usage(_) => 2,
             Error::VerifyFailed(_) => 3,
-            Error::LockMismatch(_) => 4,
+            Error::LockMismatch(_) | Error::Diverged(_) => 4,
             Error::Io(_) => 5,
-            Error::Interrupted => 130,
+            Error::Busy(_) => 6,
+            Error::Internal(_) => 101,
+            Error::Interrupted { signal } => 128 + signal,
         }
     }
 }

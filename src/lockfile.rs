@@ -1,13 +1,17 @@
 //! `<pipeline>.lock.yaml`: what a run produced, per instance, so a colleague holding the
-//! spec and its lock can check they get the same result (`run --locked`).
+//! spec and its lock can check they get the same result (`run --locked`, `diff`).
+//!
+//! Entries are named by the label of *each* instance of the spec, never by the label stored
+//! in a cache record: two instances that share a key (two stages doing the same work) share a
+//! record, and the lock must not depend on which of them happened to compute it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use crate::cache::ActionRecord;
+use crate::cache::{ActionRecord, CacheKey};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LockFile {
@@ -23,8 +27,19 @@ pub struct LockFile {
 pub struct LockedInstance {
     pub key: String,
     pub kind: String,
+    /// The kind's implementation version in the key (absent in older lock files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind_version: Option<u32>,
+    /// The instance's resolved params, location params (a data folder) included for people,
+    /// although those are not in the key.
     pub params: BTreeMap<String, Json>,
     pub inputs: BTreeMap<String, String>,
+    /// Content digests of external data by name, as in the key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data: BTreeMap<String, String>,
+    /// Numeric backend class in the key (backend-dependent kinds only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numeric: Option<String>,
     pub outputs: BTreeMap<String, String>,
     pub metrics: Json,
     pub camflow_version: String,
@@ -37,19 +52,39 @@ pub fn path_for(pipeline: &Path) -> PathBuf {
     pipeline.with_file_name(format!("{stem}.lock.yaml"))
 }
 
+/// One instance of a run, as the lock sees it: its own label and params, and the record of
+/// its key (possibly written by another instance with the same key).
+pub struct RunEntry<'a> {
+    pub label: &'a str,
+    pub params: &'a BTreeMap<String, Json>,
+    pub record: &'a ActionRecord,
+}
+
+fn short(d: &str) -> &str {
+    &d[..12.min(d.len())]
+}
+
+fn output_digests(r: &ActionRecord) -> BTreeMap<String, String> {
+    r.outputs.iter().map(|(k, v)| (k.clone(), v.digest.clone())).collect()
+}
+
 impl LockFile {
-    pub fn from_records(pipeline: &str, backend: &str, deterministic: bool, records: &[&ActionRecord]) -> LockFile {
-        let instances = records
+    pub fn from_run(pipeline: &str, backend: &str, deterministic: bool, entries: &[RunEntry<'_>]) -> LockFile {
+        let instances = entries
             .iter()
-            .map(|r| {
+            .map(|e| {
+                let r = e.record;
                 (
-                    r.label.clone(),
+                    e.label.to_string(),
                     LockedInstance {
                         key: r.key.clone(),
                         kind: r.kind.clone(),
-                        params: r.key_inputs.params.clone(),
+                        kind_version: Some(r.key_inputs.kind_version),
+                        params: e.params.clone(),
                         inputs: r.key_inputs.inputs.clone(),
-                        outputs: r.outputs.iter().map(|(k, v)| (k.clone(), v.digest.clone())).collect(),
+                        data: r.key_inputs.files.clone(),
+                        numeric: r.key_inputs.backend.clone(),
+                        outputs: output_digests(r),
                         metrics: r.metrics.clone(),
                         camflow_version: r.camflow_version.clone(),
                         backend: r.backend.clone(),
@@ -86,16 +121,198 @@ impl LockFile {
         Ok(())
     }
 
-    /// Whether `label` may run with `key` under this lock.
-    pub fn check(&self, label: &str, key: &str) -> Result<(), String> {
+    /// Whether `label` may run with `key` under this lock. `upstream` are the (label, record)
+    /// of the instances it reads; their results are checked first, since an upstream output
+    /// that differs from the lock is what changes this key.
+    pub fn check(
+        &self,
+        label: &str,
+        key: &CacheKey,
+        params: &BTreeMap<String, Json>,
+        upstream: &[(&str, &ActionRecord)],
+    ) -> Result<(), String> {
+        for (ul, rec) in upstream {
+            self.check_result(ul, rec)?;
+        }
+        let digest = key.digest();
         match self.instances.get(label) {
             None => Err(format!("{label}: not in the lock file (the spec has changed since it was locked)")),
-            Some(l) if l.key != key => Err(format!(
-                "{label}: cache key {} differs from the locked {} (params, inputs, data or backend changed)",
-                &key[..12],
-                &l.key[..12.min(l.key.len())]
+            Some(l) if l.key != digest => Err(format!(
+                "{label}: cache key {} differs from the locked {} ({})",
+                short(&digest),
+                short(&l.key),
+                key_cause(l, key, params)
             )),
             Some(_) => Ok(()),
         }
+    }
+
+    /// Whether the result of `label` (its record) equals the locked one: output digests, then
+    /// metrics. A backend that is not bitwise deterministic is not held to output bytes.
+    pub fn check_result(&self, label: &str, rec: &ActionRecord) -> Result<(), String> {
+        let Some(l) = self.instances.get(label) else { return Ok(()) };
+        if l.key != rec.key {
+            // Reported by `check` with its cause.
+            return Ok(());
+        }
+        if !(self.bitwise_deterministic && rec.bitwise_deterministic) {
+            return Ok(());
+        }
+        let now = output_digests(rec);
+        let names: BTreeSet<&String> = l.outputs.keys().chain(now.keys()).collect();
+        for name in names {
+            let (a, b) = (l.outputs.get(name), now.get(name));
+            if a != b {
+                return Err(format!(
+                    "{label}: output `{name}` is {} where the lock has {} (same key: {})",
+                    b.map(|d| short(d)).unwrap_or("absent"),
+                    a.map(|d| short(d)).unwrap_or("absent"),
+                    result_cause(l, rec)
+                ));
+            }
+        }
+        if l.metrics != rec.metrics {
+            let what = crate::lockfile::metric_changes(&l.metrics, &rec.metrics, 0.0)
+                .into_iter()
+                .take(3)
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(format!(
+                "{label}: metrics differ from the lock ({what}) while the output bytes agree: the cache record or the lock file was edited"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a key differs from the locked one, from what the lock remembers of its inputs.
+fn key_cause(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>) -> String {
+    let mut why = Vec::new();
+    if l.kind != key.kind {
+        why.push(format!("kind {} -> {}", l.kind, key.kind));
+    } else if let Some(v) = l.kind_version
+        && v != key.kind_version
+    {
+        why.push(format!("kind version differs: locked v{v}, this camflow v{}", key.kind_version));
+    }
+    // Location params are not in the key; a change of them alone changes nothing.
+    let names: BTreeSet<&String> = l.params.keys().chain(params.keys()).collect();
+    let changed: Vec<String> = names
+        .into_iter()
+        .filter(|n| l.params.get(*n) != params.get(*n) && (key.params.contains_key(*n) || !params.contains_key(*n)))
+        .map(|n| n.to_string())
+        .collect();
+    if !changed.is_empty() {
+        why.push(format!("params differ: {}", changed.join(", ")));
+    }
+    let inputs: Vec<&String> = l.inputs.keys().chain(key.inputs.keys()).filter(|n| l.inputs.get(*n) != key.inputs.get(*n)).collect();
+    if !inputs.is_empty() {
+        let mut v: Vec<String> = inputs.into_iter().map(|s| format!("`{s}`")).collect();
+        v.dedup();
+        why.push(format!("input {} differs (an upstream result changed)", v.join(", ")));
+    }
+    let data: Vec<&String> = l.data.keys().chain(key.files.keys()).filter(|n| l.data.get(*n) != key.files.get(*n)).collect();
+    if !data.is_empty() {
+        let mut v: Vec<String> = data.into_iter().map(|s| format!("`{s}`")).collect();
+        v.dedup();
+        why.push(format!("data digest of {} differs: the data's contents are not the locked ones", v.join(", ")));
+    }
+    if l.numeric.is_some() && l.numeric != key.backend {
+        why.push(format!(
+            "numeric backend differs: locked {}, here {}",
+            l.numeric.as_deref().unwrap_or("none"),
+            key.backend.as_deref().unwrap_or("none")
+        ));
+    }
+    if why.is_empty() { "the seed or the key format differs".into() } else { why.join("; ") }
+}
+
+/// The likely cause of equal keys giving other bytes.
+fn result_cause(l: &LockedInstance, rec: &ActionRecord) -> String {
+    if l.backend != rec.backend {
+        format!("the backend differs: locked `{}`, here `{}`", l.backend, rec.backend)
+    } else if l.camflow_version != rec.camflow_version {
+        format!(
+            "camflow differs (locked {}, here {}): a change of the kind that did not bump its version, or the numeric profile",
+            l.camflow_version, rec.camflow_version
+        )
+    } else {
+        format!(
+            "the numbers differ on this machine with backend `{}`: the CPU numeric profile (CPU model or SIMD level) or a non-deterministic stage",
+            rec.backend
+        )
+    }
+}
+
+/// One metric that differs between two results.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricChange {
+    /// Dotted path in the metrics object, e.g. `test.positive`.
+    pub metric: String,
+    pub old: Json,
+    pub new: Json,
+    /// `new - old` where both are numbers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
+}
+
+impl std::fmt::Display for MetricChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |v: &Json| if v.is_null() { "null".to_string() } else { v.to_string() };
+        write!(f, "{} {} -> {}", self.metric, show(&self.old), show(&self.new))
+    }
+}
+
+fn flatten(prefix: &str, v: &Json, out: &mut BTreeMap<String, Json>) {
+    match v {
+        Json::Object(m) => {
+            for (k, x) in m {
+                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&p, x, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.clone());
+        }
+    }
+}
+
+/// Leaf metrics that differ: numbers by more than `tol` (absolute), anything else when not
+/// equal (a number against null diverges whatever the tolerance).
+pub fn metric_changes(old: &Json, new: &Json, tol: f64) -> Vec<MetricChange> {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", old, &mut a);
+    flatten("", new, &mut b);
+    let names: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let mut out = Vec::new();
+    for n in names {
+        let (x, y) = (a.get(n).cloned().unwrap_or(Json::Null), b.get(n).cloned().unwrap_or(Json::Null));
+        let change = match (x.as_f64(), y.as_f64()) {
+            (Some(p), Some(q)) => ((q - p).abs() > tol || (p.is_nan() != q.is_nan())).then_some(Some(q - p)),
+            _ => (x != y).then_some(None),
+        };
+        if let Some(delta) = change {
+            out.push(MetricChange { metric: n.clone(), old: x, new: y, delta });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn metric_changes_respect_the_tolerance() {
+        let a = json!({"accuracy": 0.78, "test": {"positive": 3}, "auc": null, "note": "x"});
+        let b = json!({"accuracy": 0.7805, "test": {"positive": 4}, "auc": 0.5, "note": "x"});
+        let c = metric_changes(&a, &b, 1e-3);
+        let names: Vec<&str> = c.iter().map(|c| c.metric.as_str()).collect();
+        assert_eq!(names, ["auc", "test.positive"]);
+        assert_eq!(c[1].to_string(), "test.positive 3 -> 4");
+        assert_eq!(metric_changes(&a, &b, 0.0).len(), 3);
+        assert!(metric_changes(&a, &a, 0.0).is_empty());
     }
 }

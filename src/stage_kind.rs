@@ -169,6 +169,9 @@ pub struct ParamSpec {
     pub doc: &'static str,
 }
 
+/// The external files of one data name: (name relative to the data, path), in reading order.
+pub type DataFiles = Vec<(String, PathBuf)>;
+
 /// CPU threads and GPUs an instance holds while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Resources {
@@ -198,6 +201,10 @@ pub struct RunContext<'a> {
     pub backend: &'a str,
     /// GPU index handed out by the executor (0 when none).
     pub device: usize,
+    /// The content digests of [`StageKind::external_files`] computed when the run was
+    /// planned (the ones in the key), by data name: a stage that reads external data checks
+    /// that what it read has these digests, so no result is cached under another data's key.
+    pub planned_data: &'a BTreeMap<String, String>,
     pub log: &'a mut dyn FnMut(String),
 }
 
@@ -237,9 +244,19 @@ pub trait StageKind: Send + Sync {
     fn default_resources(&self) -> Resources {
         Resources { cpu: 1, gpu: 0 }
     }
-    /// Files or folders outside the cache whose *contents* the outputs depend on.
-    fn external_paths(&self, _params: &Params, _base_dir: &Path) -> Vec<(String, PathBuf)> {
-        Vec::new()
+    /// Exactly the files outside the cache that `run` will read, by data name: each name has a
+    /// list of (name relative to the data, path), in the order the stage reads them. Their
+    /// contents (never their paths) go into the key, so this must list what is read and
+    /// nothing else: a lock file, a cache or a `Thumbs.db` beside the data must not change it.
+    /// An error here (a missing data folder) is reported before anything runs.
+    fn external_files(&self, _params: &Params, _base_dir: &Path) -> Result<Vec<(String, DataFiles)>, StageError> {
+        Ok(Vec::new())
+    }
+    /// Params that only say *where* data lives (a folder, a CSV path): kept out of the cache
+    /// key, since the data's contents are in it (moving a dataset must not change a key), but
+    /// still recorded in the lock file for people.
+    fn location_params(&self) -> &'static [&'static str] {
+        &[]
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError>;
 }

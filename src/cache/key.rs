@@ -15,7 +15,7 @@
 //! | `inputs`       | the *output digest* of each upstream instance, by input name: early cutoff follows (an upstream rerun that reproduces its bytes leaves downstream keys unchanged) |
 //! | `files`        | content digests of data outside the cache (a dataset folder): contents, not paths |
 //! | `seed`         | the pipeline seed, which stages use unless a param overrides it |
-//! | `backend`      | the numeric backend class (`flex-x86_64`, `cuda`), only for kinds whose numbers depend on it |
+//! | `backend`      | the numeric backend class (`flex-x86_64-portable1`, `cuda`), only for kinds whose numbers depend on it |
 //!
 //! # What is kept out, and why
 //! - Paths of the pipeline, the cache or data folders: moving a project must not invalidate it.

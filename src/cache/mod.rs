@@ -1,4 +1,4 @@
-//! The cache: keys, the content-addressed store, per-key locks and external file digests.
+//! The cache: keys, the content-addressed store, its locks and external file digests.
 
 pub mod file_digests;
 pub mod key;
@@ -6,4 +6,5 @@ pub mod lock;
 pub mod store;
 
 pub use key::{CacheKey, KEY_FORMAT};
-pub use store::{ActionRecord, Lookup, ObjectRef, Sidecar, Store, StoreError};
+pub use lock::{CacheLock, KeyLock};
+pub use store::{ActionRecord, Lookup, ObjectRef, RecordError, Sidecar, Store, StoreError};

@@ -6,6 +6,7 @@
 //! actions/<key>.json   one record per cache key: output digests, metrics, provenance
 //! names/<pipeline>/<h>.json  the key inputs of the last run of each instance label (for "why")
 //! locks/<key>.lock     per-key file locks so concurrent runs compute each key once
+//! locks/cache.lock     the cache-wide lock: `run`/`verify` hold it shared, `gc` exclusive
 //! logs/<key>.log       each run's stage log
 //! tmp/                 scratch space; everything is written here first, then renamed
 //! ```
@@ -13,18 +14,40 @@
 //! only after all its objects exist, so after a crash an entry is either whole or absent.
 //! Objects are checked cheaply on lookup (size and mtime against the record) and fully
 //! (SHA-256) when read or when `verify` runs; a mismatch deletes the object so the stage reruns.
+//!
+//! Records are checked like objects: each carries `record_digest`, the SHA-256 of its own
+//! canonical JSON (compact, keys sorted, without that field). A record whose content does not
+//! hash to it (an edited metric, a damaged file) is corrupt, exactly like an object whose bytes
+//! do not hash to its name.
+//!
+//! Nothing read from the cache is trusted to build a path: a key or an object digest must be
+//! 64 lowercase hex digits before it is joined to the cache root (a record saying
+//! `xx/tmp/victim.txt` must never make camflow read or delete `/tmp/victim.txt`), and symbolic
+//! links inside the cache are never followed.
+//!
+//! Files are created with mode 0666 and directories 0777, less the umask, so a cache shared by
+//! a group (umask 002, setgid folder) stays usable by all its members; objects are then made
+//! read-only for everyone.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 use super::key::CacheKey;
+
+/// How long `gc` and a starting `run` leave alone an entry of `tmp/`, or an object no record
+/// references yet, that no lock says is abandoned: it may belong to a process that does not
+/// take the cache lock (an older camflow, another host on a filesystem without `flock`).
+pub const GRACE: Duration = Duration::from_secs(3600);
+
+/// The field of a record file that holds the digest of the rest of the record.
+pub const RECORD_DIGEST_FIELD: &str = "record_digest";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,12 +57,31 @@ pub enum StoreError {
     Corrupt { digest: String, actual: String },
     #[error("object {0} is missing")]
     Missing(String),
+    #[error("object {0} is not a regular file (links are never followed)")]
+    NotAFile(String),
+    #[error("{what} {name} is not a SHA-256 digest (64 lowercase hex digits); it is never used as a path")]
+    BadName { what: &'static str, name: String },
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// True for a name the cache may turn into a path: 64 lowercase hex digits, as every key and
+/// object digest is.
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// `s` when it is a digest, else the error naming it (quoted, shortened: it came from disk).
+fn checked<'a>(what: &'static str, s: &'a str) -> StoreResult<&'a str> {
+    if is_digest(s) {
+        return Ok(s);
+    }
+    let shown: String = s.chars().take(80).collect();
+    Err(StoreError::BadName { what, name: format!("{shown:?}") })
 }
 
 /// Where an output lives, with what a cheap check compares.
@@ -76,12 +118,32 @@ impl ActionRecord {
     }
 }
 
+/// The digest of a record's canonical content: its JSON without [`RECORD_DIGEST_FIELD`],
+/// compact, object keys sorted (serde_json's map is ordered). Reproducible with any JSON tool
+/// that keeps numbers as written.
+pub fn record_content_digest(without_digest: &Json) -> String {
+    super::key::sha256_hex(&serde_json::to_vec(without_digest).expect("JSON value serialises"))
+}
+
 /// Result of looking a key up.
 #[derive(Debug, Clone)]
 pub enum Lookup {
     Fresh(Box<ActionRecord>),
     Missing,
     Corrupt(String),
+}
+
+/// Why a record could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The cache could not be read (permissions, I/O): an error, never a miss, or a second
+    /// user of a shared cache would silently recompute and overwrite.
+    #[error("{0}")]
+    Io(StoreError),
+    /// The record is damaged, edited or names something that is not a digest: it is removed
+    /// and its instance reruns.
+    #[error("record {path}: {detail}")]
+    Invalid { path: PathBuf, detail: String },
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +169,52 @@ pub fn hash_file(path: &Path) -> StoreResult<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Permissions that let the umask decide (tempfile's default is 0600/0700, private to the
+/// user, which breaks a cache shared by a group).
+#[cfg(unix)]
+fn umask_mode(mode: u32) -> fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    fs::Permissions::from_mode(mode)
+}
+
+/// Parses a record file and checks it: its digest, its key against its file name, and every
+/// name in it that becomes a path.
+fn parse_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<ActionRecord, RecordError> {
+    let bad = |detail: String| RecordError::Invalid { path: path.to_path_buf(), detail };
+    let mut v: Json = serde_json::from_slice(bytes).map_err(|e| bad(format!("unreadable JSON: {e}")))?;
+    let obj = v.as_object_mut().ok_or_else(|| bad("not a JSON object".into()))?;
+    let stated = match obj.remove(RECORD_DIGEST_FIELD) {
+        Some(Json::String(s)) => s,
+        Some(_) => return Err(bad(format!("`{RECORD_DIGEST_FIELD}` is not a string"))),
+        None => return Err(bad(format!("has no `{RECORD_DIGEST_FIELD}` (written by an older camflow, or edited)"))),
+    };
+    let actual = record_content_digest(&v);
+    if stated != actual {
+        return Err(bad(format!(
+            "its content hashes to {}, not to its {RECORD_DIGEST_FIELD} {}: edited or damaged",
+            short(&actual),
+            short(&stated)
+        )));
+    }
+    let rec: ActionRecord = serde_json::from_value(v).map_err(|e| bad(format!("unreadable: {e}")))?;
+    checked("record key", &rec.key).map_err(|e| bad(e.to_string()))?;
+    if rec.key != expected_key {
+        return Err(bad(format!("holds key {}, not the key of its file name", short(&rec.key))));
+    }
+    for (name, o) in &rec.outputs {
+        checked("object digest", &o.digest).map_err(|e| bad(format!("output `{name}`: {e}")))?;
+    }
+    Ok(rec)
+}
+
+/// A problem with one object of a record.
+enum ObjectProblem {
+    /// Missing, corrupt or not a file: the entry is stale.
+    Corrupt(String),
+    /// The object could not be read: an error.
+    Io(StoreError),
+}
+
 impl Store {
     pub fn open(root: &Path) -> StoreResult<Store> {
         for d in ["objects", "actions", "names", "locks", "logs", "tmp"] {
@@ -116,12 +224,27 @@ impl Store {
         Ok(Store { root: root.to_path_buf() })
     }
 
-    pub fn object_path(&self, digest: &str) -> PathBuf {
-        self.root.join("objects").join(&digest[..2.min(digest.len())]).join(&digest[2.min(digest.len())..])
+    /// Path of an object; `digest` must be a digest (it may come from a record on disk).
+    pub fn object_path(&self, digest: &str) -> StoreResult<PathBuf> {
+        let d = checked("object digest", digest)?;
+        Ok(self.root.join("objects").join(&d[..2]).join(&d[2..]))
     }
 
-    pub fn record_path(&self, key: &str) -> PathBuf {
-        self.root.join("actions").join(format!("{key}.json"))
+    /// [`Store::object_path`], refusing a shard folder (`objects/ab`) that is a link: through
+    /// it, reading, writing or removing the object would act outside the cache.
+    fn object_file(&self, digest: &str) -> StoreResult<PathBuf> {
+        let p = self.object_path(digest)?;
+        let shard = p.parent().expect("objects/ab/cd…");
+        if fs::symlink_metadata(shard).is_ok_and(|m| !m.is_dir()) {
+            return Err(StoreError::NotAFile(format!("{digest} (its folder {} is not a folder)", shard.display())));
+        }
+        Ok(p)
+    }
+
+    /// Path of the record of `key`; `key` must be a digest.
+    pub fn record_path(&self, key: &str) -> StoreResult<PathBuf> {
+        let k = checked("cache key", key)?;
+        Ok(self.root.join("actions").join(format!("{k}.json")))
     }
 
     pub fn tmp_dir(&self) -> PathBuf {
@@ -131,7 +254,10 @@ impl Store {
     /// Writes `bytes` to `dest` atomically (tmp file in the cache, fsync, rename).
     pub fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> StoreResult<()> {
         let tmpdir = self.tmp_dir();
-        let mut tmp = tempfile::NamedTempFile::new_in(&tmpdir).map_err(io(&tmpdir))?;
+        let mut b = tempfile::Builder::new();
+        #[cfg(unix)]
+        b.permissions(umask_mode(0o666));
+        let mut tmp = b.tempfile_in(&tmpdir).map_err(io(&tmpdir))?;
         tmp.write_all(bytes).map_err(io(dest))?;
         tmp.as_file().sync_all().map_err(io(dest))?;
         if let Some(parent) = dest.parent() {
@@ -141,14 +267,28 @@ impl Store {
         Ok(())
     }
 
+    /// A scratch folder for one run of `key`, created while its key lock is held: its name
+    /// says which key, so a starting run can tell an abandoned one (key lock free) from one in use.
+    pub fn scratch_dir(&self, key: &str) -> StoreResult<tempfile::TempDir> {
+        let k = checked("cache key", key)?;
+        let tmpdir = self.tmp_dir();
+        let prefix = format!("run-{k}-");
+        let mut b = tempfile::Builder::new();
+        b.prefix(&prefix);
+        #[cfg(unix)]
+        b.permissions(umask_mode(0o777));
+        b.tempdir_in(&tmpdir).map_err(io(&tmpdir))
+    }
+
     /// Moves a finished output file into the store; returns its reference. An object that
     /// already exists is never written again.
     pub fn put_file(&self, src: &Path) -> StoreResult<ObjectRef> {
         let digest = hash_file(src)?;
-        let dest = self.object_path(&digest);
+        let dest = self.object_file(&digest)?;
         if !dest.exists() {
             let f = fs::File::open(src).map_err(io(src))?;
             f.sync_all().map_err(io(src))?;
+            // Read-only for everyone who may read it: the umask already chose who that is.
             let mut perm = f.metadata().map_err(io(src))?.permissions();
             perm.set_readonly(true);
             fs::set_permissions(src, perm).map_err(io(src))?;
@@ -164,9 +304,16 @@ impl Store {
 
     /// Path of a verified object: its bytes are hashed; a mismatch removes it.
     pub fn verified_object(&self, r: &ObjectRef) -> StoreResult<PathBuf> {
-        let p = self.object_path(&r.digest);
-        if !p.exists() {
-            return Err(StoreError::Missing(r.digest.clone()));
+        let p = self.object_file(&r.digest)?;
+        match fs::symlink_metadata(&p) {
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(StoreError::Missing(r.digest.clone())),
+            Err(e) => return Err(StoreError::Io { path: p, source: e }),
+            // A link (or anything but a file) is never followed: the link itself is removed.
+            Ok(m) if !m.file_type().is_file() => {
+                let _ = if m.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+                return Err(StoreError::NotAFile(r.digest.clone()));
+            }
+            Ok(_) => {}
         }
         let actual = hash_file(&p)?;
         if actual != r.digest {
@@ -177,48 +324,92 @@ impl Store {
     }
 
     /// Cheap check of one object: exists, same size and mtime as recorded; else rehash.
-    fn check_object(&self, r: &ObjectRef, full: bool) -> Result<(), String> {
-        let p = self.object_path(&r.digest);
-        let meta = fs::metadata(&p).map_err(|_| format!("object {} is missing", short(&r.digest)))?;
-        if !full && meta.len() == r.size && mtime_ns(&meta) == r.mtime_ns {
+    fn check_object(&self, r: &ObjectRef, full: bool) -> Result<(), ObjectProblem> {
+        let p = self.object_file(&r.digest).map_err(|e| ObjectProblem::Corrupt(e.to_string()))?;
+        let meta = match fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(ObjectProblem::Corrupt(format!("object {} is missing", short(&r.digest))));
+            }
+            Err(e) => return Err(ObjectProblem::Io(StoreError::Io { path: p, source: e })),
+        };
+        if !full && meta.file_type().is_file() && meta.len() == r.size && mtime_ns(&meta) == r.mtime_ns {
             return Ok(());
         }
         match self.verified_object(r) {
             Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e @ StoreError::Io { .. }) => Err(ObjectProblem::Io(e)),
+            Err(e) => Err(ObjectProblem::Corrupt(e.to_string())),
         }
     }
 
-    pub fn read_record(&self, key: &str) -> Option<Result<ActionRecord, String>> {
-        let p = self.record_path(key);
-        let bytes = fs::read(&p).ok()?;
-        Some(serde_json::from_slice(&bytes).map_err(|e| format!("record {} is unreadable: {e}", p.display())))
+    /// The record of `key`, checked: `Ok(None)` only when there is none.
+    pub fn load_record(&self, key: &str) -> Result<Option<ActionRecord>, RecordError> {
+        let p = self.record_path(key).map_err(RecordError::Io)?;
+        match fs::symlink_metadata(&p) {
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(RecordError::Io(StoreError::Io { path: p, source: e })),
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(RecordError::Invalid { path: p, detail: "is a symbolic link (never followed)".into() });
+            }
+            Ok(_) => {}
+        }
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(RecordError::Io(StoreError::Io { path: p, source: e })),
+        };
+        parse_record(&p, &bytes, key).map(Some)
     }
 
-    /// Looks a key up. `full` hashes every object instead of trusting size and mtime.
-    pub fn lookup(&self, key: &str, full: bool) -> Lookup {
-        match self.read_record(key) {
-            None => Lookup::Missing,
-            Some(Err(e)) => Lookup::Corrupt(e),
-            Some(Ok(rec)) => {
-                for r in rec.outputs.values() {
-                    if let Err(e) = self.check_object(r, full) {
-                        return Lookup::Corrupt(e);
-                    }
-                }
-                Lookup::Fresh(Box::new(rec))
+    /// The record of `key`: `None` when there is none; an error when it cannot be read or is
+    /// corrupt.
+    pub fn read_record(&self, key: &str) -> Option<Result<ActionRecord, String>> {
+        self.load_record(key).map_err(|e| e.to_string()).transpose()
+    }
+
+    /// Looks a key up. `full` hashes every object instead of trusting size and mtime. A cache
+    /// that cannot be read is an error, not a miss.
+    pub fn try_lookup(&self, key: &str, full: bool) -> StoreResult<Lookup> {
+        let rec = match self.load_record(key) {
+            Ok(None) => return Ok(Lookup::Missing),
+            Ok(Some(rec)) => rec,
+            Err(RecordError::Io(e)) => return Err(e),
+            Err(e @ RecordError::Invalid { .. }) => return Ok(Lookup::Corrupt(e.to_string())),
+        };
+        for r in rec.outputs.values() {
+            match self.check_object(r, full) {
+                Ok(()) => {}
+                Err(ObjectProblem::Corrupt(e)) => return Ok(Lookup::Corrupt(e)),
+                Err(ObjectProblem::Io(e)) => return Err(e),
             }
         }
+        Ok(Lookup::Fresh(Box::new(rec)))
     }
 
+    /// [`Store::try_lookup`] for views that only explain (`plan`, `status`): an unreadable
+    /// entry shows as corrupt, with the error.
+    pub fn lookup(&self, key: &str, full: bool) -> Lookup {
+        self.try_lookup(key, full).unwrap_or_else(|e| Lookup::Corrupt(e.to_string()))
+    }
+
+    /// Writes a record with its `record_digest`, atomically.
     pub fn write_record(&self, rec: &ActionRecord) -> StoreResult<()> {
-        let bytes = serde_json::to_vec_pretty(rec).expect("record serialises");
-        self.write_atomic(&self.record_path(&rec.key), &bytes)
+        let path = self.record_path(&rec.key)?;
+        let mut v = serde_json::to_value(rec).map_err(|e| StoreError::Io { path: path.clone(), source: std::io::Error::other(e) })?;
+        let digest = record_content_digest(&v);
+        if let Json::Object(m) = &mut v {
+            m.insert(RECORD_DIGEST_FIELD.to_string(), Json::String(digest));
+        }
+        let bytes = serde_json::to_vec_pretty(&v).expect("record serialises");
+        self.write_atomic(&path, &bytes)
     }
 
     /// Removes a record so that an interrupted rerun can never look fresh.
     pub fn invalidate(&self, key: &str) {
-        let _ = fs::remove_file(self.record_path(key));
+        if let Ok(p) = self.record_path(key) {
+            let _ = fs::remove_file(p);
+        }
     }
 
     pub fn sidecar_path(&self, pipeline: &str, label: &str) -> PathBuf {
@@ -237,12 +428,13 @@ impl Store {
         self.write_atomic(&self.sidecar_path(pipeline, &s.label), &bytes)
     }
 
-    pub fn log_path(&self, key: &str) -> PathBuf {
-        self.root.join("logs").join(format!("{key}.log"))
+    pub fn log_path(&self, key: &str) -> StoreResult<PathBuf> {
+        let k = checked("cache key", key)?;
+        Ok(self.root.join("logs").join(format!("{k}.log")))
     }
 
-    /// Every record in the store.
-    pub fn records(&self) -> Vec<(PathBuf, Result<ActionRecord, String>)> {
+    /// Every record in the store, checked as [`Store::load_record`] checks one.
+    pub fn records(&self) -> Vec<(PathBuf, Result<ActionRecord, RecordError>)> {
         let dir = self.root.join("actions");
         let mut out = Vec::new();
         if let Ok(rd) = fs::read_dir(&dir) {
@@ -250,30 +442,93 @@ impl Store {
                 rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
             paths.sort();
             for p in paths {
-                let r = fs::read(&p).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+                let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string();
+                let r = if !is_digest(&stem) {
+                    Err(RecordError::Invalid { path: p.clone(), detail: "its file name is not a cache key".into() })
+                } else {
+                    match self.load_record(&stem) {
+                        Ok(Some(rec)) => Ok(rec),
+                        Ok(None) => continue, // removed meanwhile
+                        Err(e) => Err(e),
+                    }
+                };
                 out.push((p, r));
             }
         }
         out
     }
 
-    /// Every object file: (digest, path, size).
+    /// Every object file: (digest, path, size). Entries whose names do not form a digest, and
+    /// symbolic links, are listed by [`Store::strays`] instead.
     pub fn objects(&self) -> Vec<(String, PathBuf, u64)> {
-        let mut out = Vec::new();
+        self.scan_objects().0
+    }
+
+    /// What lies in `objects/` that is not an object: a wrong name, a link, a folder.
+    pub fn strays(&self) -> Vec<PathBuf> {
+        self.scan_objects().1
+    }
+
+    fn scan_objects(&self) -> (Vec<(String, PathBuf, u64)>, Vec<PathBuf>) {
+        let (mut out, mut strays) = (Vec::new(), Vec::new());
         let dir = self.root.join("objects");
         if let Ok(rd) = fs::read_dir(&dir) {
             for sub in rd.filter_map(|e| e.ok()) {
+                if !sub.file_type().is_ok_and(|t| t.is_dir()) {
+                    strays.push(sub.path());
+                    continue;
+                }
                 let prefix = sub.file_name().to_string_lossy().into_owned();
                 if let Ok(rd2) = fs::read_dir(sub.path()) {
                     for f in rd2.filter_map(|e| e.ok()) {
-                        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                        out.push((format!("{prefix}{}", f.file_name().to_string_lossy()), f.path(), size));
+                        let digest = format!("{prefix}{}", f.file_name().to_string_lossy());
+                        match f.metadata() {
+                            Ok(m) if m.file_type().is_file() && is_digest(&digest) && prefix.len() == 2 => {
+                                out.push((digest, f.path(), m.len()))
+                            }
+                            _ => strays.push(f.path()),
+                        }
                     }
                 }
             }
         }
         out.sort();
-        out
+        strays.sort();
+        (out, strays)
+    }
+
+    /// Removes what interrupted runs left in `tmp/`: a scratch folder `run-<key>-…` whose key
+    /// lock is free (no live run owns it, since one is created and used only under its key
+    /// lock), and any other entry older than `grace`. Returns how many entries were removed.
+    pub fn clean_tmp(&self, grace: Duration) -> usize {
+        let Ok(rd) = fs::read_dir(self.tmp_dir()) else { return 0 };
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(meta) = fs::symlink_metadata(&p) else { continue };
+            let name = e.file_name().to_string_lossy().into_owned();
+            let key =
+                name.strip_prefix("run-").and_then(|r| r.get(..64)).filter(|k| is_digest(k) && name.as_bytes().get(68) == Some(&b'-'));
+            // Held while the folder is removed.
+            let mut _key_lock = None;
+            let abandoned = match key {
+                Some(k) if meta.is_dir() => {
+                    _key_lock = super::lock::KeyLock::try_acquire(&self.root, k).ok().flatten();
+                    _key_lock.is_some()
+                }
+                _ => meta.modified().ok().and_then(|m| now.duration_since(m).ok()).is_some_and(|age| age > grace),
+            };
+            if !abandoned {
+                continue;
+            }
+            // remove_dir_all never follows links; a link itself is removed by remove_file.
+            let r = if meta.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            if r.is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 }
 
@@ -346,7 +601,7 @@ mod tests {
         assert_eq!(r.digest, super::super::key::sha256_hex(b"hello"));
         assert!(s.verified_object(&r).is_ok());
         // Flip a byte: the next verified read reports and removes it.
-        let p = s.object_path(&r.digest);
+        let p = s.object_path(&r.digest).unwrap();
         let mut perm = fs::metadata(&p).unwrap().permissions();
         #[allow(clippy::permissions_set_readonly_false)]
         perm.set_readonly(false);
@@ -354,5 +609,158 @@ mod tests {
         fs::write(&p, b"jello").unwrap();
         assert!(matches!(s.verified_object(&r), Err(StoreError::Corrupt { .. })));
         assert!(!p.exists());
+    }
+
+    fn sample(s: &Store) -> ActionRecord {
+        let src = s.tmp_dir().join("out");
+        fs::write(&src, b"output bytes").unwrap();
+        let o = s.put_file(&src).unwrap();
+        let key_inputs = CacheKey {
+            format: 1,
+            kind: "k".into(),
+            kind_version: 1,
+            params: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+            files: BTreeMap::new(),
+            seed: 1,
+            backend: None,
+        };
+        ActionRecord {
+            key: key_inputs.digest(),
+            label: "k".into(),
+            kind: "k".into(),
+            key_inputs,
+            outputs: [("out".to_string(), o)].into_iter().collect(),
+            metrics: serde_json::json!({"accuracy": 0.75}),
+            duration_s: 0.1,
+            camflow_version: "0".into(),
+            backend: "cpu".into(),
+            bitwise_deterministic: true,
+            created: 0,
+        }
+    }
+
+    /// Rewrites a record file through `edit`, with a valid `record_digest` when `reseal`.
+    fn edit_record(s: &Store, key: &str, reseal: bool, edit: impl FnOnce(&mut Json)) {
+        let p = s.record_path(key).unwrap();
+        let mut v: Json = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+        edit(&mut v);
+        if reseal {
+            let m = v.as_object_mut().unwrap();
+            m.remove(RECORD_DIGEST_FIELD);
+            let d = record_content_digest(&v);
+            v.as_object_mut().unwrap().insert(RECORD_DIGEST_FIELD.into(), Json::String(d));
+        }
+        fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn an_edited_record_is_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let rec = sample(&s);
+        s.write_record(&rec).unwrap();
+        assert!(matches!(s.lookup(&rec.key, true), Lookup::Fresh(_)));
+        edit_record(&s, &rec.key, false, |v| v["metrics"]["accuracy"] = Json::from(0.99));
+        match s.lookup(&rec.key, false) {
+            Lookup::Corrupt(m) => assert!(m.contains("edited or damaged"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Without a digest at all: corrupt too.
+        edit_record(&s, &rec.key, false, |v| {
+            v.as_object_mut().unwrap().remove(RECORD_DIGEST_FIELD);
+        });
+        assert!(matches!(s.lookup(&rec.key, false), Lookup::Corrupt(_)));
+    }
+
+    #[test]
+    fn names_from_disk_never_become_paths_outside_the_cache() {
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim.txt");
+        fs::write(&victim, b"keep me").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let rec = sample(&s);
+        s.write_record(&rec).unwrap();
+        let bad = format!("xx{}", victim.display());
+        for digest in [bad.as_str(), "é", "../../../../etc/passwd", &"A".repeat(64)] {
+            // A record that passes its own digest check (whoever wrote it recomputed it).
+            edit_record(&s, &rec.key, true, |v| v["outputs"]["out"]["digest"] = Json::from(digest));
+            match s.lookup(&rec.key, true) {
+                Lookup::Corrupt(m) => assert!(m.contains("not a SHA-256 digest"), "{m}"),
+                other => panic!("{digest}: {other:?}"),
+            }
+            let r = ObjectRef { digest: digest.into(), size: 7, mtime_ns: 0 };
+            assert!(matches!(s.verified_object(&r), Err(StoreError::BadName { .. })));
+            assert!(s.object_path(digest).is_err() && s.record_path(digest).is_err() && s.log_path(digest).is_err());
+            s.invalidate(digest);
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn an_unreadable_record_is_an_error_not_a_miss() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let key = "b".repeat(64);
+        assert!(matches!(s.try_lookup(&key, false), Ok(Lookup::Missing)));
+        // A folder where the record should be: reading it fails with something else than
+        // "not found" (works as root too, unlike a chmod).
+        fs::create_dir(s.record_path(&key).unwrap()).unwrap();
+        assert!(matches!(s.try_lookup(&key, false), Err(StoreError::Io { .. })));
+        assert!(s.read_record(&key).is_some_and(|r| r.is_err()));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn records_respect_the_umask_and_objects_are_read_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let umask = status.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|u| u32::from_str_radix(u.trim(), 8).ok());
+        let umask = umask.expect("Linux reports the umask in /proc/self/status");
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let rec = sample(&s);
+        s.write_record(&rec).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&s.record_path(&rec.key).unwrap()), 0o666 & !umask);
+        assert_eq!(mode(&s.object_path(&rec.outputs["out"].digest).unwrap()) & 0o222, 0, "objects are read-only");
+    }
+
+    #[test]
+    fn clean_tmp_removes_only_abandoned_scratch() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let (k1, k2) = ("c".repeat(64), "d".repeat(64));
+        let held = super::super::lock::KeyLock::acquire(d.path(), &k1).unwrap();
+        let live = s.scratch_dir(&k1).unwrap();
+        let dead = s.scratch_dir(&k2).unwrap().keep();
+        let young = s.tmp_dir().join(".tmpyoung");
+        fs::write(&young, b"x").unwrap();
+        assert_eq!(s.clean_tmp(GRACE), 1);
+        assert!(live.path().exists() && !dead.exists() && young.exists());
+        drop(held);
+        assert_eq!(s.clean_tmp(Duration::ZERO), 2);
+        assert!(!live.path().exists() && !young.exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_linked_object_or_shard_is_never_followed() {
+        let outside = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let digest = super::super::key::sha256_hex(b"x");
+        let victim = outside.path().join(&digest[2..]);
+        fs::write(&victim, b"x").unwrap();
+        // objects/ab -> a folder outside the cache.
+        std::os::unix::fs::symlink(outside.path(), d.path().join("objects").join(&digest[..2])).unwrap();
+        let r = ObjectRef { digest: digest.clone(), size: 1, mtime_ns: 0 };
+        assert!(matches!(s.verified_object(&r), Err(StoreError::NotAFile(_))));
+        let src = s.tmp_dir().join("x");
+        fs::write(&src, b"x").unwrap();
+        assert!(s.put_file(&src).is_err(), "never stores through a link");
+        assert!(s.objects().is_empty() && s.strays().len() == 1);
+        assert_eq!(fs::read(&victim).unwrap(), b"x");
     }
 }

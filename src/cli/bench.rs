@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -152,17 +152,16 @@ impl BackendJob for MlJob {
         let mut model = seeded_init::<B>(&arch, 0, &device);
         let mut rng = Rng::new(0);
         let x: Vec<f32> = (0..n * c * s * s).map(|_| rng.normal()).collect();
-        let y: Vec<i64> = (0..n).map(|i| (i % 2) as i64).collect();
+        let y: Vec<usize> = (0..n).map(|i| i % 2).collect();
         let xt = Tensor::<B, 4>::from_data(TensorData::new(x.clone(), [n, c, s, s]), &device);
-        let yt = Tensor::<B, 1, Int>::from_data(TensorData::new(y, [n]), &device);
         let mut optim = AdamConfig::new().init();
-        let loss_fn = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
         // One step, timed in three parts (each part waits for its result, so on a GPU the
         // time is the work's, not the queue's): forward, backward, optimizer update.
         let mut parts = [0f64; 3];
         let mut step = |model: Classifier<B>, parts: &mut [f64; 3]| {
             let t = Instant::now();
-            let loss = loss_fn.forward(model.forward(xt.clone()), yt.clone());
+            // The loss training uses (`ml::train`).
+            let loss = B::cross_entropy(model.forward(xt.clone()), &y, None);
             let _ = loss.clone().into_data();
             let t1 = Instant::now();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -225,6 +224,9 @@ fn ml(size: usize, batch: usize, channels: usize, reps: usize, backend: &str) ->
     let mut out = dispatch(kind, 0, MlJob { size, batch, channels, reps }).map_err(|e| Error::Usage(e.to_string()))?;
     out["tool"] = json!(format!("camflow {} (burn 0.21, {})", env!("CARGO_PKG_VERSION"), kind.class()));
     out["threads"] = json!(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    if kind == BackendKind::Cpu {
+        out["cpu_kernels"] = json!(crate::ml::cpu_kernels::portable_gemm::active_level().name());
+    }
     print_out(&format!("{out}\n"));
     Ok(())
 }

@@ -1,10 +1,15 @@
 //! `dag`, `status`, `gc`, `verify` and `kinds`.
+//!
+//! `gc` takes the cache lock exclusively (no `run` may be using the cache) and `verify` shares
+//! it with runs; see `cache::lock`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use clap::{Args, ValueEnum};
 
 use super::{PipelineArgs, load, make_plan, open_store, prepare, print_out};
+use crate::cache::store::{GRACE, is_digest};
+use crate::cache::{ActionRecord, CacheLock, KeyLock, RecordError, Store};
 use crate::error::{Error, Result};
 use crate::plan::Decision;
 use crate::stage_kind::Catalog;
@@ -66,27 +71,62 @@ pub struct GcArgs {
     /// Say what would be removed, remove nothing.
     #[arg(long)]
     dry_run: bool,
+    /// If a `camflow run` is using the cache, wait for it to finish instead of stopping.
+    #[arg(long)]
+    wait: bool,
 }
 
-fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last()? {
-        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
-        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
-        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let expected = || format!("--max-size {s}: expected a size like 500M or 2G");
+    let (num, mult) = match t.chars().last().ok_or_else(expected)? {
+        'K' | 'k' => (&t[..t.len() - 1], 1u64 << 10),
+        'M' | 'm' => (&t[..t.len() - 1], 1 << 20),
+        'G' | 'g' => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
     };
-    num.trim().parse::<u64>().ok().map(|n| n * mult)
+    let n = num.trim().parse::<u64>().map_err(|e| match e.kind() {
+        std::num::IntErrorKind::PosOverflow => format!("--max-size {s}: too large (at most {} bytes)", u64::MAX),
+        _ => expected(),
+    })?;
+    n.checked_mul(mult).ok_or_else(|| format!("--max-size {s}: too large (at most {} bytes)", u64::MAX))
+}
+
+/// The cache lock for `gc`: exclusive (no run may be using the cache), or shared for a dry run
+/// (which removes nothing).
+fn gc_lock(store: &Store, a: &GcArgs) -> Result<CacheLock> {
+    let root = &store.root;
+    let io = |e: crate::cache::StoreError| Error::Io(format!("cannot lock the cache: {e}"));
+    if a.dry_run {
+        return CacheLock::shared(root).map_err(io);
+    }
+    if let Some(l) = CacheLock::try_exclusive(root).map_err(io)? {
+        return Ok(l);
+    }
+    if a.wait {
+        print_out("gc: waiting for the runs using the cache to finish\n");
+        return CacheLock::exclusive(root).map_err(io);
+    }
+    Err(Error::Busy(format!(
+        "cache {} is in use by a running `camflow run` (it holds {}); gc removed nothing: run it again when the run is over, or pass --wait",
+        root.display(),
+        CacheLock::path(root).display()
+    )))
 }
 
 pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
+    let max = match &a.max_size {
+        Some(s) => Some(parse_size(s).map_err(Error::Usage)?),
+        None => None,
+    };
     let store = open_store(cache)?;
+    let _lock = gc_lock(&store, &a)?;
     let records = store.records();
     let mut keep_keys: Option<BTreeSet<String>> = None;
     if !a.pipelines.is_empty() {
         let mut keep = BTreeSet::new();
         for p in &a.pipelines {
-            let args = PipelineArgs { pipeline: p.clone(), sets: vec![], backend: None, rehash: false };
+            let args = PipelineArgs { pipeline: p.clone(), sets: vec![], backend: None, rehash: false, max_instances: None };
             let prep = prepare(&args, &store)?;
             for d in make_plan(&prep, &store, false, &|_| false) {
                 if let Decision::Cached { key, .. } | Decision::Run { key, .. } = d {
@@ -96,20 +136,20 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
         }
         keep_keys = Some(keep);
     }
-    let max = match &a.max_size {
-        Some(s) => Some(parse_size(s).ok_or_else(|| Error::Usage(format!("--max-size {s}: expected a size like 500M or 2G")))?),
-        None => None,
-    };
-    // Records to drop.
+    // Records to drop, with the objects they name (those go with them, however young).
     let mut drop: BTreeSet<std::path::PathBuf> = BTreeSet::new();
-    let mut live: Vec<(u64, std::path::PathBuf, crate::cache::ActionRecord)> = Vec::new();
+    let mut dropped_refs: BTreeSet<String> = BTreeSet::new();
+    let mut live: Vec<(u64, std::path::PathBuf, ActionRecord)> = Vec::new();
     for (path, r) in records {
         match r {
-            Err(_) => {
+            // A record this user cannot read is not garbage: stop before removing anything.
+            Err(RecordError::Io(e)) => return Err(Error::Io(format!("gc: {e}"))),
+            Err(RecordError::Invalid { .. }) => {
                 drop.insert(path);
             }
             Ok(rec) => {
                 if keep_keys.as_ref().is_some_and(|k| !k.contains(&rec.key)) {
+                    dropped_refs.extend(rec.outputs.values().map(|o| o.digest.clone()));
                     drop.insert(path);
                 } else {
                     live.push((rec.created, path, rec));
@@ -121,47 +161,68 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
     let size_of: BTreeMap<&str, u64> = objects.iter().map(|(d, _, s)| (d.as_str(), *s)).collect();
     if let Some(max) = max {
         live.sort_by_key(|x| x.0);
-        let total = |live: &[(u64, std::path::PathBuf, crate::cache::ActionRecord)]| -> u64 {
+        let total = |live: &[(u64, std::path::PathBuf, ActionRecord)]| -> u64 {
             let refs: BTreeSet<&str> = live.iter().flat_map(|(_, _, r)| r.outputs.values().map(|o| o.digest.as_str())).collect();
             refs.iter().map(|d| size_of.get(d).copied().unwrap_or(0)).sum()
         };
         while !live.is_empty() && total(&live) > max {
-            let (_, p, _) = live.remove(0);
+            let (_, p, rec) = live.remove(0);
+            dropped_refs.extend(rec.outputs.values().map(|o| o.digest.clone()));
             drop.insert(p);
         }
     }
     let referenced: BTreeSet<String> = live.iter().flat_map(|(_, _, r)| r.outputs.values().map(|o| o.digest.clone())).collect();
-    let (mut freed, mut n_obj) = (0u64, 0usize);
+    let now = std::time::SystemTime::now();
+    let (mut freed, mut n_obj, mut young) = (0u64, 0usize, 0usize);
+    let mut failures: Vec<String> = Vec::new();
     for (digest, path, size) in &objects {
-        if !referenced.contains(digest) {
-            freed += size;
-            n_obj += 1;
-            if !a.dry_run {
-                let _ = std::fs::remove_file(path);
-            }
+        if referenced.contains(digest) {
+            continue;
+        }
+        // An object no record names may be one a run stored before writing its record: only
+        // an old one is garbage (the cache lock already keeps runs of this camflow out).
+        let old = std::fs::symlink_metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age > GRACE);
+        if !dropped_refs.contains(digest) && !old {
+            young += 1;
+            continue;
+        }
+        freed += size;
+        n_obj += 1;
+        if !a.dry_run
+            && let Err(e) = std::fs::remove_file(path)
+        {
+            failures.push(format!("{}: {e}", path.display()));
         }
     }
+    let mut scratch = 0;
     if !a.dry_run {
         for p in &drop {
-            let _ = std::fs::remove_file(p);
-        }
-        // Scratch folders of runs that were killed.
-        if let Ok(rd) = std::fs::read_dir(store.tmp_dir()) {
-            for e in rd.flatten() {
-                let p = e.path();
-                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            if let Err(e) = std::fs::remove_file(p) {
+                failures.push(format!("{}: {e}", p.display()));
             }
         }
+        // Scratch folders of runs that were killed, and old temporary files.
+        scratch = store.clean_tmp(GRACE);
     }
+    let young =
+        if young > 0 { format!("; {young} unreferenced objects younger than {} min kept", GRACE.as_secs() / 60) } else { String::new() };
+    let scratch = if scratch > 0 { format!("; {scratch} abandoned temporary entries removed") } else { String::new() };
     print_out(&format!(
-        "gc: {} {} records and {} objects, {} freed; {} records kept\n",
+        "gc: {} {} records and {} objects, {} freed; {} records kept{young}{scratch}\n",
         if a.dry_run { "would remove" } else { "removed" },
         drop.len(),
         n_obj,
         human(freed),
         live.len()
     ));
-    Ok(())
+    match failures.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::Io(format!("gc could not remove {} file(s), first {first}", failures.len()))),
+    }
 }
 
 pub fn human(b: u64) -> String {
@@ -173,18 +234,43 @@ pub fn human(b: u64) -> String {
     }
 }
 
+/// Removes a record found corrupt, under its key lock so that a run writing a good record for
+/// that key meanwhile is never undone. Returns what was done, for the report.
+fn remove_corrupt_record(store: &Store, path: &std::path::Path) -> &'static str {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let _held = if is_digest(stem) {
+        match KeyLock::try_acquire(&store.root, stem) {
+            Ok(Some(l)) => Some(l),
+            _ => return "kept: a run holds its key",
+        }
+    } else {
+        None
+    };
+    // Look again under the lock: a run may have replaced it with a good one.
+    if is_digest(stem) && matches!(store.load_record(stem), Ok(Some(_)) | Ok(None)) {
+        return "gone or replaced meanwhile";
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => "removed",
+        Err(_) => "could not be removed",
+    }
+}
+
 pub fn verify(cache: &std::path::Path) -> Result<()> {
     let store = open_store(cache)?;
+    // Shared with runs; waits only for a gc.
+    let _lock = CacheLock::shared(&store.root).map_err(|e| Error::Io(format!("cannot lock the cache: {e}")))?;
     let mut problems = Vec::new();
     let mut checked: BTreeSet<String> = BTreeSet::new();
     let records = store.records();
     for (path, r) in &records {
         match r {
-            Err(e) => problems.push(format!("record {}: unreadable: {e}", path.display())),
+            Err(e @ RecordError::Io(_)) => problems.push(format!("record {}: cannot be read: {e}", path.display())),
+            Err(e @ RecordError::Invalid { .. }) => {
+                let done = remove_corrupt_record(&store, path);
+                problems.push(format!("{e}; {done}"));
+            }
             Ok(rec) => {
-                if path.file_stem().and_then(|s| s.to_str()) != Some(rec.key.as_str()) {
-                    problems.push(format!("record {}: holds key {}", path.display(), rec.key));
-                }
                 if rec.key_inputs.digest() != rec.key {
                     problems.push(format!("record {} ({}): key inputs hash to {}", rec.key, rec.label, rec.key_inputs.digest()));
                 }
@@ -216,6 +302,9 @@ pub fn verify(cache: &std::path::Path) -> Result<()> {
             Err(e) => problems.push(format!("object {digest}: {e}")),
         }
     }
+    for p in store.strays() {
+        problems.push(format!("{}: not an object (a wrong name, a link or a folder); left alone", p.display()));
+    }
     let mut s = String::new();
     for p in &problems {
         s.push_str(&format!("problem: {p}\n"));
@@ -245,4 +334,19 @@ pub fn kinds_text(c: &Catalog) -> String {
         s.push('\n');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_and_overflow_is_an_error() {
+        assert_eq!(parse_size("1K"), Ok(1024));
+        assert_eq!(parse_size(" 2G"), Ok(2 << 30));
+        assert!(parse_size("99999999999999999G").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999999999999999").unwrap_err().contains("too large"));
+        assert!(parse_size("").unwrap_err().contains("expected a size"));
+        assert!(parse_size("12Q").unwrap_err().contains("expected a size"));
+    }
 }

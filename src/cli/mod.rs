@@ -2,6 +2,7 @@
 //! call and prints the result. Only `cli` writes to the terminal.
 
 mod bench;
+mod diff;
 mod maint;
 mod report;
 mod run;
@@ -19,7 +20,7 @@ use crate::cache::{Lookup, Sidecar, Store};
 use crate::error::{Error, Result};
 use crate::ml::backend::BackendKind;
 use crate::plan::{self, CacheView, Decision, KeyContext};
-use crate::spec::{self, Override, Pipeline, SpecError, SpecErrors};
+use crate::spec::{self, Override, Pipeline};
 use crate::stage_kind::{Catalog, Resources};
 use crate::sweep::{self, Instance};
 
@@ -67,6 +68,8 @@ enum Command {
     Kinds,
     /// Benchmarks: orchestration overhead and ML throughput.
     Bench(bench::BenchArgs),
+    /// Compare the metrics of two lock files (or a lock and a pipeline's cache), per instance.
+    Diff(diff::DiffArgs),
 }
 
 /// Arguments shared by every command that reads a pipeline.
@@ -83,6 +86,21 @@ pub struct PipelineArgs {
     /// Re-hash data files instead of trusting (path, size, mtime).
     #[arg(long)]
     rehash: bool,
+    /// Refuse pipelines whose sweeps expand to more instances than this (default:
+    /// $CAMFLOW_MAX_INSTANCES, else 1,000,000).
+    #[arg(long, value_name = "N")]
+    max_instances: Option<u64>,
+}
+
+/// `--max-instances`, else `CAMFLOW_MAX_INSTANCES`, else the default.
+fn max_instances(args: &PipelineArgs) -> Result<u64> {
+    if let Some(n) = args.max_instances {
+        return Ok(n);
+    }
+    match std::env::var("CAMFLOW_MAX_INSTANCES") {
+        Ok(v) => v.trim().parse().map_err(|_| Error::Usage(format!("CAMFLOW_MAX_INSTANCES={v}: expected a whole number"))),
+        Err(_) => Ok(sweep::DEFAULT_MAX_INSTANCES),
+    }
 }
 
 pub fn main() -> i32 {
@@ -138,6 +156,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Gc(a) => maint::gc(&cache, a),
         Command::Verify => maint::verify(&cache),
         Command::Bench(a) => bench::bench(a),
+        Command::Diff(a) => diff::diff(&cache, a),
         Command::Kinds => {
             print_out(&maint::kinds_text(&crate::stages::catalog()));
             Ok(())
@@ -176,23 +195,8 @@ pub fn load(args: &PipelineArgs) -> Result<(Pipeline, Vec<Instance>, Arc<Catalog
     }
     let p = spec::load(&args.pipeline, &overrides, &catalog)?;
     let order = crate::dag::stage_order(&p.stages);
-    let instances = sweep::expand(&p, &order, &catalog);
-    // Cross-param checks of each kind, once per stage and message.
-    let mut errors: Vec<SpecError> = Vec::new();
-    for inst in &instances {
-        let Some(kind) = catalog.get(&inst.kind) else { continue };
-        for (param, msg) in kind.check(&inst.params) {
-            let field = format!("stages.{}.params.{param}", inst.stage);
-            if !errors.iter().any(|e| e.field == field && e.message == msg) {
-                let loc = spec::locate(&p.source, &["stages", &inst.stage, "params", &param])
-                    .or_else(|| spec::locate(&p.source, &["stages", &inst.stage]));
-                errors.push(SpecError { field, location: loc, message: msg });
-            }
-        }
-    }
-    if !errors.is_empty() {
-        return Err(SpecErrors { file: args.pipeline.clone(), errors }.into());
-    }
+    // Counted before anything is expanded; then each kind's cross-param checks.
+    let instances = sweep::expand_checked(&p, &order, &catalog, max_instances(args)?)?;
     Ok((p, instances, catalog))
 }
 
@@ -209,18 +213,19 @@ pub fn prepare(args: &PipelineArgs, store: &Store) -> Result<Prepared> {
     }
     let mut digests = FileDigests::load(store, args.rehash);
     let mut files = Vec::with_capacity(instances.len());
-    let mut memo: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut memo: BTreeMap<crate::stage_kind::DataFiles, String> = BTreeMap::new();
     for inst in &instances {
         let kind = catalog.get(&inst.kind).expect("validated");
         let mut m = BTreeMap::new();
-        for (name, path) in kind.external_paths(&inst.params, &pipeline.base_dir) {
-            let d = match memo.get(&path) {
+        let listed = kind
+            .external_files(&inst.params, &pipeline.base_dir)
+            .map_err(|e| Error::Spec(spec::data_error(&pipeline, &inst.stage, &e.to_string())))?;
+        for (name, list) in listed {
+            let d = match memo.get(&list) {
                 Some(d) => d.clone(),
                 None => {
-                    let d = digests.digest(&path).map_err(|e| {
-                        Error::Usage(format!("{}: stage `{}` cannot read its data: {e}", args.pipeline.display(), inst.stage))
-                    })?;
-                    memo.insert(path.clone(), d.clone());
+                    let d = digests.digest_files(&list);
+                    memo.insert(list, d.clone());
                     d
                 }
             };

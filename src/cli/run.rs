@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
 
 use super::{PipelineArgs, Prepared, make_plan, open_store, prepare, print_out};
 use crate::error::{Error, Result};
@@ -30,7 +29,8 @@ pub struct RunArgs {
     /// Print the plan and run nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Refuse to run if any cache key differs from the lock file.
+    /// Refuse to run if any cache key differs from the lock file, and fail if any output
+    /// digest or metric differs from it (exit 4, naming the instance, output and likely cause).
     #[arg(long)]
     locked: bool,
     /// Rerun these stages (by stage name or instance label) even if cached.
@@ -57,54 +57,94 @@ fn forced_fn(force: &[String]) -> impl Fn(&Instance) -> bool + '_ {
     move |i: &Instance| force.iter().any(|f| f == &i.stage || f == &i.label)
 }
 
-fn plan_rows(p: &Prepared, decisions: &[Decision]) -> (String, serde_json::Value) {
+/// One row of `plan --json`; fields in alphabetical order, as serde_json prints a map.
+#[derive(serde::Serialize)]
+struct PlanRow<'a> {
+    instance: &'a str,
+    key: Option<&'a str>,
+    kind: &'a str,
+    params: &'a crate::stage_kind::Params,
+    reason: String,
+    stage: &'a str,
+    state: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct PlanJson<'a> {
+    after: usize,
+    cached: usize,
+    instances: Vec<PlanRow<'a>>,
+    pipeline: &'a str,
+    run: usize,
+}
+
+/// The plan as text, or as JSON: serialized straight from the instances, so a plan of
+/// 100,000 instances holds no second copy of their params (nor a JSON tree of them).
+fn plan_rows(p: &Prepared, decisions: &[Decision], json: bool) -> String {
     let width = p.instances.iter().map(|i| i.label.len()).max().unwrap_or(8).min(70);
-    let mut text = format!("{:<7} {:<width$}  {}\n", "STATE", "INSTANCE", "REASON");
+    let mut text = if json { String::new() } else { format!("{:<7} {:<width$}  {}\n", "STATE", "INSTANCE", "REASON") };
     let mut rows = Vec::new();
     let (mut run, mut after, mut cached) = (0, 0, 0);
     for (inst, d) in p.instances.iter().zip(decisions) {
         let (state, why, key) = match d {
             Decision::Cached { key, .. } => {
                 cached += 1;
-                ("cached", String::new(), Some(key.clone()))
+                ("cached", String::new(), Some(key.as_str()))
             }
             Decision::Run { key, reason } => {
                 run += 1;
-                ("run", reason.to_string(), Some(key.clone()))
+                ("run", reason.to_string(), Some(key.as_str()))
             }
             Decision::After { upstream } => {
                 after += 1;
                 ("after", format!("waits on {}", p.instances[*upstream].label), None)
             }
         };
-        text.push_str(&format!("{state:<7} {:<width$}  {why}\n", inst.label));
-        rows.push(json!({ "instance": inst.label, "stage": inst.stage, "kind": inst.kind, "state": state, "reason": why, "key": key, "params": inst.params }));
+        if json {
+            rows.push(PlanRow { instance: &inst.label, key, kind: &inst.kind, params: &inst.params, reason: why, stage: &inst.stage, state });
+        } else {
+            text.push_str(&format!("{state:<7} {:<width$}  {why}\n", inst.label));
+        }
+    }
+    if json {
+        let js = PlanJson { after, cached, instances: rows, pipeline: &p.pipeline.name, run };
+        return serde_json::to_string_pretty(&js).unwrap_or_default() + "\n";
     }
     text.push_str(&format!("plan: {run} to run, {after} after them, {cached} cached ({} instances)\n", p.instances.len()));
-    (text, json!({ "pipeline": p.pipeline.name, "run": run, "after": after, "cached": cached, "instances": rows }))
+    text
 }
 
 pub fn plan(cache: &std::path::Path, a: PlanArgs) -> Result<()> {
     let store = open_store(cache)?;
     let p = prepare(&a.p, &store)?;
     let decisions = make_plan(&p, &store, false, &forced_fn(&a.force));
-    let (text, js) = plan_rows(&p, &decisions);
-    if a.json {
-        print_out(&(serde_json::to_string_pretty(&js).unwrap_or_default() + "\n"));
-    } else {
-        print_out(&text);
-    }
+    print_out(&plan_rows(&p, &decisions, a.json));
     Ok(())
 }
 
 pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let started = Instant::now();
     let store = open_store(cache)?;
+    // Held shared for the whole run, so `gc` (exclusive) never removes a scratch folder or an
+    // object from under a running job; a run started during a gc waits for it.
+    let _cache_lock = if a.dry_run { None } else { Some(lock_cache(&store)?) };
     let p = prepare(&a.p, &store)?;
     let forced = forced_fn(&a.force);
+    // A stage that needs a GPU with no GPU slot would never start: refuse before running anything.
+    if a.gpus == 0 && p.resources.iter().any(|r| r.gpu > 0) {
+        let decisions = make_plan(&p, &store, a.verify, &forced);
+        let stages = crate::plan::gpu_stages_to_run(&p.instances, &p.resources, &decisions);
+        if !stages.is_empty() {
+            return Err(Error::Usage(format!(
+                "--gpus 0, but stage(s) {} ask for a GPU (`resources: {{gpu: ...}}`) and have instances to run; \
+                 give --gpus 1 or more, or remove their `resources.gpu`",
+                stages.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
     if a.dry_run {
         let decisions = make_plan(&p, &store, a.verify, &forced);
-        print_out(&plan_rows(&p, &decisions).0);
+        print_out(&plan_rows(&p, &decisions, false));
         return Ok(());
     }
     let lock_path = lockfile::path_for(&a.p.pipeline);
@@ -186,27 +226,53 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
             bar.set_message(running.iter().map(|i| labels[*i].as_str()).collect::<Vec<_>>().join(", "));
         }
         bar.finish_and_clear();
-        let outcome = exec.await.unwrap_or(Outcome::Interrupted);
+        // A panic in the executor is a bug: say so, never "interrupted".
+        let outcome = exec.await.map_err(|e| e.to_string());
         (outcome, counts)
     });
     // Ctrl-C returns at once; blocking stage threads are abandoned, not awaited.
     let (outcome, counts) = outcome;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            rt.shutdown_background();
+            return Err(Error::Internal(format!("the executor stopped: {e}")));
+        }
+    };
     match outcome {
-        Outcome::Interrupted => {
+        Outcome::Interrupted { signal } => {
             print_out(&format!("{}\n", counts.line(started)));
             rt.shutdown_background();
-            Err(Error::Interrupted)
+            Err(Error::Interrupted { signal })
         }
         Outcome::LockMismatch(m) => {
             rt.shutdown_background();
             Err(Error::LockMismatch(m))
         }
-        Outcome::Done { records, failed } => {
+        Outcome::Done { records, failed, cache_error } => {
             rt.shutdown_background();
             print_out(&format!("{}\n", counts.line(started)));
-            let done: Vec<&crate::cache::ActionRecord> = records.iter().flatten().collect();
+            if let Some(e) = cache_error {
+                return Err(Error::Io(e));
+            }
+            // Each instance by its own label, whichever instance computed a shared key.
+            let done: Vec<lockfile::RunEntry<'_>> = p
+                .instances
+                .iter()
+                .zip(&records)
+                .filter_map(|(i, r)| r.as_ref().map(|record| lockfile::RunEntry { label: &i.label, params: &i.params, record }))
+                .collect();
+            if a.locked {
+                // Keys were checked as instances became ready; results are checked here, so a
+                // leaf instance whose bytes differ is caught too.
+                let lock = LockFile::read(&lock_path).map_err(Error::Usage)?;
+                let diffs: Vec<String> = done.iter().filter_map(|e| lock.check_result(e.label, e.record).err()).collect();
+                if !diffs.is_empty() {
+                    return Err(Error::LockMismatch(diffs.join("\n  ")));
+                }
+            }
             if failed == 0 && a.p.sets.is_empty() && !a.locked {
-                let lf = LockFile::from_records(&p.pipeline.name, p.backend.name(), p.backend.bitwise_deterministic(), &done);
+                let lf = LockFile::from_run(&p.pipeline.name, p.backend.name(), p.backend.bitwise_deterministic(), &done);
                 lf.write(&lock_path).map_err(Error::Io)?;
                 print_out(&format!("lock: {}\n", lock_path.display()));
             }
@@ -216,6 +282,25 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Takes the cache lock shared (waiting, with a word, while a `gc` holds it), then removes the
+/// scratch folders that interrupted runs left behind (those whose key lock no live run holds).
+fn lock_cache(store: &crate::cache::Store) -> Result<crate::cache::CacheLock> {
+    use crate::cache::CacheLock;
+    let io = |e: crate::cache::StoreError| Error::Io(format!("cannot lock the cache: {e}"));
+    let lock = match CacheLock::try_shared(&store.root).map_err(io)? {
+        Some(l) => l,
+        None => {
+            print_out("waiting for `camflow gc` to finish with the cache\n");
+            CacheLock::shared(&store.root).map_err(io)?
+        }
+    };
+    let n = store.clean_tmp(crate::cache::store::GRACE);
+    if n > 0 {
+        tracing::info!("removed {n} abandoned scratch entries from {}", store.tmp_dir().display());
+    }
+    Ok(lock)
 }
 
 /// A line above the progress bar, or plain stdout when the bar is hidden (not a terminal).

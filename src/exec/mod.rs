@@ -20,8 +20,14 @@
 //! # Failure and cancellation
 //! Fail fast by default: after a failure nothing new starts, running work finishes. With
 //! `keep_going`, independent branches go on and only dependents of the failure are skipped.
-//! Ctrl-C stops dispatching and returns at once; since every cache write is atomic and the
-//! record comes last, nothing partial is left behind and the next run resumes.
+//! Ctrl-C (SIGINT) and SIGTERM (what Slurm and systemd send) stop dispatching and return at
+//! once; since every cache write is atomic and the record comes last, nothing partial is left
+//! behind and the next run resumes. The abandoned scratch folders are removed by the next run
+//! (`Store::clean_tmp`). A forced rerun keeps the valid record until the new one replaces it,
+//! so an interrupted `--force` loses nothing.
+//!
+//! A cache that cannot be read or written (permissions, a read-only mount, a full disk) stops
+//! the run with `Outcome::Done::cache_error`: an I/O error, never a miss or a stage failure.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -86,8 +92,16 @@ pub struct ExecInput {
 
 #[derive(Debug)]
 pub enum Outcome {
-    Done { records: Vec<Option<ActionRecord>>, failed: usize },
-    Interrupted,
+    /// `cache_error`: the first cache I/O error, which stopped the run.
+    Done {
+        records: Vec<Option<ActionRecord>>,
+        failed: usize,
+        cache_error: Option<String>,
+    },
+    /// Stopped by a signal: 2 (SIGINT) or 15 (SIGTERM).
+    Interrupted {
+        signal: i32,
+    },
     LockMismatch(String),
 }
 
@@ -126,8 +140,9 @@ pub async fn execute(
     let mut stop = false;
     let mut set = tokio::task::JoinSet::new();
     let mut holding: BTreeMap<usize, (u32, Option<usize>)> = BTreeMap::new();
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let mut cache_error: Option<String> = None;
+    // Registered now, not at the first wait, so a signal during the first dispatch is caught.
+    let mut signals = Signals::register();
     loop {
         // Dispatch everything ready, in topological (index) order.
         let mut progressed = true;
@@ -157,12 +172,41 @@ pub async fn execute(
                         KeyContext { catalog: &catalog, seed: input.seed, backend_class: opts.backend_class.clone(), files: &input.files };
                     let key = build_key(inst, i, &kcx, upstream);
                     let digest = key.digest();
+                    // The upstream instances' results are checked first: an output that differs
+                    // from the lock is the cause of every downstream key that differs.
                     if let Some(lock) = &opts.locked
-                        && let Err(m) = lock.check(&inst.label, &digest)
+                        && let Err(m) = lock.check(
+                            &inst.label,
+                            &key,
+                            &inst.params,
+                            &inst
+                                .inputs
+                                .values()
+                                .filter_map(|&u| records[u].as_ref().map(|r| (input.instances[u].label.as_str(), r)))
+                                .collect::<Vec<_>>(),
+                        )
                     {
                         return Outcome::LockMismatch(m);
                     }
-                    let lookup = if opts.forced.contains(&i) { Lookup::Missing } else { store.lookup(&digest, opts.full_verify) };
+                    let lookup = if opts.forced.contains(&i) {
+                        Lookup::Missing
+                    } else {
+                        match store.try_lookup(&digest, opts.full_verify) {
+                            Ok(l) => l,
+                            // Unreadable is an error, not a miss: recomputing would overwrite
+                            // an entry another user of a shared cache may rely on.
+                            Err(e) => {
+                                let error = format!("{}: reading the cache: {e}", inst.label);
+                                cache_error.get_or_insert(error.clone());
+                                state[i] = State::Failed;
+                                failed += 1;
+                                let _ = events.send(Event::Failed { idx: i, error, log: None });
+                                stop = true;
+                                progressed = true;
+                                continue;
+                            }
+                        }
+                    };
                     let reason = match lookup {
                         Lookup::Fresh(rec) => {
                             records[i] = Some(*rec);
@@ -190,7 +234,7 @@ pub async fn execute(
                 }
                 let res = input.resources[i];
                 let want_cpu = res.cpu.clamp(1, jobs);
-                if want_cpu > cpu_free || (res.gpu > 0 && gpu_free.is_empty()) {
+                if want_cpu > cpu_free || (res.gpu > 0 && opts.gpus > 0 && gpu_free.is_empty()) {
                     continue;
                 }
                 if res.gpu > 0 && opts.gpus == 0 {
@@ -258,7 +302,11 @@ pub async fn execute(
                         state[i] = State::Done;
                         let _ = events.send(Event::Reused { idx: i });
                     }
-                    Err((error, log)) => {
+                    Err(JobError { msg: error, log, cache }) => {
+                        if cache {
+                            cache_error.get_or_insert(error.clone());
+                            stop = true;
+                        }
                         state[i] = State::Failed;
                         failed += 1;
                         let _ = events.send(Event::Failed { idx: i, error, log });
@@ -266,8 +314,8 @@ pub async fn execute(
                     }
                 }
             }
-            _ = &mut ctrl_c => {
-                return Outcome::Interrupted;
+            signal = signals.next() => {
+                return Outcome::Interrupted { signal };
             }
         }
     }
@@ -277,7 +325,58 @@ pub async fn execute(
             let _ = events.send(Event::Skipped { idx: i });
         }
     }
-    Outcome::Done { records, failed }
+    Outcome::Done { records, failed, cache_error }
+}
+
+/// SIGINT and SIGTERM as one stream of signal numbers.
+struct Signals {
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals { int: signal(SignalKind::interrupt()).ok(), term: signal(SignalKind::terminate()).ok() }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// The number of the next signal; never returns if none can be received.
+    async fn next(&mut self) -> i32 {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                _ = recv(&mut self.int) => 2,
+                _ = recv(&mut self.term) => 15,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            2
+        }
+    }
+}
+
+/// Why a job failed; `cache` marks a cache I/O error (exit 5), not a failure of the stage.
+struct JobError {
+    msg: String,
+    log: Option<PathBuf>,
+    cache: bool,
 }
 
 struct Job {
@@ -295,18 +394,20 @@ struct Job {
 }
 
 impl Job {
-    fn run(self) -> Result<Done, (String, Option<PathBuf>)> {
+    fn run(self) -> Result<Done, JobError> {
         let inst = &self.input.instances[self.idx];
         let label = inst.label.clone();
-        let fail = |m: String| (format!("{label}: {m}"), None);
-        let _lock = KeyLock::acquire(&self.store.root, &self.digest).map_err(|e| fail(format!("cannot lock cache key: {e}")))?;
-        if !self.forced
-            && let Lookup::Fresh(rec) = self.store.lookup(&self.digest, false)
-        {
-            return Ok(Done::Reused(*rec));
+        let fail = |m: String| JobError { msg: format!("{label}: {m}"), log: None, cache: false };
+        let cache_fail = |m: String| JobError { msg: format!("{label}: {m}"), log: None, cache: true };
+        let _lock = KeyLock::acquire(&self.store.root, &self.digest).map_err(|e| cache_fail(format!("cannot lock cache key: {e}")))?;
+        match self.store.try_lookup(&self.digest, false).map_err(|e| cache_fail(format!("reading the cache: {e}")))? {
+            Lookup::Fresh(rec) if !self.forced => return Ok(Done::Reused(*rec)),
+            // A forced rerun keeps the valid record until the new one replaces it (atomically):
+            // interrupted, the old result stays.
+            Lookup::Fresh(_) => {}
+            // A stale or corrupt record must never look fresh if this run is interrupted.
+            Lookup::Missing | Lookup::Corrupt(_) => self.store.invalidate(&self.digest),
         }
-        // A stale or corrupt record must never look fresh if this run is interrupted.
-        self.store.invalidate(&self.digest);
         let mut inputs = BTreeMap::new();
         for (slot, rec) in &self.up_records {
             let mut files = BTreeMap::new();
@@ -319,12 +420,10 @@ impl Job {
                 InputArtifact { files, metrics: rec.metrics.clone(), params: rec.key_inputs.params.clone(), kind: rec.kind.clone() },
             );
         }
-        let scratch = tempfile::Builder::new()
-            .prefix("run-")
-            .tempdir_in(self.store.tmp_dir())
-            .map_err(|e| fail(format!("cannot create scratch folder: {e}")))?;
+        // Named after the key and used only under its key lock: see `Store::clean_tmp`.
+        let scratch = self.store.scratch_dir(&self.digest).map_err(|e| cache_fail(format!("cannot create scratch folder: {e}")))?;
         let out_dir = scratch.path().join("out");
-        std::fs::create_dir_all(&out_dir).map_err(|e| fail(format!("cannot create scratch folder: {e}")))?;
+        std::fs::create_dir_all(&out_dir).map_err(|e| cache_fail(format!("cannot create scratch folder {}: {e}", out_dir.display())))?;
         let mut log_lines: Vec<String> = Vec::new();
         let kind = self.catalog.get(&inst.kind).ok_or_else(|| fail(format!("unknown kind `{}`", inst.kind)))?;
         let started = Instant::now();
@@ -341,28 +440,36 @@ impl Job {
                 seed: self.input.seed,
                 backend: &self.backend,
                 device: self.device,
+                planned_data: &self.key.files,
                 log: &mut log,
             };
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(&mut ctx)))
         };
         let seconds = started.elapsed().as_secs_f64();
-        let log_path = self.store.log_path(&self.digest);
+        let log_path = self.store.log_path(&self.digest).map_err(|e| cache_fail(e.to_string()))?;
         let log_text = log_lines.join("\n") + "\n";
         let outcome = match result {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => {
                 let text = format!("{log_text}error: {e}\n");
                 let _ = self.store.write_atomic(&log_path, text.as_bytes());
-                return Err((format!("{label}: {e}"), Some(log_path)));
+                return Err(JobError { msg: format!("{label}: {e}"), log: Some(log_path), cache: false });
             }
             Err(_) => {
                 let _ = self.store.write_atomic(&log_path, format!("{log_text}error: stage panicked\n").as_bytes());
-                return Err((format!("{label}: stage panicked (a bug in camflow); see the log"), Some(log_path)));
+                return Err(JobError {
+                    msg: format!("{label}: stage panicked (a bug in camflow); see the log"),
+                    log: Some(log_path),
+                    cache: false,
+                });
             }
         };
         let mut outputs = BTreeMap::new();
         for f in &outcome.files {
-            let r = self.store.put_file(&out_dir.join(f)).map_err(|e| fail(format!("storing output `{f}`: {e}")))?;
+            if !out_dir.join(f).is_file() {
+                return Err(fail(format!("the stage did not write its output `{f}`")));
+            }
+            let r = self.store.put_file(&out_dir.join(f)).map_err(|e| cache_fail(format!("storing output `{f}`: {e}")))?;
             outputs.insert(f.clone(), r);
         }
         let _ = self.store.write_atomic(&log_path, log_text.as_bytes());
@@ -379,7 +486,7 @@ impl Job {
             bitwise_deterministic: self.deterministic,
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         };
-        self.store.write_record(&rec).map_err(|e| fail(format!("writing cache record: {e}")))?;
+        self.store.write_record(&rec).map_err(|e| cache_fail(format!("writing cache record: {e}")))?;
         let _ = self
             .store
             .write_sidecar(&self.input.pipeline, &Sidecar { label: label.clone(), key: self.digest.clone(), key_inputs: self.key.clone() });

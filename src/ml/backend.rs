@@ -9,6 +9,13 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use super::fast_ops::TrainBackend;
 
+/// The CPU numeric profile. `portable1`: every reduction and matrix product of training,
+/// inference and Grad-CAM runs in camflow's own kernels in a fixed summation order without
+/// FMA (`cpu_kernels`), at any SIMD width; transcendental functions come from `libm`. So the
+/// bytes are the same on any x86_64 CPU, whatever its caches or vector extensions. Bump it
+/// when a change alters CPU numbers for every kind at once.
+pub const CPU_PROFILE: &str = "portable1";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Cpu,
@@ -31,10 +38,12 @@ impl BackendKind {
         }
     }
 
-    /// The numeric class that goes into cache keys: results differ between these.
+    /// The numeric class that goes into cache keys and lock files: results differ between
+    /// these, and never within one. The CPU class names its numeric profile
+    /// ([`CPU_PROFILE`]): the same bytes on every CPU of the architecture.
     pub fn class(self) -> String {
         match self {
-            BackendKind::Cpu => format!("flex-{}", std::env::consts::ARCH),
+            BackendKind::Cpu => format!("flex-{}-{CPU_PROFILE}", std::env::consts::ARCH),
             BackendKind::Cuda => "cuda".into(),
         }
     }
@@ -59,6 +68,8 @@ pub trait BackendJob {
 pub enum BackendError {
     #[error("this camflow was built without CUDA; rebuild with `cargo build --release --features cuda`")]
     CudaNotCompiled,
+    #[error("CPU kernels: {0}")]
+    CpuKernels(String),
     #[error("{backend} backend failed: {message}")]
     Panicked { backend: &'static str, message: String },
 }
@@ -77,6 +88,8 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, device_index: usize, job: J) -
     match kind {
         BackendKind::Cpu => {
             let _ = device_index;
+            // A bad `CAMFLOW_CPU_KERNELS` is the user's to fix, reported before any work.
+            crate::ml::cpu_kernels::portable_gemm::configured_level().map_err(BackendError::CpuKernels)?;
             catch_unwind(AssertUnwindSafe(|| job.run::<burn::backend::Autodiff<burn::backend::Flex>>(Default::default())))
                 .map_err(|p| BackendError::Panicked { backend: "cpu", message: panic_message(p) })
         }

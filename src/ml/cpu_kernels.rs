@@ -5,7 +5,7 @@
 //! second convolution whose kernel is the whole output-gradient map, and its ReLU and pool
 //! backward passes each allocate and sweep full tensors; together that made a vgg-small step
 //! 4.5x slower than PyTorch (BENCHMARKS.md). Here every convolution pass is im2col + one GEMM per
-//! image (the `gemm` crate, which flex itself uses for its forward pass):
+//! image ([`portable_gemm`], whose bits do not depend on the CPU):
 //!
 //! - forward:         out_n[Co, HW]  = W[Co, K] . col_n[K, HW] + b   (K = Cin*9)
 //! - weight gradient: dW[Co, K]     += g_n[Co, HW] . col_n^T
@@ -17,8 +17,15 @@
 //! batch size; each chunk's weight gradient is accumulated in image order and the chunks are
 //! summed in chunk order, so the bytes do not depend on the rayon thread count.
 //!
+//! Portability: every sum here runs in a fixed order with separate multiplies and adds (no FMA,
+//! no CPU-chosen blocking or vector width), and exponentials come from `libm`, so the bytes are
+//! the same on any x86_64 CPU. Besides the convolutions this holds the other reductions a
+//! training step needs (the pooled linear head, cross-entropy, softmax, the 1x1 shortcut conv),
+//! which burn's flex backend would otherwise vectorise at a width chosen per CPU.
+//!
 //! Layouts are NCHW, contiguous, f32. These functions know nothing of burn.
 
+use portable_gemm::{PackedA, gemm_packed};
 use rayon::prelude::*;
 
 /// The weight gradient is reduced over at most this many chunks of images (see module docs).
@@ -50,14 +57,16 @@ impl Conv3x3Shape {
     }
 }
 
+pub mod portable_gemm;
+
 /// A read-only matrix view: element (i, j) lives at `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
-struct MatRef<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
 }
 
 impl MatRef<'_> {
@@ -67,45 +76,9 @@ impl MatRef<'_> {
 }
 
 /// `dst[m x n, row-major] = (accumulate ? dst : 0) + a . b`, single-threaded (callers
-/// parallelise over images, which keeps the summation order fixed).
+/// parallelise over images, which keeps the summation order fixed). See [`portable_gemm`].
 fn gemm(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(b.rows == k && dst.len() == m * n && a.fits() && b.fits(), "gemm operands out of bounds");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: the assertion above keeps every index the kernel reads or writes inside the three
-    // slices (non-negative strides, extents checked by `fits` and `dst.len()`); `dst` is a
-    // unique borrow, so it cannot alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    portable_gemm::gemm(dst, a, b, accumulate);
 }
 
 /// The source index range of a row shifted by `d` in {-1, 0, 1} with zero padding: output
@@ -184,7 +157,8 @@ pub fn conv3x3_forward(s: Conv3x3Shape, x: &[f32], weight: &[f32], bias: &[f32],
         return out;
     }
     let (plane, k) = (s.plane(), s.k());
-    let w = MatRef { data: weight, rows: s.out_channels, cols: k, row_stride: k, col_stride: 1 };
+    // The weights are packed once for every image.
+    let w = PackedA::new(MatRef { data: weight, rows: s.out_channels, cols: k, row_stride: k, col_stride: 1 });
     out.par_chunks_mut(s.output_len()).zip(x.par_chunks(s.input_len().max(1))).for_each_init(
         || vec![0f32; k * plane],
         |col, (out_n, x_n)| {
@@ -192,7 +166,7 @@ pub fn conv3x3_forward(s: Conv3x3Shape, x: &[f32], weight: &[f32], bias: &[f32],
             for (row, &b) in out_n.chunks_mut(plane).zip(bias) {
                 row.fill(b);
             }
-            gemm(out_n, w, MatRef { data: col, rows: k, cols: plane, row_stride: plane, col_stride: 1 }, true);
+            gemm_packed(out_n, &w, MatRef { data: col, rows: k, cols: plane, row_stride: plane, col_stride: 1 }, true);
             if relu {
                 for v in out_n.iter_mut() {
                     *v = v.max(0.0);
@@ -223,7 +197,7 @@ pub fn conv3x3_backward(s: Conv3x3Shape, x: &[f32], weight: &[f32], out: &[f32],
     } else {
         (0..s.batch.div_ceil(per_chunk)).map(|_| None).collect()
     };
-    let w_t = MatRef { data: weight, rows: k, cols: s.out_channels, row_stride: 1, col_stride: k };
+    let w_t = want_x.then(|| PackedA::new(MatRef { data: weight, rows: k, cols: s.out_channels, row_stride: 1, col_stride: k }));
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx_chunks
         .into_par_iter()
         .enumerate()
@@ -251,8 +225,8 @@ pub fn conv3x3_backward(s: Conv3x3Shape, x: &[f32], weight: &[f32], out: &[f32],
                 let g_mat = MatRef { data: &g, rows: s.out_channels, cols: plane, row_stride: plane, col_stride: 1 };
                 let col_t = MatRef { data: &col, rows: plane, cols: k, row_stride: 1, col_stride: plane };
                 gemm(&mut dw, g_mat, col_t, true);
-                if let Some(dx_chunk) = dx_chunk.as_deref_mut() {
-                    gemm(&mut dcol, w_t, g_mat, false);
+                if let (Some(dx_chunk), Some(w_t)) = (dx_chunk.as_deref_mut(), &w_t) {
+                    gemm_packed(&mut dcol, w_t, g_mat, false);
                     // `dx` starts zeroed and each image's slice is written by this call only.
                     col2im_add(&dcol, s.in_channels, s.height, s.width, &mut dx_chunk[j * in_len..(j + 1) * in_len]);
                 }
@@ -316,6 +290,228 @@ pub fn max_pool2x2_backward(grad: &[f32], arg: &[u8], planes: usize, h: usize, w
         }
     });
     dx
+}
+
+/// The network's head: global average pooling of `x` [n, k, hw] then a linear layer,
+/// `logits[i, o] = sum_c gap[i, c] * weight[c, o] + bias[o]` (weight as burn's `Linear`:
+/// [k, outputs]). Returns (gap [n, k], logits [n, outputs]). Every sum runs in index order in
+/// plain scalar code: these are the reductions burn's flex backend vectorises at a width chosen
+/// per CPU.
+pub fn gap_linear_forward(x: &[f32], n: usize, k: usize, hw: usize, weight: &[f32], bias: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let outputs = bias.len();
+    assert!(x.len() == n * k * hw && weight.len() == k * outputs && hw > 0);
+    let gap: Vec<f32> = x.chunks(hw).map(|plane| plane.iter().fold(0f32, |s, &v| s + v) / hw as f32).collect();
+    let mut logits = vec![0f32; n * outputs];
+    for (i, row) in logits.chunks_mut(outputs.max(1)).enumerate().take(n) {
+        for (o, l) in row.iter_mut().enumerate() {
+            let dot = (0..k).fold(0f32, |s, c| s + gap[i * k + c] * weight[c * outputs + o]);
+            *l = dot + bias[o];
+        }
+    }
+    (gap, logits)
+}
+
+/// Gradients of [`gap_linear_forward`] given d loss / d logits `grad` [n, outputs]:
+/// (dx [n, k, hw], d weight [k, outputs], d bias [outputs]).
+pub fn gap_linear_backward(gap: &[f32], hw: usize, weight: &[f32], grad: &[f32], outputs: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let k = weight.len() / outputs.max(1);
+    let n = gap.len() / k.max(1);
+    assert!(gap.len() == n * k && grad.len() == n * outputs && hw > 0);
+    let mut dweight = vec![0f32; k * outputs];
+    for c in 0..k {
+        for o in 0..outputs {
+            dweight[c * outputs + o] = (0..n).fold(0f32, |s, i| s + gap[i * k + c] * grad[i * outputs + o]);
+        }
+    }
+    let dbias: Vec<f32> = (0..outputs).map(|o| (0..n).fold(0f32, |s, i| s + grad[i * outputs + o])).collect();
+    let mut dx = vec![0f32; n * k * hw];
+    for i in 0..n {
+        for c in 0..k {
+            let dgap = (0..outputs).fold(0f32, |s, o| s + grad[i * outputs + o] * weight[c * outputs + o]);
+            dx[(i * k + c) * hw..(i * k + c + 1) * hw].fill(dgap / hw as f32);
+        }
+    }
+    (dx, dweight, dbias)
+}
+
+/// Row-wise softmax of `logits` [n, classes] with the pure-Rust `libm` exponential (the
+/// platform's `expf` has CPU-specific variants).
+pub fn softmax_rows(logits: &[f32], classes: usize) -> Vec<f32> {
+    let mut out = vec![0f32; logits.len()];
+    for (row, o) in logits.chunks(classes.max(1)).zip(out.chunks_mut(classes.max(1))) {
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        for (e, &v) in o.iter_mut().zip(row) {
+            *e = libm::expf(v - max);
+        }
+        let sum = o.iter().fold(0f32, |s, &e| s + e);
+        for e in o.iter_mut() {
+            *e /= sum;
+        }
+    }
+    out
+}
+
+/// Cross-entropy of `logits` [n, classes] against class indices `targets`, optionally weighted
+/// per class as burn's `CrossEntropyLoss` does (`sum w_y * nll / sum w_y`; else the mean nll).
+/// Returns the loss and its gradient d loss / d logits. Exponentials and logarithms come from
+/// `libm`, sums run in index order.
+pub fn cross_entropy(logits: &[f32], classes: usize, targets: &[usize], weights: Option<&[f32]>) -> (f32, Vec<f32>) {
+    let n = targets.len();
+    assert!(logits.len() == n * classes && targets.iter().all(|&t| t < classes));
+    assert!(weights.is_none_or(|w| w.len() == classes));
+    let weight_of = |t: usize| weights.map_or(1f32, |w| w[t]);
+    let total = targets.iter().fold(0f32, |s, &t| s + weight_of(t));
+    let probs = softmax_rows(logits, classes);
+    let mut loss = 0f32;
+    let mut grad = vec![0f32; logits.len()];
+    for (i, &t) in targets.iter().enumerate() {
+        let row = &logits[i * classes..(i + 1) * classes];
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max + libm::logf(row.iter().fold(0f32, |s, &v| s + libm::expf(v - max)));
+        loss += weight_of(t) * (lse - row[t]);
+        let scale = weight_of(t) / total;
+        for (j, g) in grad[i * classes..(i + 1) * classes].iter_mut().enumerate() {
+            let p = probs[i * classes + j];
+            *g = scale * if j == t { p - 1.0 } else { p };
+        }
+    }
+    (loss / total, grad)
+}
+
+/// Batch normalisation with batch statistics (training mode) over `x` [n, c, hw]:
+/// `y = (x - mean) / sqrt(var + eps) * gamma + beta` per channel, with the biased variance, as
+/// burn's `BatchNorm` computes it. Returns (y, mean [c], var [c]); sums run in index order.
+pub fn batch_norm_forward(x: &[f32], n: usize, hw: usize, gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = gamma.len();
+    assert!(x.len() == n * c * hw && beta.len() == c && n * hw > 0);
+    let count = (n * hw) as f32;
+    let planes = |ch: usize| (0..n).map(move |i| (i * c + ch) * hw..(i * c + ch + 1) * hw);
+    let mut y = vec![0f32; x.len()];
+    let (mut means, mut vars) = (vec![0f32; c], vec![0f32; c]);
+    for ch in 0..c {
+        let mean = planes(ch).fold(0f32, |s, r| x[r].iter().fold(s, |s, &v| s + v)) / count;
+        let var = planes(ch).fold(0f32, |s, r| x[r].iter().fold(s, |s, &v| s + (v - mean) * (v - mean))) / count;
+        let std = (var + eps).sqrt();
+        for r in planes(ch) {
+            for (o, &v) in y[r.clone()].iter_mut().zip(&x[r]) {
+                *o = (v - mean) / std * gamma[ch] + beta[ch];
+            }
+        }
+        (means[ch], vars[ch]) = (mean, var);
+    }
+    (y, means, vars)
+}
+
+/// Gradients of [`batch_norm_forward`] given d loss / d y: (dx, d gamma, d beta).
+pub fn batch_norm_backward(
+    x: &[f32],
+    n: usize,
+    hw: usize,
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+    grad: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = gamma.len();
+    assert!(x.len() == n * c * hw && grad.len() == x.len() && mean.len() == c && var.len() == c);
+    let count = (n * hw) as f32;
+    let planes = |ch: usize| (0..n).map(move |i| (i * c + ch) * hw..(i * c + ch + 1) * hw);
+    let mut dx = vec![0f32; x.len()];
+    let (mut dgamma, mut dbeta) = (vec![0f32; c], vec![0f32; c]);
+    for ch in 0..c {
+        let std = (var[ch] + eps).sqrt();
+        let xhat = |v: f32| (v - mean[ch]) / std;
+        let (mut sg, mut sgx) = (0f32, 0f32);
+        for r in planes(ch) {
+            for (&g, &v) in grad[r.clone()].iter().zip(&x[r]) {
+                sg = sg + g;
+                sgx = sgx + g * xhat(v);
+            }
+        }
+        let scale = gamma[ch] / std;
+        for r in planes(ch) {
+            for ((d, &g), &v) in dx[r.clone()].iter_mut().zip(&grad[r.clone()]).zip(&x[r]) {
+                *d = scale * (g - sg / count - xhat(v) * (sgx / count));
+            }
+        }
+        (dgamma[ch], dbeta[ch]) = (sgx, sg);
+    }
+    (dx, dgamma, dbeta)
+}
+
+/// The shape of one 1x1 convolution without bias (a resnet shortcut) over a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv1x1Shape {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Height x width.
+    pub plane: usize,
+}
+
+/// `out_n[Co, HW] = W[Co, Cin] . x_n[Cin, HW]` per image.
+pub fn conv1x1_forward(s: Conv1x1Shape, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    let (in_len, out_len) = (s.in_channels * s.plane, s.out_channels * s.plane);
+    assert!(x.len() == s.batch * in_len && weight.len() == s.out_channels * s.in_channels);
+    let mut out = vec![0f32; s.batch * out_len];
+    if out.is_empty() {
+        return out;
+    }
+    let w = MatRef { data: weight, rows: s.out_channels, cols: s.in_channels, row_stride: s.in_channels, col_stride: 1 };
+    out.par_chunks_mut(out_len).zip(x.par_chunks(in_len.max(1))).for_each(|(o, x_n)| {
+        let xm = MatRef { data: x_n, rows: s.in_channels, cols: s.plane, row_stride: s.plane, col_stride: 1 };
+        gemm(o, w, xm, false);
+    });
+    out
+}
+
+/// Gradients of [`conv1x1_forward`]: (dx when asked for, d weight). The weight gradient is
+/// reduced over image chunks fixed by the batch size, as in [`conv3x3_backward`].
+pub fn conv1x1_backward(s: Conv1x1Shape, x: &[f32], weight: &[f32], grad: &[f32], want_x: bool) -> (Option<Vec<f32>>, Vec<f32>) {
+    let (in_len, out_len) = (s.in_channels * s.plane, s.out_channels * s.plane);
+    assert!(x.len() == s.batch * in_len && grad.len() == s.batch * out_len && weight.len() == s.out_channels * s.in_channels);
+    let per_chunk = s.batch.div_ceil(GRAD_CHUNKS).max(1);
+    let mut dx = if want_x { vec![0f32; x.len()] } else { Vec::new() };
+    let dx_chunks: Vec<Option<&mut [f32]>> = if want_x && !dx.is_empty() {
+        dx.chunks_mut(per_chunk * in_len).map(Some).collect()
+    } else {
+        (0..s.batch.div_ceil(per_chunk)).map(|_| None).collect()
+    };
+    let w_t = MatRef { data: weight, rows: s.in_channels, cols: s.out_channels, row_stride: 1, col_stride: s.in_channels };
+    let partials: Vec<Vec<f32>> = dx_chunks
+        .into_par_iter()
+        .enumerate()
+        .map(|(c, mut dx_chunk)| {
+            let mut dw = vec![0f32; s.out_channels * s.in_channels];
+            for (j, n) in ((c * per_chunk)..((c + 1) * per_chunk).min(s.batch)).enumerate() {
+                let g = MatRef {
+                    data: &grad[n * out_len..(n + 1) * out_len],
+                    rows: s.out_channels,
+                    cols: s.plane,
+                    row_stride: s.plane,
+                    col_stride: 1,
+                };
+                let x_t = MatRef {
+                    data: &x[n * in_len..(n + 1) * in_len],
+                    rows: s.plane,
+                    cols: s.in_channels,
+                    row_stride: 1,
+                    col_stride: s.plane,
+                };
+                gemm(&mut dw, g, x_t, true);
+                if let Some(dx_chunk) = dx_chunk.as_deref_mut() {
+                    gemm(&mut dx_chunk[j * in_len..(j + 1) * in_len], w_t, g, false);
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut weight_grad = vec![0f32; s.out_channels * s.in_channels];
+    for dw in &partials {
+        weight_grad.iter_mut().zip(dw).for_each(|(a, b)| *a += b);
+    }
+    (want_x.then_some(dx), weight_grad)
 }
 
 #[cfg(test)]

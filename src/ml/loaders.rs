@@ -3,8 +3,18 @@
 //!
 //! Bad data is never silently dropped: each problem is an error naming the file, unless the
 //! caller asked to skip, in which case the problem is listed in the returned report.
+//!
+//! Each source has a *listing* (`lgg_files`, `folder_files`, `manifest_files`): exactly the
+//! files its loader reads, found by the same code the loader walks with, so whoever digests
+//! the data digests what is read: not a `Thumbs.db`, a lock file or a cache beside it, and
+//! files a manifest names outside its folder. Every file is read once, and the report keeps
+//! the SHA-256 of the bytes each read returned, so the caller can check that what was read is
+//! what was planned.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use super::dataset::{Normalize, Sample, Split, normalize_image};
 use super::resize;
@@ -48,11 +58,55 @@ fn err(path: &Path, reason: impl Into<String>) -> LoadError {
 pub struct LoadReport {
     /// Problems that were skipped because `on_error: skip` was asked for.
     pub skipped: Vec<String>,
+    /// Every file the loader tried to read: the SHA-256 (hex) of the bytes it got, or `None`
+    /// when it could not be read.
+    pub read: BTreeMap<PathBuf, Option<String>>,
 }
 
-/// Reads one image file and returns its selected channels, resized and normalised.
-pub fn read_image(path: &Path, opts: &LoadOptions) -> Result<Vec<f32>, LoadError> {
-    let img = image::open(path).map_err(|e| err(path, format!("cannot read image: {e}")))?;
+impl LoadReport {
+    /// Reads a whole file once, remembering the digest of what was read.
+    fn read(&mut self, path: &Path) -> Result<Vec<u8>, LoadError> {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let d = hex::encode(Sha256::digest(&bytes));
+                if let Some(Some(prev)) = self.read.get(path)
+                    && *prev != d
+                {
+                    return Err(err(path, "file changed while it was being read"));
+                }
+                self.read.insert(path.to_path_buf(), Some(d));
+                Ok(bytes)
+            }
+            Err(e) => {
+                self.read.insert(path.to_path_buf(), None);
+                Err(err(path, format!("cannot read: {e}")))
+            }
+        }
+    }
+}
+
+fn decode(path: &Path, bytes: &[u8], what: &str) -> Result<image::DynamicImage, LoadError> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| err(path, format!("cannot read {what}: {e}")))?
+        .decode()
+        .map_err(|e| err(path, format!("cannot read {what}: {e}")))
+}
+
+/// Reads one image file and returns its selected channels, resized and normalised, with its
+/// own width and height.
+fn read_image(path: &Path, opts: &LoadOptions, report: &mut LoadReport) -> Result<(Vec<f32>, usize, usize), LoadError> {
+    let img = decode(path, &report.read(path)?, "image")?;
+    // A grey image would be silently replicated into R, G and B: asking it for channel 1 (the
+    // LGG FLAIR) or for RGB is a mix-up of files, not data.
+    let colour = img.color().has_color();
+    match &opts.channel {
+        ChannelSelect::Index(c) if *c > 0 && !colour => {
+            return Err(err(path, format!("image has 1 channel (greyscale), but channel {c} was asked for")));
+        }
+        ChannelSelect::Rgb if !colour => return Err(err(path, "image has 1 channel (greyscale), but `rgb` was asked for")),
+        _ => {}
+    }
     let rgb = img.to_rgb32f();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     if w == 0 || h == 0 {
@@ -77,33 +131,26 @@ pub fn read_image(path: &Path, opts: &LoadOptions) -> Result<Vec<f32>, LoadError
         out.extend(resize::bilinear(&p, w, h, opts.size, opts.size));
     }
     normalize_image(&mut out, opts.channels(), opts.normalize);
-    Ok(out)
+    Ok((out, w, h))
 }
 
-/// Reads a mask file (any non-zero pixel is foreground) at its own size.
-fn read_mask_raw(path: &Path) -> Result<(Vec<u8>, usize, usize), LoadError> {
-    let img = image::open(path).map_err(|e| err(path, format!("cannot read mask: {e}")))?;
-    let l = img.to_luma8();
-    let (w, h) = (l.width() as usize, l.height() as usize);
-    Ok((l.as_raw().iter().map(|&v| (v > 0) as u8).collect(), w, h))
-}
-
-fn image_dims(path: &Path) -> Result<(usize, usize), LoadError> {
-    let (w, h) = image::image_dimensions(path).map_err(|e| err(path, format!("cannot read image: {e}")))?;
-    Ok((w as usize, h as usize))
-}
-
-/// Reads and OR-merges masks; each must match the image size.
-fn read_masks(image: &Path, masks: &[PathBuf], size: usize) -> Result<Vec<u8>, LoadError> {
-    let (iw, ih) = image_dims(image)?;
+/// Reads and OR-merges masks; each must match the image size (`iw` x `ih`).
+fn read_masks(
+    image: &Path,
+    (iw, ih): (usize, usize),
+    masks: &[PathBuf],
+    size: usize,
+    report: &mut LoadReport,
+) -> Result<Vec<u8>, LoadError> {
     let mut merged = vec![0u8; iw * ih];
     for m in masks {
-        let (px, w, h) = read_mask_raw(m)?;
+        let l = decode(m, &report.read(m)?, "mask")?.to_luma8();
+        let (w, h) = (l.width() as usize, l.height() as usize);
         if (w, h) != (iw, ih) {
             return Err(err(m, format!("mask is {w}x{h} but its image {} is {iw}x{ih}", image.display())));
         }
-        for (a, b) in merged.iter_mut().zip(px) {
-            *a |= b;
+        for (a, b) in merged.iter_mut().zip(l.as_raw()) {
+            *a |= (*b > 0) as u8;
         }
     }
     Ok(resize::nearest(&merged, iw, ih, size, size))
@@ -137,34 +184,89 @@ fn is_image(p: &Path) -> bool {
     )
 }
 
+/// A camflow cache kept inside a data folder is not data (it holds `objects/` and `actions/`).
+fn is_cache(dir: &Path) -> bool {
+    dir.join("objects").is_dir() && dir.join("actions").is_dir()
+}
+
+/// Sub-folders of `dir` (symlinks to folders included), sorted, without caches.
+fn sub_dirs(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    Ok(sorted_dir(dir)?.into_iter().filter(|p| p.is_dir() && !is_cache(p)).collect())
+}
+
 fn stem(p: &Path) -> String {
     p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-/// The Kaggle LGG layout: `<root>/<patient>/<patient>_<n>.tif` with `<patient>_<n>_mask.tif`.
-/// `root` may be the `kaggle_3m` folder or its parent. Label = mask non-empty; group = patient.
-pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
+/// `path` relative to `root`, with `/` separators: a name for the key that no location enters.
+fn rel(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root).unwrap_or(path).to_string_lossy().replace('\\', "/")
+}
+
+/// One image the loaders read, with the mask files that go with it.
+struct Item {
+    image: PathBuf,
+    masks: Vec<PathBuf>,
+}
+
+fn flatten(root: &Path, items: &[Item]) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for it in items {
+        out.push((rel(root, &it.image), it.image.clone()));
+        out.extend(it.masks.iter().map(|m| (rel(root, m), m.clone())));
+    }
+    out
+}
+
+fn lgg_root(root: &Path) -> Result<PathBuf, LoadError> {
     let root = if root.join("kaggle_3m").is_dir() { root.join("kaggle_3m") } else { root.to_path_buf() };
     if !root.is_dir() {
         return Err(err(&root, "LGG root folder does not exist"));
     }
-    let mut report = LoadReport::default();
+    Ok(root)
+}
+
+/// Per patient folder: its slices, each an image and its `_mask` (which may be missing).
+fn lgg_items(root: &Path) -> Result<Vec<(String, Vec<Item>)>, LoadError> {
     let mut out = Vec::new();
-    for patient in sorted_dir(&root)?.into_iter().filter(|p| p.is_dir()) {
-        let pname = stem(&patient);
+    for patient in sub_dirs(root)? {
+        let mut items = Vec::new();
         for file in sorted_dir(&patient)? {
             let s = stem(&file);
             if !is_image(&file) || s.ends_with("_mask") {
                 continue;
             }
             let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("tif");
-            let mask_path = file.with_file_name(format!("{s}_mask.{ext}"));
+            let mask = file.with_file_name(format!("{s}_mask.{ext}"));
+            items.push(Item { image: file, masks: vec![mask] });
+        }
+        out.push((stem(&patient), items));
+    }
+    Ok(out)
+}
+
+/// The files `load_lgg` reads, by name relative to the LGG folder.
+pub fn lgg_files(root: &Path) -> Result<Vec<(String, PathBuf)>, LoadError> {
+    let root = lgg_root(root)?;
+    let items: Vec<Item> = lgg_items(&root)?.into_iter().flat_map(|(_, v)| v).collect();
+    Ok(flatten(&root, &items))
+}
+
+/// The Kaggle LGG layout: `<root>/<patient>/<patient>_<n>.tif` with `<patient>_<n>_mask.tif`.
+/// `root` may be the `kaggle_3m` folder or its parent. Label = mask non-empty; group = patient.
+pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
+    let root = lgg_root(root)?;
+    let mut report = LoadReport::default();
+    let mut out = Vec::new();
+    for (pname, items) in lgg_items(&root)? {
+        for Item { image: file, masks } in items {
+            let s = stem(&file);
             let res = (|| {
-                if !mask_path.exists() {
-                    return Err(err(&file, format!("missing mask {}", mask_path.display())));
+                if !masks[0].exists() {
+                    return Err(err(&file, format!("missing mask {}", masks[0].display())));
                 }
-                let image = read_image(&file, opts)?;
-                let mask = read_masks(&file, std::slice::from_ref(&mask_path), opts.size)?;
+                let (image, w, h) = read_image(&file, opts, &mut report)?;
+                let mask = read_masks(&file, (w, h), &masks, opts.size, &mut report)?;
                 let label = mask.iter().any(|&m| m > 0) as u8;
                 Ok(sample(s.clone(), pname.clone(), label, image, mask))
             })();
@@ -191,37 +293,64 @@ fn sort_natural(samples: &mut [Sample]) {
     samples.sort_by(|a, b| (a.group.as_str(), key(&a.id)).cmp(&(b.group.as_str(), key(&b.id))));
 }
 
-/// Class folders: `<root>/<class>/.../<name>.png` with optional `<name>_mask*.png` (OR-merged).
-/// The label is 1 when the class is in `positive`; the group is the image name (no patients).
-pub fn load_folders(root: &Path, positive: &[String], opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
+/// Per class folder: its name and its images with their masks.
+fn folder_items(root: &Path) -> Result<Vec<(PathBuf, Vec<Item>)>, LoadError> {
     if !root.is_dir() {
         return Err(err(root, "data folder does not exist"));
     }
-    let mut report = LoadReport::default();
-    let mut out = Vec::new();
-    let classes: Vec<PathBuf> = sorted_dir(root)?.into_iter().filter(|p| p.is_dir()).collect();
+    let classes = sub_dirs(root)?;
     if classes.is_empty() {
         return Err(err(root, "no class folders inside"));
     }
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
     for class in classes {
+        let mut files = Vec::new();
+        walk(&class, &mut files, &mut seen)?;
+        let items = files
+            .iter()
+            .filter(|f| is_image(f) && !stem(f).contains("_mask"))
+            .map(|img| {
+                let s = stem(img);
+                let masks = files
+                    .iter()
+                    .filter(|f| f.parent() == img.parent() && is_image(f) && stem(f).starts_with(&format!("{s}_mask")))
+                    .cloned()
+                    .collect();
+                Item { image: img.clone(), masks }
+            })
+            .collect();
+        out.push((class, items));
+    }
+    Ok(out)
+}
+
+/// The files `load_folders` reads, by name relative to `root`.
+pub fn folder_files(root: &Path) -> Result<Vec<(String, PathBuf)>, LoadError> {
+    let items: Vec<Item> = folder_items(root)?.into_iter().flat_map(|(_, v)| v).collect();
+    Ok(flatten(root, &items))
+}
+
+/// Class folders: `<root>/<class>/.../<name>.png` with optional `<name>_mask*.png` (OR-merged).
+/// The label is 1 when the class is in `positive`; the group is the image name (no patients).
+pub fn load_folders(root: &Path, positive: &[String], opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
+    let mut report = LoadReport::default();
+    let mut out = Vec::new();
+    for (class, items) in folder_items(root)? {
         let cname = stem(&class);
         let label = positive.iter().any(|p| p == &cname) as u8;
-        let mut files = Vec::new();
-        walk(&class, &mut files)?;
-        let images: Vec<&PathBuf> = files.iter().filter(|f| is_image(f) && !stem(f).contains("_mask")).collect();
-        if images.is_empty() {
+        if items.is_empty() {
             handle(&mut report, opts, err(&class, "class folder holds no images"))?;
         }
-        for img in images {
-            let s = stem(img);
-            let masks: Vec<PathBuf> = files
-                .iter()
-                .filter(|f| f.parent() == img.parent() && is_image(f) && stem(f).starts_with(&format!("{s}_mask")))
-                .cloned()
-                .collect();
+        for Item { image: img, masks } in items {
+            let s = stem(&img);
             let res = (|| {
-                let image = read_image(img, opts)?;
-                let mask = if masks.is_empty() { vec![0u8; opts.size * opts.size] } else { read_masks(img, &masks, opts.size)? };
+                let (image, w, h) = read_image(&img, opts, &mut report)?;
+                let mask = if masks.is_empty() {
+                    vec![0u8; opts.size * opts.size]
+                } else {
+                    read_masks(&img, (w, h), &masks, opts.size, &mut report)?
+                };
                 Ok(sample(format!("{cname}/{s}"), format!("{cname}/{s}"), label, image, mask))
             })();
             match res {
@@ -236,10 +365,17 @@ pub fn load_folders(root: &Path, positive: &[String], opts: &LoadOptions) -> Res
     Ok((out, report))
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+/// Every file under `dir`, sorted; a folder reached twice (a symlink loop) is walked once.
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut BTreeSet<PathBuf>) -> Result<(), LoadError> {
+    let real = std::fs::canonicalize(dir).map_err(|e| err(dir, format!("cannot list folder: {e}")))?;
+    if !seen.insert(real) {
+        return Ok(());
+    }
     for p in sorted_dir(dir)? {
         if p.is_dir() {
-            walk(&p, out)?;
+            if !is_cache(&p) {
+                walk(&p, out, seen)?;
+            }
         } else {
             out.push(p);
         }
@@ -247,11 +383,18 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// A CSV with columns `image`, `label`, and optionally `mask` and `group`; paths relative
-/// to the CSV's folder. A missing group defaults to the image path.
-pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
-    let base = csv_path.parent().unwrap_or(Path::new("."));
-    let mut rdr = csv::Reader::from_path(csv_path).map_err(|e| err(csv_path, format!("cannot read CSV: {e}")))?;
+/// One row of a manifest, as far as it parses.
+struct Row {
+    line: usize,
+    image: String,
+    label: String,
+    mask: Option<String>,
+    group: Option<String>,
+}
+
+/// The rows of a manifest; a row that does not parse is an error at its line.
+fn manifest_rows(csv_path: &Path, bytes: &[u8]) -> Result<Vec<Result<Row, LoadError>>, LoadError> {
+    let mut rdr = csv::Reader::from_reader(bytes);
     let headers = rdr.headers().map_err(|e| err(csv_path, format!("cannot read CSV header: {e}")))?.clone();
     let col = |name: &str| headers.iter().position(|h| h.trim() == name);
     let (ci, cl) = match (col("image"), col("label")) {
@@ -264,35 +407,81 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
         }
     };
     let (cm, cg) = (col("mask"), col("group"));
-    let mut report = LoadReport::default();
-    let mut out = Vec::new();
-    for (i, rec) in rdr.records().enumerate() {
-        let line = i + 2;
-        let res = (|| {
+    Ok(rdr
+        .records()
+        .enumerate()
+        .map(|(i, rec)| {
+            let line = i + 2;
             let rec = rec.map_err(|e| err(csv_path, format!("line {line}: {e}")))?;
             let field = |c: usize| rec.get(c).unwrap_or("").trim().to_string();
-            let img_rel = field(ci);
+            Ok(Row {
+                line,
+                image: field(ci),
+                label: field(cl),
+                mask: cm.map(field).filter(|m| !m.is_empty()),
+                group: cg.map(field).filter(|g| !g.is_empty()),
+            })
+        })
+        .collect())
+}
+
+/// The name the manifest itself has among its files (its path is not data).
+pub const MANIFEST_NAME: &str = "<manifest>";
+
+/// The files `load_manifest` reads: the CSV, and every image and mask it names (wherever
+/// they are), by the name the CSV gives them. A CSV that cannot be parsed lists only itself:
+/// the loader reports the error.
+pub fn manifest_files(csv_path: &Path) -> Result<Vec<(String, PathBuf)>, LoadError> {
+    if !csv_path.is_file() {
+        return Err(err(csv_path, "manifest file does not exist"));
+    }
+    let base = csv_path.parent().unwrap_or(Path::new("."));
+    let mut out = vec![(MANIFEST_NAME.to_string(), csv_path.to_path_buf())];
+    if let Ok(bytes) = std::fs::read(csv_path)
+        && let Ok(rows) = manifest_rows(csv_path, &bytes)
+    {
+        for r in rows.into_iter().flatten() {
+            out.push((r.image.clone(), base.join(&r.image)));
+            if let Some(m) = r.mask {
+                out.push((m.clone(), base.join(&m)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A CSV with columns `image`, `label`, and optionally `mask` and `group`; paths relative
+/// to the CSV's folder. A missing group defaults to the image path.
+pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
+    let base = csv_path.parent().unwrap_or(Path::new("."));
+    let mut report = LoadReport::default();
+    let bytes = report.read(csv_path).map_err(|e| err(csv_path, format!("cannot read CSV: {}", e.reason)))?;
+    let rows = manifest_rows(csv_path, &bytes)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let res = (|| {
+            let Row { line, image: img_rel, label, mask, group } = row?;
             let img = base.join(&img_rel);
             if !img.is_file() {
                 return Err(err(csv_path, format!("line {line}: image `{img_rel}` does not exist")));
             }
-            let label: u8 = match field(cl).as_str() {
+            let label: u8 = match label.as_str() {
                 "1" | "true" | "yes" | "positive" => 1,
                 "0" | "false" | "no" | "negative" => 0,
                 other => return Err(err(csv_path, format!("line {line}: label `{other}` is not 0/1"))),
             };
-            let image = read_image(&img, opts)?;
-            let mask = match cm.map(field).filter(|m| !m.is_empty()) {
+            let (image, w, h) = read_image(&img, opts, &mut report)?;
+            let mask = match mask {
                 Some(m) => {
                     let mp = base.join(&m);
                     if !mp.is_file() {
                         return Err(err(csv_path, format!("line {line}: mask `{m}` does not exist")));
                     }
-                    read_masks(&img, &[mp], opts.size)?
+                    read_masks(&img, (w, h), &[mp], opts.size, &mut report)?
                 }
                 None => vec![0u8; opts.size * opts.size],
             };
-            let group = cg.map(field).filter(|g| !g.is_empty()).unwrap_or_else(|| img_rel.clone());
+            let group = group.unwrap_or_else(|| img_rel.clone());
             Ok(sample(img_rel.clone(), group, label, image, mask))
         })();
         match res {

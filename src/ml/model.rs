@@ -119,6 +119,30 @@ fn conv<B: FastOps>(c: &Conv2d<B>, x: Tensor<B, 4>, with_relu: bool) -> Tensor<B
     }
 }
 
+/// burn's `BatchNorm::forward` with the training-mode statistics through [`FastOps`] (their
+/// sums are reductions that must not depend on the CPU). Without autodiff it is burn's own
+/// inference path: elementwise with the running statistics, exact on any CPU.
+fn batch_norm<B: FastOps>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    if !B::ad_enabled(&x.device()) {
+        return bn.forward(x);
+    }
+    let (y, mean, var) = B::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
+    let m = bn.momentum;
+    let running = |state: &burn::module::RunningState<Tensor<B, 1>>, batch: Tensor<B, 1>| {
+        state.update(state.value_sync().mul_scalar(1.0 - m).add(batch.mul_scalar(m)).detach());
+    };
+    running(&bn.running_mean, mean);
+    running(&bn.running_var, var);
+    y
+}
+
+/// A 1x1 conv without bias through [`FastOps`]; any other through burn.
+fn shortcut<B: FastOps>(c: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let plain_1x1 = c.kernel_size == [1, 1] && c.stride == [1, 1] && c.dilation == [1, 1] && c.groups == 1 && c.bias.is_none();
+    let no_padding = matches!(c.padding, PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0));
+    if plain_1x1 && no_padding { B::conv1x1(x, c.weight.val()) } else { c.forward(x) }
+}
+
 impl<B: FastOps> Unit<B> {
     /// # Shapes
     /// [N, Cin, H, W] -> [N, Cout, H, W] (post-ReLU, before any pool)
@@ -126,7 +150,7 @@ impl<B: FastOps> Unit<B> {
         // Without batch norm the ReLU fuses into the conv.
         let mut y = conv(&self.conv1, x.clone(), self.bn1.is_none());
         if let Some(bn) = &self.bn1 {
-            y = relu(bn.forward(y));
+            y = relu(batch_norm(bn, y));
         }
         if !self.residual {
             return y;
@@ -135,10 +159,10 @@ impl<B: FastOps> Unit<B> {
             y = conv(c2, y, false);
         }
         if let Some(bn) = &self.bn2 {
-            y = bn.forward(y);
+            y = batch_norm(bn, y);
         }
         let skip = match &self.shortcut {
-            Some(s) => s.forward(x),
+            Some(s) => shortcut(s, x),
             None => x,
         };
         relu(y + skip)
@@ -189,9 +213,12 @@ impl<B: FastOps> Classifier<B> {
                 x = B::max_pool2x2(x);
             }
         }
-        let [n, k, _, _] = x.dims();
-        let gap = x.mean_dim(3).mean_dim(2).reshape([n, k]); // [N, K]
-        self.fc.forward(gap) // [N, 2]
+        // Global average pooling + the linear layer in one op, whose sums run in a fixed order.
+        let bias = match &self.fc.bias {
+            Some(b) => b.val(),
+            None => Tensor::zeros([self.fc.weight.dims()[1]], &x.device()),
+        };
+        B::gap_linear(x, self.fc.weight.val(), bias) // [N, 2]
     }
 }
 

@@ -50,11 +50,12 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 
-    /// Standard normal by Box-Muller (one value per call; simple beats fast here).
+    /// Standard normal by Box-Muller (one value per call; simple beats fast here). `libm`,
+    /// not the platform's math library, whose variants differ between CPUs.
     pub fn normal(&mut self) -> f32 {
         let u1 = self.uniform().max(1e-7);
         let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+        (-2.0 * libm::logf(u1)).sqrt() * libm::cosf(2.0 * std::f32::consts::PI * u2)
     }
 
     pub fn shuffle<T>(&mut self, items: &mut [T]) {

@@ -5,6 +5,9 @@
 //! discs with soft edges) of random size and place inside the brain, brighter by `contrast`.
 //! Negatives carry small bright distractor spots too, so that "any bright pixel" is not
 //! enough: a classifier needs a few epochs, and Grad-CAM masks are far from perfect.
+//!
+//! Sines and exponentials come from the pure-Rust `libm`: glibc picks an FMA variant of
+//! `sinf`/`expf` per CPU, and these pixels are data whose bytes must be the same everywhere.
 
 use super::dataset::{Dataset, Sample, Split};
 use super::rng::Rng;
@@ -77,7 +80,7 @@ fn phantom(rng: &mut Rng, n: usize, positive: bool, contrast: f32, noise: f32) -
         for _ in 0..rng.below(3) + 1 {
             let ang = rng.range(0.0, 6.28);
             let d = r * rng.range(0.3, 0.9);
-            discs.push((bx + d * ang.cos(), by + d * ang.sin(), r * rng.range(0.4, 0.8)));
+            discs.push((bx + d * libm::cosf(ang), by + d * libm::sinf(ang), r * rng.range(0.4, 0.8)));
         }
         discs
     } else {
@@ -94,7 +97,7 @@ fn phantom(rng: &mut Rng, n: usize, positive: bool, contrast: f32, noise: f32) -
             if r <= 1.0 {
                 v = 0.45;
                 for &(fx, fy, ph, amp) in &waves {
-                    v += amp * (6.28 * (fx * xf + fy * yf) + ph).sin();
+                    v += amp * libm::sinf(6.28 * (fx * xf + fy * yf) + ph);
                 }
                 for &(vx, vy, rx, ry) in &vent {
                     if ((xf - vx) / rx).powi(2) + ((yf - vy) / ry).powi(2) <= 1.0 {
@@ -103,7 +106,7 @@ fn phantom(rng: &mut Rng, n: usize, positive: bool, contrast: f32, noise: f32) -
                 }
                 for &(sx, sy, sr) in &spots {
                     let d2 = (xf - sx).powi(2) + (yf - sy).powi(2);
-                    v += 0.35 * (-d2 / (2.0 * sr * sr)).exp();
+                    v += 0.35 * libm::expf(-d2 / (2.0 * sr * sr));
                 }
                 let mut inside = false;
                 let mut soft = 0f32;

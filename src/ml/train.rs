@@ -4,11 +4,9 @@
 //! order and flips come from our own frozen generator, and nothing depends on thread count.
 
 use burn::module::AutodiffModule;
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, Optimizer, SgdConfig};
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -94,6 +92,11 @@ fn labels_tensor<B: Backend>(ds: &Dataset, idx: &[usize], device: &B::Device) ->
     Tensor::from_data(TensorData::new(v, [idx.len()]), device)
 }
 
+/// The class index of each sample of `idx`.
+fn labels(ds: &Dataset, idx: &[usize]) -> Vec<usize> {
+    idx.iter().map(|&i| ds.samples[i].label as usize).collect()
+}
+
 fn class_weights(cfg: &ClassWeights, ds: &Dataset, train: &[usize]) -> Option<Vec<f32>> {
     match cfg {
         ClassWeights::None => None,
@@ -146,7 +149,7 @@ fn train_with<B: TrainBackend, O: Optimizer<Classifier<B>, B>>(
     }
     let val_idx = ds.indices(Split::Val);
     let mut model: Classifier<B> = seeded_init(&cfg.arch, cfg.seed, device);
-    let loss_fn = CrossEntropyLossConfig::new().with_weights(class_weights(&cfg.class_weights, ds, &train_idx)).init(device);
+    let weights = class_weights(&cfg.class_weights, ds, &train_idx);
     let mut rng = Rng::derive(cfg.seed, "train/order");
     let mut epochs = Vec::new();
     for epoch in 1..=cfg.epochs {
@@ -158,7 +161,7 @@ fn train_with<B: TrainBackend, O: Optimizer<Classifier<B>, B>>(
             let x = batch_tensor::<B>(ds, chunk, &flips, device);
             let y = labels_tensor::<B>(ds, chunk, device);
             let logits = model.forward(x);
-            let loss = loss_fn.forward(logits.clone(), y.clone());
+            let loss = B::cross_entropy(logits.clone(), &labels(ds, chunk), weights.as_deref());
             let pred = logits.argmax(1).reshape([chunk.len()]);
             correct += pred.equal(y).int().sum().into_scalar().elem::<i64>() as usize;
             loss_sum += loss.clone().into_scalar().elem::<f64>() * chunk.len() as f64;
@@ -170,7 +173,7 @@ fn train_with<B: TrainBackend, O: Optimizer<Classifier<B>, B>>(
             (None, None)
         } else {
             let inner = model.valid();
-            let (l, a) = evaluate_loss(&inner, ds, &val_idx, cfg.batch_size, &class_weights(&cfg.class_weights, ds, &train_idx));
+            let (l, a) = evaluate_loss(&inner, ds, &val_idx, cfg.batch_size, weights.as_deref());
             (Some(l), Some(a))
         };
         epochs.push(EpochLog { epoch, loss: loss_sum / seen as f64, accuracy: correct as f64 / seen as f64, val_loss, val_accuracy });
@@ -196,14 +199,13 @@ pub fn seeded_init<B: Backend>(arch: &ArchConfig, seed: u64, device: &B::Device)
     model
 }
 
-fn evaluate_loss<B: FastOps>(model: &Classifier<B>, ds: &Dataset, idx: &[usize], batch: usize, weights: &Option<Vec<f32>>) -> (f64, f64) {
+fn evaluate_loss<B: FastOps>(model: &Classifier<B>, ds: &Dataset, idx: &[usize], batch: usize, weights: Option<&[f32]>) -> (f64, f64) {
     let device = model.fc.weight.val().device();
-    let loss_fn = CrossEntropyLossConfig::new().with_weights(weights.clone()).init(&device);
     let (mut l, mut c) = (0f64, 0usize);
     for chunk in idx.chunks(batch.max(1)) {
         let logits = model.forward(batch_tensor::<B>(ds, chunk, &[], &device));
         let y = labels_tensor::<B>(ds, chunk, &device);
-        l += loss_fn.forward(logits.clone(), y.clone()).into_scalar().elem::<f64>() * chunk.len() as f64;
+        l += B::cross_entropy(logits.clone(), &labels(ds, chunk), weights).into_scalar().elem::<f64>() * chunk.len() as f64;
         c += logits.argmax(1).reshape([chunk.len()]).equal(y).int().sum().into_scalar().elem::<i64>() as usize;
     }
     (l / idx.len() as f64, c as f64 / idx.len() as f64)
@@ -214,7 +216,7 @@ pub fn predict<B: FastOps>(model: &Classifier<B>, ds: &Dataset, idx: &[usize], b
     let device = model.fc.weight.val().device();
     let mut out = Vec::with_capacity(idx.len());
     for chunk in idx.chunks(batch.max(1)) {
-        let p = softmax(model.forward(batch_tensor::<B>(ds, chunk, &[], &device)), 1);
+        let p = B::probabilities(model.forward(batch_tensor::<B>(ds, chunk, &[], &device)));
         let v = p.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
         out.extend(v.chunks(2).map(|r| r[1]));
     }
@@ -236,6 +238,57 @@ mod tests {
     use crate::ml::synthetic::{SyntheticConfig, generate};
     use crate::ml::weights::to_safetensors;
     use burn::backend::{Autodiff, Flex};
+
+    /// The same tiny training (vgg-small, and a resnet for batch norm and the 1x1 shortcut)
+    /// under every kernel level this CPU supports: the weights' bytes and the logged losses
+    /// must be identical. This is how one machine checks what another CPU would compute.
+    #[test]
+    fn training_bytes_are_identical_at_every_kernel_level() {
+        use crate::ml::cpu_kernels::portable_gemm::{KernelLevel, calls_at, force_level};
+        let mut ds = generate(&SyntheticConfig {
+            count: 20,
+            size: 16,
+            tumor_fraction: 0.5,
+            contrast: 0.6,
+            noise: 0.05,
+            slices_per_patient: 2,
+            seed: 3,
+        });
+        assign_splits(&mut ds.samples, SplitConfig { val: 0.2, test: 0.2, seed: 1 });
+        let levels = KernelLevel::available();
+        #[cfg(target_arch = "x86_64")]
+        assert!(levels.len() >= 2, "expected at least baseline and avx2, found {levels:?}");
+        let dev = Default::default();
+        for arch in [ArchConfig::vgg_small(1), ArchConfig::resnet(1, &[4, 8], 1)] {
+            let cfg = TrainConfig {
+                arch: arch.clone(),
+                optimizer: OptimizerKind::Adam,
+                lr: 1e-3,
+                weight_decay: 0.0,
+                momentum: 0.0,
+                epochs: 1,
+                batch_size: 6,
+                class_weights: ClassWeights::Balanced,
+                flip: true,
+                seed: 4,
+            };
+            let runs: Vec<(String, Vec<u64>)> = levels
+                .iter()
+                .map(|&level| {
+                    let _forced = force_level(level);
+                    let before = calls_at(level);
+                    let t = train::<Autodiff<Flex>>(&cfg, &ds, &dev).unwrap();
+                    assert!(calls_at(level) > before, "{}: no GEMM ran at this level", level.name());
+                    let bytes = to_safetensors(&cfg.arch, &t.model).unwrap();
+                    let logs = t.epochs.iter().flat_map(|e| [e.loss.to_bits(), e.val_loss.unwrap_or(f64::NAN).to_bits()]).collect();
+                    (crate::cache::key::sha256_hex(&bytes), logs)
+                })
+                .collect();
+            for (level, run) in levels.iter().zip(&runs).skip(1) {
+                assert_eq!(run, &runs[0], "{}: {} differs from baseline", arch.name, level.name());
+            }
+        }
+    }
 
     #[test]
     fn training_is_bit_reproducible_across_thread_counts() {

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::cache::{CacheKey, KEY_FORMAT, Lookup, Sidecar};
-use crate::stage_kind::Catalog;
+use crate::stage_kind::{Catalog, Resources};
 use crate::sweep::{Instance, show_value};
 
 /// What the planner needs from the cache.
@@ -98,7 +98,13 @@ pub fn build_key(inst: &Instance, idx: usize, cx: &KeyContext<'_>, inputs: BTree
         format: KEY_FORMAT,
         kind: inst.kind.clone(),
         kind_version: kind.version(),
-        params: inst.params.clone(),
+        // Where data lives is not what it is: location params stay out (its contents are in `files`).
+        params: inst
+            .params
+            .iter()
+            .filter(|(k, _)| !kind.location_params().contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         inputs,
         files: cx.files.get(idx).cloned().unwrap_or_default(),
         seed: cx.seed,
@@ -149,6 +155,18 @@ pub fn explain(old: Option<&Sidecar>, new: &CacheKey) -> StaleReason {
         return StaleReason::BackendChanged { from: o.backend.clone(), to: new.backend.clone() };
     }
     StaleReason::EntryMissing
+}
+
+/// Stages (in instance order, once each) with an instance that asks for a GPU and is not
+/// cached: what cannot run when there is no GPU slot.
+pub fn gpu_stages_to_run(instances: &[Instance], resources: &[Resources], decisions: &[Decision]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for ((inst, res), d) in instances.iter().zip(resources).zip(decisions) {
+        if res.gpu > 0 && !matches!(d, Decision::Cached { .. }) && !out.contains(&inst.stage) {
+            out.push(inst.stage.clone());
+        }
+    }
+    out
 }
 
 /// Plans every instance (given in topological order).

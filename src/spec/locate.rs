@@ -47,6 +47,63 @@ pub fn locate(source: &str, path: &[&str]) -> Option<(usize, usize)> {
     found.map(|(l, c)| (l + 1, c + 1))
 }
 
+/// Like [`locate`], but always gives a place: the nearest enclosing field that can be found
+/// (a missing key points at the map it is missing from), else the first line of content.
+pub fn locate_or_nearest(source: &str, path: &[&str]) -> (usize, usize) {
+    // `locate` already falls back to the nearest parent it found; a first segment it cannot
+    // find (or an empty path) means the document as a whole.
+    locate(source, path).unwrap_or_else(|| first_content(source))
+}
+
+/// The first character that is neither blank nor in a comment (1:1 for an empty file): where
+/// an error about the whole document points.
+pub fn first_content(source: &str) -> (usize, usize) {
+    for (i, line) in source.lines().enumerate() {
+        let t = line.trim_start();
+        if !t.is_empty() && !t.starts_with('#') && !t.starts_with("%") && t != "---" {
+            return (i + 1, line.chars().count() - t.chars().count() + 1);
+        }
+    }
+    (1, 1)
+}
+
+/// The line where a second YAML document starts: a `---` or `...` marker after some content.
+pub fn second_document(source: &str) -> Option<(usize, usize)> {
+    let mut content = false;
+    for (i, line) in source.lines().enumerate() {
+        let marker = line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
+        if (marker || line.starts_with("...")) && content {
+            // After `...` the next document may start without a marker: point at the `...`.
+            return Some((i + 1, 1));
+        }
+        let t = line.trim_start();
+        if !marker && !t.is_empty() && !t.starts_with('#') && !t.starts_with('%') {
+            content = true;
+        }
+        if marker && !line[3..].trim().is_empty() && !line[3..].trim_start().starts_with('#') {
+            content = true;
+        }
+    }
+    None
+}
+
+/// The first alias (`*name`) in the text, where an alias bomb starts to expand.
+pub fn first_alias(source: &str) -> Option<(usize, usize)> {
+    for (i, line) in source.lines().enumerate() {
+        let chars: Vec<char> = line.chars().collect();
+        for (c, w) in chars.windows(2).enumerate() {
+            let before = if c == 0 { ' ' } else { chars[c - 1] };
+            if w[0] == '*' && !w[1].is_whitespace() && (before.is_whitespace() || "[{,:-".contains(before)) {
+                return Some((i + 1, c + 1));
+            }
+        }
+        if chars.first() == Some(&'*') && chars.len() > 1 && !chars[1].is_whitespace() {
+            return Some((i + 1, 1));
+        }
+    }
+    None
+}
+
 fn key_matches(body: &str, seg: &str) -> bool {
     for quote in ["", "\"", "'"] {
         let k = format!("{quote}{seg}{quote}:");
@@ -69,5 +126,18 @@ mod tests {
         assert_eq!(locate(src, &["stages", "data"]), Some((3, 3)));
         // A missing leaf points at its nearest parent.
         assert_eq!(locate(src, &["stages", "masks", "params"]), Some((5, 3)));
+        assert_eq!(locate_or_nearest(src, &["nope", "deeper"]), (1, 1));
+        assert_eq!(locate_or_nearest(src, &["stages", "masks", "inputs", "heatmaps"]), (7, 14));
+    }
+
+    #[test]
+    fn document_level_places() {
+        assert_eq!(first_content("# c\n\n  - a\n"), (3, 3));
+        assert_eq!(first_content(""), (1, 1));
+        assert_eq!(second_document("name: a\n---\nname: b\n"), Some((2, 1)));
+        assert_eq!(second_document("---\nname: a\n"), None);
+        assert_eq!(second_document("--- {name: a}\n--- {name: b}\n"), Some((2, 1)));
+        assert_eq!(first_alias("a: &x [1]\nb: [*x, *x]\n"), Some((2, 5)));
+        assert_eq!(first_alias("a: 2 * 3\n"), None);
     }
 }

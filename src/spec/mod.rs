@@ -6,6 +6,7 @@
 //! field path, its location and a "did you mean" where a name is misspelt.
 
 mod error;
+mod limits;
 mod locate;
 mod overrides;
 
@@ -16,11 +17,13 @@ use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
 pub use error::{SpecError, SpecErrors, SpecResult};
-pub use locate::locate;
+pub use limits::MAX_NODES;
+pub use locate::{locate, locate_or_nearest};
 pub use overrides::{Override, apply_override};
 
 use crate::stage_kind::{Catalog, Resources};
 use crate::suggest::did_you_mean;
+use crate::sweep::show_value;
 
 /// A validated pipeline. Stage params here are as written (type-checked, canonical), not yet
 /// merged with defaults; `sweep` resolves them per instance.
@@ -88,8 +91,11 @@ impl Ctx<'_> {
     fn err(&mut self, path: &[&str], message: impl Into<String>) {
         let field = path.join(".");
         let from_set = self.overridden.iter().any(|o| field == *o || field.starts_with(&format!("{o}.")));
-        let (location, message) =
-            if from_set { (None, format!("{} (value from --set)", message.into())) } else { (locate(self.source, path), message.into()) };
+        let (location, message) = if from_set {
+            (None, format!("{} (value from --set)", message.into()))
+        } else {
+            (Some(locate::locate_or_nearest(self.source, path)), message.into())
+        };
         self.errors.push(SpecError { field, location, message });
     }
 
@@ -132,6 +138,32 @@ pub fn to_json(v: &Yaml) -> Json {
     }
 }
 
+/// A serde_yaml error as a spec error, always with a line and column: serde_yaml gives none
+/// for a second document or too many alias repetitions, so those are found in the text.
+fn yaml_syntax_error(source: &str, e: &serde_yaml::Error) -> SpecError {
+    let msg = e.to_string();
+    // serde_yaml appends " at line X column Y"; we print the location ourselves.
+    let msg = match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg,
+    };
+    let (location, message) = if msg.contains("more than one document") {
+        (
+            locate::second_document(source).unwrap_or_else(|| locate::first_content(source)),
+            "a pipeline file holds one YAML document, but a second one starts here; remove the `---` or split the file".to_string(),
+        )
+    } else if msg.contains("repetition limit exceeded") {
+        (
+            locate::first_alias(source).unwrap_or_else(|| locate::first_content(source)),
+            "YAML aliases expand to too many repetitions (an alias bomb?); write the values out or use fewer aliases".to_string(),
+        )
+    } else {
+        let at = e.location().map(|l| (l.line(), l.column())).unwrap_or_else(|| locate::first_content(source));
+        (at, format!("YAML syntax error: {msg}"))
+    };
+    SpecError { field: String::new(), location: Some(location), message }
+}
+
 fn type_name(v: &Yaml) -> &'static str {
     match v {
         Yaml::Null => "nothing",
@@ -150,23 +182,44 @@ pub fn load(file: &Path, overrides: &[Override], catalog: &Catalog) -> SpecResul
         file: file.to_path_buf(),
         errors: vec![SpecError { field: String::new(), location: None, message }],
     };
-    let source = std::fs::read_to_string(file).map_err(|e| one(format!("cannot read pipeline: {e}")))?;
-    parse(file, &source, overrides, catalog)
+    let bytes = std::fs::read(file).map_err(|e| one(format!("cannot read pipeline: {e}")))?;
+    parse_bytes(file, &bytes, overrides, catalog)
+}
+
+/// Validates pipeline bytes: like [`parse`], but first checks they are UTF-8, naming the line
+/// and column of the first byte that is not (serde_yaml would only say "invalid UTF-8").
+pub fn parse_bytes(file: &Path, bytes: &[u8], overrides: &[Override], catalog: &Catalog) -> SpecResult<Pipeline> {
+    match std::str::from_utf8(bytes) {
+        Ok(source) => parse(file, source, overrides, catalog),
+        Err(e) => {
+            let valid = &bytes[..e.valid_up_to()];
+            let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+            // Valid prefix, so this never fails; the column counts characters, as editors do.
+            let col = std::str::from_utf8(&valid[line_start..]).map_or(1, |s| s.chars().count() + 1);
+            Err(SpecErrors {
+                file: file.to_path_buf(),
+                errors: vec![SpecError {
+                    field: String::new(),
+                    location: Some((line, col)),
+                    message: format!(
+                        "the file is not valid UTF-8 (byte 0x{:02x}); save it as UTF-8 text",
+                        bytes.get(e.valid_up_to()).copied().unwrap_or(0)
+                    ),
+                }],
+            })
+        }
+    }
 }
 
 /// Validates pipeline text; `file` is used for messages and relative paths only.
 pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalog) -> SpecResult<Pipeline> {
     let fail = |errors: Vec<SpecError>| SpecErrors { file: file.to_path_buf(), errors };
-    let mut root: Yaml = serde_yaml::from_str(source).map_err(|e| {
-        let location = e.location().map(|l| (l.line(), l.column()));
-        let msg = e.to_string();
-        // serde_yaml appends " at line X column Y"; we print the location ourselves.
-        let msg = match msg.find(" at line ") {
-            Some(i) => msg[..i].to_string(),
-            None => msg,
-        };
-        fail(vec![SpecError { field: String::new(), location, message: format!("YAML syntax error: {msg}") }])
-    })?;
+    let yaml_error = |e: serde_yaml::Error| fail(vec![yaml_syntax_error(source, &e)]);
+    // A first pass that only counts nodes, aliases expanded, so that an alias bomb stops at
+    // MAX_NODES instead of building a tree of billions of nodes.
+    limits::check_size(source).map_err(yaml_error)?;
+    let mut root: Yaml = serde_yaml::from_str(source).map_err(yaml_error)?;
     let mut cx = Ctx { source, errors: Vec::new(), overridden: overrides.iter().map(|o| o.path.clone()).collect() };
     for o in overrides {
         if let Err(m) = apply_override(&mut root, o) {
@@ -176,7 +229,7 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
     let Yaml::Mapping(top) = &root else {
         return Err(fail(vec![SpecError {
             field: String::new(),
-            location: None,
+            location: Some(locate::first_content(source)),
             message: format!("a pipeline must be a map with `name` and `stages`, found {}", type_name(&root)),
         }]));
     };
@@ -275,6 +328,19 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
     Ok(Pipeline { name, file: file.to_path_buf(), base_dir, seed, backend, defaults, stages, source })
 }
 
+/// Data a stage cannot read (a missing root, an unreadable manifest) as a spec error at the
+/// param that names it, so the message gives file:line:col like any other spec error.
+pub fn data_error(p: &Pipeline, stage: &str, message: &str) -> SpecErrors {
+    let params = p.stages.get(stage).map(|s| &s.params);
+    let field: Vec<&str> = match ["root", "manifest"].into_iter().find(|k| params.is_some_and(|m| m.contains_key(*k))) {
+        Some(k) => vec!["stages", stage, "params", k],
+        None => vec!["stages", stage],
+    };
+    let location = Some(locate_or_nearest(&p.source, &field));
+    let message = format!("stage `{stage}` cannot read its data: {message}");
+    SpecErrors { file: p.file.clone(), errors: vec![SpecError { field: field.join("."), location, message }] }
+}
+
 fn ancestors(stages: &BTreeMap<String, StageSpec>, of: &str) -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
     let mut todo: Vec<String> = stages.get(of).map(|s| s.inputs.values().cloned().collect()).unwrap_or_default();
@@ -328,6 +394,18 @@ fn check_refs(cx: &mut Ctx<'_>, stages: &BTreeMap<String, StageSpec>, catalog: &
             }
         }
     }
+}
+
+/// The first value equal to an earlier one, as (earlier index, index).
+fn first_repeat(values: &[String]) -> Option<(usize, usize)> {
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(values.len());
+    for (i, v) in values.iter().enumerate() {
+        if let Some(&first) = seen.get(v.as_str()) {
+            return Some((first, i));
+        }
+        seen.insert(v, i);
+    }
+    None
 }
 
 fn show_yaml(v: &Yaml) -> String {
@@ -514,6 +592,22 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
                             Err(msg) => cx.err(&path, format!("value {}: {msg}", i + 1)),
                         }
                     }
+                    // Two equal values would make two instances with one label (and one key).
+                    // Zipped axes may repeat values: their rows are checked below.
+                    if sk == "grid"
+                        && checked.len() == vals.len()
+                        && let Some((first, again)) = first_repeat(&checked.iter().map(show_value).collect::<Vec<_>>())
+                    {
+                        cx.err(
+                            &path,
+                            format!(
+                                "value {} (`{}`) repeats value {}; sweep values must be distinct",
+                                again + 1,
+                                show_value(&checked[again]),
+                                first + 1
+                            ),
+                        );
+                    }
                     if params.contains_key(&axis) {
                         cx.err(&path, format!("`{axis}` is both a fixed param and a sweep axis; keep one"));
                     }
@@ -536,6 +630,18 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
                     format!("zipped axes must have equal lengths: `{first}` has {}, `{a}` has {}", fv.len(), v.len()),
                 );
             }
+        }
+    }
+    if let Some((_, fv)) = zip.first()
+        && zip.iter().all(|(_, v)| v.len() == fv.len())
+    {
+        let rows: Vec<String> =
+            (0..fv.len()).map(|r| zip.iter().map(|(a, v)| format!("{a}={}", show_value(&v[r]))).collect::<Vec<_>>().join(", ")).collect();
+        if let Some((first, again)) = first_repeat(&rows) {
+            cx.err(
+                &["stages", sname, "sweep", "zip"],
+                format!("row {} ({}) repeats row {}; zipped rows must be distinct", again + 1, rows[again], first + 1),
+            );
         }
     }
     // Resources.

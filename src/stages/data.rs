@@ -6,6 +6,7 @@ use serde_json::{Value as Json, json};
 
 use super::io;
 use super::params as p;
+use crate::cache::file_digests::{UNREADABLE, combine};
 use crate::ml::dataset::{Dataset, Normalize, Split, SplitConfig, assign_splits};
 use crate::ml::loaders::{self, ChannelSelect, LoadOptions};
 use crate::ml::synthetic::{self, SyntheticConfig};
@@ -38,12 +39,56 @@ fn channel(params: &Params, source: &str) -> Result<ChannelSelect, StageError> {
     }
 }
 
+/// The data name and exactly the files the source reads (the same walk its loader does), or
+/// `None` for a source that reads nothing outside the cache.
+fn listing(params: &Params, base: &Path) -> Option<(&'static str, Result<DataFiles, loaders::LoadError>)> {
+    match p::opt_str(params, "source") {
+        Some("lgg") => p::opt_str(params, "root").map(|r| ("root", loaders::lgg_files(&resolve(base, r)))),
+        Some("folders") => p::opt_str(params, "root").map(|r| ("root", loaders::folder_files(&resolve(base, r)))),
+        Some("manifest") => p::opt_str(params, "manifest").map(|m| ("manifest", loaders::manifest_files(&resolve(base, m)))),
+        _ => None,
+    }
+}
+
+/// Checks that the files the loader read have the digest the run was planned (and keyed)
+/// with. The file digests memo trusts (size, mtime, ctime), and the data is read after it was
+/// digested: without this, a file changed in between would be cached under the old key.
+fn check_read(ctx: &RunContext<'_>, read: &std::collections::BTreeMap<PathBuf, Option<String>>) -> Result<(), StageError> {
+    let Some((name, files)) = listing(ctx.params, ctx.base_dir) else { return Ok(()) };
+    let files = files.map_err(StageError::new)?;
+    let digests: Vec<(&str, String)> = files
+        .iter()
+        .map(|(rel, path)| {
+            let d = match read.get(path) {
+                Some(Some(d)) => d.clone(),
+                Some(None) => UNREADABLE.to_string(),
+                // Listed but not read (a slice skipped before its image was opened): it did not
+                // shape the output, but it is in the key, so it is digested as it is now.
+                None => std::fs::read(path).map(|b| crate::cache::key::sha256_hex(&b)).unwrap_or_else(|_| UNREADABLE.to_string()),
+            };
+            (rel.as_str(), d)
+        })
+        .collect();
+    let got = combine(digests.iter().map(|(r, d)| (*r, d.as_str())));
+    match ctx.planned_data.get(name) {
+        Some(planned) if *planned != got => Err(StageError::new(format!(
+            "data `{name}` changed since the run was planned: the files read digest to {}, the key has {} (a file changed during \
+             the run, or was rewritten keeping its size and times); nothing was cached; run again, with --rehash if this repeats",
+            &got[..12],
+            &planned[..12.min(planned.len())]
+        ))),
+        Some(_) => Ok(()),
+        None => Err(StageError::new(format!("data `{name}` has no planned digest (an internal error)"))),
+    }
+}
+
 impl StageKind for Data {
     fn name(&self) -> &'static str {
         "data"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: synthetic phantoms use the pure-Rust `libm` (sinf, expf), not the platform's.
+        2
     }
     fn doc(&self) -> &'static str {
         "Loads or generates labelled images with ground-truth masks, resized and normalised, split into train/val/test by group (patient)."
@@ -190,18 +235,13 @@ impl StageKind for Data {
         }
         e
     }
-    fn external_paths(&self, params: &Params, base: &Path) -> Vec<(String, PathBuf)> {
-        match p::opt_str(params, "source") {
-            Some("lgg" | "folders") => p::opt_str(params, "root").map(|r| vec![("root".to_string(), resolve(base, r))]).unwrap_or_default(),
-            Some("manifest") => p::opt_str(params, "manifest")
-                .map(|m| {
-                    let m = resolve(base, m);
-                    let dir = m.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-                    vec![("manifest_dir".to_string(), dir)]
-                })
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        }
+    fn location_params(&self) -> &'static [&'static str] {
+        // Where the data lives; what it holds is in the key through `external_files`.
+        &["root", "manifest"]
+    }
+    fn external_files(&self, params: &Params, base: &Path) -> Result<Vec<(String, DataFiles)>, StageError> {
+        let Some((name, files)) = listing(params, base) else { return Ok(Vec::new()) };
+        Ok(vec![(name.to_string(), files.map_err(StageError::new)?)])
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
         let params = ctx.params;
@@ -214,7 +254,7 @@ impl StageKind for Data {
         };
         let opts = LoadOptions { channel: channel(params, source)?, size, normalize, skip_errors: p::str(params, "on_error")? == "skip" };
         let err = |e: loaders::LoadError| StageError::new(e);
-        let (mut samples, channels, skipped) = match source {
+        let (mut samples, channels, skipped, read) = match source {
             "synthetic" => {
                 let mut ds = synthetic::generate(&SyntheticConfig {
                     count: p::usize(params, "count")?,
@@ -228,24 +268,25 @@ impl StageKind for Data {
                 for s in &mut ds.samples {
                     crate::ml::dataset::normalize_image(&mut s.image, 1, normalize);
                 }
-                (ds.samples, 1, Vec::new())
+                (ds.samples, 1, Vec::new(), Default::default())
             }
             "lgg" => {
                 let root = resolve(ctx.base_dir, p::str(params, "root")?);
                 let (s, r) = loaders::load_lgg(&root, &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped)
+                (s, opts.channels(), r.skipped, r.read)
             }
             "folders" => {
                 let root = resolve(ctx.base_dir, p::str(params, "root")?);
                 let (s, r) = loaders::load_folders(&root, &p::str_list(params, "positive"), &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped)
+                (s, opts.channels(), r.skipped, r.read)
             }
             _ => {
                 let m = resolve(ctx.base_dir, p::str(params, "manifest")?);
                 let (s, r) = loaders::load_manifest(&m, &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped)
+                (s, opts.channels(), r.skipped, r.read)
             }
         };
+        check_read(ctx, &read)?;
         for s in &skipped {
             (ctx.log)(format!("skipped: {s}"));
         }
@@ -266,5 +307,61 @@ impl StageKind for Data {
         (ctx.log)(format!("{} images ({} skipped), {}x{}x{}", ds.samples.len(), skipped.len(), channels, size, size));
         let f = io::write(ctx.out_dir, io::DATASET_FILE, &ds.encode())?;
         Ok(Outcome { files: vec![f], metrics })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn params(root: &Path) -> Params {
+        let mut p: Params = Data.params().into_iter().map(|s| (s.name.to_string(), (s.default)())).collect();
+        p.insert("source".into(), json!("folders"));
+        p.insert("root".into(), json!(root.to_str().unwrap()));
+        p.insert("image_size".into(), json!(8));
+        p
+    }
+
+    fn run(params: &Params, planned: &BTreeMap<String, String>, out: &Path) -> Result<Outcome, StageError> {
+        let inputs = BTreeMap::new();
+        let mut log = |_l: String| {};
+        let mut ctx = RunContext {
+            params,
+            inputs: &inputs,
+            out_dir: out,
+            base_dir: Path::new("/"),
+            seed: 1,
+            backend: "cpu",
+            device: 0,
+            planned_data: planned,
+            log: &mut log,
+        };
+        Data.run(&mut ctx)
+    }
+
+    #[test]
+    fn data_read_must_have_the_planned_digest() {
+        let d = tempfile::tempdir().unwrap();
+        for (c, v) in [("a", 10u8), ("b", 200)] {
+            std::fs::create_dir_all(d.path().join(c)).unwrap();
+            for n in 0..3u8 {
+                image::GrayImage::from_fn(9, 9, |x, y| image::Luma([v ^ (x as u8 * 3 + y as u8 + n)]))
+                    .save(d.path().join(c).join(format!("{n}.png")))
+                    .unwrap();
+            }
+        }
+        let p = params(d.path());
+        let (name, files) = Data.external_files(&p, Path::new("/")).unwrap().remove(0);
+        assert_eq!(files.len(), 6);
+        let digests: Vec<(String, String)> =
+            files.iter().map(|(r, f)| (r.clone(), crate::cache::key::sha256_hex(&std::fs::read(f).unwrap()))).collect();
+        let planned: BTreeMap<String, String> = [(name.clone(), combine(digests.iter().map(|(a, b)| (a.as_str(), b.as_str()))))].into();
+        let out = tempfile::tempdir().unwrap();
+        assert!(run(&p, &planned, out.path()).is_ok());
+        // The data changed between planning (the key) and reading: nothing may be cached.
+        image::GrayImage::from_pixel(9, 9, image::Luma([7])).save(d.path().join("b/1.png")).unwrap();
+        let e = run(&p, &planned, out.path()).err().expect("a changed file is refused").to_string();
+        assert!(e.contains("data `root` changed since the run was planned"), "{e}");
     }
 }

@@ -79,7 +79,8 @@ impl StageKind for GradCam {
     }
     fn version(&self) -> u32 {
         // 2: convolutions and pooling on the CPU run through `ml::fast_ops` (other rounding).
-        2
+        // 3: the portable CPU profile (own GEMM, head, loss and softmax; libm).
+        3
     }
     fn doc(&self) -> &'static str {
         "Class-activation heatmaps (Grad-CAM, Grad-CAM++, HiResCAM, or a random baseline) for every image, upsampled to the input and min-max normalised per image."

@@ -37,7 +37,8 @@ impl StageKind for Score {
     }
     fn version(&self) -> u32 {
         // 2: convolutions and pooling on the CPU run through `ml::fast_ops` (other rounding).
-        2
+        // 3: the portable CPU profile (own GEMM, head, loss and softmax; libm).
+        3
     }
     fn doc(&self) -> &'static str {
         "Scores masks against the ground truth (mean-Dice over images with tumor, Dice over all images, IoU, pixel precision/recall) and/or a model's classification (accuracy, sensitivity, specificity, ROC AUC)."
@@ -80,6 +81,9 @@ impl StageKind for Score {
         };
         if !ctx.inputs.contains_key("masks") && !ctx.inputs.contains_key("model") {
             return Err(StageError::new("score needs a `masks` input, a `model` input, or both"));
+        }
+        if idx.is_empty() {
+            return Err(StageError::new(empty_split(ctx.inputs, p::str(ctx.params, "split")?)));
         }
         let mut metrics = json!({ "images": idx.len() });
         let mut dice_col: Option<Vec<Overlap>> = None;
@@ -126,6 +130,24 @@ impl StageKind for Score {
         (ctx.log)(format!("scored {} images: {metrics}", idx.len()));
         Ok(Outcome { files: vec![m, c], metrics })
     }
+}
+
+/// Why there is nothing to score: every metric would be null, which must not pass for a
+/// result. Names the split and the upstream params that made it empty.
+fn empty_split(inputs: &BTreeMap<String, InputArtifact>, split: &str) -> String {
+    let upstream = inputs.get("data");
+    let names = ["count", "slices_per_patient", "tumor_fraction", "val_fraction", "test_fraction", "split_seed"];
+    let params: Vec<String> = upstream
+        .map(|u| names.iter().filter_map(|n| u.params.get(*n).filter(|v| !v.is_null()).map(|v| format!("{n}={v}"))).collect())
+        .unwrap_or_default();
+    let from = match upstream {
+        Some(u) if !params.is_empty() => format!(" (input `data` is a `{}` with {})", u.kind, params.join(", ")),
+        Some(u) => format!(" (input `data` is a `{}`)", u.kind),
+        None => String::new(),
+    };
+    format!(
+        "split `{split}` holds no images, so there is nothing to score{from}; raise the split's fraction or the number of groups, or score another `split`"
+    )
 }
 
 fn quote(s: &str) -> String {

@@ -101,7 +101,8 @@ impl StageKind for Train {
     }
     fn version(&self) -> u32 {
         // 2: convolutions and pooling on the CPU run through `ml::fast_ops` (other rounding).
-        2
+        // 3: the portable CPU profile (own GEMM, head, loss and softmax; libm).
+        3
     }
     fn doc(&self) -> &'static str {
         if self.retrain {

@@ -7,10 +7,11 @@
 //! labels use the short param name unless that would be ambiguous.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::Value as Json;
 
-use crate::spec::{Pipeline, StageSpec};
+use crate::spec::{Pipeline, SpecError, SpecErrors, SpecResult, StageSpec, locate_or_nearest};
 use crate::stage_kind::{Catalog, Params};
 
 /// One concrete unit of work.
@@ -23,7 +24,9 @@ pub struct Instance {
     /// Axis id (`stage.param`) -> value, for this instance and everything upstream.
     pub coords: BTreeMap<String, Json>,
     /// Fully resolved params: kind defaults < pipeline defaults < stage params < own axes.
-    pub params: Params,
+    /// Shared: every instance of a stage at one sweep point has the same params (upstream
+    /// axes are not params), so 100,000 instances hold a few hundred maps, not 100,000.
+    pub params: Arc<Params>,
     /// Input slot -> index of the upstream instance.
     pub inputs: BTreeMap<String, usize>,
 }
@@ -100,6 +103,133 @@ pub fn find_upstream(out: &[Instance], inputs: &BTreeMap<String, usize>, wanted:
     None
 }
 
+/// Most instances a pipeline may expand to unless told otherwise (`--max-instances`,
+/// `CAMFLOW_MAX_INSTANCES`). Planning costs about 2 KB and 5 µs per instance, so this
+/// stays within a couple of GB and seconds; anything bigger is almost always a mistake.
+pub const DEFAULT_MAX_INSTANCES: u64 = 1_000_000;
+
+/// Points of a stage's own sweep: product of its grid axes times its zip rows. `None` on
+/// overflow.
+fn own_count(s: &StageSpec) -> Option<u64> {
+    let zip = s.zip.first().map_or(1, |(_, v)| v.len() as u64);
+    s.grid.iter().try_fold(zip, |n, (_, v)| n.checked_mul(v.len() as u64))
+}
+
+/// Instances per stage, computed from the spec alone (nothing is expanded): an instance of a
+/// stage is one choice of a point of its own sweep and of each upstream stage's, since
+/// upstream instances pair exactly when they agree on the points of the stages they share.
+/// `None` where the count overflows u64.
+pub fn counts(p: &Pipeline, order: &[String]) -> BTreeMap<String, Option<u64>> {
+    let mut out = BTreeMap::new();
+    for sname in order {
+        let Some(s) = p.stages.get(sname) else { continue };
+        let mut factors: Vec<&str> = vec![sname.as_str()];
+        let mut todo: Vec<&str> = s.inputs.values().map(|u| u.as_str()).collect();
+        while let Some(u) = todo.pop() {
+            if factors.contains(&u) {
+                continue;
+            }
+            factors.push(u);
+            if let Some(us) = p.stages.get(u) {
+                todo.extend(us.inputs.values().map(|x| x.as_str()));
+            }
+        }
+        let n = factors.iter().try_fold(1u64, |n, f| p.stages.get(*f).and_then(own_count).and_then(|c| n.checked_mul(c)));
+        out.insert(sname.clone(), n);
+    }
+    out
+}
+
+/// Refuses, before anything is allocated, a pipeline whose sweeps expand to more than `max`
+/// instances, pointing at the biggest sweep feeding the biggest stage.
+pub fn check_count(p: &Pipeline, order: &[String], max: u64) -> SpecResult<u64> {
+    let counts = counts(p, order);
+    let total = counts.values().try_fold(0u64, |t, c| c.and_then(|c| t.checked_add(c)));
+    if let Some(t) = total
+        && t <= max
+    {
+        return Ok(t);
+    }
+    let show = |n: Option<u64>| n.map_or_else(|| "more than 18,446,744,073,709,551,615".to_string(), thousands);
+    // The biggest stage (an overflow counts as the biggest), then the biggest own sweep among
+    // it and its upstream stages: that grid is what to shrink.
+    let (worst, wn) = counts.iter().max_by_key(|(_, c)| c.map_or(u128::MAX, u128::from)).map(|(s, c)| (s.clone(), *c)).unwrap_or_default();
+    let mut feeding = vec![worst.clone()];
+    let mut i = 0;
+    while i < feeding.len() {
+        if let Some(s) = p.stages.get(&feeding[i]) {
+            for u in s.inputs.values() {
+                if !feeding.contains(u) {
+                    feeding.push(u.clone());
+                }
+            }
+        }
+        i += 1;
+    }
+    let grid = feeding
+        .iter()
+        .filter_map(|f| p.stages.get(f))
+        .max_by_key(|s| own_count(s).map_or(u128::MAX, u128::from))
+        .map(|s| s.name.clone())
+        .unwrap_or_else(|| worst.clone());
+    let gs = &p.stages[&grid];
+    let mut shape: Vec<String> = gs.grid.iter().map(|(a, v)| format!("{a}: {}", v.len())).collect();
+    if let Some((a, v)) = gs.zip.first() {
+        shape.push(format!("zip {a}...: {}", v.len()));
+    }
+    let field = if gs.grid.is_empty() && gs.zip.is_empty() { vec!["stages", &grid] } else { vec!["stages", &grid, "sweep"] };
+    Err(SpecErrors {
+        file: p.file.clone(),
+        errors: vec![SpecError {
+            field: field.join("."),
+            location: Some(locate_or_nearest(&p.source, &field)),
+            message: format!(
+                "the sweeps expand to {} instances (stage `{worst}`: {}), above the limit of {}; this sweep gives {} points ({}). \
+                 Sweep fewer values, or raise the limit with --max-instances or CAMFLOW_MAX_INSTANCES",
+                show(total),
+                show(wn),
+                thousands(max),
+                show(own_count(gs)),
+                shape.join(" x ")
+            ),
+        }],
+    })
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// [`check_count`], [`expand`], then each kind's cross-param checks on every instance (one
+/// error per stage and message): what every command that reads a pipeline does.
+pub fn expand_checked(p: &Pipeline, order: &[String], catalog: &Catalog, max_instances: u64) -> SpecResult<Vec<Instance>> {
+    check_count(p, order, max_instances)?;
+    let instances = expand(p, order, catalog);
+    let mut errors: Vec<SpecError> = Vec::new();
+    for inst in &instances {
+        let Some(kind) = catalog.get(&inst.kind) else { continue };
+        for (param, msg) in kind.check(&inst.params) {
+            let field = format!("stages.{}.params.{param}", inst.stage);
+            if !errors.iter().any(|e| e.field == field && e.message == msg) {
+                let location = Some(locate_or_nearest(&p.source, &["stages", &inst.stage, "params", &param]));
+                errors.push(SpecError { field, location, message: msg });
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(SpecErrors { file: p.file.clone(), errors });
+    }
+    Ok(instances)
+}
+
 /// Expands every stage in `order` (a topological order of stage names).
 pub fn expand(p: &Pipeline, order: &[String], catalog: &Catalog) -> Vec<Instance> {
     let rank: BTreeMap<&str, usize> = order.iter().enumerate().map(|(i, s)| (s.as_str(), i)).collect();
@@ -132,21 +262,45 @@ pub fn expand(p: &Pipeline, order: &[String], catalog: &Catalog) -> Vec<Instance
         }
         base.extend(s.params.iter().map(|(k, v)| (k.clone(), v.clone())));
         let points = own_points(s);
-        let mut mine = Vec::with_capacity(combos.len() * points.len());
-        for (coords, inputs) in &combos {
-            for pt in &points {
-                let mut c = coords.clone();
+        // Params per sweep point, built once; with `${...}` references they also depend on
+        // the upstream values, so those are built per distinct set of referenced values.
+        let point_params: Vec<Arc<Params>> = points
+            .iter()
+            .map(|pt| {
                 let mut params = base.clone();
+                params.extend(pt.iter().map(|(a, v)| (a.clone(), v.clone())));
+                Arc::new(params)
+            })
+            .collect();
+        let mut with_refs: BTreeMap<(usize, String), Arc<Params>> = BTreeMap::new();
+        let mut mine = Vec::with_capacity(combos.len() * points.len());
+        for (coords, inputs) in combos {
+            // Referenced upstream values: the same for every point of this combination.
+            let refs: Vec<(&str, Json)> = s
+                .refs
+                .iter()
+                .filter_map(|r| {
+                    let u = find_upstream(&out, &inputs, |x| x.stage == r.stage)?;
+                    Some((r.param.as_str(), out[u].params.get(&r.upstream_param)?.clone()))
+                })
+                .collect();
+            let refs_id = if refs.is_empty() { String::new() } else { serde_json::to_string(&refs).unwrap_or_default() };
+            for (pi, pt) in points.iter().enumerate() {
+                let params = if refs.is_empty() {
+                    point_params[pi].clone()
+                } else {
+                    with_refs
+                        .entry((pi, refs_id.clone()))
+                        .or_insert_with(|| {
+                            let mut params = (*point_params[pi]).clone();
+                            params.extend(refs.iter().map(|(k, v)| (k.to_string(), v.clone())));
+                            Arc::new(params)
+                        })
+                        .clone()
+                };
+                let mut c = coords.clone();
                 for (axis, v) in pt {
                     c.insert(format!("{sname}.{axis}"), v.clone());
-                    params.insert(axis.clone(), v.clone());
-                }
-                for r in &s.refs {
-                    if let Some(u) = find_upstream(&out, inputs, |x| x.stage == r.stage)
-                        && let Some(v) = out[u].params.get(&r.upstream_param)
-                    {
-                        params.insert(r.param.clone(), v.clone());
-                    }
                 }
                 mine.push(out.len());
                 out.push(Instance {
@@ -204,6 +358,38 @@ mod tests {
         let rank: BTreeMap<&str, usize> = [("train", 0), ("cams", 1), ("masks", 2)].into_iter().collect();
         assert_eq!(label("masks", &c, &rank), "masks[arch=vgg-small,cams.method=gradcam,masks.method=otsu]");
         assert_eq!(label("data", &BTreeMap::new(), &rank), "data");
+    }
+
+    fn load(yaml: &str) -> (Pipeline, Vec<String>, Catalog) {
+        let catalog = crate::stages::catalog();
+        let p = crate::spec::parse(std::path::Path::new("p.yaml"), yaml, &[], &catalog).expect("valid");
+        let order = crate::dag::stage_order(&p.stages);
+        (p, order, catalog)
+    }
+
+    const STUDY: &str = "name: s\nstages:\n  d:\n    kind: data\n    params: {source: synthetic}\n  t:\n    kind: train\n    inputs: {data: d}\n    sweep:\n      grid: {epochs: [1, 2, 3]}\n  c:\n    kind: gradcam\n    inputs: {model: t, data: d}\n  m:\n    kind: threshold\n    inputs: {heatmaps: c}\n    sweep:\n      grid: {value: [0.3, 0.5]}\n  r:\n    kind: retrain\n    inputs: {data: f}\n    params: {epochs: \"${t.epochs}\"}\n  f:\n    kind: filter\n    inputs: {data: d, heatmaps: c}\n";
+
+    #[test]
+    fn counts_match_expansion_and_params_are_shared_per_point() {
+        let (p, order, catalog) = load(STUDY);
+        let inst = expand(&p, &order, &catalog);
+        let counts = counts(&p, &order);
+        assert_eq!(counts.values().map(|c| c.unwrap()).sum::<u64>(), inst.len() as u64);
+        assert_eq!(counts["m"], Some(6));
+        let m: Vec<&Instance> = inst.iter().filter(|i| i.stage == "m").collect();
+        // Same threshold, different upstream training: one shared map.
+        let same: Vec<&&Instance> = m.iter().filter(|i| i.params["value"] == 0.5).collect();
+        assert_eq!(same.len(), 3);
+        assert!(same.windows(2).all(|w| Arc::ptr_eq(&w[0].params, &w[1].params)));
+        // `${t.epochs}`: each retrain gets its own training's value.
+        for r in inst.iter().filter(|i| i.stage == "r") {
+            assert_eq!(r.params["epochs"], r.coords["t.epochs"], "{}", r.label);
+        }
+        assert_eq!(check_count(&p, &order, inst.len() as u64).ok(), Some(inst.len() as u64));
+        let e = check_count(&p, &order, 5).expect_err("over the limit");
+        assert_eq!(e.errors[0].field, "stages.t.sweep");
+        assert_eq!(e.errors[0].location, Some((9, 5)));
+        assert!(e.errors[0].message.starts_with("the sweeps expand to 19 instances (stage `m`: 6), above the limit of 5"), "{e}");
     }
 
     #[test]

@@ -181,7 +181,8 @@ fn data_files_are_hashed_by_content_memoised_by_size_and_mtime() {
     }
     assert_eq!(p.run(&[]).ok().summary("ran"), 1);
     assert_eq!(p.run(&[]).ok().summary("cached"), 1);
-    // Same size and mtime, other content: trusted from the memo until --rehash.
+    // Same size and mtime, other content: the memo also compares ctime and inode, which a
+    // rewrite cannot put back, so the data stage reruns under its new key.
     let f = p.path().join("imgs/normal/img0.png");
     let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
     let other = p.path().join("imgs/normal/img1.png");
@@ -189,9 +190,10 @@ fn data_files_are_hashed_by_content_memoised_by_size_and_mtime() {
     assert_eq!(a.len(), b.len(), "fixture images must have equal sizes");
     std::fs::write(&f, &b).unwrap();
     std::fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
-    assert_eq!(p.run(&[]).ok().summary("cached"), 1);
-    let plan = p.camflow(&["plan", p.pipeline().to_str().unwrap(), "--rehash"]).ok();
+    let plan = p.camflow(&["plan", p.pipeline().to_str().unwrap()]).ok();
     assert!(plan.stdout().contains("run     data  data changed: root"), "{}", plan.stdout());
+    assert_eq!(p.run(&[]).ok().summary("ran"), 1);
+    assert_eq!(p.run(&["--rehash"]).ok().summary("cached"), 1);
     // A changed mtime is noticed without --rehash: put the original bytes back.
     std::fs::write(&f, &a).unwrap();
     assert_eq!(p.run(&[]).ok().summary("cached"), 1, "original content, original key");

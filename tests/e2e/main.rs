@@ -1,11 +1,16 @@
 //! End-to-end tests: the real `camflow` binary on real files, with the real stage kinds at
 //! tiny sizes (16x16 phantoms, one epoch).
 
+mod cache_safety;
 mod caching;
 mod concurrency;
+mod cpu_profile;
+mod fuzz_specs;
+mod kill_loop;
 mod pipelines;
 mod reference;
 mod report;
+mod repro;
 mod science;
 mod spec_errors;
 mod support;

@@ -55,12 +55,16 @@ fn synthetic_classifier_and_gradcam_beat_chance() {
     assert!(cam > 2.0 * random && cam > 0.25, "gradcam {cam} vs random {random}");
 }
 
+/// Needs the real LGG subset (12 patients, not in the repository): opt in with
+/// `CAMFLOW_LGG_SUBSET=/path/to/lgg-subset cargo test --locked --test e2e -- --ignored lgg`.
+/// Run without the variable it fails: an opted-in check never passes by skipping.
 #[test]
+#[ignore = "needs the real LGG subset: set CAMFLOW_LGG_SUBSET and run with --ignored lgg"]
 fn lgg_subset_runs_end_to_end() {
-    let root = std::env::var("CAMFLOW_LGG_SUBSET")
+    let root = std::env::var_os("CAMFLOW_LGG_SUBSET")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/lgg-subset"));
-    assert!(root.join("kaggle_3m").is_dir(), "the LGG subset is expected at {} (set CAMFLOW_LGG_SUBSET)", root.display());
+        .expect("CAMFLOW_LGG_SUBSET must name the LGG subset folder (the one holding kaggle_3m/) for this opt-in test");
+    assert!(root.join("kaggle_3m").is_dir(), "CAMFLOW_LGG_SUBSET={}: no kaggle_3m/ folder there", root.display());
     let pipeline = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/lgg.yaml")).expect("lgg.yaml");
     let p = Project::new(&pipeline);
     // The shipped pipeline, shrunk with --set to one model, one CAM method and one filter.

@@ -167,3 +167,39 @@ pub fn flip_byte(path: &Path, keep_mtime: bool) {
         f.set_modified(mtime).expect("set mtime");
     }
 }
+
+/// An LGG-style folder: `<dir>/<patient>/<patient>_<n>.tif` (RGB) with `_mask.tif`, for each
+/// patient and slice; every other slice has a tumor square. Pixel values vary with `seed`.
+pub fn write_lgg(dir: &Path, patients: &[&str], slices: usize, seed: u8) {
+    for (pi, p) in patients.iter().enumerate() {
+        let d = dir.join(p);
+        std::fs::create_dir_all(&d).expect("patient folder");
+        for n in 1..=slices {
+            let img = image::RgbImage::from_fn(12, 12, |x, y| {
+                let v = (x * 7 + y * 3) as u8 ^ seed ^ (pi as u8 * 31 + n as u8);
+                image::Rgb([v, v.wrapping_add(40), v.wrapping_add(80)])
+            });
+            img.save(d.join(format!("{p}_{n}.tif"))).expect("write tif");
+            let mask = image::GrayImage::from_fn(12, 12, |x, y| image::Luma([if n % 2 == 0 && (3..7).contains(&x) && (3..7).contains(&y) { 255 } else { 0 }]));
+            mask.save(d.join(format!("{p}_{n}_mask.tif"))).expect("write mask");
+        }
+    }
+}
+
+/// Class folders `<dir>/<class>/<name>.png` with a few small grey images each.
+pub fn write_folders(dir: &Path, classes: &[&str], per_class: usize) {
+    for (ci, c) in classes.iter().enumerate() {
+        let d = dir.join(c);
+        std::fs::create_dir_all(&d).expect("class folder");
+        for n in 0..per_class {
+            let img = image::GrayImage::from_fn(10, 10, |x, y| image::Luma([((x + y) as u8 * 9) ^ (ci as u8 * 50 + n as u8)]));
+            img.save(d.join(format!("img{n}.png"))).expect("write png");
+        }
+    }
+}
+
+/// The lock file of the project's pipeline, parsed.
+pub fn lock_of(p: &Project) -> serde_yaml::Value {
+    let text = std::fs::read_to_string(p.path().join("p.lock.yaml")).expect("lock file");
+    serde_yaml::from_str(&text).expect("lock yaml")
+}

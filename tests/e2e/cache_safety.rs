@@ -1,0 +1,292 @@
+//! The cache under attack and under interruption: edited records, digests that are paths,
+//! gc during a run, SIGTERM, interrupted forced reruns, group-shared modes, bad sizes and
+//! unwritable cache files.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::support::{BIN, Project, TINY};
+
+/// The still-open stdout of a run: dropping it would end the run by a broken pipe.
+type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// TINY with a training of a few seconds.
+fn slow_tiny() -> String {
+    TINY.replace("params: {epochs: 1, batch_size: 16}\n  cams", "params: {epochs: 100, batch_size: 16}\n  cams")
+}
+
+/// The record file of the instance `label`, and its JSON.
+fn record_of(p: &Project, label: &str) -> (PathBuf, Value) {
+    for e in std::fs::read_dir(p.cache().join("actions")).expect("actions dir").flatten() {
+        let v: Value = serde_json::from_slice(&std::fs::read(e.path()).expect("read")).expect("json");
+        if v["label"] == label {
+            return (e.path(), v);
+        }
+    }
+    panic!("no record for {label}");
+}
+
+/// Sets `record_digest` to the digest of the rest of the record, as the cache documents it
+/// (SHA-256 of the compact JSON with sorted keys): what someone who knows the format can forge.
+fn reseal(v: &mut Value) {
+    let m = v.as_object_mut().expect("object");
+    m.remove("record_digest");
+    let d = hex::encode(Sha256::digest(serde_json::to_vec(v).expect("json")));
+    v.as_object_mut().expect("object").insert("record_digest".into(), Value::String(d));
+}
+
+fn write_json(path: &Path, v: &Value) {
+    std::fs::write(path, serde_json::to_vec_pretty(v).expect("json")).expect("write record");
+}
+
+/// The cache key of `label` as `plan --json` reports it.
+fn key_of(p: &Project, label: &str) -> String {
+    let out = p.camflow(&["plan", p.pipeline().to_str().unwrap(), "--json"]).ok().stdout();
+    let v: Value = serde_json::from_str(&out).expect("plan json");
+    v["instances"].as_array().expect("instances").iter().find(|i| i["instance"] == label).expect("instance")["key"]
+        .as_str()
+        .expect("key")
+        .to_string()
+}
+
+/// Scratch folders of runs in the cache's tmp/.
+fn scratch_dirs(p: &Project) -> Vec<String> {
+    std::fs::read_dir(p.cache().join("tmp"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("run-")).collect())
+        .unwrap_or_default()
+}
+
+/// Starts `camflow run` with `extra` args and follows it until `stage` is running and its
+/// scratch folder exists; returns the child and the rest of its stdout.
+fn start_until_running(p: &Project, extra: &[&str], stage: &str) -> (Child, Lines) {
+    let pl = p.pipeline();
+    let cache = p.cache();
+    let mut args = vec!["run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()];
+    args.extend(extra);
+    let mut child = p.cmd(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let prefix = format!("run     {stage} ");
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        let started = line.starts_with(&prefix);
+        seen.push(line);
+        if started {
+            break;
+        }
+    }
+    assert!(seen.last().is_some_and(|l| l.starts_with(&prefix)), "{stage} never started: {seen:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scratch_dirs(p).is_empty() {
+        assert!(Instant::now() < deadline, "no scratch folder appeared for {stage}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, lines)
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill").args([sig, &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+}
+
+#[test]
+fn an_edited_metric_is_caught_by_verify_and_by_run_and_never_reaches_the_lock() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    let label = "cls[mode=inverse]";
+    let (path, original) = record_of(&p, label);
+    let forge = |v: &Value| {
+        let mut v = v.clone();
+        v["metrics"]["accuracy"] = Value::from(0.123456789);
+        v
+    };
+    // verify reports it and removes it; the next run recomputes exactly that instance.
+    write_json(&path, &forge(&original));
+    let v = p.camflow(&["verify"]);
+    assert_eq!(v.code(), 3, "{}", v.stdout());
+    assert!(v.stdout().lines().any(|l| l.starts_with("problem: record ") && l.contains("edited or damaged")), "{}", v.stdout());
+    assert!(!path.exists(), "the corrupt record is removed");
+    let r = p.run(&[]).ok();
+    assert_eq!(r.ran(), vec![label]);
+    // run alone catches it too (plan says why) and the lock holds the computed value.
+    write_json(&path, &forge(&record_of(&p, label).1));
+    let plan = p.camflow(&["plan", p.pipeline().to_str().unwrap()]).ok().stdout();
+    assert!(plan.lines().any(|l| l.starts_with(&format!("run     {label}")) && l.contains("cache entry corrupt")), "{plan}");
+    let r = p.run(&[]).ok();
+    assert_eq!(r.ran(), vec![label]);
+    let lock = std::fs::read_to_string(p.path().join("p.lock.yaml")).unwrap();
+    assert!(!lock.contains("0.123456789"), "{lock}");
+    assert_eq!(record_of(&p, label).1["metrics"], original["metrics"]);
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}
+
+#[test]
+fn a_digest_read_from_the_cache_never_becomes_a_path() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // A file outside the cache folder, and records (with valid record digests) that name it.
+    let victim = p.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    let label = "masks[value=0.3]";
+    let (path, original) = record_of(&p, label);
+    let forged = |digest: &str| {
+        let mut v = original.clone();
+        v["outputs"]["masks.bin"]["digest"] = Value::from(digest);
+        reseal(&mut v);
+        v
+    };
+    let as_path = format!("xx{}", victim.display());
+    let non_ascii = "é".repeat(32);
+    for digest in [as_path.as_str(), non_ascii.as_str()] {
+        write_json(&path, &forged(digest));
+        let v = p.camflow(&["verify"]);
+        assert_eq!(v.code(), 3, "{digest}: {}\n{}", v.stdout(), v.stderr());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "verify must not touch a file outside the cache");
+        assert!(v.stdout().contains("is not a SHA-256 digest"), "{}", v.stdout());
+        write_json(&path, &forged(digest));
+        let r = p.run(&[]).ok();
+        assert_eq!(r.ran(), vec![label]);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "run must not touch a file outside the cache");
+    }
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}
+
+#[test]
+fn gc_during_a_run_waits_or_refuses_and_the_run_finishes_whole() {
+    let p = Project::new(&slow_tiny());
+    let (run, rest) = start_until_running(&p, &[], "train");
+    // Plain gc refuses at once and removes nothing.
+    let g = p.camflow(&["gc"]);
+    assert_eq!(g.code(), 6, "{}\n{}", g.stdout(), g.stderr());
+    assert!(g.stderr().contains("is in use by a running `camflow run`"), "{}", g.stderr());
+    assert!(!scratch_dirs(&p).is_empty(), "the running job's scratch folder is still there");
+    // gc --wait waits for the run, then collects.
+    let cache = p.cache();
+    let waiting = p.cmd(&["gc", "--wait", "--cache-dir", cache.to_str().unwrap()]).stdout(Stdio::piped()).spawn().expect("gc");
+    let rest: Vec<String> = rest.map(|l| l.expect("line")).collect();
+    let out = run.wait_with_output().expect("run");
+    assert!(out.status.success(), "{rest:?}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(rest.iter().any(|l| l.starts_with("summary: ran=13 ")), "{rest:?}");
+    let g = waiting.wait_with_output().expect("gc --wait");
+    assert!(g.status.success());
+    assert!(String::from_utf8_lossy(&g.stdout).contains("gc: removed 0 records"), "{}", String::from_utf8_lossy(&g.stdout));
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+    assert_eq!(p.run(&[]).ok().summary("cached"), 13);
+}
+
+#[test]
+fn sigterm_is_handled_like_ctrl_c_and_the_next_run_cleans_the_scratch() {
+    let p = Project::new(&slow_tiny());
+    let (run, rest) = start_until_running(&p, &[], "train");
+    signal(&run, "-TERM");
+    let rest: Vec<String> = rest.map(|l| l.expect("line")).collect();
+    assert!(rest.iter().any(|l| l.starts_with("summary: ran=1 cached=0")), "{rest:?}");
+    let out = run.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(stderr.contains("terminated (SIGTERM); finished work is cached and the next run resumes"), "{stderr}");
+    // No partial entry; the abandoned scratch folder is still there until the next run.
+    assert_eq!(std::fs::read_dir(p.cache().join("actions")).unwrap().count(), 1);
+    assert!(!scratch_dirs(&p).is_empty());
+    let r = p.run(&[]).ok();
+    assert_eq!((r.summary("cached"), r.summary("ran")), (1, 12));
+    assert_eq!(scratch_dirs(&p), Vec::<String>::new(), "the interrupted run's scratch folder is removed");
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}
+
+#[test]
+fn an_interrupted_forced_rerun_keeps_the_old_result() {
+    let yaml = "name: two\nseed: 7\nstages:\n  data:\n    kind: data\n    params: {source: synthetic, count: 48, image_size: 16, contrast: 0.8, slices_per_patient: 4}\n  train:\n    kind: train\n    inputs: {data: data}\n    params: {epochs: 100, batch_size: 16}\n";
+    let p = Project::new(yaml);
+    assert_eq!(p.run(&[]).ok().summary("ran"), 2);
+    let (before, _) = record_of(&p, "train");
+    let before = std::fs::read(before).unwrap();
+    let (run, rest) = start_until_running(&p, &["--force", "train"], "train");
+    signal(&run, "-INT");
+    let _: Vec<String> = rest.map(|l| l.expect("line")).collect();
+    let out = run.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    // The valid record survived the interrupted forced rerun.
+    assert_eq!(std::fs::read(record_of(&p, "train").0).unwrap(), before);
+    let r = p.run(&[]).ok();
+    assert_eq!((r.summary("cached"), r.summary("ran")), (2, 0));
+}
+
+#[cfg(unix)]
+#[test]
+fn a_group_shared_cache_respects_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = Project::new(TINY);
+    let pl = p.pipeline();
+    let cache = p.cache();
+    let out = Command::new("sh")
+        .args(["-c", "umask 002 && exec \"$0\" \"$@\"", BIN, "run", pl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()])
+        .current_dir(p.path())
+        .env_remove("CAMFLOW_CACHE")
+        .output()
+        .expect("sh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let modes = |dir: &str| -> Vec<(String, u32)> {
+        let mut v = Vec::new();
+        let mut stack = vec![cache.join(dir)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let m = e.metadata().unwrap();
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    v.push((e.path().display().to_string(), m.permissions().mode() & 0o777));
+                }
+            }
+        }
+        assert!(!v.is_empty(), "{dir} is empty");
+        v
+    };
+    for dir in ["actions", "names", "logs", "locks"] {
+        for (f, m) in modes(dir) {
+            assert_eq!(m, 0o664, "{f}: {m:o}");
+        }
+    }
+    for (f, m) in modes("objects") {
+        assert_eq!(m, 0o444, "{f}: {m:o}");
+    }
+}
+
+#[test]
+fn a_record_that_cannot_be_read_is_an_error_not_a_miss() {
+    let p = Project::new(TINY);
+    let key = key_of(&p, "data");
+    // Something that is there but cannot be read as a file (a chmod would not stop root).
+    let rec = p.cache().join("actions").join(format!("{key}.json"));
+    std::fs::create_dir(&rec).unwrap();
+    let r = p.run(&[]);
+    assert_eq!(r.code(), 5, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains(&rec.display().to_string()), "{}", r.stderr());
+    assert!(r.ran().is_empty(), "{}", r.stdout());
+}
+
+#[test]
+fn gc_max_size_overflow_is_a_clear_error() {
+    let p = Project::new(TINY);
+    let g = p.camflow(&["gc", "--max-size", "99999999999999999G"]);
+    assert_eq!(g.code(), 2, "{}", g.stderr());
+    assert!(g.stderr().contains("--max-size 99999999999999999G: too large"), "{}", g.stderr());
+}
+
+#[test]
+fn an_unwritable_cache_file_is_an_io_error_naming_it() {
+    let p = Project::new(TINY);
+    let key = key_of(&p, "data");
+    // The key's lock file cannot be opened for writing (as on a read-only cache; a folder in
+    // its place fails for root too).
+    let lock = p.cache().join("locks").join(format!("{key}.lock"));
+    std::fs::create_dir(&lock).unwrap();
+    let r = p.run(&[]);
+    assert_eq!(r.code(), 5, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains(&lock.display().to_string()), "{}", r.stderr());
+}
