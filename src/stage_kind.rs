@@ -206,6 +206,22 @@ pub struct RunContext<'a> {
     /// that what it read has these digests, so no result is cached under another data's key.
     pub planned_data: &'a BTreeMap<String, String>,
     pub log: &'a mut dyn FnMut(String),
+    /// Progress inside a long stage (training steps, heatmap images). The executor throttles
+    /// it and turns it into events; calling it never changes what a stage computes.
+    pub progress: &'a mut dyn FnMut(Progress),
+}
+
+/// How far a running stage has got: `done` of `total` units overall (for an ETA), and for a
+/// training the epoch and the running mean loss of the current epoch.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Progress {
+    /// What is counted: `step` (a training batch) or `image`.
+    pub unit: &'static str,
+    pub done: u64,
+    pub total: u64,
+    pub epoch: Option<u64>,
+    pub epochs: Option<u64>,
+    pub loss: Option<f64>,
 }
 
 pub struct Outcome {
@@ -258,7 +274,34 @@ pub trait StageKind: Send + Sync {
     fn location_params(&self) -> &'static [&'static str] {
         &[]
     }
+    /// The params that go into the cache key: every param that can change the result.
+    /// By default all but [`StageKind::location_params`]; a kind with params that only
+    /// matter in some modes leaves the others out (filter's `threshold` in `multiply` mode),
+    /// so changing them reruns nothing. Dropped params are still recorded in the lock file.
+    fn key_params(&self, params: &Params) -> Params {
+        params.iter().filter(|(k, _)| !self.location_params().contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+    /// Params this kind takes from the nearest upstream instance of another kind unless its
+    /// own stage sets them (a `params` entry, a `${stage.param}` reference or a sweep axis).
+    /// Why: a comparison is only fair when both sides share their settings (a retrained
+    /// classifier and the classifier it is compared with), and forwarding each by hand fails
+    /// silently when one is forgotten. Precedence: kind defaults < pipeline `defaults:` <
+    /// inherited < stage params < sweep values. Inherited values are resolved params, so they
+    /// are in the key like any other. `None`: nothing is inherited.
+    fn inherits(&self) -> Option<Inherit> {
+        None
+    }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError>;
+}
+
+/// Params a kind takes by default from an upstream instance of another kind: see
+/// [`StageKind::inherits`].
+#[derive(Debug, Clone)]
+pub struct Inherit {
+    /// The kind of the instance inherited from: the nearest instance of it up the inputs.
+    pub from_kind: &'static str,
+    /// The params taken from it; each must exist, with the same type, on both kinds.
+    pub params: Vec<&'static str>,
 }
 
 /// The set of kinds a binary knows.

@@ -50,6 +50,16 @@ pub fn combine<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str)>) -> Str
     hex::encode(h.finalize())
 }
 
+/// The content digest of `p` as it is now, without the memo: [`UNREADABLE`] when it cannot
+/// be read or is not a regular file after following links (a FIFO would block the reader
+/// forever, /dev/zero never ends).
+pub fn digest_now(p: &Path) -> String {
+    match fs::metadata(p) {
+        Ok(m) if m.is_file() => hash_file(p).unwrap_or_else(|_| UNREADABLE.to_string()),
+        _ => UNREADABLE.to_string(),
+    }
+}
+
 pub struct FileDigests {
     path: PathBuf,
     memo: BTreeMap<String, Entry>,
@@ -71,12 +81,18 @@ fn change_stamp(_meta: &fs::Metadata) -> (i128, u64) {
 impl FileDigests {
     pub fn load(store: &Store, rehash: bool) -> FileDigests {
         let path = store.root.join("file-digests.json");
-        let memo = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        // Never follows a link nor opens a FIFO in its place: the memo is only a speed-up.
+        let memo = super::store::read_regular(&path).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         FileDigests { path, memo, rehash, dirty: false }
     }
 
     fn file(&mut self, p: &Path) -> StoreResult<String> {
         let meta = fs::metadata(p).map_err(|source| StoreError::Io { path: p.to_path_buf(), source })?;
+        // Only regular files are opened (after following links): a FIFO would block forever
+        // and a device such as /dev/zero never ends. The reading stage refuses them too.
+        if !meta.is_file() {
+            return Err(StoreError::Io { path: p.to_path_buf(), source: std::io::Error::other("is not a regular file") });
+        }
         let mtime_ns = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
         let (ctime_ns, ino) = change_stamp(&meta);
         let key = fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).to_string_lossy().into_owned();
@@ -145,5 +161,23 @@ mod tests {
         let x = fd.digest_files(&[a.clone(), gone.clone()]);
         assert_eq!(x, fd.digest_files(&[gone, a.clone()]));
         assert_eq!(x, combine([("a", hash_file(&a.1).unwrap().as_str()), ("b", UNREADABLE)]));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn fifos_and_devices_are_unreadable_not_opened() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(&d.path().join("cache")).unwrap();
+        let fifo = d.path().join("x_40.tif");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let zero = d.path().join("z.tif");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let mut fd = FileDigests::load(&store, false);
+        // Would block (FIFO) or never end (/dev/zero) if opened.
+        let got = fd.digest_files(&[("f".into(), fifo), ("z".into(), zero), ("dev".into(), "/dev/zero".into())]);
+        assert_eq!(got, combine([("f", UNREADABLE), ("z", UNREADABLE), ("dev", UNREADABLE)]));
+        for p in [d.path().join("x_40.tif"), d.path().join("z.tif")] {
+            assert_eq!(digest_now(&p), UNREADABLE);
+        }
     }
 }

@@ -17,13 +17,51 @@ use std::path::{Path, PathBuf};
 
 use super::store::{StoreError, StoreResult, is_digest};
 
+/// Options that refuse to follow a symbolic link in the last component: a lock file replaced
+/// by a link (dangling or not) would otherwise create or open a file outside the cache.
+fn no_follow(o: &mut std::fs::OpenOptions) -> &mut std::fs::OpenOptions {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.custom_flags(libc::O_NOFOLLOW);
+    }
+    o
+}
+
+/// The error for a lock path that is not a regular file (a link, a FIFO, a folder).
+fn not_a_lock_file(p: &Path, what: &str) -> StoreError {
+    StoreError::Io {
+        path: p.to_path_buf(),
+        source: std::io::Error::other(format!("is {what}, not a lock file: links in the cache are never followed; remove it")),
+    }
+}
+
 fn open_lock_file(p: &Path) -> StoreResult<File> {
-    match File::options().read(true).write(true).create(true).truncate(false).open(p) {
+    // Checked before opening too, for platforms without O_NOFOLLOW and for FIFOs (opening one
+    // would block).
+    if let Some(parent) = p.parent()
+        && std::fs::symlink_metadata(parent).is_ok_and(|m| !m.is_dir())
+    {
+        return Err(not_a_lock_file(parent, "a link or a file where the locks folder should be"));
+    }
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_symlink() => return Err(not_a_lock_file(p, "a symbolic link")),
+        Ok(m) if !m.is_file() => return Err(not_a_lock_file(p, "not a regular file")),
+        _ => {}
+    }
+    let opened = match no_follow(File::options().read(true).write(true).create(true).truncate(false)).open(p) {
         Ok(f) => Ok(f),
         Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) => {
-            File::open(p).map_err(|_| StoreError::Io { path: p.to_path_buf(), source: e })
+            no_follow(File::options().read(true)).open(p).map_err(|_| StoreError::Io { path: p.to_path_buf(), source: e })
         }
         Err(e) => Err(StoreError::Io { path: p.to_path_buf(), source: e }),
+    };
+    // O_NOFOLLOW on a link fails with ELOOP: say what it is.
+    match opened {
+        Err(StoreError::Io { .. }) if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) => {
+            Err(not_a_lock_file(p, "a symbolic link"))
+        }
+        other => other,
     }
 }
 
@@ -133,5 +171,23 @@ mod tests {
         let held = KeyLock::try_acquire(d.path(), &k).unwrap().expect("free");
         assert!(KeyLock::try_acquire(d.path(), &k).unwrap().is_none());
         drop(held);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_linked_lock_file_is_refused_and_nothing_is_created_outside() {
+        let outside = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("locks")).unwrap();
+        let k = "e".repeat(64);
+        // Dangling links into a victim folder: following them would create the files there.
+        std::os::unix::fs::symlink(outside.path().join("c"), CacheLock::path(d.path())).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("k"), d.path().join("locks").join(format!("{k}.lock"))).unwrap();
+        let e = CacheLock::try_shared(d.path()).err().expect("a link is refused").to_string();
+        assert!(e.contains("cache.lock") && e.contains("symbolic link"), "{e}");
+        assert!(CacheLock::exclusive(d.path()).is_err());
+        let e = KeyLock::acquire(d.path(), &k).err().expect("a link is refused").to_string();
+        assert!(e.contains(&k) && e.contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "nothing created outside the cache");
     }
 }

@@ -75,6 +75,49 @@ pub fn is_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// True for an output name a record may hold: a plain file name (outputs are materialised
+/// under their names, so `../x`, `a/b`, `\\`, NUL or an empty name could reach outside).
+pub fn is_output_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains("..") && !s.contains(['/', '\\', '\0'])
+}
+
+/// Reads a file of the cache that must be a regular file: a link is never followed and a
+/// FIFO or device never opened (it would block or never end). `Ok(None)` when absent; a
+/// folder is an I/O error (EISDIR); anything else that is not a file is `Err(Ok(what))`.
+pub(crate) fn read_regular(p: &Path) -> Result<Option<Vec<u8>>, Result<&'static str, std::io::Error>> {
+    match fs::symlink_metadata(p) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Err(e)),
+        Ok(m) if m.file_type().is_symlink() => return Err(Ok("is a symbolic link (never followed)")),
+        Ok(m) if m.is_dir() => return Err(Err(std::io::Error::new(ErrorKind::IsADirectory, "is a folder, not a file"))),
+        Ok(m) if !m.is_file() => return Err(Ok("is not a regular file (a FIFO, socket or device; never opened)")),
+        Ok(_) => {}
+    }
+    match fs::read(p) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Err(e)),
+    }
+}
+
+/// `Ok` when `p` is a real folder or absent; an error naming it when it is a link or a file
+/// (through a link, the cache would create, read or delete files outside its folder).
+fn real_dir_or_absent(p: &Path) -> StoreResult<bool> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => Ok(true),
+        Ok(m) => Err(StoreError::Io {
+            path: p.to_path_buf(),
+            source: std::io::Error::other(if m.file_type().is_symlink() {
+                "is a symbolic link where the cache needs a real folder (links in the cache are never followed); remove it"
+            } else {
+                "is not a folder; the cache needs a folder here"
+            }),
+        }),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(StoreError::Io { path: p.to_path_buf(), source: e }),
+    }
+}
+
 /// `s` when it is a digest, else the error naming it (quoted, shortened: it came from disk).
 fn checked<'a>(what: &'static str, s: &'a str) -> StoreResult<&'a str> {
     if is_digest(s) {
@@ -146,6 +189,9 @@ pub enum RecordError {
     Invalid { path: PathBuf, detail: String },
 }
 
+/// The folders of a cache; each must be a real folder, never a link.
+const SUBDIRS: [&str; 6] = ["objects", "actions", "names", "locks", "logs", "tmp"];
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pub root: PathBuf,
@@ -202,6 +248,10 @@ fn parse_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<ActionR
         return Err(bad(format!("holds key {}, not the key of its file name", short(&rec.key))));
     }
     for (name, o) in &rec.outputs {
+        if !is_output_name(name) {
+            let shown: String = name.chars().take(80).collect();
+            return Err(bad(format!("output name {shown:?} is not a plain file name (it could be used as a path)")));
+        }
         checked("object digest", &o.digest).map_err(|e| bad(format!("output `{name}`: {e}")))?;
     }
     Ok(rec)
@@ -217,11 +267,23 @@ enum ObjectProblem {
 
 impl Store {
     pub fn open(root: &Path) -> StoreResult<Store> {
-        for d in ["objects", "actions", "names", "locks", "logs", "tmp"] {
-            let p = root.join(d);
-            fs::create_dir_all(&p).map_err(io(&p))?;
+        fs::create_dir_all(root).map_err(io(root))?;
+        let store = Store { root: root.to_path_buf() };
+        store.check_layout()?;
+        Ok(store)
+    }
+
+    /// The cache's subfolders, created if absent; an error naming the first that is a link
+    /// or not a folder.
+    fn check_layout(&self) -> StoreResult<()> {
+        for d in SUBDIRS {
+            let p = self.root.join(d);
+            if !real_dir_or_absent(&p)? {
+                fs::create_dir_all(&p).map_err(io(&p))?;
+                real_dir_or_absent(&p)?;
+            }
         }
-        Ok(Store { root: root.to_path_buf() })
+        Ok(())
     }
 
     /// Path of an object; `digest` must be a digest (it may come from a record on disk).
@@ -254,13 +316,16 @@ impl Store {
     /// Writes `bytes` to `dest` atomically (tmp file in the cache, fsync, rename).
     pub fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> StoreResult<()> {
         let tmpdir = self.tmp_dir();
+        real_dir_or_absent(&tmpdir)?;
         let mut b = tempfile::Builder::new();
         #[cfg(unix)]
         b.permissions(umask_mode(0o666));
         let mut tmp = b.tempfile_in(&tmpdir).map_err(io(&tmpdir))?;
         tmp.write_all(bytes).map_err(io(dest))?;
         tmp.as_file().sync_all().map_err(io(dest))?;
-        if let Some(parent) = dest.parent() {
+        if let Some(parent) = dest.parent()
+            && !real_dir_or_absent(parent)?
+        {
             fs::create_dir_all(parent).map_err(io(parent))?;
         }
         tmp.persist(dest).map_err(|e| StoreError::Io { path: dest.to_path_buf(), source: e.error })?;
@@ -272,6 +337,7 @@ impl Store {
     pub fn scratch_dir(&self, key: &str) -> StoreResult<tempfile::TempDir> {
         let k = checked("cache key", key)?;
         let tmpdir = self.tmp_dir();
+        real_dir_or_absent(&tmpdir)?;
         let prefix = format!("run-{k}-");
         let mut b = tempfile::Builder::new();
         b.prefix(&prefix);
@@ -309,8 +375,11 @@ impl Store {
             Err(e) if e.kind() == ErrorKind::NotFound => return Err(StoreError::Missing(r.digest.clone())),
             Err(e) => return Err(StoreError::Io { path: p, source: e }),
             // A link (or anything but a file) is never followed: the link itself is removed.
+            // A folder is left alone (removing a tree on the word of a record is too much).
             Ok(m) if !m.file_type().is_file() => {
-                let _ = if m.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+                if !m.is_dir() {
+                    let _ = fs::remove_file(&p);
+                }
                 return Err(StoreError::NotAFile(r.digest.clone()));
             }
             Ok(_) => {}
@@ -346,18 +415,11 @@ impl Store {
     /// The record of `key`, checked: `Ok(None)` only when there is none.
     pub fn load_record(&self, key: &str) -> Result<Option<ActionRecord>, RecordError> {
         let p = self.record_path(key).map_err(RecordError::Io)?;
-        match fs::symlink_metadata(&p) {
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(RecordError::Io(StoreError::Io { path: p, source: e })),
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(RecordError::Invalid { path: p, detail: "is a symbolic link (never followed)".into() });
-            }
-            Ok(_) => {}
-        }
-        let bytes = match fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(RecordError::Io(StoreError::Io { path: p, source: e })),
+        let bytes = match read_regular(&p) {
+            Ok(None) => return Ok(None),
+            Ok(Some(b)) => b,
+            Err(Ok(what)) => return Err(RecordError::Invalid { path: p, detail: what.into() }),
+            Err(Err(e)) => return Err(RecordError::Io(StoreError::Io { path: p, source: e })),
         };
         parse_record(&p, &bytes, key).map(Some)
     }
@@ -419,7 +481,8 @@ impl Store {
 
     /// The key inputs of the last run of `label` in `pipeline`.
     pub fn read_sidecar(&self, pipeline: &str, label: &str) -> Option<Sidecar> {
-        let bytes = fs::read(self.sidecar_path(pipeline, label)).ok()?;
+        // Only an explanation: anything but a readable regular file is simply no sidecar.
+        let bytes = read_regular(&self.sidecar_path(pipeline, label)).ok()??;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -501,6 +564,10 @@ impl Store {
     /// lock is free (no live run owns it, since one is created and used only under its key
     /// lock), and any other entry older than `grace`. Returns how many entries were removed.
     pub fn clean_tmp(&self, grace: Duration) -> usize {
+        // A tmp/ that is a link is never listed: its entries are outside the cache.
+        if !real_dir_or_absent(&self.tmp_dir()).unwrap_or(false) {
+            return 0;
+        }
         let Ok(rd) = fs::read_dir(self.tmp_dir()) else { return 0 };
         let now = SystemTime::now();
         let mut removed = 0;
@@ -762,5 +829,72 @@ mod tests {
         assert!(s.put_file(&src).is_err(), "never stores through a link");
         assert!(s.objects().is_empty() && s.strays().len() == 1);
         assert_eq!(fs::read(&victim).unwrap(), b"x");
+    }
+
+    #[test]
+    fn output_names_that_could_be_paths_make_a_record_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let rec = sample(&s);
+        s.write_record(&rec).unwrap();
+        for name in ["../../../../tmp/x", "a/b", "a\\b", "..", "", "x\0y"] {
+            edit_record(&s, &rec.key, true, |v| {
+                let o = v["outputs"].as_object_mut().unwrap();
+                let r = o.remove("out").or_else(|| o.values().next().cloned()).unwrap();
+                o.clear();
+                o.insert(name.to_string(), r);
+            });
+            match s.lookup(&rec.key, true) {
+                Lookup::Corrupt(m) => assert!(m.contains("not a plain file name"), "{name:?}: {m}"),
+                other => panic!("{name:?}: {other:?}"),
+            }
+        }
+        assert!(is_output_name("model.safetensors") && is_output_name("metrics.json"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_fifo_record_or_sidecar_is_corrupt_and_never_opened() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let key = "f".repeat(64);
+        let p = s.record_path(&key).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(&p).status().unwrap().success());
+        // Opening it would block forever.
+        match s.try_lookup(&key, false) {
+            Ok(Lookup::Corrupt(m)) => assert!(m.contains("not a regular file"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(s.records()[0].1, Err(RecordError::Invalid { .. })));
+        let side = s.sidecar_path("p", "l");
+        fs::create_dir_all(side.parent().unwrap()).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(&side).status().unwrap().success());
+        assert!(s.read_sidecar("p", "l").is_none());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn linked_cache_folders_are_refused_and_never_cleaned() {
+        let outside = tempfile::tempdir().unwrap();
+        let old = outside.path().join("old-file");
+        fs::write(&old, b"keep").unwrap();
+        let scratch = outside.path().join(format!("run-{}-X", "a".repeat(64)));
+        fs::create_dir(&scratch).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        fs::remove_dir(s.tmp_dir()).unwrap();
+        std::os::unix::fs::symlink(outside.path(), s.tmp_dir()).unwrap();
+        assert_eq!(s.clean_tmp(Duration::ZERO), 0);
+        assert!(old.exists() && scratch.exists());
+        let e = Store::open(d.path()).expect_err("a linked tmp/ is refused").to_string();
+        assert!(e.contains("tmp") && e.contains("symbolic link"), "{e}");
+        assert!(s.write_atomic(&d.path().join("actions").join("x"), b"x").is_err());
+        for sub in ["objects", "actions", "names", "locks", "logs"] {
+            let d = tempfile::tempdir().unwrap();
+            std::os::unix::fs::symlink(outside.path(), d.path().join(sub)).unwrap();
+            let e = Store::open(d.path()).expect_err("a linked folder is refused").to_string();
+            assert!(e.contains(sub), "{e}");
+        }
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 2);
     }
 }

@@ -41,7 +41,7 @@ fn side(cache: &Path, path: &Path) -> Result<LockFile> {
     let store = open_store(cache)?;
     let args = PipelineArgs { pipeline: path.to_path_buf(), sets: Vec::new(), backend: None, rehash: false, max_instances: None };
     let p = prepare(&args, &store)?;
-    let decisions = make_plan(&p, &store, false, &|_| false);
+    let decisions = make_plan(&p, &store, false, &|_| false)?;
     let mut records = Vec::new();
     for (inst, d) in p.instances.iter().zip(&decisions) {
         if let Decision::Cached { key, .. } = d

@@ -40,7 +40,7 @@ pub fn dag(a: DagArgs) -> Result<()> {
 pub fn status(cache: &std::path::Path, a: PipelineArgs) -> Result<()> {
     let store = open_store(cache)?;
     let p = prepare(&a, &store)?;
-    let d = make_plan(&p, &store, false, &|_| false);
+    let d = make_plan(&p, &store, false, &|_| false)?;
     let mut per: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
     for (inst, dec) in p.instances.iter().zip(&d) {
         let e = per.entry(inst.stage.as_str()).or_default();
@@ -128,7 +128,7 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
         for p in &a.pipelines {
             let args = PipelineArgs { pipeline: p.clone(), sets: vec![], backend: None, rehash: false, max_instances: None };
             let prep = prepare(&args, &store)?;
-            for d in make_plan(&prep, &store, false, &|_| false) {
+            for d in make_plan(&prep, &store, false, &|_| false)? {
                 if let Decision::Cached { key, .. } | Decision::Run { key, .. } = d {
                     keep.insert(key);
                 }
@@ -190,19 +190,24 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
             young += 1;
             continue;
         }
-        freed += size;
-        n_obj += 1;
+        // Counted only once really removed: a read-only cache must not report space freed.
         if !a.dry_run
             && let Err(e) = std::fs::remove_file(path)
         {
             failures.push(format!("{}: {e}", path.display()));
+            continue;
         }
+        freed += size;
+        n_obj += 1;
     }
     let mut scratch = 0;
+    let mut n_rec = drop.len();
     if !a.dry_run {
+        n_rec = 0;
         for p in &drop {
-            if let Err(e) = std::fs::remove_file(p) {
-                failures.push(format!("{}: {e}", p.display()));
+            match std::fs::remove_file(p) {
+                Ok(()) => n_rec += 1,
+                Err(e) => failures.push(format!("{}: {e}", p.display())),
             }
         }
         // Scratch folders of runs that were killed, and old temporary files.
@@ -214,7 +219,7 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
     print_out(&format!(
         "gc: {} {} records and {} objects, {} freed; {} records kept{young}{scratch}\n",
         if a.dry_run { "would remove" } else { "removed" },
-        drop.len(),
+        n_rec,
         n_obj,
         human(freed),
         live.len()

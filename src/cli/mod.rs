@@ -6,6 +6,7 @@ mod diff;
 mod maint;
 mod report;
 mod run;
+mod schema;
 mod show;
 
 use std::collections::BTreeMap;
@@ -41,6 +42,13 @@ pub struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -70,6 +78,13 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Compare the metrics of two lock files (or a lock and a pipeline's cache), per instance.
     Diff(diff::DiffArgs),
+    /// Print a JSON Schema of the pipeline format (for YAML language servers).
+    Schema,
+    /// Print a shell completion script: camflow completions bash > ~/.local/share/bash-completion/completions/camflow
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
 }
 
 /// Arguments shared by every command that reads a pipeline.
@@ -94,14 +109,29 @@ pub struct PipelineArgs {
 
 /// `--max-instances`, else `CAMFLOW_MAX_INSTANCES`, else the default.
 fn max_instances(args: &PipelineArgs) -> Result<u64> {
-    if let Some(n) = args.max_instances {
-        return Ok(n);
+    let (n, setting) = if let Some(n) = args.max_instances {
+        (n, format!("--max-instances {n}"))
+    } else {
+        match std::env::var("CAMFLOW_MAX_INSTANCES") {
+            Ok(v) => (
+                v.trim().parse().map_err(|_| Error::Usage(format!("CAMFLOW_MAX_INSTANCES={v}: expected a whole number")))?,
+                format!("CAMFLOW_MAX_INSTANCES={v}"),
+            ),
+            Err(_) => return Ok(sweep::DEFAULT_MAX_INSTANCES),
+        }
+    };
+    // Planning needs about 2 KB per instance: a limit above this could only end in an
+    // allocation failure (an abort), so it is refused up front.
+    if n > MAX_SETTABLE_INSTANCES {
+        return Err(Error::Usage(format!(
+            "{setting}: at most {MAX_SETTABLE_INSTANCES} instances can be planned (about 2 KB of memory each)"
+        )));
     }
-    match std::env::var("CAMFLOW_MAX_INSTANCES") {
-        Ok(v) => v.trim().parse().map_err(|_| Error::Usage(format!("CAMFLOW_MAX_INSTANCES={v}: expected a whole number"))),
-        Err(_) => Ok(sweep::DEFAULT_MAX_INSTANCES),
-    }
+    Ok(n)
 }
+
+/// The highest instance limit that may be set (`--max-instances`, `CAMFLOW_MAX_INSTANCES`).
+pub const MAX_SETTABLE_INSTANCES: u64 = 100_000_000;
 
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -130,10 +160,21 @@ fn render_error(e: &Error) -> String {
     }
 }
 
+/// Whether log lines are JSON (`--log-format json`): then progress inside stages is logged as
+/// one JSON object per event (target `camflow::progress`), and no progress bar is drawn.
+static JSON_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn json_log() -> bool {
+    JSON_LOG.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn init_tracing(verbose: u8, format: LogFormat) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
+    let json = matches!(format, LogFormat::Json);
+    JSON_LOG.store(json, std::sync::atomic::Ordering::Relaxed);
+    let default = match (verbose, json) {
+        (0, false) => "warn",
+        (0, true) => "warn,camflow::progress=info",
+        (1, _) => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -157,6 +198,23 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Verify => maint::verify(&cache),
         Command::Bench(a) => bench::bench(a),
         Command::Diff(a) => diff::diff(&cache, a),
+        Command::Schema => {
+            let s = schema::schema(&crate::stages::catalog());
+            print_out(&(serde_json::to_string_pretty(&s).unwrap_or_default() + "\n"));
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "camflow", &mut buf);
+            print_out(&String::from_utf8_lossy(&buf));
+            Ok(())
+        }
         Command::Kinds => {
             print_out(&maint::kinds_text(&crate::stages::catalog()));
             Ok(())
@@ -211,6 +269,9 @@ pub fn prepare(args: &PipelineArgs, store: &Store) -> Result<Prepared> {
             BackendKind::compiled().join(", ")
         )));
     }
+    if backend == BackendKind::Cpu {
+        crate::ml::backend::check_cpu_kernels_setting().map_err(Error::Usage)?;
+    }
     let mut digests = FileDigests::load(store, args.rehash);
     let mut files = Vec::with_capacity(instances.len());
     let mut memo: BTreeMap<crate::stage_kind::DataFiles, String> = BTreeMap::new();
@@ -246,19 +307,35 @@ struct StoreView<'a> {
     store: &'a Store,
     pipeline: &'a str,
     full: bool,
+    /// The first entry that could not be read (not "not found"): planning stops with it, as
+    /// `run` does, instead of showing the instance as stale.
+    io_error: std::cell::RefCell<Option<String>>,
 }
 
 impl CacheView for StoreView<'_> {
     fn lookup(&self, key: &str) -> Lookup {
-        self.store.lookup(key, self.full)
+        match self.store.try_lookup(key, self.full) {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = e.to_string();
+                self.io_error.borrow_mut().get_or_insert(msg.clone());
+                Lookup::Corrupt(msg)
+            }
+        }
     }
     fn sidecar(&self, label: &str) -> Option<Sidecar> {
         self.store.read_sidecar(self.pipeline, label)
     }
 }
 
-pub fn make_plan(p: &Prepared, store: &Store, full: bool, forced: &dyn Fn(&Instance) -> bool) -> Vec<Decision> {
-    let view = StoreView { store, pipeline: &p.pipeline.name, full };
+/// Plans against the store. A cache entry that cannot be read (permissions, I/O) is an error
+/// (exit 5, naming the file), never shown as stale: a second user would otherwise recompute.
+pub fn make_plan(p: &Prepared, store: &Store, full: bool, forced: &dyn Fn(&Instance) -> bool) -> Result<Vec<Decision>> {
+    let view = StoreView { store, pipeline: &p.pipeline.name, full, io_error: Default::default() };
     let kcx = KeyContext { catalog: &p.catalog, seed: p.pipeline.seed, backend_class: p.backend.class(), files: &p.files };
-    plan::plan(&p.instances, &kcx, &view, forced)
+    let d = plan::plan(&p.instances, &kcx, &view, forced);
+    match view.io_error.into_inner() {
+        Some(e) => Err(Error::Io(format!("reading the cache: {e}"))),
+        None => Ok(d),
+    }
 }

@@ -12,7 +12,7 @@ use crate::ml::dataset::{Dataset, Split};
 use crate::ml::metrics::Overlap;
 use crate::ml::planes::Planes;
 use crate::plan::Decision;
-use crate::report::{self, GalleryInput, ReportInput, ReportTable};
+use crate::report::{self, GalleryInput, MethodGallery, ReportInput, ReportTable};
 
 #[derive(Args)]
 pub struct ReportArgs {
@@ -83,10 +83,56 @@ fn gallery(p: &Prepared, store: &Store, decisions: &[Decision], seg: &ReportTabl
     Some(GalleryInput { title: format!("{label}: best and worst test images by Dice"), height: ds.height, width: ds.width, items })
 }
 
+/// Metrics of a finished instance.
+fn metrics_of(store: &Store, decisions: &[Decision], idx: usize) -> Option<serde_json::Value> {
+    let Decision::Cached { key, .. } = &decisions[idx] else { return None };
+    store.read_record(key)?.ok().map(|r| r.metrics)
+}
+
+/// The same test images under each heatmap method: the gradcam instances that explain the
+/// same model on the same data as the first gradcam instance, and
+/// up to `n` test images with a tumor plus one without.
+fn methods_gallery(p: &Prepared, store: &Store, decisions: &[Decision], n: usize) -> Option<MethodGallery> {
+    let cams: Vec<usize> = (0..p.instances.len()).filter(|&i| p.instances[i].kind == "gradcam").collect();
+    let same = |a: usize, b: usize| {
+        p.instances[a].inputs.get("model") == p.instances[b].inputs.get("model")
+            && p.instances[a].inputs.get("data") == p.instances[b].inputs.get("data")
+    };
+    let first = *cams.first()?;
+    let group: Vec<usize> = cams.iter().copied().filter(|&d| same(first, d)).collect();
+    let data_i = *p.instances[first].inputs.get("data")?;
+    let ds = Dataset::decode(&std::fs::read(output_path(store, decisions, data_i, "dataset.bin")?).ok()?).ok()?;
+    let mut methods = Vec::new();
+    let mut planes = Vec::new();
+    for &c in &group {
+        let Some(path) = output_path(store, decisions, c, "heatmaps.bin") else { continue };
+        let Some(pl) = std::fs::read(path).ok().and_then(|b| Planes::decode(&b).ok()) else { continue };
+        methods.push(p.instances[c].params.get("method").map(crate::sweep::show_value).unwrap_or_else(|| p.instances[c].label.clone()));
+        planes.push(pl);
+    }
+    if planes.is_empty() {
+        return None;
+    }
+    let test = ds.indices(Split::Test);
+    let tumor = |i: &usize| ds.samples[*i].mask.iter().any(|&m| m > 0);
+    let mut picks: Vec<usize> = test.iter().copied().filter(tumor).take(n).collect();
+    picks.extend(test.iter().copied().filter(|i| !tumor(i)).take(1));
+    let items = picks
+        .into_iter()
+        .filter_map(|i| {
+            let s = &ds.samples[i];
+            let heats = planes.iter().map(|pl| pl.index().get(s.id.as_str()).map(|&k| pl.data[k].clone())).collect::<Option<Vec<_>>>()?;
+            Some((s.clone(), heats))
+        })
+        .collect();
+    let model = p.instances[first].inputs.get("model").map(|&m| p.instances[m].label.clone()).unwrap_or_default();
+    Some(MethodGallery { title: format!("heatmaps of model {model}"), height: ds.height, width: ds.width, methods, items })
+}
+
 pub fn run(cache: &std::path::Path, a: ReportArgs) -> Result<()> {
     let store = open_store(cache)?;
     let p = prepare(&a.p, &store)?;
-    let decisions = make_plan(&p, &store, false, &|_| false);
+    let decisions = make_plan(&p, &store, false, &|_| false)?;
     let pending = decisions.iter().filter(|d| !matches!(d, Decision::Cached { .. })).count();
     let thresholds: Vec<&str> = p.pipeline.stages.values().filter(|s| s.kind == "threshold").map(|s| s.name.as_str()).collect();
     let to_report = |t: super::show::Table| {
@@ -99,14 +145,51 @@ pub fn run(cache: &std::path::Path, a: ReportArgs) -> Result<()> {
         let (threshold_value, threshold_method) = (find("value"), find("method"));
         ReportTable { columns: t.columns, rows: t.rows, threshold_value, threshold_method }
     };
+    // Repetitions over seeds are shown as their mean with a 95% interval (the plots draw it);
+    // the gallery still picks one instance from the per-instance rows.
+    let aggregated = |t: super::show::Table| if t.seed_columns().is_empty() { t } else { crate::results::aggregate(&t) };
     let empty = || ReportTable { columns: vec![], rows: vec![], threshold_value: None, threshold_method: None };
     let seg_stages = stages_with(&p, "masks");
     let cls_stages = stages_with(&p, "model");
-    let segmentation = if seg_stages.is_empty() { empty() } else { to_report(table_of(&p, &store, &decisions, &seg_stages)?) };
-    let classification = if cls_stages.is_empty() { empty() } else { to_report(table_of(&p, &store, &decisions, &cls_stages)?) };
-    let gallery: Vec<GalleryInput> = gallery(&p, &store, &decisions, &segmentation, a.gallery).into_iter().collect();
+    let seg_rows = if seg_stages.is_empty() { None } else { Some(table_of(&p, &store, &decisions, &seg_stages)?) };
+    let gallery: Vec<GalleryInput> = match &seg_rows {
+        Some(t) => {
+            let per_instance = to_report(t.clone());
+            gallery(&p, &store, &decisions, &per_instance, a.gallery).into_iter().collect()
+        }
+        None => vec![],
+    };
+    let segmentation = seg_rows.map(|t| to_report(aggregated(t))).unwrap_or_else(empty);
+    let classification =
+        if cls_stages.is_empty() { empty() } else { to_report(aggregated(table_of(&p, &store, &decisions, &cls_stages)?)) };
     let lock = std::fs::read_to_string(crate::lockfile::path_for(&a.p.pipeline)).ok();
-    let input = ReportInput { pipeline: &p.pipeline.name, spec: &p.pipeline.source, lock, segmentation, classification, gallery, pending };
+    let (mut data, mut trained, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, inst) in p.instances.iter().enumerate() {
+        let Some(m) = metrics_of(&store, &decisions, i) else { continue };
+        for w in m.get("warnings").and_then(|w| w.as_array()).into_iter().flatten() {
+            let text = |k: &str| w.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            warnings.push((inst.label.clone(), text("flag"), text("message")));
+        }
+        match inst.kind.as_str() {
+            "data" => data.push((inst.label.clone(), m)),
+            "train" | "retrain" => trained.push((inst.label.clone(), m)),
+            _ => {}
+        }
+    }
+    let methods = methods_gallery(&p, &store, &decisions, a.gallery);
+    let input = ReportInput {
+        pipeline: &p.pipeline.name,
+        spec: &p.pipeline.source,
+        lock,
+        segmentation,
+        classification,
+        gallery,
+        methods,
+        data,
+        trained,
+        warnings,
+        pending,
+    };
     let index = report::write(&input, &a.out).map_err(|e| Error::Io(e.to_string()))?;
     print_out(&format!("report: {}\n", index.display()));
     Ok(())

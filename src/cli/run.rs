@@ -1,6 +1,6 @@
 //! `camflow run` and `camflow plan`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use clap::Args;
@@ -117,7 +117,7 @@ fn plan_rows(p: &Prepared, decisions: &[Decision], json: bool) -> String {
 pub fn plan(cache: &std::path::Path, a: PlanArgs) -> Result<()> {
     let store = open_store(cache)?;
     let p = prepare(&a.p, &store)?;
-    let decisions = make_plan(&p, &store, false, &forced_fn(&a.force));
+    let decisions = make_plan(&p, &store, false, &forced_fn(&a.force))?;
     print_out(&plan_rows(&p, &decisions, a.json));
     Ok(())
 }
@@ -132,7 +132,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let forced = forced_fn(&a.force);
     // A stage that needs a GPU with no GPU slot would never start: refuse before running anything.
     if a.gpus == 0 && p.resources.iter().any(|r| r.gpu > 0) {
-        let decisions = make_plan(&p, &store, a.verify, &forced);
+        let decisions = make_plan(&p, &store, a.verify, &forced)?;
         let stages = crate::plan::gpu_stages_to_run(&p.instances, &p.resources, &decisions);
         if !stages.is_empty() {
             return Err(Error::Usage(format!(
@@ -143,7 +143,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         }
     }
     if a.dry_run {
-        let decisions = make_plan(&p, &store, a.verify, &forced);
+        let decisions = make_plan(&p, &store, a.verify, &forced)?;
         print_out(&plan_rows(&p, &decisions, false));
         return Ok(());
     }
@@ -168,6 +168,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         bitwise_deterministic: p.backend.bitwise_deterministic(),
     };
     let labels: Vec<String> = p.instances.iter().map(|i| i.label.clone()).collect();
+    let stages: Vec<String> = p.instances.iter().map(|i| i.stage.clone()).collect();
     let input = ExecInput {
         pipeline: p.pipeline.name.clone(),
         base_dir: p.pipeline.base_dir.clone(),
@@ -186,14 +187,19 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let total = labels.len() as u64;
     let outcome = rt.block_on(async move {
         let exec = tokio::spawn(exec::execute(input, catalog, store, opts, tx));
-        let bar = ProgressBar::new(total);
+        // JSON logs carry progress as events instead; a bar would interleave with them on stderr.
+        let bar = if super::json_log() { ProgressBar::hidden() } else { ProgressBar::new(total) };
         bar.set_style(
             ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {wide_msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let mut counts = Counts::default();
         let mut running: BTreeSet<usize> = BTreeSet::new();
+        // Latest progress of each running instance, shown after its label on the bar.
+        let mut progress: BTreeMap<usize, String> = BTreeMap::new();
         let mut failures = Vec::new();
+        // Instances computed (or reused) by this run: their warnings are printed at the end.
+        let mut fresh: Vec<usize> = Vec::new();
         while let Some(ev) = rx.recv().await {
             match &ev {
                 Event::Cached { .. } => counts.cached += 1,
@@ -203,11 +209,13 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                 }
                 Event::Finished { idx, seconds } => {
                     running.remove(idx);
+                    fresh.push(*idx);
                     counts.ran += 1;
                     say(&bar, format!("done    {}  {seconds:.2}s", labels[*idx]));
                 }
                 Event::Reused { idx } => {
                     running.remove(idx);
+                    fresh.push(*idx);
                     counts.reused += 1;
                     say(&bar, format!("reused  {}  (computed by another run)", labels[*idx]));
                 }
@@ -219,19 +227,47 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                     failures.push(error.clone());
                 }
                 Event::Skipped { .. } => counts.skipped += 1,
+                Event::Progress { idx, progress: pr, eta_s } => {
+                    if super::json_log() {
+                        tracing::info!(
+                            target: "camflow::progress",
+                            instance = %labels[*idx],
+                            stage = %stages[*idx],
+                            unit = pr.unit,
+                            done = pr.done,
+                            total = pr.total,
+                            epoch = pr.epoch,
+                            epochs = pr.epochs,
+                            loss = pr.loss,
+                            eta_s = *eta_s,
+                            "progress"
+                        );
+                    }
+                    progress.insert(*idx, progress_text(pr, *eta_s));
+                }
             }
-            if !matches!(ev, Event::Started { .. }) {
+            if !matches!(ev, Event::Started { .. } | Event::Progress { .. }) {
                 bar.inc(1);
             }
-            bar.set_message(running.iter().map(|i| labels[*i].as_str()).collect::<Vec<_>>().join(", "));
+            progress.retain(|i, _| running.contains(i));
+            bar.set_message(
+                running
+                    .iter()
+                    .map(|i| match progress.get(i) {
+                        Some(p) => format!("{} {p}", labels[*i]),
+                        None => labels[*i].clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
         }
         bar.finish_and_clear();
         // A panic in the executor is a bug: say so, never "interrupted".
         let outcome = exec.await.map_err(|e| e.to_string());
-        (outcome, counts)
+        (outcome, counts, fresh)
     });
     // Ctrl-C returns at once; blocking stage threads are abandoned, not awaited.
-    let (outcome, counts) = outcome;
+    let (outcome, counts, fresh) = outcome;
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -251,6 +287,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         }
         Outcome::Done { records, failed, cache_error } => {
             rt.shutdown_background();
+            print_out(&warning_lines(&fresh, &p.instances, &records));
             print_out(&format!("{}\n", counts.line(started)));
             if let Some(e) = cache_error {
                 return Err(Error::Io(e));
@@ -284,6 +321,24 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     }
 }
 
+/// One `warn` line per warning a stage put in its metrics (`warnings: [{flag, message}]`),
+/// for the instances this run computed. The core does not know what they mean: the stage
+/// kinds decide what deserves one (e.g. a classifier that predicts a single class).
+fn warning_lines(fresh: &[usize], instances: &[crate::sweep::Instance], records: &[Option<crate::cache::ActionRecord>]) -> String {
+    let mut s = String::new();
+    for &i in fresh {
+        let Some(Some(rec)) = records.get(i) else { continue };
+        for w in rec.metrics.get("warnings").and_then(|w| w.as_array()).into_iter().flatten() {
+            let text = |k: &str| w.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            s.push_str(&format!("warn    {}  {}: {}\n", instances[i].label, text("flag"), text("message")));
+            if super::json_log() {
+                tracing::warn!(target: "camflow::warning", instance = %instances[i].label, flag = %text("flag"), "{}", text("message"));
+            }
+        }
+    }
+    s
+}
+
 /// Takes the cache lock shared (waiting, with a word, while a `gc` holds it), then removes the
 /// scratch folders that interrupted runs left behind (those whose key lock no live run holds).
 fn lock_cache(store: &crate::cache::Store) -> Result<crate::cache::CacheLock> {
@@ -301,6 +356,25 @@ fn lock_cache(store: &crate::cache::Store) -> Result<crate::cache::CacheLock> {
         tracing::info!("removed {n} abandoned scratch entries from {}", store.tmp_dir().display());
     }
     Ok(lock)
+}
+
+/// `epoch 2/5 step 3/10 loss 0.6931 eta 12s` or `64/200 images eta 3s`, for the bar.
+fn progress_text(p: &crate::stage_kind::Progress, eta_s: Option<f64>) -> String {
+    let mut s = match (p.epoch, p.epochs) {
+        (Some(e), Some(n)) if n > 0 => {
+            let per_epoch = (p.total / n).max(1);
+            let step = p.done - (e.saturating_sub(1) * per_epoch).min(p.done);
+            format!("epoch {e}/{n} step {step}/{per_epoch}")
+        }
+        _ => format!("{}/{} {}s", p.done, p.total, p.unit),
+    };
+    if let Some(l) = p.loss {
+        s.push_str(&format!(" loss {l:.4}"));
+    }
+    if let Some(t) = eta_s {
+        s.push_str(&format!(" eta {t:.0}s"));
+    }
+    s
 }
 
 /// A line above the progress bar, or plain stdout when the bar is hidden (not a terminal).

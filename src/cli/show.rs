@@ -1,5 +1,7 @@
 //! `camflow show`: one row per sweep point of the chosen stages, with its axis values and
-//! metrics, from whatever has run so far.
+//! metrics, from whatever has run so far. Where a stage repeats points over seeds, rows are
+//! aggregated over them (mean, sd, 95% t interval; `crate::results`); `--per-seed` lists
+//! one row per instance.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,6 +12,8 @@ use super::{PipelineArgs, Prepared, make_plan, open_store, prepare, print_out};
 use crate::cache::Store;
 use crate::error::{Error, Result};
 use crate::plan::Decision;
+pub use crate::results::Table;
+use crate::results::{CI_HI, CI_LO, SD, aggregate};
 use crate::sweep::{find_upstream, show_value};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -31,9 +35,16 @@ pub struct ShowArgs {
     /// Sort by this column; prefix with `-` for descending.
     #[arg(long, value_name = "COLUMN", allow_hyphen_values = true)]
     sort: Option<String>,
-    /// Keep rows whose column equals a value: --where arch=vgg-small (repeatable).
+    /// Keep rows whose column equals a value: --where arch=vgg-small (repeatable; every
+    /// condition must hold).
     #[arg(long = "where", value_name = "COLUMN=VALUE")]
     filters: Vec<String>,
+    /// One row per instance (per seed) instead of the mean, sd and 95% interval over seeds.
+    #[arg(long)]
+    per_seed: bool,
+    /// Only these metrics (with their sd and interval columns); repeatable.
+    #[arg(long, value_name = "METRIC")]
+    metric: Vec<String>,
 }
 
 /// Metrics of a record as a flat map: scalar values only (per-epoch logs are left out).
@@ -43,18 +54,16 @@ fn flat_metrics(m: &Json) -> BTreeMap<String, Json> {
         .unwrap_or_default()
 }
 
-pub struct Table {
-    pub columns: Vec<String>,
-    pub rows: Vec<BTreeMap<String, Json>>,
-    /// Axis columns -> their axis id (`stage.param`).
-    pub axes: BTreeMap<String, String>,
-}
-
-/// Rows for the chosen stages: `stage`, `instance`, short axis names, then metrics.
+/// Rows for the chosen stages, one per instance: `stage`, `instance`, short axis names, then
+/// metrics, including the paired differences `accuracy_vs_original`, `auc_vs_original`
+/// (a retrained model minus the original it was derived from, same seed) and
+/// `mean_dice_vs_random` (masks from a heatmap method minus the same point's masks from the
+/// `random` method, same trained model and images). `results::aggregate` summarises it over
+/// seeds.
 pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Result<Table> {
     let store = open_store(cache)?;
     let prep = prepare(p, &store)?;
-    let decisions = make_plan(&prep, &store, false, &|_| false);
+    let decisions = make_plan(&prep, &store, false, &|_| false)?;
     table_of(&prep, &store, &decisions, stages)
 }
 
@@ -91,6 +100,48 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
         let score = prep.instances.iter().position(|x| x.kind == "score" && x.inputs.get("model") == Some(&train))?;
         metrics_of(score)
     };
+    // The same point with the random heatmap method: same stage and coordinates except the
+    // upstream gradcam stage's `method` axis. Indexed by coordinates once.
+    let by_coords: std::collections::HashMap<(&str, String), usize> = prep
+        .instances
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| chosen.contains(&x.stage))
+        .map(|(i, x)| ((x.stage.as_str(), serde_json::to_string(&x.coords).unwrap_or_default()), i))
+        .collect();
+    let random_of = |i: usize| -> Option<BTreeMap<String, Json>> {
+        let inst = &prep.instances[i];
+        let cam = find_upstream(&prep.instances, &inst.inputs, |x| x.kind == "gradcam")?;
+        let axis = format!("{}.method", prep.instances[cam].stage);
+        if inst.coords.get(&axis)?.as_str()? == "random" {
+            return None;
+        }
+        let mut c = inst.coords.clone();
+        c.insert(axis, json!("random"));
+        metrics_of(*by_coords.get(&(inst.stage.as_str(), serde_json::to_string(&c).unwrap_or_default()))?)
+    };
+    let diff = |a: Option<&Json>, b: Option<&Json>| match (a.and_then(|x| x.as_f64()), b.and_then(|x| x.as_f64())) {
+        (Some(x), Some(y)) => serde_json::Number::from_f64(x - y).map_or(Json::Null, Json::Number),
+        _ => Json::Null,
+    };
+    // The guards' flags (`warnings: [{flag, ..}]` in a record's metrics) of an instance and
+    // of the model it scores, so a score row shows what is wrong with its classifier.
+    let flags_of = |i: usize| -> Vec<String> {
+        let own = std::iter::once(i).chain(prep.instances[i].inputs.get("model").copied());
+        let mut v: Vec<String> = Vec::new();
+        for j in own {
+            let Decision::Cached { key, .. } = &decisions[j] else { continue };
+            let Some(Ok(r)) = store.read_record(key) else { continue };
+            for w in r.metrics.get("warnings").and_then(|w| w.as_array()).into_iter().flatten() {
+                if let Some(f) = w.get("flag").and_then(|f| f.as_str()).filter(|f| !v.iter().any(|x| x == f)) {
+                    v.push(f.to_string());
+                }
+            }
+        }
+        v
+    };
+    let mut any_flags = false;
+    let mut any_mismatch = false;
     let mut axis_cols: Vec<String> = Vec::new();
     let mut axes: BTreeMap<String, String> = BTreeMap::new();
     let mut metric_cols: BTreeSet<String> = BTreeSet::new();
@@ -112,18 +163,42 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
             axes.insert(col.clone(), id.clone());
             row.insert(col, v.clone());
         }
+        // Params a retrained classifier was set to, unlike the classifier it is compared with
+        // (of the instance, or of the model it scores): known from the spec, run or not.
+        let mismatch: Vec<crate::sweep::Mismatch> = std::iter::once(idx)
+            .chain(inst.inputs.get("model").copied())
+            .flat_map(|j| crate::sweep::inherit_mismatches(&prep.instances, j, &prep.catalog))
+            .collect();
+        if !mismatch.is_empty() {
+            any_mismatch = true;
+            row.insert("mismatch".to_string(), json!(crate::sweep::describe_mismatches(&mismatch)));
+        }
         let status = match d {
             Decision::Cached { .. } => {
                 for (k, v) in metrics_of(idx).unwrap_or_default() {
                     metric_cols.insert(k.clone());
                     row.insert(k, v);
                 }
+                let flags = flags_of(idx);
+                if !flags.is_empty() {
+                    any_flags = true;
+                    row.insert("flags".to_string(), json!(flags.join(",")));
+                }
                 if let Some(orig) = original_of(idx) {
                     for k in ["accuracy", "auc"] {
                         let col = format!("original_{k}");
                         metric_cols.insert(col.clone());
                         row.insert(col, orig.get(k).cloned().unwrap_or(Json::Null));
+                        let col = format!("{k}_vs_original");
+                        metric_cols.insert(col.clone());
+                        row.insert(col, diff(row.get(k), orig.get(k)));
                     }
+                }
+                if row.contains_key("mean_dice")
+                    && let Some(random) = random_of(idx)
+                {
+                    metric_cols.insert("mean_dice_vs_random".into());
+                    row.insert("mean_dice_vs_random".into(), diff(row.get("mean_dice"), random.get("mean_dice")));
                 }
                 "done"
             }
@@ -138,10 +213,15 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
         "iou",
         "precision",
         "recall",
+        "mean_dice_vs_random",
         "accuracy",
         "original_accuracy",
+        "accuracy_vs_original",
+        "majority_rate",
+        "balanced_accuracy",
         "auc",
         "original_auc",
+        "auc_vs_original",
         "sensitivity",
         "specificity",
     ];
@@ -149,6 +229,12 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
     columns.extend(axis_cols);
     columns.extend(preferred.iter().filter(|c| metric_cols.contains(**c)).map(|c| c.to_string()));
     columns.extend(metric_cols.iter().filter(|c| !preferred.contains(&c.as_str())).cloned());
+    if any_flags {
+        columns.push("flags".into());
+    }
+    if any_mismatch {
+        columns.push("mismatch".into());
+    }
     columns.push("status".into());
     Ok(Table { columns, rows, axes })
 }
@@ -166,12 +252,51 @@ fn cmp_json(a: Option<&Json>, b: Option<&Json>) -> std::cmp::Ordering {
     }
 }
 
+/// Sorts by `col` (numbers by value, then text); rows without a value in `col` go last in
+/// either direction, so `--sort -accuracy` starts with the best scored row, not a blank one.
+fn sort_rows(rows: &mut [BTreeMap<String, Json>], col: &str, desc: bool) {
+    let value = |r: &BTreeMap<String, Json>| r.get(col).filter(|v| !v.is_null()).cloned();
+    rows.sort_by(|x, y| match (value(x), value(y)) {
+        (None, None) => std::cmp::Ordering::Equal,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (Some(a), Some(b)) => {
+            let o = cmp_json(Some(&a), Some(&b));
+            if desc { o.reverse() } else { o }
+        }
+    });
+}
+
+/// Keeps the columns of the chosen metrics (and their sd/interval columns) besides the
+/// stage, axis, `n` and `status` columns.
+fn keep_metrics(t: &mut Table, metrics: &[String]) -> Result<()> {
+    if metrics.is_empty() {
+        return Ok(());
+    }
+    let all = t.metric_columns();
+    for m in metrics {
+        if !all.contains(m) {
+            let names: Vec<&str> = all.iter().filter(|c| ![SD, CI_LO, CI_HI].iter().any(|s| c.ends_with(s))).map(|s| s.as_str()).collect();
+            return Err(Error::Usage(format!("--metric {m}: no such metric (metrics: {})", names.join(", "))));
+        }
+    }
+    let wanted = |c: &str| metrics.iter().any(|m| c == m || [SD, CI_LO, CI_HI].iter().any(|s| c == format!("{m}{s}")));
+    t.columns.retain(|c| !all.contains(c) || wanted(c));
+    Ok(())
+}
+
 pub fn show(cache: &std::path::Path, a: ShowArgs) -> Result<()> {
-    let mut t = table(cache, &a.p, &a.stage)?;
+    let per_instance = table(cache, &a.p, &a.stage)?;
+    // Aggregate only where there is something to aggregate: without a seed axis the rows are
+    // the points already, and their table keeps its columns.
+    let seeded = !per_instance.seed_columns().is_empty();
+    let mut t = if seeded && !a.per_seed { aggregate(&per_instance) } else { per_instance };
+    keep_metrics(&mut t, &a.metric)?;
     for f in &a.filters {
         let (col, val) = f.split_once('=').ok_or_else(|| Error::Usage(format!("--where {f}: expected COLUMN=VALUE")))?;
         if !t.columns.iter().any(|c| c == col) {
-            return Err(Error::Usage(format!("--where {f}: no column `{col}` (columns: {})", t.columns.join(", "))));
+            let hint = if seeded && !a.per_seed { "; rows are aggregated over seeds, --per-seed lists each" } else { "" };
+            return Err(Error::Usage(format!("--where {f}: no column `{col}` (columns: {}){hint}", t.columns.join(", "))));
         }
         t.rows.retain(|r| r.get(col).map(|v| show_value(v) == val || cell(Some(v)) == val).unwrap_or(false));
     }
@@ -183,13 +308,16 @@ pub fn show(cache: &std::path::Path, a: ShowArgs) -> Result<()> {
         if !t.columns.iter().any(|c| c == col) {
             return Err(Error::Usage(format!("--sort {s}: no column `{col}` (columns: {})", t.columns.join(", "))));
         }
-        t.rows.sort_by(|x, y| {
-            let o = cmp_json(x.get(col), y.get(col));
-            if desc { o.reverse() } else { o }
-        });
+        sort_rows(&mut t.rows, col, desc);
     }
     let out = match a.format {
-        Format::Json => serde_json::to_string_pretty(&t.rows).unwrap_or_default() + "\n",
+        Format::Json => {
+            // The table's columns, plus `instance` (`instances` and `seeds` when aggregated).
+            let extra = ["instance", "instances", "seeds"];
+            let rows: Vec<BTreeMap<&String, &Json>> =
+                t.rows.iter().map(|r| r.iter().filter(|(k, _)| t.columns.contains(k) || extra.contains(&k.as_str())).collect()).collect();
+            serde_json::to_string_pretty(&rows).unwrap_or_default() + "\n"
+        }
         Format::Csv => {
             let mut s = t.columns.join(",") + "\n";
             for r in &t.rows {
@@ -224,4 +352,37 @@ pub fn show(cache: &std::path::Path, a: ShowArgs) -> Result<()> {
     };
     print_out(&out);
     Ok(())
+}
+
+#[cfg(test)]
+mod sort_tests {
+    use super::*;
+
+    fn rows(vals: &[Option<Json>]) -> Vec<BTreeMap<String, Json>> {
+        vals.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let mut r = BTreeMap::from([("id".to_string(), json!(i))]);
+                if let Some(v) = v {
+                    r.insert("acc".into(), v.clone());
+                }
+                r
+            })
+            .collect()
+    }
+
+    fn ids(r: &[BTreeMap<String, Json>]) -> Vec<i64> {
+        r.iter().map(|r| r["id"].as_i64().unwrap()).collect()
+    }
+
+    #[test]
+    fn rows_without_the_column_go_last_both_ways() {
+        let base = rows(&[None, Some(json!(0.5)), Some(Json::Null), Some(json!(0.9)), Some(json!(0.1))]);
+        let mut up = base.clone();
+        sort_rows(&mut up, "acc", false);
+        assert_eq!(ids(&up), vec![4, 1, 3, 0, 2]);
+        let mut down = base;
+        sort_rows(&mut down, "acc", true);
+        assert_eq!(ids(&down), vec![3, 1, 4, 0, 2]);
+    }
 }

@@ -38,7 +38,7 @@ use crate::cache::lock::KeyLock;
 use crate::cache::{ActionRecord, Lookup, Sidecar, Store};
 use crate::lockfile::LockFile;
 use crate::plan::{KeyContext, StaleReason, build_key, explain};
-use crate::stage_kind::{Catalog, InputArtifact, Resources, RunContext};
+use crate::stage_kind::{Catalog, InputArtifact, Progress, Resources, RunContext};
 use crate::sweep::Instance;
 
 #[derive(Debug, Clone)]
@@ -66,7 +66,18 @@ pub enum Event {
     Skipped {
         idx: usize,
     },
+    /// Progress inside a running instance, at most [`PROGRESS_EVERY`] apart (and the last
+    /// unit always); `eta_s` extrapolates the time per unit so far.
+    Progress {
+        idx: usize,
+        progress: Progress,
+        eta_s: Option<f64>,
+    },
 }
+
+/// The least time between two progress events of one instance: enough for a live line, few
+/// enough that a JSON log of a long training stays small (at most ~10 lines a second).
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub struct ExecOptions {
     pub jobs: u32,
@@ -266,6 +277,7 @@ pub async fn execute(
                     backend: opts.backend.clone(),
                     deterministic: opts.bitwise_deterministic,
                     forced: opts.forced.contains(&i),
+                    events: events.downgrade(),
                 };
                 set.spawn_blocking(move || (i, job.run()));
                 progressed = true;
@@ -391,6 +403,8 @@ struct Job {
     backend: String,
     deterministic: bool,
     forced: bool,
+    /// Weak: a job abandoned by Ctrl-C must not keep the event channel (and so `run`) open.
+    events: tokio::sync::mpsc::WeakUnboundedSender<Event>,
 }
 
 impl Job {
@@ -432,6 +446,21 @@ impl Job {
                 tracing::info!(instance = %label, "{line}");
                 log_lines.push(line);
             };
+            let (idx, events) = (self.idx, &self.events);
+            let mut last_sent: Option<Instant> = None;
+            let mut progress = |p: Progress| {
+                let now = Instant::now();
+                let finished = p.done >= p.total;
+                if !finished && last_sent.is_some_and(|t| now.duration_since(t) < PROGRESS_EVERY) {
+                    return;
+                }
+                last_sent = Some(now);
+                let spent = now.duration_since(started).as_secs_f64();
+                let eta_s = (p.done > 0).then(|| spent / p.done as f64 * p.total.saturating_sub(p.done) as f64);
+                if let Some(tx) = events.upgrade() {
+                    let _ = tx.send(Event::Progress { idx, progress: p, eta_s });
+                }
+            };
             let mut ctx = RunContext {
                 params: &inst.params,
                 inputs: &inputs,
@@ -442,6 +471,7 @@ impl Job {
                 device: self.device,
                 planned_data: &self.key.files,
                 log: &mut log,
+                progress: &mut progress,
             };
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(&mut ctx)))
         };

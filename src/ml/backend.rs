@@ -58,6 +58,17 @@ impl BackendKind {
     }
 }
 
+/// Checks `CAMFLOW_CPU_KERNELS` before anything runs (the CLI calls it while planning), so a
+/// bad value is a usage error naming the variable and what it accepts, never a stage failure
+/// after other stages already ran.
+pub fn check_cpu_kernels_setting() -> Result<(), String> {
+    use crate::ml::cpu_kernels::portable_gemm::{KernelLevel, configured_level};
+    configured_level().map(|_| ()).map_err(|e| {
+        let here: Vec<&str> = KernelLevel::available().into_iter().map(|l| l.name()).collect();
+        format!("{e} (accepted values: auto, baseline, avx2, avx512; this CPU runs: auto, {})", here.join(", "))
+    })
+}
+
 /// A piece of generic ML work, instantiated for one backend by [`dispatch`].
 pub trait BackendJob {
     type Output;

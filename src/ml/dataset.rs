@@ -36,7 +36,8 @@ pub struct Sample {
     pub split: Split,
     /// Channel-major pixels, `channels * height * width`.
     pub image: Vec<f32>,
-    /// `height * width` values, each 0 or 1.
+    /// `height * width` values, each 0 or 1; empty when the image has no ground truth (a
+    /// positive kept without a mask by `missing_masks: exclude`), which Dice leaves out.
     pub mask: Vec<u8>,
 }
 
@@ -62,6 +63,10 @@ struct SampleMeta {
     group: String,
     label: u8,
     split: Split,
+    /// No ground truth: its mask bytes are zeros and decode to an empty mask. Absent when
+    /// false, so data sets with every mask encode as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    no_mask: bool,
 }
 
 const MAGIC: &[u8; 8] = b"CAMDS01\n";
@@ -99,7 +104,7 @@ impl Dataset {
             samples: self
                 .samples
                 .iter()
-                .map(|s| SampleMeta { id: s.id.clone(), group: s.group.clone(), label: s.label, split: s.split })
+                .map(|s| SampleMeta { id: s.id.clone(), group: s.group.clone(), label: s.label, split: s.split, no_mask: s.mask.is_empty() })
                 .collect(),
         };
         let json = serde_json::to_vec(&header).expect("header serialises");
@@ -112,7 +117,11 @@ impl Dataset {
             for v in &s.image {
                 out.extend_from_slice(&v.to_le_bytes());
             }
-            out.extend_from_slice(&s.mask);
+            if s.mask.is_empty() {
+                out.resize(out.len() + self.pixels(), 0);
+            } else {
+                out.extend_from_slice(&s.mask);
+            }
         }
         out
     }
@@ -132,7 +141,8 @@ impl Dataset {
             let img = bytes.get(pos..pos + nimg * 4).ok_or(DatasetError::Truncated)?;
             pos += nimg * 4;
             let image = img.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            let mask = bytes.get(pos..pos + npx).ok_or(DatasetError::Truncated)?.to_vec();
+            let mask = bytes.get(pos..pos + npx).ok_or(DatasetError::Truncated)?;
+            let mask = if m.no_mask { Vec::new() } else { mask.to_vec() };
             pos += npx;
             samples.push(Sample { id: m.id, group: m.group, label: m.label, split: m.split, image, mask });
         }
@@ -255,6 +265,17 @@ mod tests {
         let mut bytes = ds.encode();
         bytes.pop();
         assert!(matches!(Dataset::decode(&bytes), Err(DatasetError::Truncated)));
+    }
+
+    #[test]
+    fn a_sample_without_ground_truth_round_trips_and_others_encode_as_before() {
+        let ds = Dataset { channels: 1, height: 2, width: 2, samples: vec![sample("a", "g", 1), sample("b", "h", 0)] };
+        assert!(!String::from_utf8_lossy(&ds.encode()).contains("no_mask"));
+        let mut none = ds.clone();
+        none.samples[0].mask.clear();
+        let bytes = none.encode();
+        assert_eq!(bytes.len(), ds.encode().len() + r#","no_mask":true"#.len(), "the fixed layout keeps its size");
+        assert_eq!(Dataset::decode(&bytes).unwrap(), none);
     }
 
     #[test]

@@ -52,6 +52,21 @@ pub fn heatmaps<B: TrainBackend>(
     target: CamTarget,
     batch: usize,
 ) -> Vec<Vec<f32>> {
+    heatmaps_reporting(model, ds, idx, layer, method, target, batch, &mut |_, _| {})
+}
+
+/// [`heatmaps`], calling `progress(done, total)` in images after every batch.
+#[allow(clippy::too_many_arguments)]
+pub fn heatmaps_reporting<B: TrainBackend>(
+    model: &Classifier<B>,
+    ds: &Dataset,
+    idx: &[usize],
+    layer: usize,
+    method: CamMethod,
+    target: CamTarget,
+    batch: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Vec<Vec<f32>> {
     let inner = model.valid();
     let device = model.fc.weight.val().device();
     let mut out = Vec::with_capacity(idx.len());
@@ -89,6 +104,7 @@ pub fn heatmaps<B: TrainBackend>(
             let up = resize::bilinear(&scale(&cam), w, h, ds.width, ds.height);
             out.push(scale(&up));
         }
+        progress(out.len(), idx.len());
     }
     out
 }

@@ -2,7 +2,12 @@
 //! manifest. Each returns samples already resized and normalised, with splits unassigned.
 //!
 //! Bad data is never silently dropped: each problem is an error naming the file, unless the
-//! caller asked to skip, in which case the problem is listed in the returned report.
+//! caller asked to skip, in which case the problem is listed in the returned report. A load
+//! goes on past a bad file and reports every bad file at once, so a data set is fixed in one
+//! pass, not one file per run. A positive image without a mask is bad data (its Dice would
+//! be 0 against an empty truth), unless the caller opted to keep it without a mask
+//! ([`MissingMasks::Exclude`]): its sample then has an empty `mask`, which scoring leaves out
+//! of Dice.
 //!
 //! Each source has a *listing* (`lgg_files`, `folder_files`, `manifest_files`): exactly the
 //! files its loader reads, found by the same code the loader walks with, so whoever digests
@@ -29,12 +34,22 @@ pub enum ChannelSelect {
     Rgb,
 }
 
+/// What a positive image without a mask is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MissingMasks {
+    /// A bad file (the default).
+    Error,
+    /// Kept, without ground truth: an empty `Sample::mask`, left out of Dice.
+    Exclude,
+}
+
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub channel: ChannelSelect,
     pub size: usize,
     pub normalize: Normalize,
     pub skip_errors: bool,
+    pub missing_masks: MissingMasks,
 }
 
 impl LoadOptions {
@@ -48,16 +63,43 @@ impl LoadOptions {
 pub struct LoadError {
     pub path: PathBuf,
     pub reason: String,
+    /// Every problem (`path: reason`) when several files were bad; empty for one.
+    pub problems: Vec<String>,
 }
 
 fn err(path: &Path, reason: impl Into<String>) -> LoadError {
-    LoadError { path: path.to_path_buf(), reason: reason.into() }
+    LoadError { path: path.to_path_buf(), reason: reason.into(), problems: Vec::new() }
 }
 
-#[derive(Debug, Default, Clone)]
+/// How many bad files an error message names; the rest are counted (all are in `problems`).
+pub const SHOWN_PROBLEMS: usize = 20;
+
+/// One error for all the bad files of a load: the only one as it is, or, for several, their
+/// count and the first [`SHOWN_PROBLEMS`], each `path: reason` on its own line.
+fn all_errors(root: &Path, mut errors: Vec<LoadError>) -> LoadError {
+    if errors.len() == 1 {
+        return errors.remove(0);
+    }
+    let problems: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let mut reason = format!("{} bad files (fix them, or set `on_error: skip` to leave them out):", problems.len());
+    for p in problems.iter().take(SHOWN_PROBLEMS) {
+        reason.push_str("\n  ");
+        reason.push_str(p);
+    }
+    if problems.len() > SHOWN_PROBLEMS {
+        reason.push_str(&format!("\n  ... and {} more (all in the stage log)", problems.len() - SHOWN_PROBLEMS));
+    }
+    LoadError { path: root.to_path_buf(), reason, problems }
+}
+
+#[derive(Debug, Default)]
 pub struct LoadReport {
     /// Problems that were skipped because `on_error: skip` was asked for.
     pub skipped: Vec<String>,
+    /// Problems found with `on_error: fail`: the load goes on, and fails at the end with all.
+    errors: Vec<LoadError>,
+    /// Ids of positive images kept without a mask ([`MissingMasks::Exclude`]).
+    pub without_mask: Vec<String>,
     /// Every file the loader tried to read: the SHA-256 (hex) of the bytes it got, or `None`
     /// when it could not be read.
     pub read: BTreeMap<PathBuf, Option<String>>,
@@ -66,6 +108,15 @@ pub struct LoadReport {
 impl LoadReport {
     /// Reads a whole file once, remembering the digest of what was read.
     fn read(&mut self, path: &Path) -> Result<Vec<u8>, LoadError> {
+        // Only regular files (after following links) are opened: a FIFO named like a slice
+        // would block forever and a link to /dev/zero would never end. It is a bad file.
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => {
+                self.read.insert(path.to_path_buf(), None);
+                return Err(err(path, "cannot read: not a regular file (a FIFO, device or folder)"));
+            }
+            _ => {}
+        }
         match std::fs::read(path) {
             Ok(bytes) => {
                 let d = hex::encode(Sha256::digest(&bytes));
@@ -160,13 +211,30 @@ fn sample(id: String, group: String, label: u8, image: Vec<f32>, mask: Vec<u8>) 
     Sample { id, group, label, split: Split::Train, image, mask }
 }
 
-/// Records `e` as skipped when allowed, otherwise returns it.
-fn handle(report: &mut LoadReport, opts: &LoadOptions, e: LoadError) -> Result<(), LoadError> {
+/// Records `e` as skipped when allowed, otherwise as an error reported when the load ends.
+fn handle(report: &mut LoadReport, opts: &LoadOptions, e: LoadError) {
     if opts.skip_errors {
         report.skipped.push(e.to_string());
-        Ok(())
     } else {
-        Err(e)
+        report.errors.push(e);
+    }
+}
+
+/// The end of a load: every recorded error at once, else the report.
+fn finish(root: &Path, mut report: LoadReport) -> Result<LoadReport, LoadError> {
+    if report.errors.is_empty() { Ok(report) } else { Err(all_errors(root, std::mem::take(&mut report.errors))) }
+}
+
+/// The truth of a positive image without a mask file: an error, or (opted in) no truth.
+fn no_mask(image: &Path, expected: &str, opts: &LoadOptions) -> Result<Vec<u8>, LoadError> {
+    match opts.missing_masks {
+        MissingMasks::Exclude => Ok(Vec::new()),
+        MissingMasks::Error => Err(err(
+            image,
+            format!(
+                "positive image has no mask (expected {expected}); add it, or set `missing_masks: exclude` to keep the image out of Dice"
+            ),
+        )),
     }
 }
 
@@ -272,10 +340,11 @@ pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadRep
             })();
             match res {
                 Ok(x) => out.push(x),
-                Err(e) => handle(&mut report, opts, e)?,
+                Err(e) => handle(&mut report, opts, e),
             }
         }
     }
+    let report = finish(&root, report)?;
     if out.is_empty() {
         return Err(err(&root, "no LGG slices found (expected <patient>/<patient>_<n>.tif with _mask.tif)"));
     }
@@ -331,34 +400,64 @@ pub fn folder_files(root: &Path) -> Result<Vec<(String, PathBuf)>, LoadError> {
     Ok(flatten(root, &items))
 }
 
-/// Class folders: `<root>/<class>/.../<name>.png` with optional `<name>_mask*.png` (OR-merged).
-/// The label is 1 when the class is in `positive`; the group is the image name (no patients).
+/// The id and group of an image of class folder `class` named `cname`: the id is
+/// `<class>/<path under the class folder, without extension>`; the group is the first
+/// sub-folder under the class folder (a patient: `tumor/p1/a.png` and `normal/p1/b.png` are
+/// one group), or, for an image directly in the class folder, its id (each image its own
+/// group).
+fn folder_id(class: &Path, cname: &str, img: &Path) -> (String, String) {
+    let r = rel(class, img);
+    let under = match r.rsplit_once('/') {
+        Some((dir, _)) => format!("{dir}/{}", stem(img)),
+        None => stem(img),
+    };
+    let id = format!("{cname}/{under}");
+    let group = match r.split_once('/') {
+        Some((first, _)) => first.to_string(),
+        None => id.clone(),
+    };
+    (id, group)
+}
+
+/// Class folders: `<root>/<class>/[<group>/...]<name>.png` with optional `<name>_mask*.png`
+/// beside it (OR-merged: the union). The label is 1 when the class is in `positive`; see
+/// [`folder_id`] for ids and groups.
 pub fn load_folders(root: &Path, positive: &[String], opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
     let mut report = LoadReport::default();
     let mut out = Vec::new();
+    let mut ids: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (class, items) in folder_items(root)? {
         let cname = stem(&class);
         let label = positive.iter().any(|p| p == &cname) as u8;
         if items.is_empty() {
-            handle(&mut report, opts, err(&class, "class folder holds no images"))?;
+            handle(&mut report, opts, err(&class, "class folder holds no images"));
         }
         for Item { image: img, masks } in items {
-            let s = stem(&img);
+            let (id, group) = folder_id(&class, &cname, &img);
             let res = (|| {
+                if let Some(first) = ids.get(&id) {
+                    return Err(err(&img, format!("has the same name as {} (image ids must be unique)", first.display())));
+                }
+                ids.insert(id.clone(), img.clone());
                 let (image, w, h) = read_image(&img, opts, &mut report)?;
-                let mask = if masks.is_empty() {
-                    vec![0u8; opts.size * opts.size]
-                } else {
+                let mask = if !masks.is_empty() {
                     read_masks(&img, (w, h), &masks, opts.size, &mut report)?
+                } else if label == 1 {
+                    let m = no_mask(&img, &format!("`{}_mask.png` beside it", stem(&img)), opts)?;
+                    report.without_mask.push(id.clone());
+                    m
+                } else {
+                    vec![0u8; opts.size * opts.size]
                 };
-                Ok(sample(format!("{cname}/{s}"), format!("{cname}/{s}"), label, image, mask))
+                Ok(sample(id.clone(), group, label, image, mask))
             })();
             match res {
                 Ok(x) => out.push(x),
-                Err(e) => handle(&mut report, opts, e)?,
+                Err(e) => handle(&mut report, opts, e),
             }
         }
     }
+    let report = finish(root, report)?;
     if out.is_empty() {
         return Err(err(root, "no images found"));
     }
@@ -479,6 +578,11 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
                     }
                     read_masks(&img, (w, h), &[mp], opts.size, &mut report)?
                 }
+                None if label == 1 => {
+                    let m = no_mask(&img, &format!("a `mask` on line {line} of {}", csv_path.display()), opts)?;
+                    report.without_mask.push(img_rel.clone());
+                    m
+                }
                 None => vec![0u8; opts.size * opts.size],
             };
             let group = group.unwrap_or_else(|| img_rel.clone());
@@ -486,9 +590,10 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
         })();
         match res {
             Ok(x) => out.push(x),
-            Err(e) => handle(&mut report, opts, e)?,
+            Err(e) => handle(&mut report, opts, e),
         }
     }
+    let report = finish(csv_path, report)?;
     if out.is_empty() {
         return Err(err(csv_path, "manifest lists no usable images"));
     }
@@ -500,7 +605,13 @@ mod tests {
     use super::*;
 
     fn opts() -> LoadOptions {
-        LoadOptions { channel: ChannelSelect::Gray, size: 8, normalize: Normalize::MinMax, skip_errors: false }
+        LoadOptions {
+            channel: ChannelSelect::Gray,
+            size: 8,
+            normalize: Normalize::MinMax,
+            skip_errors: false,
+            missing_masks: MissingMasks::Error,
+        }
     }
 
     fn write_png(path: &Path, w: u32, h: u32, v: u8) {
@@ -538,6 +649,82 @@ mod tests {
     }
 
     #[test]
+    fn a_positive_without_a_mask_is_an_error_unless_excluded() {
+        let d = tempfile::tempdir().unwrap();
+        for c in ["tumor", "normal"] {
+            std::fs::create_dir_all(d.path().join(c)).unwrap();
+            write_png(&d.path().join(c).join("a.png"), 8, 8, 40);
+        }
+        write_png(&d.path().join("tumor/b.png"), 8, 8, 90);
+        write_png(&d.path().join("tumor/b_mask.png"), 8, 8, 255);
+        let pos = ["tumor".to_string()];
+        let e = load_folders(d.path(), &pos, &opts()).unwrap_err().to_string();
+        assert!(e.contains("tumor/a.png: positive image has no mask (expected `a_mask.png` beside it)"), "{e}");
+        // A negative needs no mask.
+        assert!(!e.contains("normal/a.png"), "{e}");
+        let mut o = opts();
+        o.missing_masks = MissingMasks::Exclude;
+        let (s, r) = load_folders(d.path(), &pos, &o).unwrap();
+        let a = s.iter().find(|x| x.id == "tumor/a").unwrap();
+        assert_eq!((a.label, a.mask.len()), (1, 0), "kept, without ground truth");
+        assert_eq!(s.iter().find(|x| x.id == "tumor/b").unwrap().mask, vec![1u8; 64]);
+        assert_eq!(s.iter().find(|x| x.id == "normal/a").unwrap().mask, vec![0u8; 64]);
+        assert_eq!(r.without_mask, ["tumor/a"]);
+    }
+
+    #[test]
+    fn every_bad_file_is_reported_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let c = d.path().join("x");
+        std::fs::create_dir_all(&c).unwrap();
+        write_png(&c.join("good.png"), 8, 8, 10);
+        for n in 0..25 {
+            std::fs::write(c.join(format!("bad{n:02}.png")), b"not a png").unwrap();
+        }
+        let e = load_folders(d.path(), &[], &opts()).unwrap_err();
+        assert_eq!(e.problems.len(), 25);
+        let text = e.to_string();
+        assert!(text.contains("25 bad files"), "{text}");
+        assert!(text.contains("bad00.png: cannot read image") && text.contains("bad19.png: cannot read image"), "{text}");
+        assert!(!text.contains("bad20.png") && text.contains("... and 5 more"), "{text}");
+        let mut o = opts();
+        o.skip_errors = true;
+        let (s, r) = load_folders(d.path(), &[], &o).unwrap();
+        assert_eq!((s.len(), r.skipped.len()), (1, 25));
+    }
+
+    #[test]
+    fn sub_folders_of_a_class_folder_are_groups() {
+        let d = tempfile::tempdir().unwrap();
+        for (dir, name) in [("tumor/p1", "a"), ("normal/p1", "a"), ("normal/p2", "a"), ("normal", "c")] {
+            std::fs::create_dir_all(d.path().join(dir)).unwrap();
+            write_png(&d.path().join(dir).join(format!("{name}.png")), 8, 8, 10);
+        }
+        write_png(&d.path().join("tumor/p1/a_mask.png"), 8, 8, 255);
+        let (s, _) = load_folders(d.path(), &["tumor".into()], &opts()).unwrap();
+        let got: Vec<(&str, &str)> = s.iter().map(|x| (x.id.as_str(), x.group.as_str())).collect();
+        assert_eq!(got, [("normal/c", "normal/c"), ("normal/p1/a", "p1"), ("normal/p2/a", "p2"), ("tumor/p1/a", "p1")]);
+        // Two images of one name in one folder would share an id.
+        write_png(&d.path().join("normal/c.jpg"), 8, 8, 10);
+        let e = load_folders(d.path(), &["tumor".into()], &opts()).unwrap_err().to_string();
+        assert!(e.contains("c.png: has the same name as") || e.contains("c.jpg: has the same name as"), "{e}");
+    }
+
+    #[test]
+    fn manifest_positive_without_mask() {
+        let d = tempfile::tempdir().unwrap();
+        write_png(&d.path().join("a.png"), 8, 8, 10);
+        write_png(&d.path().join("b.png"), 8, 8, 10);
+        std::fs::write(d.path().join("m.csv"), "image,label\na.png,1\nb.png,0\n").unwrap();
+        let e = load_manifest(&d.path().join("m.csv"), &opts()).unwrap_err().to_string();
+        assert!(e.contains("a.png: positive image has no mask (expected a `mask` on line 2 of"), "{e}");
+        let mut o = opts();
+        o.missing_masks = MissingMasks::Exclude;
+        let (s, r) = load_manifest(&d.path().join("m.csv"), &o).unwrap();
+        assert_eq!((s[0].mask.len(), s[1].mask.len(), r.without_mask.len()), (0, 64, 1));
+    }
+
+    #[test]
     fn truncated_image_is_named() {
         let d = tempfile::tempdir().unwrap();
         let c = d.path().join("x");
@@ -551,7 +738,7 @@ mod tests {
     fn manifest_row_pointing_nowhere() {
         let d = tempfile::tempdir().unwrap();
         write_png(&d.path().join("a.png"), 8, 8, 10);
-        std::fs::write(d.path().join("m.csv"), "image,label,group\na.png,1,p1\nmissing.png,0,p2\n").unwrap();
+        std::fs::write(d.path().join("m.csv"), "image,label,group\na.png,0,p1\nmissing.png,0,p2\n").unwrap();
         let e = load_manifest(&d.path().join("m.csv"), &opts()).unwrap_err().to_string();
         assert!(e.contains("m.csv: line 3: image `missing.png` does not exist"), "{e}");
     }

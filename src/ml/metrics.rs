@@ -74,6 +74,15 @@ pub struct ClassificationScores {
     pub specificity: f64,
     pub auc: f64,
     pub n: usize,
+    /// Images predicted positive (probability >= 0.5).
+    pub predicted_positive: usize,
+    /// Images whose truth is positive.
+    pub positives: usize,
+    /// The accuracy of always answering the split's more frequent class: the bar a
+    /// classifier has to clear before its accuracy means anything.
+    pub majority_rate: f64,
+    /// Mean of sensitivity and specificity; 0.5 for any constant answer.
+    pub balanced_accuracy: f64,
 }
 
 /// Scores for predicted positive-class probabilities; the decision threshold is 0.5.
@@ -94,7 +103,67 @@ pub fn classification(probs: &[f32], labels: &[u8]) -> ClassificationScores {
         specificity: ratio(tn, tn + fp),
         auc: roc_auc(probs, labels),
         n: probs.len(),
+        predicted_positive: tp + fp,
+        positives: tp + fn_,
+        majority_rate: ratio((tp + fn_).max(tn + fp), probs.len()),
+        balanced_accuracy: (ratio(tp, tp + fn_) + ratio(tn, tn + fp)) / 2.0,
     }
+}
+
+/// A sign that a classifier learnt nothing useful, with a short stable name (`flag`, what
+/// `show` lists) and a sentence for the run output and the report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Warning {
+    pub flag: String,
+    pub message: String,
+}
+
+/// How much the last epoch's mean training loss must be below the first's, relative to the
+/// first, for the loss to count as falling: 1 %. Smaller drops are the noise of a new batch
+/// order and flips over the same weights (a training with `lr: 0` moves by about 0.1 %).
+pub const LOSS_FALL_TOLERANCE: f64 = 0.01;
+
+/// `single-class` when every image of a non-empty split got the same predicted class.
+pub fn single_class(split: &str, s: &ClassificationScores) -> Option<Warning> {
+    if s.n == 0 || (s.predicted_positive != 0 && s.predicted_positive != s.n) {
+        return None;
+    }
+    let class = if s.predicted_positive == 0 { "negative" } else { "positive" };
+    Some(Warning { flag: "single-class".into(), message: format!("predicts {class} for all {} {split} images", s.n) })
+}
+
+/// `below-majority` when accuracy does not beat always answering the majority class.
+pub fn below_majority(split: &str, s: &ClassificationScores) -> Option<Warning> {
+    if !(s.accuracy.is_finite() && s.majority_rate.is_finite()) || s.accuracy > s.majority_rate {
+        return None;
+    }
+    Some(Warning {
+        flag: "below-majority".into(),
+        message: format!(
+            "{split} accuracy {:.4} does not beat the majority-class rate {:.4} (balanced accuracy {})",
+            s.accuracy,
+            s.majority_rate,
+            if s.balanced_accuracy.is_finite() { format!("{:.4}", s.balanced_accuracy) } else { "undefined: one class only".into() }
+        ),
+    })
+}
+
+/// `loss-flat` when the last epoch's mean training loss is not below the first epoch's by
+/// more than [`LOSS_FALL_TOLERANCE`] of it (or is not finite). Needs two epochs: one
+/// epoch's mean says nothing about a trend.
+pub fn loss_not_falling(epoch_losses: &[f64]) -> Option<Warning> {
+    let (&first, &last) = (epoch_losses.first()?, epoch_losses.last()?);
+    if epoch_losses.len() < 2 || (first.is_finite() && last.is_finite() && last < first - LOSS_FALL_TOLERANCE * first.abs()) {
+        return None;
+    }
+    Some(Warning {
+        flag: "loss-flat".into(),
+        message: format!(
+            "training loss did not fall: {first:.4} in epoch 1, {last:.4} in epoch {} (needs a drop of more than {:.0} %)",
+            epoch_losses.len(),
+            LOSS_FALL_TOLERANCE * 100.0
+        ),
+    })
 }
 
 /// ROC AUC by the rank statistic (Mann-Whitney U), ties counted half. NaN when a class is absent.
@@ -163,5 +232,36 @@ mod tests {
         assert!(roc_auc(&[0.5], &[1]).is_nan());
         let c = classification(&[0.2, 0.7, 0.8, 0.3], &[0, 1, 0, 1]);
         assert_eq!((c.accuracy, c.sensitivity, c.specificity), (0.5, 0.5, 0.5));
+    }
+
+    #[test]
+    fn majority_rate_and_balanced_accuracy_by_hand() {
+        // 3 positives, 1 negative, everything called positive: accuracy 0.75 = majority rate.
+        let c = classification(&[0.9, 0.8, 0.7, 0.6], &[1, 1, 1, 0]);
+        assert_eq!((c.accuracy, c.majority_rate, c.balanced_accuracy), (0.75, 0.75, 0.5));
+        assert_eq!((c.predicted_positive, c.positives), (4, 3));
+        assert_eq!(single_class("test", &c).map(|w| w.flag), Some("single-class".into()));
+        assert_eq!(below_majority("test", &c).map(|w| w.flag), Some("below-majority".into()));
+        // One right negative: accuracy 1 beats 0.75, two classes predicted.
+        let c = classification(&[0.9, 0.8, 0.7, 0.1], &[1, 1, 1, 0]);
+        assert_eq!((c.accuracy, c.balanced_accuracy), (1.0, 1.0));
+        assert!(single_class("test", &c).is_none() && below_majority("test", &c).is_none());
+        // All negative is single-class too, named as such.
+        let c = classification(&[0.1, 0.2], &[1, 0]);
+        assert!(single_class("val", &c).unwrap().message.contains("negative for all 2 val"));
+        // Nothing scored: no warning (an empty split is an error elsewhere).
+        assert!(single_class("val", &classification(&[], &[])).is_none());
+    }
+
+    #[test]
+    fn loss_guard_needs_a_real_drop() {
+        assert!(loss_not_falling(&[]).is_none());
+        assert!(loss_not_falling(&[0.69]).is_none(), "one epoch shows no trend");
+        assert!(loss_not_falling(&[0.69, 0.5]).is_none());
+        // A drop under 1 % of the first loss is flat; a rise is flat; NaN is flat.
+        assert_eq!(loss_not_falling(&[0.70, 0.695]).map(|w| w.flag), Some("loss-flat".into()));
+        assert!(loss_not_falling(&[0.69, 0.70]).is_some());
+        assert!(loss_not_falling(&[0.69, f64::NAN]).is_some());
+        assert!(loss_not_falling(&[0.69, 0.60, 0.69]).is_some(), "last against first");
     }
 }

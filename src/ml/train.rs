@@ -111,16 +111,40 @@ fn class_weights(cfg: &ClassWeights, ds: &Dataset, train: &[usize]) -> Option<Ve
     }
 }
 
+/// Where a training is: `step` of `steps` batches in `epoch` of `epochs`, with the mean loss of
+/// the epoch's batches so far. Reported after every batch; reading it changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainProgress {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f64,
+}
+
 pub fn train<B: TrainBackend>(cfg: &TrainConfig, ds: &Dataset, device: &B::Device) -> Result<Trained<B::InnerBackend>, TrainError> {
+    train_reporting::<B>(cfg, ds, device, &mut |_| {})
+}
+
+/// [`train`], calling `progress` after every batch (a plain callback: the caller decides how
+/// often to show it).
+pub fn train_reporting<B: TrainBackend>(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    device: &B::Device,
+    progress: &mut dyn FnMut(TrainProgress),
+) -> Result<Trained<B::InnerBackend>, TrainError> {
     match cfg.optimizer {
         OptimizerKind::Adam => {
             let mut o = AdamConfig::new();
             if cfg.weight_decay > 0.0 {
                 o = o.with_weight_decay(Some(WeightDecayConfig::new(cfg.weight_decay as f32)));
             }
-            train_with::<B, _>(cfg, ds, device, o.init())
+            train_with::<B, _>(cfg, ds, device, o.init(), progress)
         }
-        OptimizerKind::AdamW => train_with::<B, _>(cfg, ds, device, AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init()),
+        OptimizerKind::AdamW => {
+            train_with::<B, _>(cfg, ds, device, AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init(), progress)
+        }
         OptimizerKind::Sgd => {
             let mut o = SgdConfig::new();
             if cfg.momentum > 0.0 {
@@ -129,7 +153,7 @@ pub fn train<B: TrainBackend>(cfg: &TrainConfig, ds: &Dataset, device: &B::Devic
             if cfg.weight_decay > 0.0 {
                 o = o.with_weight_decay(Some(WeightDecayConfig::new(cfg.weight_decay as f32)));
             }
-            train_with::<B, _>(cfg, ds, device, o.init())
+            train_with::<B, _>(cfg, ds, device, o.init(), progress)
         }
     }
 }
@@ -139,6 +163,7 @@ fn train_with<B: TrainBackend, O: Optimizer<Classifier<B>, B>>(
     ds: &Dataset,
     device: &B::Device,
     mut optim: O,
+    progress: &mut dyn FnMut(TrainProgress),
 ) -> Result<Trained<B::InnerBackend>, TrainError> {
     if cfg.batch_size == 0 {
         return Err(TrainError::BatchSize);
@@ -156,7 +181,8 @@ fn train_with<B: TrainBackend, O: Optimizer<Classifier<B>, B>>(
         let mut order = train_idx.clone();
         rng.shuffle(&mut order);
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-        for chunk in order.chunks(cfg.batch_size) {
+        let steps = order.len().div_ceil(cfg.batch_size);
+        for (step, chunk) in order.chunks(cfg.batch_size).enumerate() {
             let flips: Vec<bool> = chunk.iter().map(|_| cfg.flip && rng.uniform() < 0.5).collect();
             let x = batch_tensor::<B>(ds, chunk, &flips, device);
             let y = labels_tensor::<B>(ds, chunk, device);
@@ -168,6 +194,7 @@ fn train_with<B: TrainBackend, O: Optimizer<Classifier<B>, B>>(
             seen += chunk.len();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(cfg.lr, model, grads);
+            progress(TrainProgress { epoch, epochs: cfg.epochs, step: step + 1, steps, loss: loss_sum / seen as f64 });
         }
         let (val_loss, val_accuracy) = if val_idx.is_empty() {
             (None, None)

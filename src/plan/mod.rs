@@ -21,6 +21,9 @@ pub trait CacheView {
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum StaleReason {
     NeverRun,
+    // A sweep point this stage has not run before, while other points of it have (a changed
+    // or added sweep value): `point` is its own axes, `value=0.55`.
+    NewPoint { point: String },
     ParamsChanged { changes: Vec<ParamChange> },
     InputsChanged { inputs: Vec<String> },
     DataChanged { files: Vec<String> },
@@ -44,6 +47,7 @@ impl std::fmt::Display for StaleReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StaleReason::NeverRun => write!(f, "never run"),
+            StaleReason::NewPoint { point } => write!(f, "new sweep point: {point}"),
             StaleReason::ParamsChanged { changes } => {
                 let parts: Vec<String> = changes.iter().map(|c| format!("{} {} -> {}", c.param, show(&c.from), show(&c.to))).collect();
                 write!(f, "params changed: {}", parts.join(", "))
@@ -98,13 +102,9 @@ pub fn build_key(inst: &Instance, idx: usize, cx: &KeyContext<'_>, inputs: BTree
         format: KEY_FORMAT,
         kind: inst.kind.clone(),
         kind_version: kind.version(),
-        // Where data lives is not what it is: location params stay out (its contents are in `files`).
-        params: inst
-            .params
-            .iter()
-            .filter(|(k, _)| !kind.location_params().contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        // Only what can change the result: location params (a data folder; its contents are
+        // in `files`) and params the kind ignores in this mode stay out.
+        params: kind.key_params(&inst.params),
         inputs,
         files: cx.files.get(idx).cloned().unwrap_or_default(),
         seed: cx.seed,
@@ -203,7 +203,44 @@ pub fn plan(instances: &[Instance], cx: &KeyContext<'_>, view: &dyn CacheView, f
         };
         out.push(d);
     }
+    name_new_points(instances, &mut out);
     out
+}
+
+/// An instance with no history of its own (`never run`) in a stage whose other sweep points
+/// have run is a new point: a sweep value was changed or added. Say which, so a changed value
+/// reads as the new point it is rather than as a first run. No extra I/O: a stage has history
+/// when one of its instances is cached or was explained from its last run.
+fn name_new_points(instances: &[Instance], decisions: &mut [Decision]) {
+    let ran_before: BTreeSet<&str> = instances
+        .iter()
+        .zip(decisions.iter())
+        .filter(|(_, d)| match d {
+            Decision::Cached { .. } => true,
+            Decision::Run { reason, .. } => !matches!(reason, StaleReason::NeverRun | StaleReason::Forced),
+            Decision::After { .. } => false,
+        })
+        .map(|(i, _)| i.stage.as_str())
+        .collect();
+    for (inst, d) in instances.iter().zip(decisions.iter_mut()) {
+        if let Decision::Run { reason, .. } = d
+            && *reason == StaleReason::NeverRun
+            && ran_before.contains(inst.stage.as_str())
+        {
+            let prefix = format!("{}.", inst.stage);
+            let own: Vec<String> =
+                inst.coords.iter().filter_map(|(id, v)| id.strip_prefix(&prefix).map(|p| format!("{p}={}", show_value(v)))).collect();
+            // A new upstream point (the instance has no axes of its own) shows as that point.
+            let point = if own.is_empty() {
+                inst.coords.iter().map(|(id, v)| format!("{id}={}", show_value(v))).collect::<Vec<_>>().join(",")
+            } else {
+                own.join(",")
+            };
+            if !point.is_empty() {
+                *reason = StaleReason::NewPoint { point };
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -75,10 +75,12 @@ fn as_ref(v: &Yaml) -> Option<(String, String)> {
     Some((st.trim().to_string(), p.trim().to_string()))
 }
 
-const TOP_KEYS: &[&str] = &["name", "seed", "backend", "defaults", "stages", "description"];
-const STAGE_KEYS: &[&str] = &["kind", "params", "inputs", "sweep", "resources", "description"];
-const SWEEP_KEYS: &[&str] = &["grid", "zip"];
-const RESOURCE_KEYS: &[&str] = &["cpu", "gpu"];
+pub(crate) const TOP_KEYS: &[&str] = &["name", "seed", "backend", "defaults", "stages", "description"];
+pub(crate) const STAGE_KEYS: &[&str] = &["kind", "params", "inputs", "sweep", "seeds", "resources", "description"];
+/// Most repetitions `seeds: N` may ask for; more is a typo, not a study.
+pub const MAX_SEEDS: u64 = 1000;
+pub(crate) const SWEEP_KEYS: &[&str] = &["grid", "zip"];
+pub(crate) const RESOURCE_KEYS: &[&str] = &["cpu", "gpu"];
 
 struct Ctx<'a> {
     source: &'a str,
@@ -214,6 +216,10 @@ pub fn parse_bytes(file: &Path, bytes: &[u8], overrides: &[Override], catalog: &
 
 /// Validates pipeline text; `file` is used for messages and relative paths only.
 pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalog) -> SpecResult<Pipeline> {
+    // A leading byte order mark is legal YAML (editors on Windows write one); serde_yaml takes
+    // it for the start of a second document. Editors show no column for it, so stripping it
+    // keeps every line and column as the user sees them.
+    let source = source.strip_prefix('\u{feff}').unwrap_or(source);
     let fail = |errors: Vec<SpecError>| SpecErrors { file: file.to_path_buf(), errors };
     let yaml_error = |e: serde_yaml::Error| fail(vec![yaml_syntax_error(source, &e)]);
     // A first pass that only counts nodes, aliases expanded, so that an alias bomb stops at
@@ -303,7 +309,7 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
             let names: Vec<String> = m.keys().map(key_str).collect();
             for (k, v) in m {
                 let sname = key_str(k);
-                if let Some(s) = stage(&mut cx, &sname, v, &names, m, catalog) {
+                if let Some(s) = stage(&mut cx, &sname, v, &names, m, catalog, seed) {
                     stages.insert(sname, s);
                 }
             }
@@ -438,7 +444,15 @@ fn check_param(
     }
 }
 
-fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_yaml::Mapping, catalog: &Catalog) -> Option<StageSpec> {
+fn stage(
+    cx: &mut Ctx<'_>,
+    sname: &str,
+    v: &Yaml,
+    names: &[String],
+    all: &serde_yaml::Mapping,
+    catalog: &Catalog,
+    pipeline_seed: u64,
+) -> Option<StageSpec> {
     let base = ["stages", sname];
     let Yaml::Mapping(m) = v else {
         cx.err(&base, format!("expected a map with `kind`, found {}", type_name(v)));
@@ -617,6 +631,33 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
         }
         Some(other) => cx.err(&["stages", sname, "sweep"], format!("expected a map with `grid` and/or `zip`, found {}", type_name(other))),
     }
+    // `seeds: N`: shorthand for a grid axis `seed: [S, S+1, ..., S+N-1]`, S the pipeline seed,
+    // so repetitions are ordinary instances (own keys, labels `seed=...`) and only `show`
+    // and the report treat a `seed` axis as repetition.
+    if let Some(v) = m.get("seeds") {
+        let path = ["stages", sname, "seeds"];
+        match v.as_u64().filter(|n| (1..=MAX_SEEDS).contains(n)) {
+            None => cx.err(&path, format!("expected a number of seeds from 1 to {MAX_SEEDS}, found {}", show_yaml(v))),
+            Some(n) => match specs.iter().find(|s| s.name == "seed") {
+                None => cx.err(
+                    &path,
+                    format!("stage kind `{kind_name}` has no `seed` param to repeat over; `seeds` fits kinds with one (train, retrain)"),
+                ),
+                Some(_) if params.contains_key("seed") || refs.iter().any(|r| r.param == "seed") => {
+                    cx.err(&path, "`seeds` and a fixed `seed` param both set the seed; keep one")
+                }
+                Some(_) if grid.iter().chain(&zip).any(|(a, _)| a == "seed") => {
+                    cx.err(&path, "`seeds` and a `seed` sweep axis both set the seed; keep one")
+                }
+                Some(spec) => {
+                    // Seeds are params of type Int (at most i64::MAX): wrap inside that range.
+                    let values: Vec<Json> =
+                        (0..n).filter_map(|i| spec.ty.check(&Json::from(pipeline_seed.wrapping_add(i) & i64::MAX as u64)).ok()).collect();
+                    grid.push(("seed".to_string(), values));
+                }
+            },
+        }
+    }
     for (a, _) in &zip {
         if grid.iter().any(|(g, _)| g == a) {
             cx.err(&["stages", sname, "sweep", "zip", a], format!("axis `{a}` is swept in both `grid` and `zip`"));
@@ -686,4 +727,58 @@ fn stage(cx: &mut Ctx<'_>, sname: &str, v: &Yaml, names: &[String], all: &serde_
         return None;
     }
     Some(StageSpec { name: sname.to_string(), kind: kind_name, params, inputs, grid, zip, resources, refs })
+}
+
+#[cfg(test)]
+mod seeds_tests {
+    use super::*;
+
+    fn parse_str(yaml: &str) -> SpecResult<Pipeline> {
+        parse(Path::new("p.yaml"), yaml, &[], &crate::stages::catalog())
+    }
+
+    const BASE: &str =
+        "name: s\nseed: 42\nstages:\n  d:\n    kind: data\n    params: {source: synthetic}\n  t:\n    kind: train\n    inputs: {data: d}\n";
+
+    #[test]
+    fn seeds_become_a_seed_axis_from_the_pipeline_seed() {
+        let p = parse_str(&format!("{BASE}    seeds: 3\n    sweep:\n      grid: {{epochs: [1, 2]}}\n")).expect("valid");
+        let t = &p.stages["t"];
+        assert_eq!(t.grid, vec![("epochs".to_string(), vec![json(1), json(2)]), ("seed".to_string(), vec![json(42), json(43), json(44)])]);
+        let order = crate::dag::stage_order(&p.stages);
+        let inst = crate::sweep::expand(&p, &order, &crate::stages::catalog());
+        let labels: Vec<&str> = inst.iter().filter(|i| i.stage == "t").map(|i| i.label.as_str()).collect();
+        assert_eq!(labels.len(), 6);
+        assert!(labels.contains(&"t[epochs=2,seed=43]"), "{labels:?}");
+        assert!(inst.iter().filter(|i| i.stage == "t").all(|i| i.params["seed"] == i.coords["t.seed"]));
+    }
+
+    fn json(n: u64) -> Json {
+        Json::from(n)
+    }
+
+    #[test]
+    fn bad_seeds_are_errors_at_the_field() {
+        let cases = [
+            (format!("{BASE}    seeds: 0\n"), "stages.t.seeds", "expected a number of seeds from 1 to 1000, found `0`"),
+            (format!("{BASE}    seeds: many\n"), "stages.t.seeds", "found `many`"),
+            (format!("{BASE}    seeds: 2\n    params: {{seed: 5}}\n"), "stages.t.seeds", "`seeds` and a fixed `seed` param"),
+            (
+                format!("{BASE}    seeds: 2\n    sweep:\n      grid: {{seed: [1, 2]}}\n"),
+                "stages.t.seeds",
+                "`seeds` and a `seed` sweep axis",
+            ),
+            (
+                BASE.replace("params: {source: synthetic}", "params: {source: synthetic}\n    seeds: 2"),
+                "stages.d.seeds",
+                "has no `seed` param",
+            ),
+        ];
+        for (yaml, field, msg) in cases {
+            let e = parse_str(&yaml).expect_err("invalid");
+            let hit = e.errors.iter().find(|x| x.field == field).unwrap_or_else(|| panic!("no error at {field}: {e}"));
+            assert!(hit.message.contains(msg), "{}", hit.message);
+            assert!(hit.location.is_some(), "{field} has no location");
+        }
+    }
 }

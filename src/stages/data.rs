@@ -8,7 +8,7 @@ use super::io;
 use super::params as p;
 use crate::cache::file_digests::{UNREADABLE, combine};
 use crate::ml::dataset::{Dataset, Normalize, Split, SplitConfig, assign_splits};
-use crate::ml::loaders::{self, ChannelSelect, LoadOptions};
+use crate::ml::loaders::{self, ChannelSelect, LoadOptions, MissingMasks};
 use crate::ml::synthetic::{self, SyntheticConfig};
 use crate::stage_kind::*;
 
@@ -64,7 +64,7 @@ fn check_read(ctx: &RunContext<'_>, read: &std::collections::BTreeMap<PathBuf, O
                 Some(None) => UNREADABLE.to_string(),
                 // Listed but not read (a slice skipped before its image was opened): it did not
                 // shape the output, but it is in the key, so it is digested as it is now.
-                None => std::fs::read(path).map(|b| crate::cache::key::sha256_hex(&b)).unwrap_or_else(|_| UNREADABLE.to_string()),
+                None => crate::cache::file_digests::digest_now(path),
             };
             (rel.as_str(), d)
         })
@@ -88,7 +88,10 @@ impl StageKind for Data {
     }
     fn version(&self) -> u32 {
         // 2: synthetic phantoms use the pure-Rust `libm` (sinf, expf), not the platform's.
-        2
+        // 3: a positive without a mask is an error (or, opted in, kept without truth); every
+        //    bad file is reported at once; images in sub-folders of a class folder get their
+        //    path in their id and the sub-folder as their group.
+        3
     }
     fn doc(&self) -> &'static str {
         "Loads or generates labelled images with ground-truth masks, resized and normalised, split into train/val/test by group (patient)."
@@ -176,7 +179,14 @@ impl StageKind for Data {
                 ty: ParamType::Choice(&["fail", "skip"]),
                 default: || json!("fail"),
                 optional: false,
-                doc: "bad files stop the stage, or are skipped and listed in the metrics",
+                doc: "bad files stop the stage (all of them are listed), or are skipped and listed in the run output and the metrics",
+            },
+            ParamSpec {
+                name: "missing_masks",
+                ty: ParamType::Choice(&["error", "exclude"]),
+                default: || json!("error"),
+                optional: false,
+                doc: "a positive image without a mask (folders, manifest) is a bad file, or is kept without ground truth and left out of Dice",
             },
             ParamSpec {
                 name: "count",
@@ -252,9 +262,28 @@ impl StageKind for Data {
             "none" => Normalize::None,
             _ => Normalize::MinMax,
         };
-        let opts = LoadOptions { channel: channel(params, source)?, size, normalize, skip_errors: p::str(params, "on_error")? == "skip" };
-        let err = |e: loaders::LoadError| StageError::new(e);
-        let (mut samples, channels, skipped, read) = match source {
+        let opts = LoadOptions {
+            channel: channel(params, source)?,
+            size,
+            normalize,
+            skip_errors: p::str(params, "on_error")? == "skip",
+            missing_masks: if p::str(params, "missing_masks")? == "exclude" { MissingMasks::Exclude } else { MissingMasks::Error },
+        };
+        // Every bad file goes to the stage log; the error itself names the first few.
+        let err = |e: loaders::LoadError| {
+            for problem in &e.problems {
+                (ctx.log)(format!("bad file: {problem}"));
+            }
+            StageError::new(e)
+        };
+        // Where the data lives: skipped files are named relative to it in the metrics, so the
+        // lock file does not depend on the data's folder or on the current directory.
+        let data_dir = match source {
+            "synthetic" => PathBuf::new(),
+            "manifest" => resolve(ctx.base_dir, p::str(params, "manifest")?).parent().map(Path::to_path_buf).unwrap_or_default(),
+            _ => resolve(ctx.base_dir, p::str(params, "root")?),
+        };
+        let (mut samples, channels, skipped, read, without_mask) = match source {
             "synthetic" => {
                 let mut ds = synthetic::generate(&SyntheticConfig {
                     count: p::usize(params, "count")?,
@@ -268,27 +297,32 @@ impl StageKind for Data {
                 for s in &mut ds.samples {
                     crate::ml::dataset::normalize_image(&mut s.image, 1, normalize);
                 }
-                (ds.samples, 1, Vec::new(), Default::default())
+                (ds.samples, 1, Vec::new(), Default::default(), Vec::new())
             }
             "lgg" => {
                 let root = resolve(ctx.base_dir, p::str(params, "root")?);
                 let (s, r) = loaders::load_lgg(&root, &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped, r.read)
+                (s, opts.channels(), r.skipped, r.read, r.without_mask)
             }
             "folders" => {
                 let root = resolve(ctx.base_dir, p::str(params, "root")?);
                 let (s, r) = loaders::load_folders(&root, &p::str_list(params, "positive"), &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped, r.read)
+                (s, opts.channels(), r.skipped, r.read, r.without_mask)
             }
             _ => {
                 let m = resolve(ctx.base_dir, p::str(params, "manifest")?);
                 let (s, r) = loaders::load_manifest(&m, &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped, r.read)
+                (s, opts.channels(), r.skipped, r.read, r.without_mask)
             }
         };
         check_read(ctx, &read)?;
         for s in &skipped {
             (ctx.log)(format!("skipped: {s}"));
+        }
+        let skipped: Vec<String> = skipped.iter().map(|s| relative_to(&data_dir, s)).collect();
+        let warnings = data_warnings(&skipped, &without_mask);
+        for w in &warnings {
+            (ctx.log)(format!("warning: {}: {}", w["flag"].as_str().unwrap_or(""), w["message"].as_str().unwrap_or("")));
         }
         let split_seed = p::opt_u64(params, "split_seed").unwrap_or(ctx.seed);
         assign_splits(
@@ -300,7 +334,13 @@ impl StageKind for Data {
         let groups = |sp: Split| {
             ds.samples.iter().filter(|s| s.split == sp).map(|s| s.group.as_str()).collect::<std::collections::BTreeSet<_>>().len()
         };
-        let mut metrics = json!({ "images": ds.samples.len(), "skipped": skipped.len(), "skipped_files": skipped });
+        let mut metrics = json!({
+            "images": ds.samples.len(),
+            "skipped": skipped.len(),
+            "skipped_files": skipped,
+            "without_mask": without_mask.len(),
+            "warnings": warnings,
+        });
         for sp in [Split::Train, Split::Val, Split::Test] {
             metrics[sp.name()] = json!({ "positive": count(sp, 1), "negative": count(sp, 0), "groups": groups(sp) });
         }
@@ -308,6 +348,50 @@ impl StageKind for Data {
         let f = io::write(ctx.out_dir, io::DATASET_FILE, &ds.encode())?;
         Ok(Outcome { files: vec![f], metrics })
     }
+}
+
+/// `problem` (`<path>: <reason>`) with the leading `dir/` removed, so that what is recorded
+/// does not depend on where the data lives.
+fn relative_to(dir: &Path, problem: &str) -> String {
+    let prefix = format!("{}/", dir.display());
+    if dir.as_os_str().is_empty() { problem.to_string() } else { problem.strip_prefix(&prefix).unwrap_or(problem).to_string() }
+}
+
+/// How many names a warning line shows; the metrics list them all.
+const SHOWN_NAMES: usize = 5;
+
+/// `a, b, c and 7 more`: the first few of a list, for one line of run output.
+fn first_few(names: &[String]) -> String {
+    let mut s = names.iter().take(SHOWN_NAMES).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN_NAMES {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN_NAMES));
+    }
+    s
+}
+
+/// Warnings (`{flag, message}`, as the classifier guards write them) for what a load left
+/// out: skipped files (`on_error: skip`) and positives without a mask (`missing_masks:
+/// exclude`), with the count and the first few names, so they show in the run output.
+fn data_warnings(skipped: &[String], without_mask: &[String]) -> Vec<Json> {
+    let mut v = Vec::new();
+    if !skipped.is_empty() {
+        v.push(json!({
+            "flag": "skipped-files",
+            "message": format!("skipped {} bad file{} (on_error: skip): {}", skipped.len(), if skipped.len() == 1 { "" } else { "s" }, first_few(skipped)),
+        }));
+    }
+    if !without_mask.is_empty() {
+        v.push(json!({
+            "flag": "no-mask",
+            "message": format!(
+                "{} positive image{} without a mask, left out of Dice (missing_masks: exclude): {}",
+                without_mask.len(),
+                if without_mask.len() == 1 { "" } else { "s" },
+                first_few(without_mask)
+            ),
+        }));
+    }
+    v
 }
 
 #[cfg(test)]
@@ -326,6 +410,7 @@ mod tests {
     fn run(params: &Params, planned: &BTreeMap<String, String>, out: &Path) -> Result<Outcome, StageError> {
         let inputs = BTreeMap::new();
         let mut log = |_l: String| {};
+        let mut progress = |_p: Progress| {};
         let mut ctx = RunContext {
             params,
             inputs: &inputs,
@@ -336,6 +421,7 @@ mod tests {
             device: 0,
             planned_data: planned,
             log: &mut log,
+            progress: &mut progress,
         };
         Data.run(&mut ctx)
     }

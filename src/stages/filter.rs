@@ -9,12 +9,18 @@ use crate::stage_kind::*;
 
 pub struct Filter;
 
+/// Whether the mode reads `threshold` (the mask modes); an unknown mode keeps it, to be safe.
+fn uses_threshold(params: &Params) -> bool {
+    !matches!(params.get("mode").and_then(|m| m.as_str()), Some("multiply" | "inverse"))
+}
+
 impl StageKind for Filter {
     fn name(&self) -> &'static str {
         "filter"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: `threshold` is out of the key in the modes that ignore it (outputs unchanged).
+        2
     }
     fn doc(&self) -> &'static str {
         "Filters every image of every split with its heatmap, producing a dataset for retrain."
@@ -46,6 +52,14 @@ impl StageKind for Filter {
             },
         ]
     }
+    /// `multiply` and `inverse` never read `threshold`: changing it must rerun nothing.
+    fn key_params(&self, params: &Params) -> Params {
+        let mut out = params.clone();
+        if !uses_threshold(params) {
+            out.remove("threshold");
+        }
+        out
+    }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
         let ds = io::dataset(io::file(ctx.inputs, "data", io::DATASET_FILE)?)?;
         let heat = io::planes(io::file(ctx.inputs, "heatmaps", io::HEATMAPS_FILE)?)?;
@@ -61,5 +75,23 @@ impl StageKind for Filter {
             / ds.samples.iter().flat_map(|s| s.image.iter()).map(|v| v.abs() as f64).sum::<f64>().max(1e-12);
         let f = io::write(ctx.out_dir, io::DATASET_FILE, &out.encode())?;
         Ok(Outcome { files: vec![f], metrics: json!({ "images": out.samples.len(), "intensity_kept": kept }) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threshold_is_in_the_key_only_for_mask_modes() {
+        let params = |mode: &str| -> Params { [("mode".to_string(), json!(mode)), ("threshold".to_string(), json!(0.3))].into() };
+        for mode in ["multiply", "inverse"] {
+            let k = Filter.key_params(&params(mode));
+            assert_eq!(k.get("threshold"), None, "{mode}");
+            assert_eq!(k.get("mode"), Some(&json!(mode)));
+        }
+        for mode in ["mask", "inverse-mask"] {
+            assert_eq!(Filter.key_params(&params(mode)).get("threshold"), Some(&json!(0.3)), "{mode}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use super::train::{backend, load_model};
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::dataset::Dataset;
 use crate::ml::fast_ops::TrainBackend;
-use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps};
+use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps_reporting};
 use crate::ml::planes::{PlaneKind, Planes};
 use crate::ml::{resize, rng::Rng};
 use crate::stage_kind::*;
@@ -46,6 +46,7 @@ struct CamJob<'a> {
     method: CamMethod,
     target: CamTarget,
     batch: usize,
+    progress: &'a mut dyn FnMut(Progress),
 }
 
 impl BackendJob for CamJob<'_> {
@@ -54,7 +55,11 @@ impl BackendJob for CamJob<'_> {
         let (arch, model) = load_model::<B>(self.inputs, "model", &device)?;
         let layer = layer_index(Some(&self.layer), arch.units())?;
         let idx: Vec<usize> = (0..self.ds.samples.len()).collect();
-        Ok((layer, heatmaps(&model, self.ds, &idx, layer, self.method, self.target, self.batch)))
+        let progress = self.progress;
+        let mut report = |done: usize, total: usize| {
+            progress(Progress { unit: "image", done: done as u64, total: total as u64, epoch: None, epochs: None, loss: None })
+        };
+        Ok((layer, heatmaps_reporting(&model, self.ds, &idx, layer, self.method, self.target, self.batch, &mut report)))
     }
 }
 
@@ -156,6 +161,7 @@ impl StageKind for GradCam {
                 _ => CamTarget::Class(1),
             };
             let method = CamMethod::parse(method_name).ok_or_else(|| StageError::new(format!("unknown method `{method_name}`")))?;
+            let (kind, device) = (backend(ctx)?, ctx.device);
             let job = CamJob {
                 inputs: ctx.inputs,
                 ds: &ds,
@@ -163,8 +169,9 @@ impl StageKind for GradCam {
                 method,
                 target,
                 batch: p::usize(params, "batch_size")?,
+                progress: &mut *ctx.progress,
             };
-            let (l, m) = dispatch(backend(ctx)?, ctx.device, job).map_err(StageError::new)??;
+            let (l, m) = dispatch(kind, device, job).map_err(StageError::new)??;
             (json!(l), m)
         };
         (ctx.log)(format!("{} heatmaps ({method_name}, layer {layer})", maps.len()));

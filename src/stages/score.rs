@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::io;
 use super::params as p;
-use super::train::{backend, load_model, nan_to_null};
+use super::train::{backend, classifier_warnings, load_model, nan_to_null};
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::dataset::{Dataset, Split};
 use crate::ml::fast_ops::TrainBackend;
@@ -38,7 +38,9 @@ impl StageKind for Score {
     fn version(&self) -> u32 {
         // 2: convolutions and pooling on the CPU run through `ml::fast_ops` (other rounding).
         // 3: the portable CPU profile (own GEMM, head, loss and softmax; libm).
-        3
+        // 4: a model's score adds majority_rate, balanced_accuracy and the guards' `warnings`;
+        //    Dice leaves out images without ground truth (`images_without_mask`).
+        4
     }
     fn doc(&self) -> &'static str {
         "Scores masks against the ground truth (mean-Dice over images with tumor, Dice over all images, IoU, pixel precision/recall) and/or a model's classification (accuracy, sensitivity, specificity, ROC AUC)."
@@ -86,14 +88,22 @@ impl StageKind for Score {
             return Err(StageError::new(empty_split(ctx.inputs, p::str(ctx.params, "split")?)));
         }
         let mut metrics = json!({ "images": idx.len() });
-        let mut dice_col: Option<Vec<Overlap>> = None;
+        let mut dice_col: Option<Vec<Option<Overlap>>> = None;
         if ctx.inputs.contains_key("masks") {
             let masks = io::planes(io::file(ctx.inputs, "masks", io::MASKS_FILE)?)?;
             let index = masks.index();
             let mut pairs = Vec::with_capacity(idx.len());
+            // An image without ground truth (a positive kept by `missing_masks: exclude`) is
+            // in no segmentation score: not in Dice, IoU, precision or recall, nor counted
+            // among images with tumor; its per-image Dice is empty.
+            let mut scored = Vec::with_capacity(idx.len());
             for &i in &idx {
                 let s = &ds.samples[i];
                 let m = index.get(s.id.as_str()).ok_or_else(|| StageError::new(format!("no mask for sample `{}`", s.id)))?;
+                scored.push(!s.mask.is_empty());
+                if s.mask.is_empty() {
+                    continue;
+                }
                 let pred: Vec<u8> = masks.data[*m].iter().map(|&v| (v > 0.5) as u8).collect();
                 pairs.push((Overlap::of(&pred, &s.mask), s.mask.iter().any(|&v| v > 0)));
             }
@@ -104,7 +114,9 @@ impl StageKind for Score {
             metrics["precision"] = nan_to_null(seg.precision);
             metrics["recall"] = nan_to_null(seg.recall);
             metrics["images_with_tumor"] = json!(seg.images_with_tumor);
-            dice_col = Some(pairs.into_iter().map(|p| p.0).collect());
+            metrics["images_without_mask"] = json!(scored.iter().filter(|s| !**s).count());
+            let mut overlaps = pairs.into_iter().map(|p| p.0);
+            dice_col = Some(scored.iter().map(|&s| if s { overlaps.next() } else { None }).collect());
         }
         let mut probs: Option<Vec<f32>> = None;
         if ctx.inputs.contains_key("model") {
@@ -116,13 +128,25 @@ impl StageKind for Score {
             metrics["sensitivity"] = nan_to_null(c.sensitivity);
             metrics["specificity"] = nan_to_null(c.specificity);
             metrics["auc"] = nan_to_null(c.auc);
+            metrics["majority_rate"] = nan_to_null(c.majority_rate);
+            metrics["balanced_accuracy"] = nan_to_null(c.balanced_accuracy);
+            let split = p::str(ctx.params, "split")?;
+            let warnings = classifier_warnings(&[(split, &c)]);
+            for w in &warnings {
+                (ctx.log)(format!("warning: {}: {}", w.flag, w.message));
+            }
+            metrics["warnings"] = json!(warnings);
             probs = Some(pr);
         }
         let mut csv = String::from("id,group,label,probability,dice,iou\n");
         for (k, &i) in idx.iter().enumerate() {
             let s = &ds.samples[i];
             let prob = probs.as_ref().map(|p| format!("{:.6}", p[k])).unwrap_or_default();
-            let (d, u) = dice_col.as_ref().map(|o| (format!("{:.6}", o[k].dice()), format!("{:.6}", o[k].iou()))).unwrap_or_default();
+            let (d, u) = dice_col
+                .as_ref()
+                .and_then(|o| o[k].as_ref())
+                .map(|o| (format!("{:.6}", o.dice()), format!("{:.6}", o.iou())))
+                .unwrap_or_default();
             csv.push_str(&format!("{},{},{},{prob},{d},{u}\n", quote(&s.id), quote(&s.group), s.label));
         }
         let m = io::write(ctx.out_dir, "metrics.json", &serde_json::to_vec_pretty(&metrics).map_err(StageError::new)?)?;

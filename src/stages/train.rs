@@ -9,6 +9,7 @@ use super::params as p;
 use crate::ml::backend::{BackendJob, BackendKind, dispatch};
 use crate::ml::dataset::{Dataset, Split};
 use crate::ml::fast_ops::TrainBackend;
+use crate::ml::metrics::{self, ClassificationScores, Warning};
 use crate::ml::model::ArchConfig;
 use crate::ml::train::{self as ml_train, ClassWeights, OptimizerKind, TrainConfig};
 use crate::ml::weights;
@@ -67,19 +68,32 @@ struct TrainJob<'a> {
     cfg: TrainConfig,
     ds: &'a Dataset,
     batch: usize,
+    progress: &'a mut dyn FnMut(Progress),
 }
 
 struct TrainOut {
     weights: Vec<u8>,
     epochs: Vec<ml_train::EpochLog>,
-    test: crate::ml::metrics::ClassificationScores,
-    val: crate::ml::metrics::ClassificationScores,
+    test: ClassificationScores,
+    val: ClassificationScores,
 }
 
 impl BackendJob for TrainJob<'_> {
     type Output = Result<TrainOut, StageError>;
     fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
-        let t = ml_train::train::<B>(&self.cfg, self.ds, &device).map_err(StageError::new)?;
+        let progress = self.progress;
+        let t = ml_train::train_reporting::<B>(&self.cfg, self.ds, &device, &mut |t| {
+            // Overall steps, so the ETA covers every epoch.
+            progress(Progress {
+                unit: "step",
+                done: ((t.epoch - 1) * t.steps + t.step) as u64,
+                total: (t.epochs * t.steps) as u64,
+                epoch: Some(t.epoch as u64),
+                epochs: Some(t.epochs as u64),
+                loss: Some(t.loss),
+            })
+        })
+        .map_err(StageError::new)?;
         let (test, _) = ml_train::evaluate(&t.model, self.ds, Split::Test, self.batch);
         let (val, _) = ml_train::evaluate(&t.model, self.ds, Split::Val, self.batch);
         let weights = weights::to_safetensors(&self.cfg.arch, &t.model).map_err(StageError::new)?;
@@ -102,11 +116,12 @@ impl StageKind for Train {
     fn version(&self) -> u32 {
         // 2: convolutions and pooling on the CPU run through `ml::fast_ops` (other rounding).
         // 3: the portable CPU profile (own GEMM, head, loss and softmax; libm).
-        3
+        // 4: metrics add majority_rate, balanced_accuracy, val_loss and the guards' `warnings`.
+        4
     }
     fn doc(&self) -> &'static str {
         if self.retrain {
-            "Trains a fresh classifier on a heatmap-filtered dataset and scores it on the filtered test split (same params as train)."
+            "Trains a fresh classifier on a heatmap-filtered dataset and scores it on the filtered test split (params not set on the stage are taken from the upstream train instance)."
         } else {
             "Trains a CNN classifier (tumor / no tumor) on the train split; reports per-epoch loss and accuracy, validation and test scores."
         }
@@ -189,6 +204,11 @@ impl StageKind for Train {
     fn backend_dependent(&self) -> bool {
         true
     }
+    fn inherits(&self) -> Option<Inherit> {
+        // A retrained classifier is compared with its upstream `train` instance: by default it
+        // is the same architecture trained the same way (every param, seed included).
+        self.retrain.then(|| Inherit { from_kind: "train", params: self.params().iter().map(|p| p.name).collect() })
+    }
     fn default_resources(&self) -> Resources {
         // burn uses every core of the machine: by default a training holds all CPU slots.
         Resources { cpu: u32::MAX, gpu: 0 }
@@ -215,7 +235,8 @@ impl StageKind for Train {
         };
         (ctx.log)(format!("training {} on {} images for {} epochs ({})", arch.name, ds.count(Split::Train), cfg.epochs, ctx.backend));
         let batch = cfg.batch_size;
-        let out = dispatch(backend(ctx)?, ctx.device, TrainJob { cfg, ds: &ds, batch }).map_err(StageError::new)??;
+        let out = dispatch(backend(ctx)?, ctx.device, TrainJob { cfg, ds: &ds, batch, progress: &mut *ctx.progress })
+            .map_err(StageError::new)??;
         for e in &out.epochs {
             (ctx.log)(format!(
                 "epoch {}: loss {:.4} acc {:.3} val_acc {}",
@@ -229,19 +250,52 @@ impl StageKind for Train {
         let c = io::write(ctx.out_dir, io::CONFIG_FILE, &serde_json::to_vec_pretty(&arch).map_err(StageError::new)?)?;
         let l = io::write(ctx.out_dir, "train_log.json", &serde_json::to_vec_pretty(&out.epochs).map_err(StageError::new)?)?;
         let last = out.epochs.last();
+        let losses: Vec<f64> = out.epochs.iter().map(|e| e.loss).collect();
+        let mut warnings: Vec<Warning> = metrics::loss_not_falling(&losses).into_iter().collect();
+        warnings.extend(classifier_warnings(&[("val", &out.val), ("test", &out.test)]));
+        for w in &warnings {
+            (ctx.log)(format!("warning: {}: {}", w.flag, w.message));
+        }
         let metrics = json!({
             "train_loss": last.map(|e| nan_to_null(e.loss)),
             "train_accuracy": last.map(|e| nan_to_null(e.accuracy)),
+            "val_loss": last.and_then(|e| e.val_loss).map(nan_to_null),
             "val_accuracy": nan_to_null(out.val.accuracy),
             "accuracy": nan_to_null(out.test.accuracy),
+            "majority_rate": nan_to_null(out.test.majority_rate),
+            "balanced_accuracy": nan_to_null(out.test.balanced_accuracy),
             "sensitivity": nan_to_null(out.test.sensitivity),
             "specificity": nan_to_null(out.test.specificity),
             "auc": nan_to_null(out.test.auc),
             "test_images": out.test.n,
             "epochs": out.epochs,
+            "warnings": warnings,
         });
         Ok(Outcome { files: vec![w, c, l], metrics })
     }
+}
+
+/// The sanity guards on a classifier's predictions, per scored split (in the order given):
+/// a single predicted class on any split, and, on the last split (the one whose accuracy is
+/// reported), an accuracy that does not beat the majority-class rate.
+/// An empty split is flagged too: its scores are null, which must not pass for a result.
+pub fn classifier_warnings(splits: &[(&str, &ClassificationScores)]) -> Vec<Warning> {
+    let mut v: Vec<Warning> = splits
+        .iter()
+        .filter(|(_, s)| s.n == 0)
+        .map(|(name, _)| Warning {
+            flag: "empty-split".into(),
+            message: format!(
+                "split `{name}` holds no images, so its accuracy, sensitivity, specificity and AUC are not computed \
+                 (raise the data stage's `{name}_fraction` or `count`)"
+            ),
+        })
+        .collect();
+    v.extend(splits.iter().filter_map(|(name, s)| metrics::single_class(name, s)));
+    if let Some((name, s)) = splits.last() {
+        v.extend(metrics::below_majority(name, s));
+    }
+    v
 }
 
 /// Loads a model artifact (config + weights) for a backend.

@@ -23,7 +23,8 @@ pub struct Instance {
     pub label: String,
     /// Axis id (`stage.param`) -> value, for this instance and everything upstream.
     pub coords: BTreeMap<String, Json>,
-    /// Fully resolved params: kind defaults < pipeline defaults < stage params < own axes.
+    /// Fully resolved params: kind defaults < pipeline defaults < inherited from upstream
+    /// ([`crate::stage_kind::StageKind::inherits`]) < stage params < own axes.
     /// Shared: every instance of a stage at one sweep point has the same params (upstream
     /// axes are not params), so 100,000 instances hold a few hundred maps, not 100,000.
     pub params: Arc<Params>,
@@ -39,10 +40,16 @@ pub fn show_value(v: &Json) -> String {
     }
 }
 
+/// Capacity to reserve for `n` items: a hint, never more than 65,536 up front, so a count
+/// beyond what memory holds grows (and can be refused) rather than aborting in one allocation.
+fn reserve(n: usize) -> usize {
+    n.min(1 << 16)
+}
+
 fn own_points(s: &StageSpec) -> Vec<BTreeMap<String, Json>> {
     let mut points = vec![BTreeMap::new()];
     for (axis, values) in &s.grid {
-        let mut next = Vec::with_capacity(points.len() * values.len());
+        let mut next = Vec::with_capacity(reserve(points.len().saturating_mul(values.len())));
         for p in &points {
             for v in values {
                 let mut q = p.clone();
@@ -53,7 +60,7 @@ fn own_points(s: &StageSpec) -> Vec<BTreeMap<String, Json>> {
         points = next;
     }
     if let Some((_, first)) = s.zip.first() {
-        let mut next = Vec::with_capacity(points.len() * first.len());
+        let mut next = Vec::with_capacity(reserve(points.len().saturating_mul(first.len())));
         for p in &points {
             for row in 0..first.len() {
                 let mut q = p.clone();
@@ -101,6 +108,64 @@ pub fn find_upstream(out: &[Instance], inputs: &BTreeMap<String, usize>, wanted:
         todo.extend(out[u].inputs.values().copied());
     }
     None
+}
+
+/// The nearest instance matching `wanted` upstream of an instance with these `inputs`
+/// (breadth first, inputs in slot order), so an instance inherits from the closest ancestor.
+pub fn nearest_upstream(out: &[Instance], inputs: &BTreeMap<String, usize>, wanted: impl Fn(&Instance) -> bool) -> Option<usize> {
+    let mut todo: std::collections::VecDeque<usize> = inputs.values().copied().collect();
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(u) = todo.pop_front() {
+        if !seen.insert(u) {
+            continue;
+        }
+        if wanted(&out[u]) {
+            return Some(u);
+        }
+        todo.extend(out[u].inputs.values().copied());
+    }
+    None
+}
+
+/// An inherited param ([`crate::stage_kind::StageKind::inherits`]) whose value was
+/// overridden, so the instance differs from the one it is compared with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mismatch {
+    pub param: String,
+    /// This instance's value.
+    pub value: Json,
+    /// The value of the instance it inherits from.
+    pub upstream: Json,
+    /// That instance's label.
+    pub upstream_label: String,
+}
+
+/// The inherited params on which instance `i` differs from the instance it inherits from:
+/// what remains after explicit overrides, for `show` and the report to flag.
+pub fn inherit_mismatches(instances: &[Instance], i: usize, catalog: &Catalog) -> Vec<Mismatch> {
+    let Some(inh) = catalog.get(&instances[i].kind).and_then(|k| k.inherits()) else { return Vec::new() };
+    let Some(u) = nearest_upstream(instances, &instances[i].inputs, |x| x.kind == inh.from_kind) else { return Vec::new() };
+    let (mine, theirs) = (&instances[i].params, &instances[u].params);
+    inh.params
+        .iter()
+        .filter_map(|p| {
+            let (a, b) = (mine.get(*p)?, theirs.get(*p)?);
+            (a != b).then(|| Mismatch {
+                param: p.to_string(),
+                value: a.clone(),
+                upstream: b.clone(),
+                upstream_label: instances[u].label.clone(),
+            })
+        })
+        .collect()
+}
+
+/// One line for a table cell: `batch_norm=false (train[arch=vgg]: true); lr=0.01 (...: 0.001)`.
+pub fn describe_mismatches(m: &[Mismatch]) -> String {
+    m.iter()
+        .map(|x| format!("{}={} ({}: {})", x.param, show_value(&x.value), x.upstream_label, show_value(&x.upstream)))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Most instances a pipeline may expand to unless told otherwise (`--max-instances`,
@@ -261,6 +326,15 @@ pub fn expand(p: &Pipeline, order: &[String], catalog: &Catalog) -> Vec<Instance
             base.extend(d.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         base.extend(s.params.iter().map(|(k, v)| (k.clone(), v.clone())));
+        // Inherited params: those of the kind's list this stage does not set itself. They
+        // rank below stage params and sweep values, so leaving those out of the overlay
+        // below is the same as applying the overlay under them.
+        let inherit = kind.inherits().map(|inh| {
+            let own = |p: &str| {
+                s.params.contains_key(p) || s.refs.iter().any(|r| r.param == p) || s.grid.iter().chain(&s.zip).any(|(a, _)| a == p)
+            };
+            (inh.from_kind, inh.params.into_iter().filter(|&p| !own(p)).collect::<Vec<&str>>())
+        });
         let points = own_points(s);
         // Params per sweep point, built once; with `${...}` references they also depend on
         // the upstream values, so those are built per distinct set of referenced values.
@@ -273,17 +347,20 @@ pub fn expand(p: &Pipeline, order: &[String], catalog: &Catalog) -> Vec<Instance
             })
             .collect();
         let mut with_refs: BTreeMap<(usize, String), Arc<Params>> = BTreeMap::new();
-        let mut mine = Vec::with_capacity(combos.len() * points.len());
+        let mut mine = Vec::with_capacity(reserve(combos.len().saturating_mul(points.len())));
         for (coords, inputs) in combos {
-            // Referenced upstream values: the same for every point of this combination.
-            let refs: Vec<(&str, Json)> = s
-                .refs
-                .iter()
-                .filter_map(|r| {
-                    let u = find_upstream(&out, &inputs, |x| x.stage == r.stage)?;
-                    Some((r.param.as_str(), out[u].params.get(&r.upstream_param)?.clone()))
-                })
-                .collect();
+            // Inherited and referenced upstream values: the same for every point of this
+            // combination.
+            let mut refs: Vec<(&str, Json)> = Vec::new();
+            if let Some((from, names)) = &inherit
+                && let Some(u) = nearest_upstream(&out, &inputs, |x| x.kind == *from)
+            {
+                refs.extend(names.iter().filter_map(|n| Some((*n, out[u].params.get(*n)?.clone()))));
+            }
+            refs.extend(s.refs.iter().filter_map(|r| {
+                let u = find_upstream(&out, &inputs, |x| x.stage == r.stage)?;
+                Some((r.param.as_str(), out[u].params.get(&r.upstream_param)?.clone()))
+            }));
             let refs_id = if refs.is_empty() { String::new() } else { serde_json::to_string(&refs).unwrap_or_default() };
             for (pi, pt) in points.iter().enumerate() {
                 let params = if refs.is_empty() {
@@ -390,6 +467,55 @@ mod tests {
         assert_eq!(e.errors[0].field, "stages.t.sweep");
         assert_eq!(e.errors[0].location, Some((9, 5)));
         assert!(e.errors[0].message.starts_with("the sweeps expand to 19 instances (stage `m`: 6), above the limit of 5"), "{e}");
+    }
+
+    const RETRAIN: &str = "name: s\ndefaults:\n  retrain: {lr: 0.5}\nstages:\n  d:\n    kind: data\n  t:\n    kind: train\n    inputs: {data: d}\n    params: {batch_norm: true, epochs: 3, lr: 0.01}\n    sweep:\n      grid: {arch: [vgg, resnet]}\n  c:\n    kind: gradcam\n    inputs: {model: t, data: d}\n  f:\n    kind: filter\n    inputs: {data: d, heatmaps: c}\n  r:\n    kind: retrain\n    inputs: {data: f}\n    params: {flip: false}\n    sweep:\n      grid: {epochs: [3, 4]}\n";
+
+    #[test]
+    fn retrain_inherits_from_its_train_and_explicit_values_win() {
+        let (p, order, catalog) = load(RETRAIN);
+        let inst = expand(&p, &order, &catalog);
+        let rs: Vec<usize> = (0..inst.len()).filter(|&i| inst[i].stage == "r").collect();
+        assert_eq!(rs.len(), 4);
+        for &i in &rs {
+            let r = &inst[i];
+            // Not set on the retrain stage: the upstream train's (its sweep value, its params),
+            // above the pipeline's `defaults: retrain`.
+            assert_eq!(r.params["arch"], r.coords["t.arch"], "{}", r.label);
+            assert_eq!(r.params["batch_norm"], json!(true));
+            assert_eq!(r.params["lr"], json!(0.01));
+            // Set on the stage (a param, a sweep value): kept, and flagged where it differs.
+            assert_eq!(r.params["flip"], json!(false));
+            let m = inherit_mismatches(&inst, i, &catalog);
+            let names: Vec<&str> = m.iter().map(|x| x.param.as_str()).collect();
+            if r.params["epochs"] == 3 {
+                assert_eq!(names, ["flip"], "{}", r.label);
+            } else {
+                assert_eq!(names, ["epochs", "flip"], "{}", r.label);
+            }
+            assert_eq!(m[0].upstream_label, format!("t[arch={}]", show_value(&r.coords["t.arch"])));
+        }
+        let text = describe_mismatches(&inherit_mismatches(&inst, rs[1], &catalog));
+        assert!(text.starts_with("epochs=4 (t[arch=vgg]: 3); flip=false (t[arch=vgg]: true)"), "{text}");
+        // A train instance inherits nothing and mismatches nothing.
+        let t = inst.iter().position(|i| i.stage == "t").unwrap();
+        assert!(inherit_mismatches(&inst, t, &catalog).is_empty());
+    }
+
+    #[test]
+    fn inherited_params_exist_with_the_same_type_upstream() {
+        let catalog = crate::stages::catalog();
+        for k in &catalog.kinds {
+            let Some(inh) = k.inherits() else { continue };
+            let from = catalog.get(inh.from_kind).unwrap_or_else(|| panic!("{} inherits from unknown kind {}", k.name(), inh.from_kind));
+            assert!(!inh.params.is_empty());
+            for name in &inh.params {
+                let ty = |kind: &dyn crate::stage_kind::StageKind| kind.params().into_iter().find(|p| p.name == *name).map(|p| p.ty);
+                assert!(ty(k.as_ref()).is_some(), "{}: {name}", k.name());
+                assert_eq!(ty(k.as_ref()), ty(from), "{}.{name}", k.name());
+            }
+        }
+        assert!(catalog.get("retrain").and_then(|k| k.inherits()).is_some_and(|i| i.params.contains(&"batch_norm")));
     }
 
     #[test]

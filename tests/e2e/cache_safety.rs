@@ -290,3 +290,222 @@ fn an_unwritable_cache_file_is_an_io_error_naming_it() {
     assert_eq!(r.code(), 5, "{}\n{}", r.stdout(), r.stderr());
     assert!(r.stderr().contains(&lock.display().to_string()), "{}", r.stderr());
 }
+
+// ---- Review of issue 8: links, FIFOs and devices, unreadable records, gc's report. ----
+
+/// Runs `cmd` with a deadline: a hang is a test failure (the child is killed), never a stuck
+/// test. Returns (exit code, stdout, stderr).
+fn bounded(mut cmd: Command, secs: u64) -> (i32, String, String) {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn camflow");
+    let end = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} hung for {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `camflow <args> --cache-dir <cache>` of `p`, as a command.
+fn cmd_of(p: &Project, args: &[&str]) -> Command {
+    let mut c = p.cmd(args);
+    c.args(["--cache-dir", p.cache().to_str().expect("utf-8")]);
+    c
+}
+
+#[cfg(unix)]
+#[test]
+fn links_inside_the_cache_are_never_followed() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    let victim = tempfile::tempdir().unwrap();
+    let pl = p.pipeline();
+    let pl = pl.to_str().unwrap();
+    // Dangling links in place of the cache lock, then of a key lock: following them would
+    // create files in the victim folder.
+    let cache_lock = p.cache().join("locks/cache.lock");
+    std::fs::remove_file(&cache_lock).unwrap();
+    std::os::unix::fs::symlink(victim.path().join("c"), &cache_lock).unwrap();
+    let r = p.run(&["--force", "data"]);
+    assert_eq!(r.code(), 5, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains(&cache_lock.display().to_string()) && r.stderr().contains("symbolic link"), "{}", r.stderr());
+    std::fs::remove_file(&cache_lock).unwrap();
+    let key_lock = p.cache().join("locks").join(format!("{}.lock", key_of(&p, "data")));
+    let _ = std::fs::remove_file(&key_lock);
+    std::os::unix::fs::symlink(victim.path().join("k"), &key_lock).unwrap();
+    let r = p.run(&["--force", "data"]);
+    assert_eq!(r.code(), 5, "{}\n{}", r.stdout(), r.stderr());
+    assert!((r.stdout() + &r.stderr()).contains(&key_lock.display().to_string()), "{}\n{}", r.stdout(), r.stderr());
+    assert_eq!(std::fs::read_dir(victim.path()).unwrap().count(), 0, "files were created outside the cache");
+    std::fs::remove_file(&key_lock).unwrap();
+    // tmp/ replaced by a link to a folder holding old files and a scratch-like folder.
+    let old = victim.path().join("old.txt");
+    std::fs::write(&old, "precious").unwrap();
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    let scratch = victim.path().join(format!("run-{}-X", "a".repeat(64)));
+    std::fs::create_dir(&scratch).unwrap();
+    std::fs::remove_dir_all(p.cache().join("tmp")).unwrap();
+    std::os::unix::fs::symlink(victim.path(), p.cache().join("tmp")).unwrap();
+    for args in [vec!["gc"], vec!["gc", pl], vec!["run", pl], vec!["verify"]] {
+        let r = p.camflow(&args);
+        assert_eq!(r.code(), 5, "{args:?}: {}\n{}", r.stdout(), r.stderr());
+        assert!(r.stderr().contains(&p.cache().join("tmp").display().to_string()), "{}", r.stderr());
+    }
+    assert!(old.exists() && scratch.exists(), "gc deleted files outside the cache");
+}
+
+#[cfg(unix)]
+fn mkfifo(path: &Path) {
+    assert!(Command::new("mkfifo").arg(path).status().expect("mkfifo").success());
+}
+
+#[cfg(unix)]
+#[test]
+fn a_fifo_in_place_of_a_record_never_hangs_a_command() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    let pl = p.pipeline();
+    let pl = pl.to_str().unwrap();
+    let rec = p.cache().join("actions").join(format!("{}.json", key_of(&p, "data")));
+    let fifo = || {
+        let _ = std::fs::remove_file(&rec);
+        mkfifo(&rec);
+    };
+    fifo();
+    let (code, out, err) = bounded(cmd_of(&p, &["plan", pl]), 60);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("not a regular file"), "{out}");
+    let (code, out, err) = bounded(cmd_of(&p, &["verify"]), 60);
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(out.contains(&rec.display().to_string()) && out.contains("not a regular file"), "{out}");
+    fifo();
+    let (code, out, err) = bounded(cmd_of(&p, &["gc", pl]), 60);
+    assert_eq!(code, 0, "{out}\n{err}");
+    fifo();
+    let (code, out, err) = bounded(cmd_of(&p, &["run", pl]), 300);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(std::fs::symlink_metadata(&rec).unwrap().is_file(), "the run wrote a real record in its place");
+    let (code, out, err) = bounded(cmd_of(&p, &["verify"]), 60);
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_and_devices_in_the_data_are_bad_files_not_hangs() {
+    let spec = |extra: &str| {
+        format!(
+            "name: lgg\nseed: 5\nstages:\n  data:\n    kind: data\n    params: {{source: lgg, root: lgg, channel: flair, image_size: 8{extra}}}\n"
+        )
+    };
+    let p = Project::new(&spec(", on_error: skip"));
+    let root = p.path().join("lgg");
+    crate::support::write_lgg(&root, &["P1", "P2", "P3"], 2, 0);
+    mkfifo(&root.join("P1/P1_40.tif"));
+    std::os::unix::fs::symlink("/dev/zero", root.join("P2/P2_40.tif")).unwrap();
+    // With their masks, so that it is the image itself that is refused.
+    std::fs::copy(root.join("P1/P1_1_mask.tif"), root.join("P1/P1_40_mask.tif")).unwrap();
+    std::fs::copy(root.join("P2/P2_1_mask.tif"), root.join("P2/P2_40_mask.tif")).unwrap();
+    let pl = p.pipeline();
+    let pl = pl.to_str().unwrap();
+    let (code, out, err) = bounded(cmd_of(&p, &["plan", pl]), 60);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = bounded(cmd_of(&p, &["run", pl]), 300);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lock = std::fs::read_to_string(p.path().join("p.lock.yaml")).unwrap();
+    assert!(lock.contains("skipped: 2") && lock.contains("P1_40.tif") && lock.contains("P2_40.tif"), "{lock}");
+    // Without skip: a stage error naming the file.
+    p.write(&spec(""));
+    let (code, out, err) = bounded(cmd_of(&p, &["run", pl]), 300);
+    assert_eq!(code, 1, "{out}\n{err}");
+    let all = out + &err;
+    assert!(all.contains("P1_40.tif: cannot read: not a regular file") && all.contains("P2_40.tif"), "{all}");
+    // A manifest naming /dev/zero and a FIFO.
+    let m = Project::new(
+        "name: man\nseed: 5\nstages:\n  data:\n    kind: data\n    params: {source: manifest, manifest: m.csv, missing_masks: exclude, image_size: 8, on_error: skip}\n",
+    );
+    crate::support::write_folders(m.path(), &["imgs"], 4);
+    mkfifo(&m.path().join("imgs/fifo.png"));
+    std::fs::write(
+        m.path().join("m.csv"),
+        "image,label,group\nimgs/img0.png,1,a\nimgs/img1.png,0,b\nimgs/img2.png,1,c\nimgs/img3.png,0,d\n/dev/zero,1,e\nimgs/fifo.png,0,f\n",
+    )
+    .unwrap();
+    let pl = m.pipeline();
+    let (code, out, err) = bounded(cmd_of(&m, &["plan", pl.to_str().unwrap()]), 60);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = bounded(cmd_of(&m, &["run", pl.to_str().unwrap()]), 300);
+    assert!(code == 0 || code == 1, "{code}: {out}\n{err}");
+}
+
+#[test]
+fn an_unreadable_record_stops_plan_status_and_show_like_run() {
+    let p = Project::new(TINY);
+    let key = key_of(&p, "data");
+    let rec = p.cache().join("actions").join(format!("{key}.json"));
+    std::fs::create_dir(&rec).unwrap();
+    let pl = p.pipeline();
+    let pl = pl.to_str().unwrap();
+    for args in [vec!["plan", pl], vec!["status", pl], vec!["show", pl], vec!["run", pl]] {
+        let r = p.camflow(&args);
+        assert_eq!(r.code(), 5, "{args:?}: {}\n{}", r.stdout(), r.stderr());
+        assert!(r.stderr().contains(&rec.display().to_string()), "{args:?}: {}", r.stderr());
+    }
+}
+
+#[test]
+fn an_output_name_that_is_a_path_makes_the_record_corrupt() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    let label = "masks[value=0.3]";
+    let (path, mut v) = record_of(&p, label);
+    let o = v["outputs"].as_object_mut().unwrap();
+    let r = o.remove("masks.bin").expect("output");
+    o.insert("../../../../tmp/x".into(), r);
+    reseal(&mut v);
+    write_json(&path, &v);
+    let r = p.camflow(&["verify"]);
+    assert_eq!(r.code(), 3, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stdout().contains("not a plain file name"), "{}", r.stdout());
+    write_json(&path, &v);
+    assert_eq!(p.run(&[]).ok().ran(), vec![label]);
+}
+
+/// gc on a cache it cannot write reports only what it really removed. As root (who ignores
+/// permissions) the gc runs as `nobody` through setpriv; otherwise the folders are made
+/// read-only.
+#[cfg(target_os = "linux")]
+#[test]
+fn gc_on_a_read_only_cache_reports_only_what_it_removed() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // Another pipeline: nothing of TINY's is kept.
+    let other = p.path().join("other.yaml");
+    std::fs::write(&other, TINY.replace("seed: 7", "seed: 8")).unwrap();
+    let root = std::fs::metadata(p.path()).unwrap().uid() == 0;
+    let mut cmd = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        std::fs::set_permissions(p.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        c
+    } else {
+        for d in ["actions", "objects"] {
+            std::fs::set_permissions(p.cache().join(d), std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        for e in std::fs::read_dir(p.cache().join("objects")).unwrap().flatten() {
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        Command::new(BIN)
+    };
+    cmd.current_dir(p.path()).env_remove("CAMFLOW_CACHE").args(["gc", other.to_str().unwrap(), "--cache-dir", p.cache().to_str().unwrap()]);
+    let before = std::fs::read_dir(p.cache().join("actions")).unwrap().count();
+    let (code, out, err) = bounded(cmd, 60);
+    assert_eq!(code, 5, "{out}\n{err}");
+    assert!(out.contains("gc: removed 0 records and 0 objects, 0 B freed"), "{out}");
+    assert!(err.contains("could not remove"), "{err}");
+    assert_eq!(std::fs::read_dir(p.cache().join("actions")).unwrap().count(), before);
+}

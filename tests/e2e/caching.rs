@@ -168,7 +168,7 @@ fn training_gives_the_same_weight_bytes_in_two_processes() {
 #[test]
 fn data_files_are_hashed_by_content_memoised_by_size_and_mtime() {
     // A class-folder data set on disk.
-    let yaml = "name: folders\nstages:\n  data:\n    kind: data\n    params: {source: folders, root: imgs, positive: [tumor], image_size: 8, val_fraction: 0.0, test_fraction: 0.0}\n";
+    let yaml = "name: folders\nstages:\n  data:\n    kind: data\n    params: {source: folders, root: imgs, positive: [tumor], missing_masks: exclude, image_size: 8, val_fraction: 0.0, test_fraction: 0.0}\n";
     let p = Project::new(yaml);
     for (class, n) in [("tumor", 3u8), ("normal", 3u8)] {
         let dir = p.path().join("imgs").join(class);

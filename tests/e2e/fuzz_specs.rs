@@ -806,3 +806,70 @@ fn gpu_stage_with_no_gpu_fails_before_running_anything() {
     assert!(!p.cache().join("actions").exists() || std::fs::read_dir(p.cache().join("actions")).expect("dir").count() == 0);
     assert!(!p.path().join("p.lock.yaml").exists());
 }
+
+// ---- Review of issue 8: limits, a BOM and the CPU kernel setting. ----
+
+#[test]
+fn an_instance_limit_beyond_memory_is_a_usage_error_not_an_abort() {
+    // 10^10 instances: with the limit raised to u64::MAX, planning reserved 80 GB and aborted.
+    let mut yaml = giant(&[10; 9]);
+    yaml.push_str("  m:\n    kind: threshold\n    inputs: {heatmaps: c}\n    sweep:\n      grid:\n        value: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1]\n");
+    let p = Project::new(&yaml);
+    let pl = p.pipeline();
+    let pl = pl.to_str().expect("utf-8");
+    let (code, stderr) = with_env(&p, &["plan", pl], "CAMFLOW_MAX_INSTANCES", "18446744073709551615");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("CAMFLOW_MAX_INSTANCES=18446744073709551615: at most 100000000 instances can be planned"), "{stderr}");
+    let e = plan_err(&p, &["--max-instances", "100000001"]);
+    assert!(e.contains("--max-instances 100000001: at most 100000000"), "{e}");
+    // The highest settable limit still refuses this grid cleanly (a spec error, exit 2).
+    let e = plan_err(&p, &["--max-instances", "100000000"]);
+    assert!(e.contains("above the limit of 100,000,000"), "{e}");
+}
+
+#[test]
+fn a_leading_byte_order_mark_is_accepted_and_locations_stay_right() {
+    let p = Project::new("");
+    let pl = p.pipeline();
+    std::fs::write(&pl, format!("\u{feff}{TINY}")).expect("write");
+    p.camflow(&["plan", pl.to_str().expect("utf-8")]).ok();
+    // An error keeps the line and column it has without the mark.
+    // On line 1, where the mark is, and below it.
+    let bad = HEAD.replace("name: bad", "name: [bad]");
+    p.write(&bad);
+    let plain = plan_err(&p, &[]);
+    std::fs::write(&pl, format!("\u{feff}{bad}")).expect("write");
+    assert_eq!(plan_err(&p, &[]), plain);
+    assert!(plain.starts_with("error: p.yaml:1:1: name: "), "{plain}");
+    let bad = HEAD.replace("count: 16", "count: many");
+    p.write(&bad);
+    let plain = plan_err(&p, &[]);
+    std::fs::write(&pl, format!("\u{feff}{bad}")).expect("write");
+    assert_eq!(plan_err(&p, &[]), plain);
+    assert!(plain.starts_with("error: p.yaml:5:"), "{plain}");
+}
+
+#[test]
+fn a_bad_cpu_kernel_setting_is_a_usage_error_before_anything_runs() {
+    let p = Project::new(TINY);
+    let pl = p.pipeline();
+    let pl = pl.to_str().expect("utf-8");
+    let mut bad = vec!["bogus", "AVX2", "avx512f"];
+    #[cfg(target_arch = "x86_64")]
+    if !std::arch::is_x86_feature_detected!("avx512f") {
+        bad.push("avx512"); // a level this CPU lacks
+    }
+    for v in bad {
+        for args in [vec!["plan", pl], vec!["run", pl, "--dry-run"], vec!["run", pl]] {
+            let (code, stderr) = with_env(&p, &args, "CAMFLOW_CPU_KERNELS", v);
+            assert_eq!(code, 2, "{v} {args:?}: {stderr}");
+            assert!(stderr.contains(&format!("CAMFLOW_CPU_KERNELS={v}")), "{stderr}");
+            assert!(stderr.contains("auto, baseline, avx2, avx512"), "{stderr}");
+        }
+    }
+    // Nothing ran, not even the data stage.
+    let actions = p.cache().join("actions");
+    assert!(!actions.exists() || std::fs::read_dir(&actions).expect("dir").count() == 0);
+    let (code, stderr) = with_env(&p, &["plan", pl], "CAMFLOW_CPU_KERNELS", "baseline");
+    assert_eq!(code, 0, "{stderr}");
+}

@@ -4,13 +4,17 @@
 mod cache_safety;
 mod caching;
 mod concurrency;
+mod conveniences;
 mod cpu_profile;
+mod data_rules;
 mod fuzz_specs;
+mod guards;
 mod kill_loop;
 mod pipelines;
 mod reference;
 mod report;
 mod repro;
 mod science;
+mod seeds;
 mod spec_errors;
 mod support;

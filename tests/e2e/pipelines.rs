@@ -28,12 +28,13 @@ fn paper_pipeline_has_the_papers_sweep() {
     let plan = p.camflow(&["plan", pl.to_str().unwrap(), "--json"]).ok();
     let v: serde_json::Value = serde_json::from_str(&plan.stdout()).expect("json");
     let count = |kind: &str| v["instances"].as_array().unwrap().iter().filter(|i| i["kind"] == kind).count();
-    // 2 architectures x {gradcam, gradcam++, random} x (9 thresholds + Otsu), 4 filter modes.
-    assert_eq!(count("train"), 2);
-    assert_eq!(count("gradcam"), 6);
-    assert_eq!(count("threshold"), 60);
-    assert_eq!(count("filter"), 24);
-    assert_eq!(count("retrain"), 24);
+    // 2 architectures x 3 seeds x {gradcam, gradcam++, random} x (9 thresholds + Otsu),
+    // 4 filter modes.
+    assert_eq!(count("train"), 6);
+    assert_eq!(count("gradcam"), 18);
+    assert_eq!(count("threshold"), 180);
+    assert_eq!(count("filter"), 72);
+    assert_eq!(count("retrain"), 72);
     // retrain follows the architecture of the train instance upstream of it.
     for i in v["instances"].as_array().unwrap().iter().filter(|i| i["kind"] == "retrain") {
         let label = i["instance"].as_str().unwrap();

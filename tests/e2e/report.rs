@@ -13,7 +13,19 @@ fn chromium() -> String {
 
 #[test]
 fn report_renders_in_headless_chromium() {
-    let yaml = TINY.replace("  cams:\n", "  orig:\n    kind: score\n    inputs: {data: data, model: train}\n  cams:\n");
+    // TINY plus: a score of the original model, two heatmap methods (for the methods
+    // gallery) and an Otsu threshold beside the fixed ones (for the Dice plot).
+    let yaml = TINY
+        .replace("  cams:\n", "  orig:\n    kind: score\n    inputs: {data: data, model: train}\n  cams:\n")
+        .replace(
+            "    inputs: {model: train, data: data}\n",
+            "    inputs: {model: train, data: data}\n    sweep:\n      grid:\n        method: [gradcam, random]\n",
+        )
+        .replace(
+            "      grid:\n        value: [0.3, 0.5]\n",
+            "      zip:\n        method: [fixed, fixed, otsu]\n        value: [0.3, 0.5, 0.5]\n",
+        );
+    assert!(yaml.contains("otsu") && yaml.contains("random"), "TINY changed: {yaml}");
     let p = Project::new(&yaml);
     p.run(&[]).ok();
     let out = p.path().join("report");
@@ -29,6 +41,41 @@ fn report_renders_in_headless_chromium() {
     for s in &srcs {
         assert!(out.join(s).is_file(), "{s} missing");
     }
+    // The new sections are there, with their pictures.
+    for id in ["warnings", "data", "curves", "metric-charts", "methods-gallery"] {
+        assert!(html.contains(&format!("id=\"{id}\"")), "no section {id}");
+    }
+    for f in [
+        "img/curves_0.svg",
+        "img/cls_accuracy.svg",
+        "img/cls_auc.svg",
+        "img/cls_sensitivity.svg",
+        "img/cls_specificity.svg",
+        "img/methods_0.png",
+    ] {
+        assert!(srcs.contains(&f), "{f} not in {srcs:?}");
+    }
+    // One training-curve plot per finished train/retrain instance (1 train + 2 methods x 2 modes).
+    assert_eq!(srcs.iter().filter(|s| s.starts_with("img/curves_")).count(), 5, "{srcs:?}");
+    // The methods gallery names both methods; the Dice plot marks Otsu.
+    let methods = html.split("id=\"methods-gallery\"").nth(1).unwrap();
+    assert!(methods.contains("gradcam, random"), "{}", &methods[..300.min(methods.len())]);
+    let dice_svg = std::fs::read_to_string(out.join("img/dice_vs_threshold.svg")).unwrap();
+    assert!(dice_svg.contains("(Otsu)"), "no Otsu level on the Dice plot");
+    // The data summary is the data stage's counts, from the lock.
+    let lock = crate::support::lock_of(&p);
+    let dm = &lock["instances"]["data"]["metrics"];
+    for split in ["train", "val", "test"] {
+        let row = format!(
+            "<tr><td>{split}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            dm[split]["positive"].as_u64().unwrap(),
+            dm[split]["negative"].as_u64().unwrap(),
+            dm[split]["groups"].as_u64().unwrap()
+        );
+        assert!(html.contains(&row), "no {row}");
+    }
+    // The training curves hold the recorded per-epoch numbers: the train metrics have them.
+    assert_eq!(lock["instances"]["train"]["metrics"]["epochs"].as_sequence().map(|e| e.len()), Some(1));
     // The table agrees with the records: one row per seg instance, with its mean-Dice.
     assert!(html.matches("<td>0.3000</td>").count() + html.matches("<td>0.5000</td>").count() >= 2);
     // Render it and look at the pixels: the gallery's green masks and the plots' blue lines
@@ -43,7 +90,7 @@ fn report_renders_in_headless_chromium() {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
-            "--window-size=1280,4000",
+            "--window-size=1280,9000",
         ])
         .arg(format!("--user-data-dir={}", p.path().join("chrome-profile").display()))
         .arg(format!("--screenshot={}", shot.display()))
@@ -58,5 +105,37 @@ fn report_renders_in_headless_chromium() {
     let green = count(&|p| p.0 == [51, 204, 51]);
     let blue = count(&|p| (p.0[0] as i32 - 31).abs() < 30 && (p.0[1] as i32 - 119).abs() < 30 && (p.0[2] as i32 - 180).abs() < 30);
     assert!(green > 50, "gallery masks not rendered ({green} green pixels)");
+    // Colours only the new pictures use: the training curves' train and validation lines,
+    // and the methods gallery's truth panel.
+    let near = |p: &image::Rgb<u8>, c: [u8; 3]| p.0.iter().zip(c).all(|(a, b)| (*a as i32 - b as i32).abs() < 12);
+    let purple = count(&|p| near(p, [148, 103, 189]));
+    let teal = count(&|p| near(p, [23, 190, 207]));
+    let magenta = count(&|p| p.0 == [255, 0, 255]);
+    assert!(purple > 50 && teal > 50, "training curves not rendered ({purple} train, {teal} validation pixels)");
+    assert!(magenta > 50, "methods gallery not rendered ({magenta} truth pixels)");
     assert!(blue > 50, "plots not rendered ({blue} blue pixels)");
+}
+
+#[test]
+fn report_shows_seed_intervals() {
+    // Two seeds per training: tables and plots show the mean with its 95% interval.
+    let yaml =
+        TINY.replace("    params: {epochs: 1, batch_size: 16}\n  cams:", "    params: {epochs: 1, batch_size: 16}\n    seeds: 2\n  cams:");
+    assert!(yaml.contains("seeds: 2"), "TINY changed");
+    let p = Project::new(&yaml);
+    p.run(&[]).ok();
+    let out = p.path().join("report");
+    let pl = p.pipeline();
+    p.camflow(&["report", pl.to_str().unwrap(), "-o", out.to_str().unwrap()]).ok();
+    let html = std::fs::read_to_string(out.join("index.html")).expect("index.html");
+    for col in ["mean_dice_ci_lo", "mean_dice_ci_hi", "accuracy_ci_lo", "accuracy_sd"] {
+        assert!(html.contains(&format!("<th>{col}</th>")), "no {col} column");
+    }
+    // Whiskers: the accuracy chart draws one black 2-px segment per aggregated row with an
+    // interval (besides nothing else drawn black at that width).
+    let svg = std::fs::read_to_string(out.join("img/cls_accuracy.svg")).expect("accuracy chart");
+    let whiskers = svg.matches("stroke=\"#000000\" stroke-width=\"2\"").count();
+    assert!(whiskers >= 2, "{whiskers} whiskers in:\n{svg}");
+    // One curve plot per training instance, not per point: 2 seeds x (train + 2 retrains).
+    assert_eq!(html.matches("src=\"img/curves_").count(), 6);
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::support::{Project, flip_byte, lock_of, write_folders, write_lgg};
+use crate::support::{BIN, Project, flip_byte, lock_of, write_folders, write_lgg};
 
 /// Two stages doing the same work share one cache key (one record, written by one of them).
 const SHARED: &str = r#"name: shared
@@ -124,7 +124,7 @@ fn diff_reports_metric_deltas_with_a_tolerance() {
 
 fn folders_spec(root: &str) -> String {
     format!(
-        "name: fold\nseed: 5\nstages:\n  data:\n    kind: data\n    params: {{source: folders, root: {root}, positive: [sick], image_size: 8, val_fraction: 0.2, test_fraction: 0.2}}\n"
+        "name: fold\nseed: 5\nstages:\n  data:\n    kind: data\n    params: {{source: folders, root: {root}, positive: [sick], missing_masks: exclude, image_size: 8, val_fraction: 0.2, test_fraction: 0.2}}\n"
     )
 }
 
@@ -176,7 +176,7 @@ fn manifest_keys_exactly_the_files_it_names() {
     // The CSV sits in the project folder beside the pipeline, its lock file and its cache, and
     // names an image outside that folder.
     let p = Project::new(
-        "name: man\nseed: 5\nstages:\n  data:\n    kind: data\n    params: {source: manifest, manifest: m.csv, image_size: 8, val_fraction: 0.2, test_fraction: 0.2}\n",
+        "name: man\nseed: 5\nstages:\n  data:\n    kind: data\n    params: {source: manifest, manifest: m.csv, missing_masks: exclude, image_size: 8, val_fraction: 0.2, test_fraction: 0.2}\n",
     );
     let outside = tempfile::tempdir().unwrap();
     write_folders(p.path(), &["imgs"], 4);
@@ -275,4 +275,31 @@ fn a_greyscale_slice_among_rgb_is_an_error_for_flair() {
     assert_eq!(r.summary("ran"), 1);
     let lock = std::fs::read_to_string(p.path().join("p.lock.yaml")).unwrap();
     assert!(lock.contains("skipped: 1"), "{lock}");
+}
+
+#[test]
+fn skipped_files_are_named_relative_to_the_data_root_so_the_lock_moves_with_the_data() {
+    let p = Project::new(&lgg_spec(", on_error: skip"));
+    let root = p.path().join("lgg");
+    write_lgg(&root, &["P1", "P2", "P3"], 2, 0);
+    std::fs::write(root.join("P1/P1_3.tif"), b"not a tiff").unwrap();
+    std::fs::copy(root.join("P1/P1_1_mask.tif"), root.join("P1/P1_3_mask.tif")).unwrap();
+    p.run(&[]).ok();
+    let skipped = lock_of(&p)["instances"]["data"]["metrics"]["skipped_files"].clone();
+    let names: Vec<String> = skipped.as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(names.len(), 1);
+    assert!(names[0].starts_with("P1/P1_3.tif: "), "{names:?}");
+    // The same data in another folder, run from another directory with another cache: the
+    // lock holds, metrics included.
+    copy_tree(&root, &p.path().join("elsewhere/moved"));
+    let other = tempfile::tempdir().unwrap();
+    let cache = other.path().join("cache");
+    let r = std::process::Command::new(BIN)
+        .current_dir(other.path())
+        .env_remove("CAMFLOW_CACHE")
+        .args(["run", p.pipeline().to_str().unwrap(), "--locked", "--cache-dir", cache.to_str().unwrap()])
+        .args(["--set", &format!("stages.data.params.root={}", p.path().join("elsewhere/moved").display())])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}\n{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
 }

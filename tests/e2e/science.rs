@@ -72,6 +72,7 @@ fn lgg_subset_runs_end_to_end() {
         format!("stages.data.params.root={}", root.display()),
         "stages.data.params.image_size=32".into(),
         "stages.train.params.epochs=2".into(),
+        "stages.train.seeds=1".into(),
         "stages.train.sweep.grid.arch=[vgg-small]".into(),
         "stages.cams.sweep.grid.method=[gradcam]".into(),
         "stages.filtered.sweep.grid.mode=[multiply]".into(),

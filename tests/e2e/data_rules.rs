@@ -1,0 +1,220 @@
+//! Strict, documented data loading, and a `retrain` that matches the classifier it is compared
+//! with: the real binary on real image files.
+
+use std::path::Path;
+
+use crate::support::{Project, Run, lock_of, write_folders};
+
+/// A `folders` data stage on `<project>/d` with `tumor` positive, and `extra` params.
+fn data_spec(extra: &str) -> String {
+    format!(
+        "name: rules\nseed: 3\nstages:\n  data:\n    kind: data\n    params: {{source: folders, root: d, positive: [tumor], image_size: 16, val_fraction: 0.0, test_fraction: 0.5{extra}}}\n"
+    )
+}
+
+/// A mask for `<dir>/<name>.png` (10x10, as `write_folders` writes): a 4x4 square.
+fn write_mask(dir: &Path, name: &str) {
+    image::GrayImage::from_fn(10, 10, |x, y| image::Luma([if (3..7).contains(&x) && (3..7).contains(&y) { 255 } else { 0 }]))
+        .save(dir.join(format!("{name}_mask.png")))
+        .expect("write mask");
+}
+
+fn output(r: &Run) -> String {
+    format!("{}\n{}", r.stdout(), r.stderr())
+}
+
+#[test]
+fn a_positive_image_without_a_mask_is_an_error_naming_the_file() {
+    let p = Project::new(&data_spec(""));
+    let d = p.path().join("d");
+    write_folders(&d, &["normal", "tumor"], 3);
+    write_mask(&d.join("tumor"), "img0");
+    write_mask(&d.join("tumor"), "img1");
+    let r = p.run(&[]);
+    assert_eq!(r.code(), 1, "{}", output(&r));
+    let out = output(&r);
+    assert!(out.contains("tumor/img2.png: positive image has no mask (expected `img2_mask.png` beside it)"), "{out}");
+    // Images with their masks, and negatives without one, are fine.
+    assert!(!out.contains("img0.png") && !out.contains("normal/"), "{out}");
+    // With every mask there, the same data loads.
+    write_mask(&d.join("tumor"), "img2");
+    p.run(&[]).ok();
+}
+
+const SEGMENT: &str = "  train:\n    kind: train\n    inputs: {data: data}\n    params: {epochs: 1, batch_size: 8}\n  cams:\n    kind: gradcam\n    inputs: {model: train, data: data}\n  masks:\n    kind: threshold\n    inputs: {heatmaps: cams}\n  seg:\n    kind: score\n    inputs: {data: data, masks: masks}\n    params: {split: all}\n";
+
+#[test]
+fn missing_masks_exclude_keeps_the_image_out_of_dice() {
+    let p = Project::new(&(data_spec(", missing_masks: exclude") + SEGMENT));
+    let d = p.path().join("d");
+    write_folders(&d, &["normal", "tumor"], 6);
+    for n in 0..4 {
+        write_mask(&d.join("tumor"), &format!("img{n}"));
+    }
+    let r = p.run(&[]).ok();
+    // The run says what was left out, with names.
+    let out = output(&r);
+    let warn = out.lines().find(|l| l.contains("no-mask")).unwrap_or_else(|| panic!("no no-mask warning in:\n{out}"));
+    assert!(warn.contains("2 positive images without a mask") && warn.contains("tumor/img4") && warn.contains("tumor/img5"), "{warn}");
+    let lock = lock_of(&p);
+    assert_eq!(lock["instances"]["data"]["metrics"]["without_mask"].as_u64(), Some(2), "{lock:?}");
+    // Scored over all 12 images: the 4 positives with a mask are the images with tumor; the
+    // 2 without one are in no segmentation score, and their per-image Dice is empty.
+    let seg = &lock["instances"]["seg"]["metrics"];
+    assert_eq!(
+        (seg["images"].as_u64(), seg["images_with_tumor"].as_u64(), seg["images_without_mask"].as_u64()),
+        (Some(12), Some(4), Some(2))
+    );
+    let csv = std::fs::read_to_string(p.object_of("seg", "per_image.csv")).expect("per_image.csv");
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 12);
+    for row in rows {
+        let (id, dice) = (row[0], row[4]);
+        let excluded = id == "tumor/img4" || id == "tumor/img5";
+        assert_eq!(dice.is_empty(), excluded, "{id}: dice `{dice}`");
+    }
+}
+
+#[test]
+fn every_bad_file_is_named_in_one_run() {
+    let p = Project::new(&data_spec(""));
+    let d = p.path().join("d");
+    write_folders(&d, &["normal", "tumor"], 2);
+    write_mask(&d.join("tumor"), "img0");
+    for name in ["normal/broken1.png", "normal/broken2.jpg", "tumor/broken3.png"] {
+        std::fs::write(d.join(name), b"not an image").expect("write");
+    }
+    // tumor/img1.png has no mask: a fourth bad file, of another kind.
+    let r = p.run(&[]);
+    assert_eq!(r.code(), 1, "{}", output(&r));
+    let out = output(&r);
+    assert!(out.contains("4 bad files"), "{out}");
+    for name in ["normal/broken1.png: cannot read image", "normal/broken2.jpg: cannot read image", "tumor/broken3.png: cannot read image"] {
+        assert!(out.contains(name), "{name} not in:\n{out}");
+    }
+    assert!(out.contains("tumor/img1.png: positive image has no mask"), "{out}");
+    // The stage log holds each one too.
+    let logs: String = std::fs::read_dir(p.cache().join("logs"))
+        .map(|rd| rd.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect())
+        .unwrap_or_default();
+    assert_eq!(logs.matches("bad file: ").count(), 4, "{logs}");
+}
+
+#[test]
+fn on_error_skip_prints_the_count_and_names_of_skipped_files() {
+    let p = Project::new(&data_spec(", on_error: skip"));
+    let d = p.path().join("d");
+    write_folders(&d, &["normal", "tumor"], 3);
+    for n in 0..3 {
+        write_mask(&d.join("tumor"), &format!("img{n}"));
+    }
+    for name in ["normal/broken1.png", "tumor/broken2.png"] {
+        std::fs::write(d.join(name), b"not an image").expect("write");
+    }
+    let r = p.run(&[]).ok();
+    let out = output(&r);
+    let warn = out.lines().find(|l| l.contains("skipped-files")).unwrap_or_else(|| panic!("no skipped-files warning in:\n{out}"));
+    assert!(warn.contains("skipped 2 bad files") && warn.contains("broken1.png") && warn.contains("broken2.png"), "{warn}");
+    let m = &lock_of(&p)["instances"]["data"]["metrics"];
+    assert_eq!((m["images"].as_u64(), m["skipped"].as_u64()), (Some(6), Some(2)));
+}
+
+fn plan_json(p: &Project, extra: &[&str]) -> serde_json::Value {
+    let pl = p.pipeline();
+    let mut a = vec!["plan", pl.to_str().expect("utf-8"), "--json"];
+    a.extend(extra);
+    serde_json::from_str(&p.camflow(&a).ok().stdout()).expect("plan json")
+}
+
+fn instance<'a>(plan: &'a serde_json::Value, label: &str) -> &'a serde_json::Value {
+    plan["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|i| i["instance"] == label)
+        .unwrap_or_else(|| panic!("no {label} in {plan}"))
+}
+
+#[test]
+fn files_that_are_not_images_neither_change_the_key_nor_break_the_load() {
+    let p = Project::new(&data_spec(""));
+    let d = p.path().join("d");
+    write_folders(&d, &["normal", "tumor"], 3);
+    for n in 0..3 {
+        write_mask(&d.join("tumor"), &format!("img{n}"));
+    }
+    let key = |p: &Project| instance(&plan_json(p, &[]), "data")["key"].as_str().expect("key").to_string();
+    let before = key(&p);
+    for junk in ["Thumbs.db", "normal/Thumbs.db", "tumor/.DS_Store", "tumor/notes.txt", "tumor/img0.png.bak"] {
+        std::fs::write(d.join(junk), b"junk").expect("write");
+    }
+    assert_eq!(key(&p), before);
+    let r = p.run(&[]).ok();
+    assert_eq!(lock_of(&p)["instances"]["data"]["metrics"]["images"].as_u64(), Some(6), "{}", r.stdout());
+}
+
+/// train (batch_norm on, swept over two architectures) -> gradcam -> filter -> retrain.
+const RETRAIN: &str = r#"name: inherit
+seed: 7
+stages:
+  data:
+    kind: data
+    params: {source: synthetic, count: 24, image_size: 16, slices_per_patient: 4}
+  train:
+    kind: train
+    inputs: {data: data}
+    params: {batch_norm: true, widths: [8, 16], epochs: 1, batch_size: 8, lr: 0.003, flip: false}
+    sweep:
+      grid:
+        arch: [vgg, vgg-small]
+  cams:
+    kind: gradcam
+    inputs: {model: train, data: data}
+  filtered:
+    kind: filter
+    inputs: {data: data, heatmaps: cams}
+  retrain:
+    kind: retrain
+    inputs: {data: filtered}
+"#;
+
+#[test]
+fn retrain_inherits_its_train_params_and_an_override_is_flagged() {
+    let p = Project::new(RETRAIN);
+    let plan = plan_json(&p, &[]);
+    for arch in ["vgg", "vgg-small"] {
+        let t = &instance(&plan, &format!("train[arch={arch}]"))["params"];
+        let r = &instance(&plan, &format!("retrain[arch={arch}]"))["params"];
+        // Nothing forwarded by hand: every model and training param is the train's.
+        for name in ["arch", "batch_norm", "widths", "epochs", "batch_size", "lr", "flip", "optimizer", "seed"] {
+            assert_eq!(r[name], t[name], "retrain[arch={arch}].{name}");
+        }
+        assert_eq!(r["batch_norm"], true);
+    }
+    let show = |p: &Project| -> serde_json::Value {
+        let pl = p.pipeline();
+        serde_json::from_str(&p.camflow(&["show", pl.to_str().expect("utf-8"), "--stage", "retrain", "--format", "json"]).ok().stdout())
+            .expect("show json")
+    };
+    // Nothing overridden: no mismatch to show.
+    let rows = show(&p);
+    assert!(rows.as_array().expect("rows").iter().all(|r| r.get("mismatch").is_none_or(|m| m.is_null())), "{rows}");
+    // `${train.x}` references still work, and an explicit value wins over the train's (here
+    // as a --set and a sweep), and is flagged.
+    let sets = ["--set", "stages.retrain.params.batch_norm=false", "--set", "stages.retrain.params.arch=${train.arch}"];
+    let plan = plan_json(&p, &sets);
+    let r = &instance(&plan, "retrain[arch=vgg]")["params"];
+    assert_eq!((r["batch_norm"].as_bool(), r["arch"].as_str(), r["lr"].as_f64()), (Some(false), Some("vgg"), Some(0.003)));
+    let mut yaml = RETRAIN.to_string();
+    yaml.push_str("    params: {batch_norm: false}\n    sweep:\n      grid:\n        epochs: [1, 2]\n");
+    p.write(&yaml);
+    let rows = show(&p);
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), 4);
+    for row in rows {
+        let m = row["mismatch"].as_str().unwrap_or_else(|| panic!("no mismatch in {row}"));
+        let arch = row["arch"].as_str().expect("arch");
+        assert!(m.contains(&format!("batch_norm=false (train[arch={arch}]: true)")), "{m}");
+        assert_eq!(m.contains("epochs=2"), row["epochs"] == 2, "{m}");
+    }
+}
