@@ -6,11 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value as Json;
 
-use crate::support::{BIN, Project, lock_of};
-
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::{BIN, Project, lock_of, root};
 
 /// A tiny study with a training, heatmaps, a filter in a mode that ignores `threshold` and one
 /// that reads it, thresholded masks and two score stages. `batch` sets the training's steps.

@@ -11,6 +11,7 @@ mod fuzz_specs;
 mod guards;
 mod kill_loop;
 mod pipelines;
+mod readme_examples;
 mod reference;
 mod report;
 mod repro;

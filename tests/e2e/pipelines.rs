@@ -1,10 +1,6 @@
 //! The shipped pipelines and the README stay valid.
 
-use crate::support::{BIN, Project};
-
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::{BIN, Project, root};
 
 #[test]
 fn every_shipped_pipeline_loads() {

@@ -5,6 +5,11 @@ use std::process::{Command, Output};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_camflow");
 
+/// The repository root (README, pipelines).
+pub fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// The smallest complete study: data -> train -> gradcam -> threshold -> score, and
 /// filter -> retrain -> score. 13 instances.
 pub const TINY: &str = r#"name: tiny
