@@ -30,6 +30,8 @@ const META: &[&str] = &["stage", "instance", "status", "n"];
 pub const SD: &str = "_sd";
 pub const CI_LO: &str = "_ci_lo";
 pub const CI_HI: &str = "_ci_hi";
+/// The number of seeds a metric's summary is over, where it differs from the row's `n`.
+pub const N: &str = "_n";
 
 /// Whether an axis id (`stage.param`) repeats a point rather than moving it: its param is `seed`.
 pub fn is_seed_axis(id: &str) -> bool {
@@ -37,9 +39,13 @@ pub fn is_seed_axis(id: &str) -> bool {
 }
 
 impl Table {
-    /// Axis columns that are seed axes.
+    /// The seed axis rows are repeated over: the first seed axis in column order (the most
+    /// upstream one, e.g. `train`'s). Why only one: a second seed axis below it (a retrain's
+    /// own seeds) repeats runs that share one upstream model, so pooling both would count
+    /// dependent runs as independent and make intervals too narrow. Further seed axes stay
+    /// coordinates of the point.
     pub fn seed_columns(&self) -> Vec<String> {
-        self.axes.iter().filter(|(_, id)| is_seed_axis(id)).map(|(c, _)| c.clone()).collect()
+        self.columns.iter().filter(|c| self.axes.get(*c).is_some_and(|id| is_seed_axis(id))).take(1).cloned().collect()
     }
 
     /// Metric columns, in column order.
@@ -164,14 +170,22 @@ pub fn aggregate(t: &Table) -> Table {
     let mut columns = vec!["stage".to_string()];
     columns.extend(t.columns.iter().filter(|c| t.axes.contains_key(*c) && !seeds.contains(c)).cloned());
     columns.push("n".into());
+    let points = points(t);
+    // A metric missing for some seeds that ran (a null precision of an empty mask) is
+    // summarised over fewer seeds than `n`: it gets its own count column `m_n` then.
+    let partial: BTreeSet<String> =
+        points.iter().flat_map(|p| p.metrics.iter().filter(|(_, s)| s.n != p.done).map(|(m, _)| m.clone())).collect();
     for m in t.metric_columns() {
         columns.push(m.clone());
         if !counts.contains(&m) && !texts.contains(&m) {
             columns.extend([format!("{m}{SD}"), format!("{m}{CI_LO}"), format!("{m}{CI_HI}")]);
+            if partial.contains(&m) {
+                columns.push(format!("{m}{N}"));
+            }
         }
     }
     columns.push("status".into());
-    let rows = points(t)
+    let rows = points
         .into_iter()
         .map(|p| {
             let mut r: BTreeMap<String, Json> = p.axes.clone();
@@ -187,6 +201,9 @@ pub fn aggregate(t: &Table) -> Table {
                 r.insert(format!("{m}{SD}"), s.sd.map_or(Json::Null, num));
                 r.insert(format!("{m}{CI_LO}"), s.ci.map_or(Json::Null, |c| num(c.0)));
                 r.insert(format!("{m}{CI_HI}"), s.ci.map_or(Json::Null, |c| num(c.1)));
+                if partial.contains(m) {
+                    r.insert(format!("{m}{N}"), json!(s.n));
+                }
             }
             for (c, v) in &p.text {
                 r.insert(c.clone(), json!(v));
@@ -284,5 +301,41 @@ mod tests {
     #[test]
     fn seed_axes_by_param_name() {
         assert!(is_seed_axis("train.seed") && !is_seed_axis("data.split_seed") && !is_seed_axis("train.seeds"));
+    }
+
+    #[test]
+    fn a_metric_missing_for_a_seed_that_ran_gets_its_own_count() {
+        let mut rows = vec![row("s", "a", 1, Some(0.8), 40), row("s", "a", 2, Some(0.6), 40), row("s", "a", 3, Some(0.7), 40)];
+        rows[1].insert("precision".into(), Json::Null);
+        rows[0].insert("precision".into(), json!(0.5));
+        rows[2].insert("precision".into(), json!(0.7));
+        let mut t = table(rows);
+        t.columns.insert(4, "precision".into());
+        let a = aggregate(&t);
+        let r = &a.rows[0];
+        assert_eq!(r["n"].as_u64(), Some(3));
+        assert_eq!(r["precision_n"].as_u64(), Some(2), "{r:?}");
+        assert!(a.columns.contains(&"precision_n".to_string()) && !a.columns.contains(&"accuracy_n".to_string()));
+    }
+
+    #[test]
+    fn only_the_most_upstream_seed_axis_repeats_a_point() {
+        // train seeds 1..3 x retrain seeds 10, 11: two points (retrain seed 10 and 11), each
+        // over 3 independent trainings, never one point over 6 dependent runs.
+        let mut rows = Vec::new();
+        for ts in 1..=3u64 {
+            for rs in [10u64, 11] {
+                let mut r = row("cls", "a", ts, Some(0.5 + ts as f64 / 10.0 + rs as f64 / 1000.0), 40);
+                r.insert("retrain.seed".into(), json!(rs));
+                rows.push(r);
+            }
+        }
+        let mut t = table(rows);
+        t.columns.insert(3, "retrain.seed".into());
+        t.axes.insert("retrain.seed".into(), "retrain.seed".into());
+        let a = aggregate(&t);
+        assert_eq!(a.rows.len(), 2);
+        assert!(a.rows.iter().all(|r| r["n"].as_u64() == Some(3)), "{:?}", a.rows);
+        assert!(a.columns.contains(&"retrain.seed".to_string()));
     }
 }

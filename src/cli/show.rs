@@ -298,7 +298,15 @@ pub fn show(cache: &std::path::Path, a: ShowArgs) -> Result<()> {
             let hint = if seeded && !a.per_seed { "; rows are aggregated over seeds, --per-seed lists each" } else { "" };
             return Err(Error::Usage(format!("--where {f}: no column `{col}` (columns: {}){hint}", t.columns.join(", "))));
         }
-        t.rows.retain(|r| r.get(col).map(|v| show_value(v) == val || cell(Some(v)) == val).unwrap_or(false));
+        // A number matches by value (`0.50` finds 0.5) or as shown (`0.9843`), anything else
+        // by its text.
+        let wanted: Option<f64> = val.parse().ok();
+        t.rows.retain(|r| {
+            r.get(col).is_some_and(|v| match (v.as_f64(), wanted) {
+                (Some(x), Some(w)) => x == w || cell(Some(v)) == val,
+                _ => show_value(v) == val || cell(Some(v)) == val,
+            })
+        });
     }
     if let Some(s) = &a.sort {
         let (desc, col) = match s.strip_prefix('-') {

@@ -245,11 +245,15 @@ fn sorted_dir(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(v)
 }
 
+/// An image file by its extension. Hidden files (`.DS_Store`, macOS's AppleDouble `._x.png`
+/// beside every copied image) are never images, whatever their extension.
 fn is_image(p: &Path) -> bool {
-    matches!(
-        p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
-        Some("png" | "jpg" | "jpeg" | "tif" | "tiff")
-    )
+    let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+    !hidden
+        && matches!(
+            p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
+            Some("png" | "jpg" | "jpeg" | "tif" | "tiff")
+        )
 }
 
 /// A camflow cache kept inside a data folder is not data (it holds `objects/` and `actions/`).

@@ -123,9 +123,30 @@ pub struct Warning {
 /// order and flips over the same weights (a training with `lr: 0` moves by about 0.1 %).
 pub const LOSS_FALL_TOLERANCE: f64 = 0.01;
 
-/// `single-class` when every image of a non-empty split got the same predicted class.
+/// Whether the split's truth holds one class only: then a single predicted class and an
+/// accuracy equal to the majority rate say nothing about the classifier ([`one_class_split`]
+/// says what is wrong: the data).
+fn truth_is_one_class(s: &ClassificationScores) -> bool {
+    s.n > 0 && (s.positives == 0 || s.positives == s.n)
+}
+
+/// `one-class-split` when a non-empty split holds images of one class only: accuracy cannot
+/// show learning there and AUC is undefined.
+pub fn one_class_split(split: &str, s: &ClassificationScores) -> Option<Warning> {
+    if !truth_is_one_class(s) {
+        return None;
+    }
+    let class = if s.positives == 0 { "negative" } else { "positive" };
+    Some(Warning {
+        flag: "one-class-split".into(),
+        message: format!("all {} {split} images are {class}, so accuracy cannot show learning and AUC is undefined; check the data and its split", s.n),
+    })
+}
+
+/// `single-class` when every image of a non-empty split got the same predicted class (and
+/// the split itself holds both classes).
 pub fn single_class(split: &str, s: &ClassificationScores) -> Option<Warning> {
-    if s.n == 0 || (s.predicted_positive != 0 && s.predicted_positive != s.n) {
+    if s.n == 0 || truth_is_one_class(s) || (s.predicted_positive != 0 && s.predicted_positive != s.n) {
         return None;
     }
     let class = if s.predicted_positive == 0 { "negative" } else { "positive" };
@@ -134,7 +155,7 @@ pub fn single_class(split: &str, s: &ClassificationScores) -> Option<Warning> {
 
 /// `below-majority` when accuracy does not beat always answering the majority class.
 pub fn below_majority(split: &str, s: &ClassificationScores) -> Option<Warning> {
-    if !(s.accuracy.is_finite() && s.majority_rate.is_finite()) || s.accuracy > s.majority_rate {
+    if !(s.accuracy.is_finite() && s.majority_rate.is_finite()) || s.accuracy > s.majority_rate || truth_is_one_class(s) {
         return None;
     }
     Some(Warning {

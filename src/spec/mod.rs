@@ -649,10 +649,14 @@ fn stage(
                 Some(_) if grid.iter().chain(&zip).any(|(a, _)| a == "seed") => {
                     cx.err(&path, "`seeds` and a `seed` sweep axis both set the seed; keep one")
                 }
+                // Seeds are params of type Int (at most i64::MAX): S..S+N-1 must fit, never wrap
+                // (wrapping would give two pipeline seeds the same training seeds).
+                Some(_) if pipeline_seed.checked_add(n - 1).is_none_or(|last| last > i64::MAX as u64) => cx.err(
+                    &path,
+                    format!("`seeds: {n}` counts from the pipeline seed {pipeline_seed}, past the largest seed {}; lower the pipeline `seed`", i64::MAX),
+                ),
                 Some(spec) => {
-                    // Seeds are params of type Int (at most i64::MAX): wrap inside that range.
-                    let values: Vec<Json> =
-                        (0..n).filter_map(|i| spec.ty.check(&Json::from(pipeline_seed.wrapping_add(i) & i64::MAX as u64)).ok()).collect();
+                    let values: Vec<Json> = (0..n).filter_map(|i| spec.ty.check(&Json::from(pipeline_seed + i)).ok()).collect();
                     grid.push(("seed".to_string(), values));
                 }
             },

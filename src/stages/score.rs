@@ -40,7 +40,8 @@ impl StageKind for Score {
         // 3: the portable CPU profile (own GEMM, head, loss and softmax; libm).
         // 4: a model's score adds majority_rate, balanced_accuracy and the guards' `warnings`;
         //    Dice leaves out images without ground truth (`images_without_mask`).
-        4
+        // 5: `one-class-split` warnings (no single-class blame on such splits).
+        5
     }
     fn doc(&self) -> &'static str {
         "Scores masks against the ground truth (mean-Dice over images with tumor, Dice over all images, IoU, pixel precision/recall) and/or a model's classification (accuracy, sensitivity, specificity, ROC AUC)."

@@ -51,6 +51,14 @@ impl StageKind for Threshold {
         }
         Vec::new()
     }
+    /// Otsu finds its own cut per image and never reads `value`: changing it must rerun nothing.
+    fn key_params(&self, params: &Params) -> Params {
+        let mut out = params.clone();
+        if p::opt_str(params, "method") == Some("otsu") {
+            out.remove("value");
+        }
+        out
+    }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
         let heat = io::planes(io::file(ctx.inputs, "heatmaps", io::HEATMAPS_FILE)?)?;
         let v = p::f64(ctx.params, "value")? as f32;
@@ -65,5 +73,20 @@ impl StageKind for Threshold {
         let masks = Planes { kind: PlaneKind::Mask, height: heat.height, width: heat.width, ids: heat.ids, data };
         let f = io::write(ctx.out_dir, io::MASKS_FILE, &masks.encode())?;
         Ok(Outcome { files: vec![f], metrics: json!({ "masks": masks.ids.len(), "foreground_fraction": fg }) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn value_is_in_the_key_except_for_otsu() {
+        let params = |method: &str| -> Params { [("method".to_string(), json!(method)), ("value".to_string(), json!(0.3))].into() };
+        assert_eq!(Threshold.key_params(&params("otsu")).get("value"), None);
+        for method in ["fixed", "percentile"] {
+            assert_eq!(Threshold.key_params(&params(method)).get("value"), Some(&json!(0.3)), "{method}");
+        }
     }
 }

@@ -117,7 +117,8 @@ impl StageKind for Train {
         // 2: convolutions and pooling on the CPU run through `ml::fast_ops` (other rounding).
         // 3: the portable CPU profile (own GEMM, head, loss and softmax; libm).
         // 4: metrics add majority_rate, balanced_accuracy, val_loss and the guards' `warnings`.
-        4
+        // 5: `empty-split` and `one-class-split` warnings (no single-class blame on such splits).
+        5
     }
     fn doc(&self) -> &'static str {
         if self.retrain {
@@ -291,6 +292,7 @@ pub fn classifier_warnings(splits: &[(&str, &ClassificationScores)]) -> Vec<Warn
             ),
         })
         .collect();
+    v.extend(splits.iter().filter_map(|(name, s)| metrics::one_class_split(name, s)));
     v.extend(splits.iter().filter_map(|(name, s)| metrics::single_class(name, s)));
     if let Some((name, s)) = splits.last() {
         v.extend(metrics::below_majority(name, s));

@@ -319,5 +319,7 @@ fn a_threshold_that_a_filter_mode_ignores_reruns_nothing() {
     assert!(asc[0]["mean_dice"].as_f64() <= asc[1]["mean_dice"].as_f64());
     assert!(desc[0]["mean_dice"].as_f64() >= desc[1]["mean_dice"].as_f64());
     assert_eq!(show(&["--where", "stage=seg", "--where", "value=0.3"]).len(), 1);
+    // Numbers match by value, however they are written.
+    assert_eq!(show(&["--where", "stage=seg", "--where", "value=0.30"]).len(), 1);
     assert_eq!(show(&["--where", "stage=original", "--where", "value=0.3"]).len(), 0);
 }

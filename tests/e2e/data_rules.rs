@@ -145,7 +145,7 @@ fn files_that_are_not_images_neither_change_the_key_nor_break_the_load() {
     }
     let key = |p: &Project| instance(&plan_json(p, &[]), "data")["key"].as_str().expect("key").to_string();
     let before = key(&p);
-    for junk in ["Thumbs.db", "normal/Thumbs.db", "tumor/.DS_Store", "tumor/notes.txt", "tumor/img0.png.bak"] {
+    for junk in ["Thumbs.db", "normal/Thumbs.db", "tumor/.DS_Store", "tumor/._img0.png", "tumor/notes.txt", "tumor/img0.png.bak"] {
         std::fs::write(d.join(junk), b"junk").expect("write");
     }
     assert_eq!(key(&p), before);

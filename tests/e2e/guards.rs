@@ -58,16 +58,17 @@ fn report_html(p: &Project) -> String {
 }
 
 #[test]
-fn all_positive_data_gives_single_class_and_majority_warnings() {
-    // Every image has a tumor: whatever the classifier learns, its accuracy cannot beat the
-    // majority rate (1.0), and it predicts one class.
+fn all_positive_data_is_flagged_as_a_one_class_split_not_as_a_bad_classifier() {
+    // Every image has a tumor: accuracy cannot beat the majority rate (1.0) and any
+    // classifier predicts one class; the problem is the data, and the guards say so instead
+    // of blaming the classifier with `single-class` / `below-majority`.
     let p = Project::new(&study("count: 32, tumor_fraction: 1.0", "epochs: 2, lr: 0.01"));
     let r = p.run(&[]).ok();
     let out = r.stdout();
     let warns = warn_lines(&out);
-    assert!(warns.iter().any(|l| l.starts_with("warn    train  below-majority: test accuracy")), "{out}");
-    assert!(warns.iter().any(|l| l.starts_with("warn    train  single-class: predicts positive for all")), "{out}");
-    assert!(warns.iter().any(|l| l.starts_with("warn    orig  single-class:")), "{out}");
+    assert!(warns.iter().any(|l| l.starts_with("warn    train  one-class-split: all") && l.contains("test images are positive")), "{out}");
+    assert!(warns.iter().any(|l| l.starts_with("warn    orig  one-class-split:")), "{out}");
+    assert!(!warns.iter().any(|l| l.contains("single-class") || l.contains("below-majority")), "{out}");
     // The metrics hold the numbers the warning is about.
     let lock = crate::support::lock_of(&p);
     let m = &lock["instances"]["orig"]["metrics"];
@@ -75,12 +76,12 @@ fn all_positive_data_gives_single_class_and_majority_warnings() {
     assert_eq!(m["balanced_accuracy"], serde_yaml::Value::Null, "no negatives: specificity and balance undefined");
     // show marks the score row with its own flags and its model's.
     let flags = show_flags(&p, "orig");
-    assert!(flags.contains("single-class") && flags.contains("below-majority"), "{flags}");
+    assert!(flags.contains("one-class-split"), "{flags}");
     // A no-op rerun computes nothing and repeats no warning.
     assert!(warn_lines(&p.run(&[]).ok().stdout()).is_empty());
     let html = report_html(&p);
     let warnings = html.split("id=\"warnings\"").nth(1).expect("a warnings section");
-    assert!(warnings.contains("single-class") && warnings.contains("below-majority"), "{warnings}");
+    assert!(warnings.contains("one-class-split"), "{warnings}");
 }
 
 #[test]
@@ -89,6 +90,14 @@ fn a_training_with_lr_zero_has_a_flat_loss() {
     let p = Project::new(&study("count: 32, tumor_fraction: 0.5, contrast: 0.8", "epochs: 2, lr: 0.0, flip: false"));
     let out = p.run(&[]).ok().stdout();
     assert!(warn_lines(&out).iter().any(|l| l.starts_with("warn    train  loss-flat: training loss did not fall")), "{out}");
+    // Its untrained weights answer one class on data holding both: single-class and
+    // below-majority, for the training and for the score of its model.
+    let warns = warn_lines(&out);
+    for stage in ["train", "orig"] {
+        assert!(warns.iter().any(|l| l.starts_with(&format!("warn    {stage}  single-class: predicts"))), "{out}");
+        assert!(warns.iter().any(|l| l.starts_with(&format!("warn    {stage}  below-majority: test accuracy"))), "{out}");
+    }
+    assert!(!warns.iter().any(|l| l.contains("one-class-split")), "{out}");
     assert!(show_flags(&p, "train").contains("loss-flat"));
     let html = report_html(&p);
     assert!(html.split("id=\"warnings\"").nth(1).expect("a warnings section").contains("loss-flat"));
