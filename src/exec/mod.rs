@@ -148,6 +148,10 @@ pub async fn execute(
     let jobs = opts.jobs.max(1);
     let (mut cpu_free, mut gpu_free): (u32, Vec<usize>) = (jobs, (0..opts.gpus as usize).rev().collect());
     let mut failed = 0usize;
+    // Keys computed by this run. An instance found cached under one of them shares its key
+    // with an instance that just ran: it gets its own sidecar (its last key, by label), so
+    // that `plan` later explains it like the instance that ran, not as a new sweep point.
+    let mut ran_here: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut stop = false;
     let mut set = tokio::task::JoinSet::new();
     let mut holding: BTreeMap<usize, (u32, Option<usize>)> = BTreeMap::new();
@@ -220,6 +224,12 @@ pub async fn execute(
                     };
                     let reason = match lookup {
                         Lookup::Fresh(rec) => {
+                            if ran_here.contains(&digest) {
+                                let _ = store.write_sidecar(
+                                    &input.pipeline,
+                                    &Sidecar { label: inst.label.clone(), key: digest.clone(), key_inputs: key.clone() },
+                                );
+                            }
                             records[i] = Some(*rec);
                             state[i] = State::Done;
                             let _ = events.send(Event::Cached { idx: i });
@@ -231,11 +241,15 @@ pub async fn execute(
                         Lookup::Missing => explain(store.read_sidecar(&input.pipeline, &inst.label).as_ref(), &key),
                     };
                     stale[i] = Some((key, digest, reason));
-                } else if let Some((_, digest, _)) = &stale[i]
+                } else if let Some((key, digest, _)) = &stale[i]
                     && !opts.forced.contains(&i)
                     && let Lookup::Fresh(rec) = store.lookup(digest, opts.full_verify)
                 {
                     // Another instance with the same key finished while this one waited.
+                    let _ = store.write_sidecar(
+                        &input.pipeline,
+                        &Sidecar { label: inst.label.clone(), key: digest.clone(), key_inputs: key.clone() },
+                    );
                     records[i] = Some(*rec);
                     state[i] = State::Done;
                     stale[i] = None;
@@ -305,6 +319,7 @@ pub async fn execute(
                 }
                 match result {
                     Ok(Done::Ran(rec, secs)) => {
+                        ran_here.insert(rec.key.clone());
                         records[i] = Some(rec);
                         state[i] = State::Done;
                         let _ = events.send(Event::Finished { idx: i, seconds: secs });
@@ -415,7 +430,15 @@ impl Job {
         let cache_fail = |m: String| JobError { msg: format!("{label}: {m}"), log: None, cache: true };
         let _lock = KeyLock::acquire(&self.store.root, &self.digest).map_err(|e| cache_fail(format!("cannot lock cache key: {e}")))?;
         match self.store.try_lookup(&self.digest, false).map_err(|e| cache_fail(format!("reading the cache: {e}")))? {
-            Lookup::Fresh(rec) if !self.forced => return Ok(Done::Reused(*rec)),
+            Lookup::Fresh(rec) if !self.forced => {
+                // Computed by another process or instance under the same key: this label's
+                // sidecar still names the key it now has (for `plan`'s reasons).
+                let _ = self.store.write_sidecar(
+                    &self.input.pipeline,
+                    &Sidecar { label: label.clone(), key: self.digest.clone(), key_inputs: self.key.clone() },
+                );
+                return Ok(Done::Reused(*rec));
+            }
             // A forced rerun keeps the valid record until the new one replaces it (atomically):
             // interrupted, the old result stays.
             Lookup::Fresh(_) => {}

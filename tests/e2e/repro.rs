@@ -303,3 +303,18 @@ fn skipped_files_are_named_relative_to_the_data_root_so_the_lock_moves_with_the_
         .unwrap();
     assert!(r.status.success(), "{}\n{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
 }
+
+#[test]
+fn an_instance_that_found_its_key_computed_by_another_is_explained_like_it() {
+    // `second` shares `first`'s key and is found cached on the first run. After a change to
+    // both, `plan` names the change for both: neither is "never run" nor a "new sweep point".
+    let p = Project::new(SHARED);
+    p.run(&[]).ok();
+    p.write(&SHARED.replace("count: 8", "count: 10"));
+    let pl = p.pipeline();
+    let out = p.camflow(&["plan", pl.to_str().unwrap()]).ok().stdout();
+    for label in ["first", "second"] {
+        let line = out.lines().find(|l| l.split_whitespace().nth(1) == Some(label)).unwrap_or_else(|| panic!("no {label} in:\n{out}"));
+        assert!(line.contains("params changed: count 8 -> 10"), "{line}\n{out}");
+    }
+}
