@@ -91,38 +91,24 @@ fn ln_gamma(x: f64) -> f64 {
 
 /// Continued fraction of the incomplete beta function (modified Lentz).
 fn beta_cf(a: f64, b: f64, x: f64) -> f64 {
-    const TINY: f64 = 1e-300;
+    // Lentz's method: a denominator that reaches 0 is replaced by a tiny number.
+    let away_from_zero = |v: f64| if v.abs() < 1e-300 { 1e-300 } else { v };
     let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
     let mut c = 1.0;
-    let mut d = 1.0 - qab * x / qap;
-    if d.abs() < TINY {
-        d = TINY;
-    }
+    let mut d = away_from_zero(1.0 - qab * x / qap);
     d = 1.0 / d;
     let mut h = d;
     for m in 1..=300 {
         let m = m as f64;
         let m2 = 2.0 * m;
         let aa = m * (b - m) * x / ((qam + m2) * (a + m2));
-        d = 1.0 + aa * d;
-        if d.abs() < TINY {
-            d = TINY;
-        }
-        c = 1.0 + aa / c;
-        if c.abs() < TINY {
-            c = TINY;
-        }
+        d = away_from_zero(1.0 + aa * d);
+        c = away_from_zero(1.0 + aa / c);
         d = 1.0 / d;
         h *= d * c;
         let aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2));
-        d = 1.0 + aa * d;
-        if d.abs() < TINY {
-            d = TINY;
-        }
-        c = 1.0 + aa / c;
-        if c.abs() < TINY {
-            c = TINY;
-        }
+        d = away_from_zero(1.0 + aa * d);
+        c = away_from_zero(1.0 + aa / c);
         d = 1.0 / d;
         let del = d * c;
         h *= del;

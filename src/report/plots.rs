@@ -127,7 +127,7 @@ pub fn retrained_accuracy(t: &ReportTable, out: &Path) -> Result<bool, String> {
         .take_while(|c| c.as_str() != "accuracy")
         .filter(|c| !["stage", "status", "instance", "n"].contains(&c.as_str()))
         .collect();
-    let labels: Vec<String> = rows.iter().map(|r| label_cols.iter().map(|c| text(r.get(*c))).collect::<Vec<_>>().join(" / ")).collect();
+    let labels = row_labels(&rows, &label_cols);
     let n = rows.len();
     let root = SVGBackend::new(out, (900, 140 + 22 * n as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -205,7 +205,7 @@ pub fn metric_bars(t: &ReportTable, metric: &str, out: &Path) -> Result<bool, St
         .take_while(|c| !["mean_dice", "accuracy"].contains(&c.as_str()))
         .filter(|c| !["status", "instance", "n"].contains(&c.as_str()))
         .collect();
-    let labels: Vec<String> = rows.iter().map(|r| label_cols.iter().map(|c| text(r.get(*c))).collect::<Vec<_>>().join(" / ")).collect();
+    let labels = row_labels(&rows, &label_cols);
     let n = rows.len();
     let root = SVGBackend::new(out, (440, 110 + 22 * n as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -316,4 +316,9 @@ pub fn training_curves(title: &str, epochs: &[Json], majority: Option<f64>, out:
     }
     root.present().map_err(|e| e.to_string())?;
     Ok(true)
+}
+
+/// One y-axis label per row: its label columns' values joined by ` / `.
+fn row_labels(rows: &[&BTreeMap<String, Json>], label_cols: &[&String]) -> Vec<String> {
+    rows.iter().map(|r| label_cols.iter().map(|c| text(r.get(*c))).collect::<Vec<_>>().join(" / ")).collect()
 }

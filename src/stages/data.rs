@@ -278,11 +278,13 @@ impl StageKind for Data {
         };
         // Where the data lives: skipped files are named relative to it in the metrics, so the
         // lock file does not depend on the data's folder or on the current directory.
-        let data_dir = match source {
+        // `location`: the root folder, or the manifest file (none for synthetic data).
+        let location = match source {
             "synthetic" => PathBuf::new(),
-            "manifest" => resolve(ctx.base_dir, p::str(params, "manifest")?).parent().map(Path::to_path_buf).unwrap_or_default(),
+            "manifest" => resolve(ctx.base_dir, p::str(params, "manifest")?),
             _ => resolve(ctx.base_dir, p::str(params, "root")?),
         };
+        let data_dir = if source == "manifest" { location.parent().map(Path::to_path_buf).unwrap_or_default() } else { location.clone() };
         let (mut samples, channels, skipped, read, without_mask) = match source {
             "synthetic" => {
                 let mut ds = synthetic::generate(&SyntheticConfig {
@@ -300,18 +302,15 @@ impl StageKind for Data {
                 (ds.samples, 1, Vec::new(), Default::default(), Vec::new())
             }
             "lgg" => {
-                let root = resolve(ctx.base_dir, p::str(params, "root")?);
-                let (s, r) = loaders::load_lgg(&root, &opts).map_err(err)?;
+                let (s, r) = loaders::load_lgg(&location, &opts).map_err(err)?;
                 (s, opts.channels(), r.skipped, r.read, r.without_mask)
             }
             "folders" => {
-                let root = resolve(ctx.base_dir, p::str(params, "root")?);
-                let (s, r) = loaders::load_folders(&root, &p::str_list(params, "positive"), &opts).map_err(err)?;
+                let (s, r) = loaders::load_folders(&location, &p::str_list(params, "positive"), &opts).map_err(err)?;
                 (s, opts.channels(), r.skipped, r.read, r.without_mask)
             }
             _ => {
-                let m = resolve(ctx.base_dir, p::str(params, "manifest")?);
-                let (s, r) = loaders::load_manifest(&m, &opts).map_err(err)?;
+                let (s, r) = loaders::load_manifest(&location, &opts).map_err(err)?;
                 (s, opts.channels(), r.skipped, r.read, r.without_mask)
             }
         };
