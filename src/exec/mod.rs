@@ -32,13 +32,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+mod job;
+mod signals;
 
-use crate::cache::lock::KeyLock;
+use job::{Done, Job, JobError};
+use signals::Signals;
+
 use crate::cache::{ActionRecord, Lookup, Sidecar, Store};
 use crate::lockfile::LockFile;
 use crate::plan::{KeyContext, StaleReason, build_key, explain};
-use crate::stage_kind::{Catalog, InputArtifact, Progress, Resources, RunContext};
+use crate::stage_kind::{Catalog, Progress, Resources};
 use crate::sweep::Instance;
 
 #[derive(Debug, Clone)]
@@ -114,11 +117,6 @@ pub enum Outcome {
         signal: i32,
     },
     LockMismatch(String),
-}
-
-enum Done {
-    Ran(ActionRecord, f64),
-    Reused(ActionRecord),
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -353,198 +351,6 @@ pub async fn execute(
         }
     }
     Outcome::Done { records, failed, cache_error }
-}
-
-/// SIGINT and SIGTERM as one stream of signal numbers.
-struct Signals {
-    #[cfg(unix)]
-    int: Option<tokio::signal::unix::Signal>,
-    #[cfg(unix)]
-    term: Option<tokio::signal::unix::Signal>,
-}
-
-impl Signals {
-    fn register() -> Signals {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Signals { int: signal(SignalKind::interrupt()).ok(), term: signal(SignalKind::terminate()).ok() }
-        }
-        #[cfg(not(unix))]
-        Signals {}
-    }
-
-    /// The number of the next signal; never returns if none can be received.
-    async fn next(&mut self) -> i32 {
-        #[cfg(unix)]
-        {
-            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
-                match s {
-                    Some(s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            }
-            tokio::select! {
-                _ = recv(&mut self.int) => 2,
-                _ = recv(&mut self.term) => 15,
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-            2
-        }
-    }
-}
-
-/// Why a job failed; `cache` marks a cache I/O error (exit 5), not a failure of the stage.
-struct JobError {
-    msg: String,
-    log: Option<PathBuf>,
-    cache: bool,
-}
-
-struct Job {
-    idx: usize,
-    input: Arc<ExecInput>,
-    catalog: Arc<Catalog>,
-    store: Store,
-    key: crate::cache::CacheKey,
-    digest: String,
-    up_records: BTreeMap<String, ActionRecord>,
-    device: usize,
-    backend: String,
-    deterministic: bool,
-    forced: bool,
-    /// Weak: a job abandoned by Ctrl-C must not keep the event channel (and so `run`) open.
-    events: tokio::sync::mpsc::WeakUnboundedSender<Event>,
-}
-
-impl Job {
-    fn run(self) -> Result<Done, JobError> {
-        let inst = &self.input.instances[self.idx];
-        let label = inst.label.clone();
-        let fail = |m: String| JobError { msg: format!("{label}: {m}"), log: None, cache: false };
-        let cache_fail = |m: String| JobError { msg: format!("{label}: {m}"), log: None, cache: true };
-        let _lock = KeyLock::acquire(&self.store.root, &self.digest).map_err(|e| cache_fail(format!("cannot lock cache key: {e}")))?;
-        match self.store.try_lookup(&self.digest, false).map_err(|e| cache_fail(format!("reading the cache: {e}")))? {
-            Lookup::Fresh(rec) if !self.forced => {
-                // Computed by another process or instance under the same key: this label's
-                // sidecar still names the key it now has (for `plan`'s reasons).
-                let _ = self.store.write_sidecar(
-                    &self.input.pipeline,
-                    &Sidecar { label: label.clone(), key: self.digest.clone(), key_inputs: self.key.clone() },
-                );
-                return Ok(Done::Reused(*rec));
-            }
-            // A forced rerun keeps the valid record until the new one replaces it (atomically):
-            // interrupted, the old result stays.
-            Lookup::Fresh(_) => {}
-            // A stale or corrupt record must never look fresh if this run is interrupted.
-            Lookup::Missing | Lookup::Corrupt(_) => self.store.invalidate(&self.digest),
-        }
-        let mut inputs = BTreeMap::new();
-        for (slot, rec) in &self.up_records {
-            let mut files = BTreeMap::new();
-            for (name, r) in &rec.outputs {
-                let p = self.store.verified_object(r).map_err(|e| fail(format!("input `{slot}`: {e}; rerun to recompute it")))?;
-                files.insert(name.clone(), p);
-            }
-            inputs.insert(
-                slot.clone(),
-                InputArtifact { files, metrics: rec.metrics.clone(), params: rec.key_inputs.params.clone(), kind: rec.kind.clone() },
-            );
-        }
-        // Named after the key and used only under its key lock: see `Store::clean_tmp`.
-        let scratch = self.store.scratch_dir(&self.digest).map_err(|e| cache_fail(format!("cannot create scratch folder: {e}")))?;
-        let out_dir = scratch.path().join("out");
-        std::fs::create_dir_all(&out_dir).map_err(|e| cache_fail(format!("cannot create scratch folder {}: {e}", out_dir.display())))?;
-        let mut log_lines: Vec<String> = Vec::new();
-        let kind = self.catalog.get(&inst.kind).ok_or_else(|| fail(format!("unknown kind `{}`", inst.kind)))?;
-        let started = Instant::now();
-        let result = {
-            let mut log = |line: String| {
-                tracing::info!(instance = %label, "{line}");
-                log_lines.push(line);
-            };
-            let (idx, events) = (self.idx, &self.events);
-            let mut last_sent: Option<Instant> = None;
-            let mut progress = |p: Progress| {
-                let now = Instant::now();
-                let finished = p.done >= p.total;
-                if !finished && last_sent.is_some_and(|t| now.duration_since(t) < PROGRESS_EVERY) {
-                    return;
-                }
-                last_sent = Some(now);
-                let spent = now.duration_since(started).as_secs_f64();
-                let eta_s = (p.done > 0).then(|| spent / p.done as f64 * p.total.saturating_sub(p.done) as f64);
-                if let Some(tx) = events.upgrade() {
-                    let _ = tx.send(Event::Progress { idx, progress: p, eta_s });
-                }
-            };
-            let mut ctx = RunContext {
-                params: &inst.params,
-                inputs: &inputs,
-                out_dir: &out_dir,
-                base_dir: &self.input.base_dir,
-                seed: self.input.seed,
-                backend: &self.backend,
-                device: self.device,
-                planned_data: &self.key.files,
-                log: &mut log,
-                progress: &mut progress,
-            };
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(&mut ctx)))
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        let log_path = self.store.log_path(&self.digest).map_err(|e| cache_fail(e.to_string()))?;
-        let log_text = log_lines.join("\n") + "\n";
-        let outcome = match result {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => {
-                let text = format!("{log_text}error: {e}\n");
-                let _ = self.store.write_atomic(&log_path, text.as_bytes());
-                return Err(JobError { msg: format!("{label}: {e}"), log: Some(log_path), cache: false });
-            }
-            Err(_) => {
-                let _ = self.store.write_atomic(&log_path, format!("{log_text}error: stage panicked\n").as_bytes());
-                return Err(JobError {
-                    msg: format!("{label}: stage panicked (a bug in camflow); see the log"),
-                    log: Some(log_path),
-                    cache: false,
-                });
-            }
-        };
-        let mut outputs = BTreeMap::new();
-        for f in &outcome.files {
-            if !out_dir.join(f).is_file() {
-                return Err(fail(format!("the stage did not write its output `{f}`")));
-            }
-            let r = self.store.put_file(&out_dir.join(f)).map_err(|e| cache_fail(format!("storing output `{f}`: {e}")))?;
-            outputs.insert(f.clone(), r);
-        }
-        let _ = self.store.write_atomic(&log_path, log_text.as_bytes());
-        let rec = ActionRecord {
-            key: self.digest.clone(),
-            label: label.clone(),
-            kind: inst.kind.clone(),
-            key_inputs: self.key.clone(),
-            outputs,
-            metrics: outcome.metrics,
-            duration_s: seconds,
-            camflow_version: env!("CARGO_PKG_VERSION").to_string(),
-            backend: self.backend.clone(),
-            bitwise_deterministic: self.deterministic,
-            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        };
-        self.store.write_record(&rec).map_err(|e| cache_fail(format!("writing cache record: {e}")))?;
-        let _ = self
-            .store
-            .write_sidecar(&self.input.pipeline, &Sidecar { label: label.clone(), key: self.digest.clone(), key_inputs: self.key.clone() });
-        Ok(Done::Ran(rec, seconds))
-    }
 }
 
 pub fn default_jobs() -> u32 {
