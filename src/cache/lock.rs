@@ -312,6 +312,8 @@ impl CacheLeases {
                 if let Some(run) = run
                     && !self.gc_live()?
                 {
+                    // Sweep the leases of killed runs, so they do not pile up between gcs.
+                    let _ = self.live_runs();
                     return Ok(Some(run));
                 }
             }
