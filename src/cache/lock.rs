@@ -169,6 +169,8 @@ pub fn mode_for(root: &Path) -> StoreResult<Locking> {
 enum Held {
     Flock(#[allow(dead_code)] File),
     Lease(#[allow(dead_code)] Lease),
+    /// A reader of a cache it cannot write, in lease mode (see `CacheLeases::shared`).
+    Nothing,
 }
 
 fn lease_io(p: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -264,7 +266,11 @@ impl CacheLeases {
         locks_dir_ok(&runs)?;
         locks_dir_ok(&runs.join("x"))?;
         if std::fs::symlink_metadata(&runs).is_err() {
-            std::fs::create_dir_all(&runs).map_err(io_at(&runs))?;
+            match std::fs::create_dir_all(&runs) {
+                // A cache this user cannot write: it may still read (see `shared`).
+                Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) => {}
+                r => r.map_err(io_at(&runs))?,
+            }
         }
         Ok(CacheLeases { gc: locks.join("gc.lease"), runs, scratch: lease_scratch(root), ttl: lease::ttl() })
     }
@@ -300,13 +306,20 @@ impl CacheLeases {
         Ok(live)
     }
 
-    fn shared(&self, wait: bool) -> StoreResult<Option<Lease>> {
+    fn shared(&self, wait: bool) -> StoreResult<Option<Held>> {
         loop {
             if !self.gc_live()? {
                 let name = format!("{}-{}-{}.lease", sanitize(&Owner::me().host), std::process::id(), unique_suffix());
                 let p = self.runs.join(name);
                 let me = Owner::me();
-                let run = Lease::try_create(&p, &self.scratch, &me, self.ttl).map_err(lease_io(&p))?;
+                let run = match Lease::try_create(&p, &self.scratch, &me, self.ttl) {
+                    Ok(run) => run,
+                    // A cache this user cannot write (a read-only mount, another user's cache):
+                    // it can only read, and reads are verified, so it goes on without a lease,
+                    // as a read-only `flock` holder would.
+                    Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) => return Ok(Some(Held::Nothing)),
+                    Err(e) => return Err(lease_io(&p)(e)),
+                };
                 // Looked at again after creating ours: a gc that started meanwhile sees our lease
                 // or we see its.
                 if let Some(run) = run
@@ -314,7 +327,7 @@ impl CacheLeases {
                 {
                     // Sweep the leases of killed runs, so they do not pile up between gcs.
                     let _ = self.live_runs();
-                    return Ok(Some(run));
+                    return Ok(Some(Held::Lease(run)));
                 }
             }
             if !wait {
@@ -366,8 +379,8 @@ impl CacheLock {
     pub fn take_in(root: &Path, mode: Locking, shared: bool, wait: bool) -> StoreResult<Option<CacheLock>> {
         if mode == Locking::Lease {
             let leases = CacheLeases::of(root)?;
-            let l = if shared { leases.shared(wait)? } else { leases.exclusive(wait)? };
-            return Ok(l.map(|l| CacheLock { _held: Held::Lease(l) }));
+            let l = if shared { leases.shared(wait)? } else { leases.exclusive(wait)?.map(Held::Lease) };
+            return Ok(l.map(|l| CacheLock { _held: l }));
         }
         let p = Self::path(root);
         let file = open_lock_file(&p)?;
