@@ -7,8 +7,8 @@
 //!
 //! ```text
 //! camflow lease v1
-//! host=node17            who holds it (hostname and boot id: a rebooted host is another host)
-//! boot=0c2f…
+//! host=node17            who holds it (hostname, boot id and pid namespace: a rebooted host,
+//! boot=0c2f…/pid:[4026…]   or a container with its own pids, is another host)
 //! pid=4242               its process, and the process's start time (a reused pid is not it)
 //! pid_start=881234
 //! job=123456             $SLURM_JOB_ID, for humans
@@ -105,7 +105,8 @@ fn now_ms() -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub host: String,
-    /// `/proc/sys/kernel/random/boot_id`: empty where unknown.
+    /// `/proc/sys/kernel/random/boot_id` and the pid namespace (`/proc/self/ns/pid`): empty
+    /// parts where unknown.
     pub boot: String,
     pub pid: u32,
     /// The process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22); 0
@@ -142,7 +143,7 @@ impl Owner {
         let pid = std::process::id();
         Owner {
             host: one_line(&hostname()),
-            boot: one_line(&read_trimmed("/proc/sys/kernel/random/boot_id")),
+            boot: one_line(&boot_and_pid_namespace()),
             pid,
             pid_start: proc_start(pid).map(|s| s.0).unwrap_or(0),
             job: one_line(&std::env::var("SLURM_JOB_ID").unwrap_or_default()),
@@ -180,6 +181,13 @@ impl Owner {
             w = BEAT_DIGITS
         )
     }
+}
+
+/// The boot id and the pid namespace: pids are only comparable within one boot of one kernel
+/// and one pid namespace (a container sharing the host's name and kernel is another "host").
+fn boot_and_pid_namespace() -> String {
+    let ns = std::fs::read_link("/proc/self/ns/pid").map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{}/{ns}", read_trimmed("/proc/sys/kernel/random/boot_id"))
 }
 
 fn hostname() -> String {
