@@ -267,7 +267,10 @@ pub fn read(p: &Path) -> std::io::Result<Option<Seen>> {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) => {
-            return Err(std::io::Error::new(e.kind(), "is a symbolic link, not a lease (links in the cache are never followed); remove it"));
+            return Err(std::io::Error::new(
+                e.kind(),
+                "is a symbolic link, not a lease (links in the cache are never followed); remove it",
+            ));
         }
         Err(e) => return Err(e),
     };

@@ -317,7 +317,9 @@ impl CacheLeases {
                     // A cache this user cannot write (a read-only mount, another user's cache):
                     // it can only read, and reads are verified, so it goes on without a lease,
                     // as a read-only `flock` holder would.
-                    Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) => return Ok(Some(Held::Nothing)),
+                    Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) => {
+                        return Ok(Some(Held::Nothing));
+                    }
                     Err(e) => return Err(lease_io(&p)(e)),
                 };
                 // Looked at again after creating ours: a gc that started meanwhile sees our lease
@@ -353,7 +355,14 @@ impl CacheLeases {
 }
 
 fn unknown_owner(p: &Path) -> Owner {
-    Owner { host: format!("(unreadable lease {})", p.display()), boot: String::new(), pid: 0, pid_start: 0, job: String::new(), started_ms: 0 }
+    Owner {
+        host: format!("(unreadable lease {})", p.display()),
+        boot: String::new(),
+        pid: 0,
+        pid_start: 0,
+        job: String::new(),
+        started_ms: 0,
+    }
 }
 
 fn unique_suffix() -> String {
@@ -423,10 +432,16 @@ impl CacheLock {
             && let Ok(live) = leases.live_runs()
             && !live.is_empty()
         {
-            let who: Vec<String> = live
-                .iter()
-                .map(|o| if o.job.is_empty() { format!("{} pid {}", o.host, o.pid) } else { format!("{} pid {} job {}", o.host, o.pid, o.job) })
-                .collect();
+            let who: Vec<String> =
+                live.iter()
+                    .map(|o| {
+                        if o.job.is_empty() {
+                            format!("{} pid {}", o.host, o.pid)
+                        } else {
+                            format!("{} pid {} job {}", o.host, o.pid, o.job)
+                        }
+                    })
+                    .collect();
             return format!("run leases in {}: {}", leases.runs.display(), who.join(", "));
         }
         Self::path(root).display().to_string()

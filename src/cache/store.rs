@@ -447,10 +447,13 @@ impl Store {
     /// ([`Store::put_file`]). A scratch folder abandoned on a node's local disk can only be
     /// cleaned by a later run on that node (or by Slurm, which removes a job's `$TMPDIR`).
     pub fn scratch_base(&self) -> PathBuf {
-        let outside = self.scratch.clone().or_else(|| std::env::var_os("CAMFLOW_SCRATCH").filter(|v| !v.is_empty()).map(PathBuf::from)).or_else(|| {
-            let tmp = std::env::var_os("TMPDIR").filter(|v| !v.is_empty()).map(PathBuf::from)?;
-            (std::env::var_os("SLURM_JOB_ID").is_some() && !same_filesystem(&tmp, &self.root)).then_some(tmp)
-        });
+        let outside =
+            self.scratch.clone().or_else(|| std::env::var_os("CAMFLOW_SCRATCH").filter(|v| !v.is_empty()).map(PathBuf::from)).or_else(
+                || {
+                    let tmp = std::env::var_os("TMPDIR").filter(|v| !v.is_empty()).map(PathBuf::from)?;
+                    (std::env::var_os("SLURM_JOB_ID").is_some() && !same_filesystem(&tmp, &self.root)).then_some(tmp)
+                },
+            );
         match outside {
             Some(dir) => {
                 let root = fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
@@ -1242,7 +1245,8 @@ mod tests {
         s.write_record(&rec).unwrap();
         let shard = s.object_path(&rec.outputs["out"].digest).unwrap().parent().unwrap().to_path_buf();
         let silly = ".nfs000000000012345600000001";
-        let places = [shard.join(silly), d.path().join("objects").join(silly), d.path().join("actions").join(silly), s.tmp_dir().join(silly)];
+        let places =
+            [shard.join(silly), d.path().join("objects").join(silly), d.path().join("actions").join(silly), s.tmp_dir().join(silly)];
         for p in &places {
             fs::write(p, b"deleted while open").unwrap();
             let f = fs::File::options().write(true).open(p).unwrap();

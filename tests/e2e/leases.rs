@@ -41,6 +41,8 @@ fn start_training(p: &Project) -> (Child, Lines) {
             return (child, lines);
         }
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("train never started: {seen:?}");
 }
 
@@ -77,7 +79,12 @@ fn two_lease_mode_runs_compute_every_key_once() {
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().expect("a"), b.wait_with_output().expect("b"));
     let (sa, sb) = (String::from_utf8_lossy(&a.stdout), String::from_utf8_lossy(&b.stdout));
-    assert!(a.status.success() && b.status.success(), "{sa}\n{}\n{sb}\n{}", String::from_utf8_lossy(&a.stderr), String::from_utf8_lossy(&b.stderr));
+    assert!(
+        a.status.success() && b.status.success(),
+        "{sa}\n{}\n{sb}\n{}",
+        String::from_utf8_lossy(&a.stderr),
+        String::from_utf8_lossy(&b.stderr)
+    );
     // Every key computed exactly once between the two processes; the other reused or found it.
     assert_eq!(summary(&sa, "ran") + summary(&sb, "ran"), 13, "{sa}\n{sb}");
     for s in [&sa, &sb] {
