@@ -71,17 +71,30 @@ pub fn set_ttl(ttl: Duration) {
     TTL_MS.store(ttl.as_millis().clamp(1, u64::MAX as u128) as u64, Ordering::Relaxed);
 }
 
-/// The lease TTL: [`set_ttl`], else `CAMFLOW_LEASE_TTL` (seconds, may be fractional), else 60 s.
-pub fn ttl() -> Duration {
+/// The lease TTL: [`set_ttl`], else `CAMFLOW_LEASE_TTL` (seconds, may be fractional), else 60 s;
+/// an error naming the variable when it is not a positive number.
+pub fn checked_ttl() -> Result<Duration, String> {
     match TTL_MS.load(Ordering::Relaxed) {
-        0 => std::env::var("CAMFLOW_LEASE_TTL")
-            .ok()
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(Duration::from_secs_f64)
-            .unwrap_or(DEFAULT_TTL),
-        ms => Duration::from_millis(ms),
+        0 => match std::env::var("CAMFLOW_LEASE_TTL") {
+            Err(_) => Ok(DEFAULT_TTL),
+            Ok(v) => parse_ttl(&v),
+        },
+        ms => Ok(Duration::from_millis(ms)),
     }
+}
+
+fn parse_ttl(v: &str) -> Result<Duration, String> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("CAMFLOW_LEASE_TTL={v:?}: expected a number of seconds above 0, such as 60"))
+}
+
+/// [`checked_ttl`], with the default where the setting is bad (`lock::mode_for` reports it).
+pub fn ttl() -> Duration {
+    checked_ttl().unwrap_or(DEFAULT_TTL)
 }
 
 /// How often a holder refreshes its heartbeat: six beats per TTL, so a few slow writes on a
@@ -721,6 +734,14 @@ mod tests {
         let e = Lease::acquire(&p, &d.tmp, Duration::from_millis(1), false).err().expect("refused").to_string();
         assert!(e.contains("symbolic link"), "{e}");
         assert!(victim.exists());
+    }
+
+    #[test]
+    fn the_ttl_setting_is_checked() {
+        assert_eq!(parse_ttl("1.5"), Ok(Duration::from_millis(1500)));
+        for bad in ["0", "-3", "soon", "inf", ""] {
+            assert!(parse_ttl(bad).unwrap_err().contains("CAMFLOW_LEASE_TTL"), "{bad}");
+        }
     }
 
     #[test]

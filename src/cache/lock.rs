@@ -157,12 +157,16 @@ pub fn on_nfs(root: &Path) -> bool {
 
 /// The locking used for the cache at `root`: [`Locking::Flock`] or [`Locking::Lease`].
 pub fn mode_for(root: &Path) -> StoreResult<Locking> {
-    let s = setting().map_err(|m| StoreError::Io { path: root.to_path_buf(), source: std::io::Error::other(m) })?;
-    Ok(match s {
+    let bad = |m: String| StoreError::Io { path: root.to_path_buf(), source: std::io::Error::other(m) };
+    let mode = match setting().map_err(bad)? {
         Locking::Auto if on_nfs(root) => Locking::Lease,
         Locking::Auto => Locking::Flock,
         m => m,
-    })
+    };
+    if mode == Locking::Lease {
+        lease::checked_ttl().map_err(bad)?;
+    }
+    Ok(mode)
 }
 
 /// What holds a lock: a locked file, or a lease file.

@@ -189,4 +189,32 @@ fn a_bad_locking_setting_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(stderr.contains("CAMFLOW_LOCKING=\"nfs\": expected flock, lease or auto"), "{stderr}");
+    let mut c = lease_cmd(&p, &["run", p.pipeline().to_str().unwrap()]);
+    c.env("CAMFLOW_LEASE_TTL", "soon");
+    let out = c.output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("CAMFLOW_LEASE_TTL=\"soon\": expected a number of seconds"), "{stderr}");
+}
+
+/// Scratch on another filesystem (a tmpfs): outputs are copied into the cache whole, the
+/// results are those of a run with scratch in the cache, and no scratch folder is left.
+#[cfg(target_os = "linux")]
+#[test]
+fn scratch_on_another_filesystem_gives_the_same_results() {
+    let local = Project::new(TINY);
+    local.run(&[]).ok();
+    let p = Project::new(TINY);
+    let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm exists on Linux");
+    let out = lease_cmd(&p, &["run", p.pipeline().to_str().unwrap()]).env("CAMFLOW_SCRATCH", shm.path()).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(summary(&String::from_utf8_lossy(&out.stdout), "ran"), 13);
+    let read = |p: &Project| std::fs::read_to_string(p.path().join("p.lock.yaml")).expect("lock file");
+    assert_eq!(read(&p), read(&local), "same lock file with node-local scratch");
+    // Only the cache's own scratch subfolder was made out there, and it is empty again.
+    let made: Vec<std::path::PathBuf> = std::fs::read_dir(shm.path()).expect("scratch").flatten().map(|e| e.path()).collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert!(made[0].file_name().is_some_and(|n| n.to_string_lossy().starts_with("camflow-")));
+    assert_eq!(std::fs::read_dir(&made[0]).expect("cache scratch").count(), 0);
+    verify_clean(&p);
 }
