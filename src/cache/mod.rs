@@ -2,6 +2,7 @@
 
 pub mod file_digests;
 pub mod key;
+pub mod lease;
 pub mod lock;
 pub mod store;
 

@@ -10,8 +10,16 @@
 //! logs/<key>.log       each run's stage log
 //! tmp/                 scratch space; everything is written here first, then renamed
 //! ```
-//! Every write is atomic: a temporary file in `tmp/`, fsync, rename. A record is written
-//! only after all its objects exist, so after a crash an entry is either whole or absent.
+//! Every write is atomic: a temporary file in `tmp/`, fsync, then a new name. Objects and
+//! records are published with `link()`, which never replaces: an object is never rewritten
+//! (a reader on another NFS client would get ESTALE), and a record is first-writer-wins
+//! ([`Store::publish_record`]); only a `--force`d rerun replaces a record, by rename. A record
+//! is written only after all its objects exist, so after a crash an entry is either whole or
+//! absent. Scratch folders may live on node-local storage ([`Store::scratch_base`]); their
+//! outputs are copied into `tmp/` before they are published, so an object is never partial.
+//!
+//! NFS silly-rename files (`.nfs…`: a file deleted while a client still had it open) may
+//! appear in any folder; nothing here reports, lists or deletes them.
 //! Objects are checked cheaply on lookup (size and mtime against the record) and fully
 //! (SHA-256) when read or when `verify` runs; a mismatch deletes the object so the stage reruns.
 //!
@@ -40,6 +48,7 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 use super::key::CacheKey;
+use super::lease::is_nfs_silly;
 
 /// How long `gc` and a starting `run` leave alone an entry of `tmp/`, or an object no record
 /// references yet, that no lock says is abandoned: it may belong to a process that does not
@@ -195,10 +204,88 @@ const SUBDIRS: [&str; 6] = ["objects", "actions", "names", "locks", "logs", "tmp
 #[derive(Debug, Clone)]
 pub struct Store {
     pub root: PathBuf,
+    /// Where scratch folders go when not in the cache's `tmp/` ([`Store::with_scratch`]).
+    scratch: Option<PathBuf>,
+}
+
+/// What [`Store::publish_record`] did.
+#[derive(Debug)]
+pub enum Published {
+    /// This record is now the key's record.
+    Written,
+    /// Another writer published a valid record for the key first; it is kept, and here it is.
+    Kept(Box<ActionRecord>),
+}
+
+fn is_cross_device(e: &std::io::Error) -> bool {
+    e.kind() == ErrorKind::CrossesDevices || e.raw_os_error() == Some(18)
+}
+
+/// A filesystem that cannot make hard links (EPERM, EOPNOTSUPP, ENOSYS, EMLINK).
+fn link_unsupported(e: &std::io::Error) -> bool {
+    e.kind() == ErrorKind::Unsupported || matches!(e.raw_os_error(), Some(1 | 95 | 38 | 31))
+}
+
+#[cfg(unix)]
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::symlink_metadata(a), fs::symlink_metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &Path, _: &Path) -> bool {
+    false
+}
+
+/// Gives the complete file `staged` the name `dest` unless `dest` exists: `Ok(true)` when it
+/// did, `Ok(false)` when something was already there (it is left alone). `link()` never
+/// replaces, on NFS too, so two writers of one name cannot both win, and a reader on another
+/// host never has the file it opened replaced under it (which NFS answers with ESTALE). A lost
+/// NFS reply that turns a successful link into EEXIST is recognised by the inode. Where links
+/// are not supported, a rename after a look (the window between them is the old behaviour).
+fn publish_no_replace(staged: &Path, dest: &Path) -> std::io::Result<bool> {
+    match fs::hard_link(staged, dest) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(same_file(staged, dest)),
+        Err(e) if link_unsupported(&e) => {
+            if fs::symlink_metadata(dest).is_ok() {
+                return Ok(false);
+            }
+            fs::rename(staged, dest)?;
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn mtime_ns(meta: &fs::Metadata) -> u128 {
     meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+/// Syncs a finished file and makes it read-only for everyone who may read it (the umask
+/// already chose who that is): objects are never written after they are stored.
+fn make_read_only(p: &Path) -> StoreResult<()> {
+    let f = fs::File::open(p).map_err(io(p))?;
+    f.sync_all().map_err(io(p))?;
+    let mut perm = f.metadata().map_err(io(p))?.permissions();
+    perm.set_readonly(true);
+    fs::set_permissions(p, perm).map_err(io(p))
+}
+
+/// True when `a` and `b` are on one filesystem (unknown counts as one: the cache's own tmp/).
+fn same_filesystem(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (fs::metadata(a), fs::metadata(b)) {
+            return x.dev() == y.dev();
+        }
+    }
+    let _ = (a, b);
+    true
 }
 
 pub fn hash_file(path: &Path) -> StoreResult<String> {
@@ -268,7 +355,7 @@ enum ObjectProblem {
 impl Store {
     pub fn open(root: &Path) -> StoreResult<Store> {
         fs::create_dir_all(root).map_err(io(root))?;
-        let store = Store { root: root.to_path_buf() };
+        let store = Store { root: root.to_path_buf(), scratch: None };
         store.check_layout()?;
         Ok(store)
     }
@@ -313,14 +400,20 @@ impl Store {
         self.root.join("tmp")
     }
 
-    /// Writes `bytes` to `dest` atomically (tmp file in the cache, fsync, rename).
-    pub fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> StoreResult<()> {
+    /// A new empty file in the cache's `tmp/`, with the umask's permissions.
+    fn new_tmp_file(&self) -> StoreResult<tempfile::NamedTempFile> {
         let tmpdir = self.tmp_dir();
         real_dir_or_absent(&tmpdir)?;
         let mut b = tempfile::Builder::new();
         #[cfg(unix)]
         b.permissions(umask_mode(0o666));
-        let mut tmp = b.tempfile_in(&tmpdir).map_err(io(&tmpdir))?;
+        b.tempfile_in(&tmpdir).map_err(io(&tmpdir))
+    }
+
+    /// `bytes` in a complete, synced file in `tmp/`, ready to be given `dest`'s name (whose
+    /// folder is created).
+    fn staged(&self, dest: &Path, bytes: &[u8]) -> StoreResult<tempfile::NamedTempFile> {
+        let mut tmp = self.new_tmp_file()?;
         tmp.write_all(bytes).map_err(io(dest))?;
         tmp.as_file().sync_all().map_err(io(dest))?;
         if let Some(parent) = dest.parent()
@@ -328,15 +421,57 @@ impl Store {
         {
             fs::create_dir_all(parent).map_err(io(parent))?;
         }
+        Ok(tmp)
+    }
+
+    /// Writes `bytes` to `dest` atomically (tmp file in the cache, fsync, rename).
+    pub fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> StoreResult<()> {
+        let tmp = self.staged(dest, bytes)?;
         tmp.persist(dest).map_err(|e| StoreError::Io { path: dest.to_path_buf(), source: e.error })?;
         Ok(())
+    }
+
+    /// The same store with scratch folders under `dir` (node-local storage) instead of the
+    /// cache's `tmp/`; see [`Store::scratch_base`].
+    pub fn with_scratch(mut self, dir: PathBuf) -> Store {
+        self.scratch = Some(dir);
+        self
+    }
+
+    /// The folder scratch folders go in: [`Store::with_scratch`], else `CAMFLOW_SCRATCH`, else
+    /// under Slurm (`SLURM_JOB_ID` set) `$TMPDIR` when it is on another filesystem than the
+    /// cache (node-local disk: faster, and no NFS traffic for files that are thrown away),
+    /// else the cache's `tmp/`. Outside the cache, scratch folders go in a subfolder named
+    /// after the cache (`camflow-<hash of its path>`), so two caches sharing one scratch disk
+    /// never clean each other's. Outputs are copied into the cache when stored
+    /// ([`Store::put_file`]). A scratch folder abandoned on a node's local disk can only be
+    /// cleaned by a later run on that node (or by Slurm, which removes a job's `$TMPDIR`).
+    pub fn scratch_base(&self) -> PathBuf {
+        let outside =
+            self.scratch.clone().or_else(|| std::env::var_os("CAMFLOW_SCRATCH").filter(|v| !v.is_empty()).map(PathBuf::from)).or_else(
+                || {
+                    let tmp = std::env::var_os("TMPDIR").filter(|v| !v.is_empty()).map(PathBuf::from)?;
+                    (std::env::var_os("SLURM_JOB_ID").is_some() && !same_filesystem(&tmp, &self.root)).then_some(tmp)
+                },
+            );
+        match outside {
+            Some(dir) => {
+                let root = fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
+                let h = super::key::sha256_hex(root.as_os_str().as_encoded_bytes());
+                dir.join(format!("camflow-{}", &h[..16]))
+            }
+            None => self.tmp_dir(),
+        }
     }
 
     /// A scratch folder for one run of `key`, created while its key lock is held: its name
     /// says which key, so a starting run can tell an abandoned one (key lock free) from one in use.
     pub fn scratch_dir(&self, key: &str) -> StoreResult<tempfile::TempDir> {
         let k = checked("cache key", key)?;
-        let tmpdir = self.tmp_dir();
+        let tmpdir = self.scratch_base();
+        if tmpdir != self.tmp_dir() && !real_dir_or_absent(&tmpdir)? {
+            fs::create_dir_all(&tmpdir).map_err(io(&tmpdir))?;
+        }
         real_dir_or_absent(&tmpdir)?;
         let prefix = format!("run-{k}-");
         let mut b = tempfile::Builder::new();
@@ -347,25 +482,57 @@ impl Store {
     }
 
     /// Moves a finished output file into the store; returns its reference. An object that
-    /// already exists is never written again.
+    /// already exists is never written again, nor replaced (see [`publish_no_replace`]). A
+    /// file on another filesystem (node-local scratch) is first copied into the cache's
+    /// `tmp/`, hashed as it is copied: a copy cut short is never an object.
     pub fn put_file(&self, src: &Path) -> StoreResult<ObjectRef> {
         let digest = hash_file(src)?;
         let dest = self.object_file(&digest)?;
-        if !dest.exists() {
-            let f = fs::File::open(src).map_err(io(src))?;
-            f.sync_all().map_err(io(src))?;
-            // Read-only for everyone who may read it: the umask already chose who that is.
-            let mut perm = f.metadata().map_err(io(src))?.permissions();
-            perm.set_readonly(true);
-            fs::set_permissions(src, perm).map_err(io(src))?;
+        if fs::symlink_metadata(&dest).is_err() {
+            make_read_only(src)?;
             if let Some(parent) = dest.parent() {
                 fs::create_dir_all(parent).map_err(io(parent))?;
             }
-            // src lives in the cache's tmp/, on the same filesystem: rename is atomic.
-            fs::rename(src, &dest).map_err(io(&dest))?;
+            match publish_no_replace(src, &dest) {
+                Ok(_) => {}
+                Err(e) if is_cross_device(&e) => self.copy_in(src, &digest, &dest)?,
+                Err(e) => return Err(StoreError::Io { path: dest, source: e }),
+            }
         }
-        let meta = fs::metadata(&dest).map_err(io(&dest))?;
+        // Moved, not copied: the caller's file is gone (its scratch folder goes anyway).
+        let _ = fs::remove_file(src);
+        let meta = fs::symlink_metadata(&dest).map_err(io(&dest))?;
+        if !meta.is_file() {
+            return Err(StoreError::NotAFile(digest));
+        }
         Ok(ObjectRef { digest, size: meta.len(), mtime_ns: mtime_ns(&meta) })
+    }
+
+    /// Copies `src` (on another filesystem) into `tmp/`, checks it hashes to `digest`, then
+    /// publishes it as `dest`.
+    fn copy_in(&self, src: &Path, digest: &str, dest: &Path) -> StoreResult<()> {
+        let mut tmp = self.new_tmp_file()?;
+        let mut from = fs::File::open(src).map_err(io(src))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = from.read(&mut buf).map_err(io(src))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            tmp.write_all(&buf[..n]).map_err(io(tmp.path()))?;
+        }
+        let copied = hex::encode(h.finalize());
+        if copied != digest {
+            return Err(StoreError::Io {
+                path: src.to_path_buf(),
+                source: std::io::Error::other(format!("changed while it was stored (hashed {}, copied {})", short(digest), short(&copied))),
+            });
+        }
+        make_read_only(tmp.path())?;
+        publish_no_replace(tmp.path(), dest).map_err(io(dest))?;
+        Ok(())
     }
 
     /// Path of a verified object: its bytes are hashed; a mismatch removes it.
@@ -455,16 +622,51 @@ impl Store {
         self.try_lookup(key, full).unwrap_or_else(|e| Lookup::Corrupt(e.to_string()))
     }
 
-    /// Writes a record with its `record_digest`, atomically.
+    /// Writes a record with its `record_digest`, atomically, replacing any record of its key
+    /// (last writer wins): what a `--force`d rerun needs. Everything else publishes with
+    /// [`Store::publish_record`].
     pub fn write_record(&self, rec: &ActionRecord) -> StoreResult<()> {
         let path = self.record_path(&rec.key)?;
-        let mut v = serde_json::to_value(rec).map_err(|e| StoreError::Io { path: path.clone(), source: std::io::Error::other(e) })?;
+        let bytes = self.record_bytes(rec, &path)?;
+        self.write_atomic(&path, &bytes)
+    }
+
+    /// The bytes of a record file: its JSON with its `record_digest`.
+    fn record_bytes(&self, rec: &ActionRecord, path: &Path) -> StoreResult<Vec<u8>> {
+        let mut v = serde_json::to_value(rec).map_err(|e| StoreError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
         let digest = record_content_digest(&v);
         if let Json::Object(m) = &mut v {
             m.insert(RECORD_DIGEST_FIELD.to_string(), Json::String(digest));
         }
-        let bytes = serde_json::to_vec_pretty(&v).expect("record serialises");
-        self.write_atomic(&path, &bytes)
+        Ok(serde_json::to_vec_pretty(&v).expect("record serialises"))
+    }
+
+    /// Publishes a record first-writer-wins: if the key already has a valid record (another
+    /// process, on another host, finished it first) that one is kept and returned, and this
+    /// one is dropped; a corrupt one is replaced atomically. Use it for every record but a
+    /// `--force`d rerun's, which must replace the old one ([`Store::write_record`]). Without a
+    /// lock that excludes other hosts (a lease lost to a stalled node), two writers of one key
+    /// thus agree on one record, and whoever lost uses the winner's outputs.
+    pub fn publish_record(&self, rec: &ActionRecord) -> StoreResult<Published> {
+        let path = self.record_path(&rec.key)?;
+        let bytes = self.record_bytes(rec, &path)?;
+        // A record removed between our link and our look (gc, verify) is simply tried again.
+        for _ in 0..8 {
+            let tmp = self.staged(&path, &bytes)?;
+            if publish_no_replace(tmp.path(), &path).map_err(io(&path))? {
+                return Ok(Published::Written);
+            }
+            match self.load_record(&rec.key) {
+                Ok(Some(existing)) => return Ok(Published::Kept(Box::new(existing))),
+                Ok(None) => continue,
+                Err(RecordError::Invalid { .. }) => {
+                    tmp.persist(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e.error })?;
+                    return Ok(Published::Written);
+                }
+                Err(RecordError::Io(e)) => return Err(e),
+            }
+        }
+        Err(StoreError::Io { path, source: std::io::Error::other("the record kept disappearing while it was published") })
     }
 
     /// Removes a record so that an interrupted rerun can never look fresh.
@@ -501,8 +703,10 @@ impl Store {
         let dir = self.root.join("actions");
         let mut out = Vec::new();
         if let Ok(rd) = fs::read_dir(&dir) {
-            let mut paths: Vec<PathBuf> =
-                rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "json")).collect();
+            let mut paths: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "json") && !p.file_name().is_some_and(is_nfs_silly))
+                .collect();
             paths.sort();
             for p in paths {
                 let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_string();
@@ -527,7 +731,9 @@ impl Store {
         self.scan_objects().0
     }
 
-    /// What lies in `objects/` that is not an object: a wrong name, a link, a folder.
+    /// What lies in `objects/` that is not an object: a wrong name, a link, a folder. NFS
+    /// silly-rename files (`.nfs…`, an object deleted while open on some host) are not listed:
+    /// they vanish by themselves.
     pub fn strays(&self) -> Vec<PathBuf> {
         self.scan_objects().1
     }
@@ -537,13 +743,16 @@ impl Store {
         let dir = self.root.join("objects");
         if let Ok(rd) = fs::read_dir(&dir) {
             for sub in rd.filter_map(|e| e.ok()) {
+                if is_nfs_silly(&sub.file_name()) {
+                    continue;
+                }
                 if !sub.file_type().is_ok_and(|t| t.is_dir()) {
                     strays.push(sub.path());
                     continue;
                 }
                 let prefix = sub.file_name().to_string_lossy().into_owned();
                 if let Ok(rd2) = fs::read_dir(sub.path()) {
-                    for f in rd2.filter_map(|e| e.ok()) {
+                    for f in rd2.filter_map(|e| e.ok()).filter(|f| !is_nfs_silly(&f.file_name())) {
                         let digest = format!("{prefix}{}", f.file_name().to_string_lossy());
                         match f.metadata() {
                             Ok(m) if m.file_type().is_file() && is_digest(&digest) && prefix.len() == 2 => {
@@ -562,16 +771,29 @@ impl Store {
 
     /// Removes what interrupted runs left in `tmp/`: a scratch folder `run-<key>-…` whose key
     /// lock is free (no live run owns it, since one is created and used only under its key
-    /// lock), and any other entry older than `grace`. Returns how many entries were removed.
+    /// lock), and any other entry older than `grace`. Scratch folders of this cache outside it
+    /// ([`Store::scratch_base`]) are cleaned by the first rule only. NFS silly-rename files are
+    /// never touched: deleting one breaks the process that still has it open, and it vanishes
+    /// when that process closes it. Returns how many entries were removed.
     pub fn clean_tmp(&self, grace: Duration) -> usize {
-        // A tmp/ that is a link is never listed: its entries are outside the cache.
-        if !real_dir_or_absent(&self.tmp_dir()).unwrap_or(false) {
+        let base = self.scratch_base();
+        let outside = (base != self.tmp_dir()).then_some(base);
+        self.clean_dir(&self.tmp_dir(), Some(grace)) + outside.map_or(0, |d| self.clean_dir(&d, None))
+    }
+
+    /// [`Store::clean_tmp`] for one folder; `grace: None` leaves everything but scratch folders.
+    fn clean_dir(&self, dir: &Path, grace: Option<Duration>) -> usize {
+        // A folder that is a link is never listed: its entries are elsewhere.
+        if !real_dir_or_absent(dir).unwrap_or(false) {
             return 0;
         }
-        let Ok(rd) = fs::read_dir(self.tmp_dir()) else { return 0 };
+        let Ok(rd) = fs::read_dir(dir) else { return 0 };
         let now = SystemTime::now();
         let mut removed = 0;
         for e in rd.flatten() {
+            if is_nfs_silly(&e.file_name()) {
+                continue;
+            }
             let p = e.path();
             let Ok(meta) = fs::symlink_metadata(&p) else { continue };
             let name = e.file_name().to_string_lossy().into_owned();
@@ -584,7 +806,7 @@ impl Store {
                     _key_lock = super::lock::KeyLock::try_acquire(&self.root, k).ok().flatten();
                     _key_lock.is_some()
                 }
-                _ => meta.modified().ok().and_then(|m| now.duration_since(m).ok()).is_some_and(|age| age > grace),
+                _ => grace.is_some_and(|g| meta.modified().ok().and_then(|m| now.duration_since(m).ok()).is_some_and(|age| age > g)),
             };
             if !abandoned {
                 continue;
@@ -896,5 +1118,144 @@ mod tests {
             assert!(e.contains(sub), "{e}");
         }
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 2);
+    }
+
+    /// Two records of one key that differ (a stage that is not bitwise deterministic).
+    fn rival_records(s: &Store) -> (ActionRecord, ActionRecord) {
+        let a = sample(s);
+        let mut b = a.clone();
+        b.metrics = serde_json::json!({"accuracy": 0.5});
+        (a, b)
+    }
+
+    #[test]
+    fn records_are_published_first_writer_wins() {
+        for _ in 0..10 {
+            let d = tempfile::tempdir().unwrap();
+            let s = Store::open(d.path()).unwrap();
+            let (a, b) = rival_records(&s);
+            let barrier = std::sync::Barrier::new(2);
+            let outcomes: Vec<(ActionRecord, Published)> = std::thread::scope(|sc| {
+                let hs: Vec<_> = [&a, &b]
+                    .into_iter()
+                    .map(|r| {
+                        let (s, barrier) = (&s, &barrier);
+                        sc.spawn(move || {
+                            barrier.wait();
+                            (r.clone(), s.publish_record(r).unwrap())
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let winners: Vec<&ActionRecord> = outcomes.iter().filter(|o| matches!(o.1, Published::Written)).map(|o| &o.0).collect();
+            assert_eq!(winners.len(), 1, "{outcomes:?}");
+            let stored = s.load_record(&a.key).unwrap().unwrap();
+            assert_eq!(&stored, winners[0], "the first writer's record stays");
+            for (_, p) in &outcomes {
+                if let Published::Kept(r) = p {
+                    assert_eq!(**r, stored, "the loser is handed the winner's record");
+                }
+            }
+            assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0, "no staged file left");
+        }
+    }
+
+    #[test]
+    fn a_forced_write_replaces_and_a_corrupt_record_is_replaced_by_a_publish() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let (a, b) = rival_records(&s);
+        assert!(matches!(s.publish_record(&a).unwrap(), Published::Written));
+        assert!(matches!(s.publish_record(&b).unwrap(), Published::Kept(r) if *r == a));
+        s.write_record(&b).unwrap();
+        assert_eq!(s.load_record(&a.key).unwrap().unwrap(), b, "--force replaces");
+        edit_record(&s, &a.key, false, |v| v["metrics"]["accuracy"] = Json::from(0.99));
+        assert!(matches!(s.publish_record(&a).unwrap(), Published::Written));
+        assert_eq!(s.load_record(&a.key).unwrap().unwrap(), a);
+    }
+
+    #[test]
+    fn one_object_stored_by_two_writers_at_once_is_written_once() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let srcs: Vec<PathBuf> = (0..4).map(|i| s.tmp_dir().join(format!("o{i}"))).collect();
+        for p in &srcs {
+            fs::write(p, b"same bytes").unwrap();
+        }
+        let refs: Vec<ObjectRef> = std::thread::scope(|sc| {
+            let hs: Vec<_> = srcs.iter().map(|p| sc.spawn(|| s.put_file(p).unwrap())).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(refs.windows(2).all(|w| w[0] == w[1]), "{refs:?}");
+        assert_eq!(s.objects().len(), 1);
+        assert!(s.verified_object(&refs[0]).is_ok());
+        assert!(srcs.iter().all(|p| !p.exists()), "moved into the store");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn scratch_on_another_filesystem_is_copied_in_whole() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // /dev/shm is a tmpfs on Linux: another filesystem than the temporary folder's disk.
+        let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm exists on Linux");
+        let d = tempfile::tempdir().unwrap();
+        assert_ne!(fs::metadata(shm.path()).unwrap().dev(), fs::metadata(d.path()).unwrap().dev(), "the test needs two filesystems");
+        let s = Store::open(d.path()).unwrap().with_scratch(shm.path().to_path_buf());
+        let key = "a".repeat(64);
+        let scratch = s.scratch_dir(&key).unwrap();
+        assert!(scratch.path().starts_with(shm.path()), "{}", scratch.path().display());
+        let out = scratch.path().join("out.bin");
+        fs::write(&out, vec![7u8; 300_000]).unwrap();
+        let r = s.put_file(&out).unwrap();
+        let obj = s.object_path(&r.digest).unwrap();
+        assert_eq!(fs::metadata(&obj).unwrap().dev(), fs::metadata(d.path()).unwrap().dev());
+        assert_eq!(r.size, 300_000);
+        assert!(s.verified_object(&r).is_ok() && !out.exists());
+        assert_eq!(fs::metadata(&obj).unwrap().permissions().mode() & 0o222, 0, "read-only");
+        assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0, "the copy became the object");
+        // An abandoned scratch folder out there is cleaned like one in tmp/ (its key lock is free).
+        let dead = s.scratch_dir(&key).unwrap().keep();
+        let held = super::super::lock::KeyLock::acquire(d.path(), &"b".repeat(64)).unwrap();
+        let live = s.scratch_dir(&"b".repeat(64)).unwrap();
+        assert_eq!(s.clean_tmp(GRACE), 2, "the abandoned one and the scratch folder the test kept open");
+        assert!(!dead.exists() && live.path().exists());
+        drop((held, scratch));
+    }
+
+    #[test]
+    fn a_copy_that_does_not_hash_to_its_digest_is_never_an_object() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let src = d.path().join("elsewhere");
+        fs::write(&src, b"changed bytes").unwrap();
+        let claimed = super::super::key::sha256_hex(b"original bytes");
+        let dest = s.object_path(&claimed).unwrap();
+        let e = s.copy_in(&src, &claimed, &dest).unwrap_err().to_string();
+        assert!(e.contains("changed while it was stored"), "{e}");
+        assert!(!dest.exists() && s.objects().is_empty());
+        assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn nfs_silly_rename_files_are_never_listed_reported_or_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let rec = sample(&s);
+        s.write_record(&rec).unwrap();
+        let shard = s.object_path(&rec.outputs["out"].digest).unwrap().parent().unwrap().to_path_buf();
+        let silly = ".nfs000000000012345600000001";
+        let places =
+            [shard.join(silly), d.path().join("objects").join(silly), d.path().join("actions").join(silly), s.tmp_dir().join(silly)];
+        for p in &places {
+            fs::write(p, b"deleted while open").unwrap();
+            let f = fs::File::options().write(true).open(p).unwrap();
+            f.set_modified(SystemTime::now() - 2 * GRACE).unwrap();
+        }
+        assert!(s.strays().is_empty(), "{:?}", s.strays());
+        assert_eq!(s.objects().len(), 1);
+        assert_eq!(s.records().len(), 1);
+        assert_eq!(s.clean_tmp(Duration::ZERO), 0);
+        assert!(places.iter().all(|p| p.exists()));
     }
 }

@@ -110,7 +110,7 @@ fn gc_lock(store: &Store, a: &GcArgs) -> Result<CacheLock> {
     Err(Error::Busy(format!(
         "cache {} is in use by a running `camflow run` (it holds {}); gc removed nothing: run it again when the run is over, or pass --wait",
         root.display(),
-        CacheLock::path(root).display()
+        CacheLock::holders(root)
     )))
 }
 

@@ -10,6 +10,7 @@ mod data_rules;
 mod fuzz_specs;
 mod guards;
 mod kill_loop;
+mod leases;
 mod pipelines;
 mod readme_examples;
 mod reference;
