@@ -4,6 +4,7 @@ pub mod file_digests;
 pub mod key;
 pub mod lock;
 pub mod store;
+pub mod verified;
 
 pub use key::{CacheKey, KEY_FORMAT};
 pub use lock::{CacheLock, KeyLock};

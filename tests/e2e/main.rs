@@ -15,6 +15,7 @@ mod readme_examples;
 mod reference;
 mod report;
 mod repro;
+mod scale;
 mod science;
 mod seeds;
 mod spec_errors;
