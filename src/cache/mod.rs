@@ -5,6 +5,7 @@ pub mod key;
 pub mod lease;
 pub mod lock;
 pub mod store;
+pub mod verified;
 
 pub use key::{CacheKey, KEY_FORMAT};
 pub use lock::{CacheLock, KeyLock};

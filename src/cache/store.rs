@@ -49,6 +49,7 @@ use sha2::{Digest, Sha256};
 
 use super::key::CacheKey;
 use super::lease::is_nfs_silly;
+use super::verified::{Stamp, Verified};
 
 /// How long `gc` and a starting `run` leave alone an entry of `tmp/`, or an object no record
 /// references yet, that no lock says is abandoned: it may belong to a process that does not
@@ -107,6 +108,36 @@ pub(crate) fn read_regular(p: &Path) -> Result<Option<Vec<u8>>, Result<&'static 
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Err(e)),
     }
+}
+
+/// [`read_regular`], with the stamp of the file that was read (taken from the open file, so
+/// it belongs to the bytes read even if the path is replaced meanwhile).
+pub(crate) fn read_regular_stamped(p: &Path) -> Result<Option<(Vec<u8>, Stamp)>, Result<&'static str, std::io::Error>> {
+    match fs::symlink_metadata(p) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Err(e)),
+        Ok(m) if m.file_type().is_symlink() => return Err(Ok("is a symbolic link (never followed)")),
+        Ok(m) if m.is_dir() => return Err(Err(std::io::Error::new(ErrorKind::IsADirectory, "is a folder, not a file"))),
+        Ok(m) if !m.is_file() => return Err(Ok("is not a regular file (a FIFO, socket or device; never opened)")),
+        Ok(_) => {}
+    }
+    let mut opts = fs::OpenOptions::new();
+    opts.read(true);
+    // Replaced by a link or a FIFO since the check above: refused, never followed or waited on.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut opts, libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    let mut f = match opts.open(p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Err(e)),
+    };
+    let meta = f.metadata().map_err(Err)?;
+    if !meta.is_file() {
+        return Err(Ok("is not a regular file (a FIFO, socket or device; never opened)"));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize + 1);
+    f.read_to_end(&mut bytes).map_err(Err)?;
+    Ok(Some((bytes, Stamp::of(&meta))))
 }
 
 /// `Ok` when `p` is a real folder or absent; an error naming it when it is a link or a file
@@ -206,6 +237,18 @@ pub struct Store {
     pub root: PathBuf,
     /// Where scratch folders go when not in the cache's `tmp/` ([`Store::with_scratch`]).
     scratch: Option<PathBuf>,
+    /// Records this cache already checked (memo and stamp index; see `cache::verified`),
+    /// shared by every clone; the index is saved when the last clone goes.
+    verified: std::sync::Arc<Verified>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The last handle (jobs hold clones while they run): save what this process checked.
+        if std::sync::Arc::strong_count(&self.verified) == 1 {
+            self.verified.save(self);
+        }
+    }
 }
 
 /// What [`Store::publish_record`] did.
@@ -311,8 +354,8 @@ fn umask_mode(mode: u32) -> fs::Permissions {
 }
 
 /// Parses a record file and checks it: its digest, its key against its file name, and every
-/// name in it that becomes a path.
-fn parse_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<ActionRecord, RecordError> {
+/// name in it that becomes a path. Returns the record and its `record_digest`.
+fn parse_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<(ActionRecord, String), RecordError> {
     let bad = |detail: String| RecordError::Invalid { path: path.to_path_buf(), detail };
     let mut v: Json = serde_json::from_slice(bytes).map_err(|e| bad(format!("unreadable JSON: {e}")))?;
     let obj = v.as_object_mut().ok_or_else(|| bad("not a JSON object".into()))?;
@@ -330,6 +373,25 @@ fn parse_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<ActionR
         )));
     }
     let rec: ActionRecord = serde_json::from_value(v).map_err(|e| bad(format!("unreadable: {e}")))?;
+    check_names(path, &rec, expected_key)?;
+    Ok((rec, stated))
+}
+
+/// Parses a record whose content is known to hash to its `record_digest` (its file still has
+/// the stamp it had when it was fully checked): straight into the struct, without the tree,
+/// the second serialisation and the hash. The names that become paths are still checked.
+fn parse_known_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<ActionRecord, RecordError> {
+    let rec: ActionRecord = serde_json::from_slice(bytes)
+        .map_err(|e| RecordError::Invalid { path: path.to_path_buf(), detail: format!("unreadable: {e}") })?;
+    check_names(path, &rec, expected_key)?;
+    Ok(rec)
+}
+
+/// The checks of a parsed record that keep names read from disk from becoming paths: its key
+/// is a digest and the one of its file name, output names are plain file names, object names
+/// are digests.
+fn check_names(path: &Path, rec: &ActionRecord, expected_key: &str) -> Result<(), RecordError> {
+    let bad = |detail: String| RecordError::Invalid { path: path.to_path_buf(), detail };
     checked("record key", &rec.key).map_err(|e| bad(e.to_string()))?;
     if rec.key != expected_key {
         return Err(bad(format!("holds key {}, not the key of its file name", short(&rec.key))));
@@ -341,7 +403,7 @@ fn parse_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<ActionR
         }
         checked("object digest", &o.digest).map_err(|e| bad(format!("output `{name}`: {e}")))?;
     }
-    Ok(rec)
+    Ok(())
 }
 
 /// A problem with one object of a record.
@@ -355,7 +417,7 @@ enum ObjectProblem {
 impl Store {
     pub fn open(root: &Path) -> StoreResult<Store> {
         fs::create_dir_all(root).map_err(io(root))?;
-        let store = Store { root: root.to_path_buf(), scratch: None };
+        let store = Store { root: root.to_path_buf(), scratch: None, verified: std::sync::Arc::new(Verified::new(root)) };
         store.check_layout()?;
         Ok(store)
     }
@@ -579,16 +641,47 @@ impl Store {
         }
     }
 
-    /// The record of `key`, checked: `Ok(None)` only when there is none.
+    /// The record of `key`, fully checked: `Ok(None)` only when there is none.
     pub fn load_record(&self, key: &str) -> Result<Option<ActionRecord>, RecordError> {
+        Ok(self.read_record_file(key, true)?.map(|(rec, _)| rec))
+    }
+
+    /// Reads and checks the record of `key`, with its `record_digest`. Unless `full`, a file
+    /// whose stamp the index holds skips the digest check (see `cache::verified`); a file
+    /// fully checked is entered in the index.
+    fn read_record_file(&self, key: &str, full: bool) -> Result<Option<(ActionRecord, String)>, RecordError> {
         let p = self.record_path(key).map_err(RecordError::Io)?;
-        let bytes = match read_regular(&p) {
+        let (bytes, stamp) = match read_regular_stamped(&p) {
             Ok(None) => return Ok(None),
             Ok(Some(b)) => b,
             Err(Ok(what)) => return Err(RecordError::Invalid { path: p, detail: what.into() }),
             Err(Err(e)) => return Err(RecordError::Io(StoreError::Io { path: p, source: e })),
         };
-        parse_record(&p, &bytes, key).map(Some)
+        if !full && let Some(digest) = self.verified.indexed_digest(key, &stamp) {
+            return parse_known_record(&p, &bytes, key).map(|rec| Some((rec, digest)));
+        }
+        match parse_record(&p, &bytes, key) {
+            Ok((rec, digest)) => {
+                self.verified.checked(key, &stamp, &digest);
+                Ok(Some((rec, digest)))
+            }
+            Err(e) => {
+                self.verified.forget(key);
+                Err(e)
+            }
+        }
+    }
+
+    /// The output digest of `key`'s record if this process already found it fresh (without
+    /// `full`): what a planner needs of a cached instance, without copying its record.
+    pub fn fresh_output_digest(&self, key: &str) -> Option<String> {
+        self.verified.memo_output_digest(key)
+    }
+
+    /// The `record_digest` of `key`'s record if this process found it fresh without `full`:
+    /// what a lock file's fingerprint is built from (`lockfile::write_if_changed`).
+    pub fn fresh_record_digest(&self, key: &str) -> Option<String> {
+        self.verified.memo_digest(key)
     }
 
     /// The record of `key`: `None` when there is none; an error when it cannot be read or is
@@ -599,19 +692,36 @@ impl Store {
 
     /// Looks a key up. `full` hashes every object instead of trusting size and mtime. A cache
     /// that cannot be read is an error, not a miss.
+    ///
+    /// Without `full`, a key this process already found fresh is not looked up again (many
+    /// instances of a sweep can share one key), and a record file unchanged since it was last
+    /// checked is not hashed again (`cache::verified`); objects are still checked each time a
+    /// record is read.
     pub fn try_lookup(&self, key: &str, full: bool) -> StoreResult<Lookup> {
-        let rec = match self.load_record(key) {
-            Ok(None) => return Ok(Lookup::Missing),
-            Ok(Some(rec)) => rec,
+        if !full && let Some(rec) = self.verified.memo_get(key) {
+            return Ok(Lookup::Fresh(Box::new(rec)));
+        }
+        let (rec, digest) = match self.read_record_file(key, full) {
+            Ok(None) => {
+                self.verified.forget(key);
+                return Ok(Lookup::Missing);
+            }
+            Ok(Some(r)) => r,
             Err(RecordError::Io(e)) => return Err(e),
             Err(e @ RecordError::Invalid { .. }) => return Ok(Lookup::Corrupt(e.to_string())),
         };
         for r in rec.outputs.values() {
             match self.check_object(r, full) {
                 Ok(()) => {}
-                Err(ObjectProblem::Corrupt(e)) => return Ok(Lookup::Corrupt(e)),
+                Err(ObjectProblem::Corrupt(e)) => {
+                    self.verified.forget(key);
+                    return Ok(Lookup::Corrupt(e));
+                }
                 Err(ObjectProblem::Io(e)) => return Err(e),
             }
+        }
+        if !full {
+            self.verified.memo_put(&rec, &digest);
         }
         Ok(Lookup::Fresh(Box::new(rec)))
     }
@@ -628,6 +738,8 @@ impl Store {
     pub fn write_record(&self, rec: &ActionRecord) -> StoreResult<()> {
         let path = self.record_path(&rec.key)?;
         let bytes = self.record_bytes(rec, &path)?;
+        // What this process knew of the key's old record no longer holds.
+        self.verified.forget(&rec.key);
         self.write_atomic(&path, &bytes)
     }
 
@@ -652,6 +764,8 @@ impl Store {
         let bytes = self.record_bytes(rec, &path)?;
         // A record removed between our link and our look (gc, verify) is simply tried again.
         for _ in 0..8 {
+            // What this process knew of the key's old record no longer holds.
+            self.verified.forget(&rec.key);
             let tmp = self.staged(&path, &bytes)?;
             if publish_no_replace(tmp.path(), &path).map_err(io(&path))? {
                 return Ok(Published::Written);
@@ -671,14 +785,20 @@ impl Store {
 
     /// Removes a record so that an interrupted rerun can never look fresh.
     pub fn invalidate(&self, key: &str) {
+        self.verified.forget(key);
         if let Ok(p) = self.record_path(key) {
             let _ = fs::remove_file(p);
         }
     }
 
+    /// The folder of what the cache remembers per pipeline name (sidecars, the lock state).
+    pub fn names_dir(&self, pipeline: &str) -> PathBuf {
+        self.root.join("names").join(sanitize(pipeline))
+    }
+
     pub fn sidecar_path(&self, pipeline: &str, label: &str) -> PathBuf {
         let h = super::key::sha256_hex(label.as_bytes());
-        self.root.join("names").join(sanitize(pipeline)).join(format!("{}.json", &h[..32]))
+        self.names_dir(pipeline).join(format!("{}.json", &h[..32]))
     }
 
     /// The key inputs of the last run of `label` in `pipeline`.

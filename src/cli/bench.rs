@@ -3,7 +3,9 @@
 //! - `bench orch`: builds the paper-shaped sweep (train[a], gradcam[a], threshold[a,t],
 //!   score[a,t], filter[a,m], retrain[a,m], score[a,m], plus the one data source) with the
 //!   real stage kinds at the smallest size, runs it once, then times `camflow plan` and a
-//!   no-op `camflow run` as separate processes, as a user would see them.
+//!   no-op `camflow run` as separate processes, as a user would see them, with each one's
+//!   peak memory. `--instances N` does the same on a generated study of N instances (the one
+//!   of scripts/plan-scale.sh) and prints PASS/MISS against issue 9's targets.
 //! - `bench ml`: vgg-small at a given size and batch: one training step (forward, backward,
 //!   Adam), inference images/s and Grad-CAM heatmaps/s on the chosen backend.
 
@@ -47,6 +49,15 @@ enum BenchWhat {
         /// Keep the generated projects here instead of a temporary folder.
         #[arg(long)]
         workdir: Option<std::path::PathBuf>,
+        /// Instead of shapes: a generated study of at least N instances (data, N/10 trainings,
+        /// their Grad-CAMs, 8 thresholds each; like scripts/plan-scale.sh), repeatable. Planned on
+        /// a fresh cache; run once, planned again and rerun as a no-op when N <= --run-max.
+        /// Prints PASS/MISS against the issue's targets.
+        #[arg(long = "instances", value_name = "N")]
+        instances: Vec<usize>,
+        /// The largest generated study that is run (a first run of 100,000 instances takes long).
+        #[arg(long, default_value_t = 20_000)]
+        run_max: usize,
     },
     /// Training step, inference and Grad-CAM throughput of vgg-small.
     Ml {
@@ -65,7 +76,11 @@ enum BenchWhat {
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     match a.what {
-        BenchWhat::Orch { shapes, reps, workdir } => orch(shapes, reps, workdir),
+        BenchWhat::Orch { shapes, reps, workdir, instances, run_max } => {
+            let tmp = tempfile::tempdir().map_err(|e| Error::Io(e.to_string()))?;
+            let root = workdir.unwrap_or_else(|| tmp.path().to_path_buf());
+            if instances.is_empty() { orch(shapes, reps, &root) } else { orch_scale(&instances, reps, run_max, &root) }
+        }
         BenchWhat::Ml { size, batch, channels, reps, backend } => ml(size, batch, channels, reps, &backend),
     }
 }
@@ -84,55 +99,197 @@ pub fn sweep_yaml(a: usize, t: usize, m: usize) -> String {
     )
 }
 
-fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let mut v = Vec::with_capacity(reps);
-    for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        f()?;
-        v.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    v.sort_by(f64::total_cmp);
-    Ok(v[v.len() / 2])
+/// The study of `scripts/plan-scale.sh`, sized: one data source, `trainings` models (a seed
+/// axis), one Grad-CAM each and 8 thresholds of each: `1 + 10 * trainings` instances. Tiny
+/// data and zero epochs, so that a study of 10,000 instances also runs in about a minute.
+pub fn scale_yaml(trainings: usize) -> String {
+    let seeds: Vec<String> = (1..=trainings).map(|i| i.to_string()).collect();
+    format!(
+        "name: scale\nseed: 1\nstages:\n  data:\n    kind: data\n    params: {{source: synthetic, count: 16, image_size: 8, slices_per_patient: 1}}\n  train:\n    kind: train\n    inputs: {{data: data}}\n    params: {{epochs: 0, batch_size: 16}}\n    resources: {{cpu: 1}}\n    sweep:\n      grid:\n        seed: [{}]\n  cams:\n    kind: gradcam\n    inputs: {{model: train, data: data}}\n    resources: {{cpu: 1}}\n  masks:\n    kind: threshold\n    inputs: {{heatmaps: cams}}\n    sweep:\n      grid:\n        value: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]\n",
+        seeds.join(", ")
+    )
 }
 
-fn camflow(dir: &Path, args: &[&str]) -> Result<()> {
+/// Trainings of the [`scale_yaml`] study with at least `n` instances, and its instance count.
+pub fn scale_size(n: usize) -> (usize, usize) {
+    let trainings = n.saturating_sub(1).div_ceil(10).max(1);
+    (trainings, 1 + 10 * trainings)
+}
+
+/// The issue's targets (issue 9, "Scale of the orchestrator itself").
+const NOOP_TARGET: (usize, f64) = (10_000, 100.0);
+const PLAN_TARGET: (usize, f64, f64) = (100_000, 1_000.0, 500.0);
+
+/// Wall time of one command and its peak resident memory (MB, when the OS reports it).
+#[derive(Clone, Copy)]
+struct Timed {
+    ms: f64,
+    peak_mb: Option<f64>,
+}
+
+/// Median wall time of `reps` runs, and the largest peak memory of them.
+fn median_timed(reps: usize, mut f: impl FnMut() -> Result<Timed>) -> Result<Timed> {
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        v.push(f()?);
+    }
+    let peak_mb = v.iter().filter_map(|t| t.peak_mb).reduce(f64::max);
+    v.sort_by(|a, b| a.ms.total_cmp(&b.ms));
+    Ok(Timed { ms: v[v.len() / 2].ms, peak_mb })
+}
+
+/// Runs `camflow args` in `dir` as a user would (a separate process, stdout discarded), timed,
+/// with its peak memory from the kernel's accounting of that child (`wait4`).
+fn camflow(dir: &Path, args: &[&str]) -> Result<Timed> {
+    use std::io::Read;
     let exe = std::env::current_exe().map_err(|e| Error::Io(format!("current exe: {e}")))?;
-    let out = Command::new(exe)
+    let started = Instant::now();
+    let mut child = Command::new(exe)
         .current_dir(dir)
         .args(args)
         .env_remove("CAMFLOW_CACHE")
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(|e| Error::Io(format!("spawn camflow: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::Io(format!("camflow {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr))));
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
     }
-    Ok(())
+    let (ok, peak_mb) = wait_with_peak(child)?;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    if !ok {
+        return Err(Error::Io(format!("camflow {} failed: {stderr}", args.join(" "))));
+    }
+    Ok(Timed { ms, peak_mb })
 }
 
-fn orch(shapes: Vec<String>, reps: usize, workdir: Option<std::path::PathBuf>) -> Result<()> {
+/// Waits for `child`: whether it succeeded, and its peak resident set in MB (`ru_maxrss`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn wait_with_peak(child: std::process::Child) -> Result<(bool, Option<f64>)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it in for our own child, which
+    // `std` has not reaped (we never call `wait` on it).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: valid pointers to locals; `pid` is our child.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(Error::Io(format!("waiting for camflow: {err}")));
+        }
+    }
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    // Linux reports ru_maxrss in KiB.
+    Ok((ok, Some(usage.ru_maxrss as f64 / 1024.0)))
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn wait_with_peak(mut child: std::process::Child) -> Result<(bool, Option<f64>)> {
+    let st = child.wait().map_err(|e| Error::Io(format!("waiting for camflow: {e}")))?;
+    Ok((st.success(), None))
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn peak_json(t: Timed) -> serde_json::Value {
+    t.peak_mb.map(|m| json!(round1(m))).unwrap_or(serde_json::Value::Null)
+}
+
+/// `PASS`/`MISS` lines for the targets a measurement of `instances` instances covers.
+fn target_lines(instances: usize, plan_fresh: Option<Timed>, noop: Option<Timed>) -> String {
+    let mut s = String::new();
+    let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
+    if let Some(n) = noop
+        && instances >= NOOP_TARGET.0
+    {
+        s.push_str(&format!(
+            "{} no-op rerun of {instances} instances: {:.1} ms (target < {} ms at {})\n",
+            verdict(n.ms < NOOP_TARGET.1),
+            n.ms,
+            NOOP_TARGET.1,
+            NOOP_TARGET.0
+        ));
+    }
+    if let Some(p) = plan_fresh
+        && instances >= PLAN_TARGET.0
+    {
+        let mem_ok = p.peak_mb.is_some_and(|m| m < PLAN_TARGET.2);
+        let mem = p.peak_mb.map(|m| format!("{m:.0} MB")).unwrap_or_else(|| "memory not measured".into());
+        s.push_str(&format!(
+            "{} plan of {instances} instances: {:.0} ms, {mem} (target < {} ms and < {} MB at {})\n",
+            verdict(p.ms < PLAN_TARGET.1 && mem_ok),
+            p.ms,
+            PLAN_TARGET.1,
+            PLAN_TARGET.2,
+            PLAN_TARGET.0
+        ));
+    }
+    s
+}
+
+fn write_spec(dir: &Path, yaml: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
+    std::fs::write(dir.join("sweep.yaml"), yaml).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))
+}
+
+fn orch(shapes: Vec<String>, reps: usize, root: &Path) -> Result<()> {
     let shapes = if shapes.is_empty() { vec!["2,9,4".to_string(), "10,20,4".into(), "100,43,4".into()] } else { shapes };
-    let tmp = tempfile::tempdir().map_err(|e| Error::Io(e.to_string()))?;
-    let root = workdir.unwrap_or_else(|| tmp.path().to_path_buf());
     for s in shapes {
         let v: Vec<usize> = s.split(',').filter_map(|x| x.trim().parse().ok()).collect();
         let [a, t, m] = v[..] else { return Err(Error::Usage(format!("--shape {s}: expected A,T,M"))) };
         let dir = root.join(format!("a{a}-t{t}-m{m}"));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Io(e.to_string()))?;
-        std::fs::write(dir.join("sweep.yaml"), sweep_yaml(a, t, m)).map_err(|e| Error::Io(e.to_string()))?;
+        write_spec(&dir, &sweep_yaml(a, t, m))?;
         let stages = a * (2 + 2 * t + 3 * m.min(4));
-        let t0 = Instant::now();
-        camflow(&dir, &["run", "sweep.yaml"])?;
-        let first_s = t0.elapsed().as_secs_f64();
-        let plan_ms = median_ms(reps, || camflow(&dir, &["plan", "sweep.yaml"]))?;
-        let noop_ms = median_ms(reps, || camflow(&dir, &["run", "sweep.yaml"]))?;
+        let first = camflow(&dir, &["run", "sweep.yaml"])?;
+        let plan = median_timed(reps, || camflow(&dir, &["plan", "sweep.yaml"]))?;
+        let noop = median_timed(reps, || camflow(&dir, &["run", "sweep.yaml"]))?;
         // One threshold value changes: its instances and their scores rerun.
         let changed = sweep_yaml(a, t, m).replacen(&format!("{}", 1.0 / (t + 1) as f64), "0.0123", 1);
-        std::fs::write(dir.join("sweep.yaml"), changed).map_err(|e| Error::Io(e.to_string()))?;
-        let change_ms = median_ms(1, || camflow(&dir, &["run", "sweep.yaml"]))?;
+        write_spec(&dir, &changed)?;
+        let change = camflow(&dir, &["run", "sweep.yaml"])?;
         print_out(&format!(
             "{}\n",
-            json!({ "tool": format!("camflow {}", env!("CARGO_PKG_VERSION")), "stages": stages, "instances": stages + 1, "first_run_s": (first_s * 100.0).round() / 100.0, "plan_ms": (plan_ms * 10.0).round() / 10.0, "noop_ms": (noop_ms * 10.0).round() / 10.0, "threshold_change_ms": change_ms.round() })
+            json!({ "tool": format!("camflow {}", env!("CARGO_PKG_VERSION")), "stages": stages, "instances": stages + 1, "first_run_s": (first.ms / 10.0).round() / 100.0, "plan_ms": round1(plan.ms), "plan_peak_mb": peak_json(plan), "noop_ms": round1(noop.ms), "noop_peak_mb": peak_json(noop), "threshold_change_ms": change.ms.round() })
         ));
+        print_out(&target_lines(stages + 1, None, Some(noop)));
+    }
+    Ok(())
+}
+
+/// `--instances N`: the generated study of at least N instances.
+fn orch_scale(sizes: &[usize], reps: usize, run_max: usize, root: &Path) -> Result<()> {
+    for &n in sizes {
+        let (trainings, instances) = scale_size(n);
+        let dir = root.join(format!("scale-{instances}"));
+        write_spec(&dir, &scale_yaml(trainings))?;
+        // On a fresh cache, as scripts/plan-scale.sh measures it: every cache folder is new.
+        let plan_fresh = median_timed(reps, || {
+            let _ = std::fs::remove_dir_all(dir.join("cache"));
+            camflow(&dir, &["plan", "sweep.yaml"])
+        })?;
+        let mut row = json!({ "tool": format!("camflow {}", env!("CARGO_PKG_VERSION")), "instances": instances, "plan_fresh_ms": round1(plan_fresh.ms), "plan_fresh_peak_mb": peak_json(plan_fresh) });
+        let mut noop = None;
+        if instances <= run_max {
+            let first = camflow(&dir, &["run", "sweep.yaml"])?;
+            let plan = median_timed(reps, || camflow(&dir, &["plan", "sweep.yaml"]))?;
+            let n = median_timed(reps, || camflow(&dir, &["run", "sweep.yaml"]))?;
+            row["first_run_s"] = json!((first.ms / 10.0).round() / 100.0);
+            row["plan_ms"] = json!(round1(plan.ms));
+            row["plan_peak_mb"] = peak_json(plan);
+            row["noop_ms"] = json!(round1(n.ms));
+            row["noop_peak_mb"] = peak_json(n);
+            noop = Some(n);
+        }
+        print_out(&format!("{row}\n"));
+        print_out(&target_lines(instances, Some(plan_fresh), noop));
     }
     Ok(())
 }
@@ -229,4 +386,52 @@ fn ml(size: usize, batch: usize, channels: usize, reps: usize, backend: &str) ->
     }
     print_out(&format!("{out}\n"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expanded(yaml: &str) -> Vec<crate::sweep::Instance> {
+        let catalog = crate::stages::catalog();
+        let p = crate::spec::parse(Path::new("sweep.yaml"), yaml, &[], &catalog).expect("the generated study is a valid spec");
+        let order = crate::dag::stage_order(&p.stages);
+        crate::sweep::expand_checked(&p, &order, &catalog, 1_000_000).expect("within the limit")
+    }
+
+    #[test]
+    fn the_generated_study_has_the_instances_it_claims() {
+        // The smallest study: one training.
+        assert_eq!(scale_size(1), (1, 11));
+        for n in [11, 12, 21, 1_000, 10_000] {
+            let (trainings, instances) = scale_size(n);
+            assert!(instances >= n && instances < n + 10, "{n}: {instances}");
+            let got = expanded(&scale_yaml(trainings));
+            assert_eq!(got.len(), instances, "{n}");
+            let per_stage = |s: &str| got.iter().filter(|i| i.stage == s).count();
+            assert_eq!((per_stage("data"), per_stage("train"), per_stage("cams"), per_stage("masks")), (1, trainings, trainings, 8 * trainings));
+        }
+        assert_eq!(scale_size(100_000), (10_000, 100_001));
+    }
+
+    #[test]
+    fn the_paper_shaped_sweep_has_the_stages_it_claims() {
+        let got = expanded(&sweep_yaml(3, 5, 4));
+        assert_eq!(got.len(), 3 * (2 + 2 * 5 + 3 * 4) + 1);
+    }
+
+    #[test]
+    fn targets_are_judged_only_where_measured() {
+        let t = |ms, peak_mb| Some(Timed { ms, peak_mb });
+        assert_eq!(target_lines(9_999, t(5.0, Some(1.0)), t(5.0, None)), "");
+        let s = target_lines(10_001, None, t(99.0, None));
+        assert!(s.starts_with("PASS no-op rerun of 10001 instances: 99.0 ms"), "{s}");
+        assert!(target_lines(10_001, None, t(100.0, None)).starts_with("MISS"));
+        let s = target_lines(100_001, t(900.0, Some(499.0)), None);
+        assert!(s.starts_with("PASS plan of 100001 instances: 900 ms, 499 MB"), "{s}");
+        assert!(target_lines(100_001, t(900.0, Some(501.0)), None).starts_with("MISS"));
+        assert!(target_lines(100_001, t(1_001.0, Some(100.0)), None).starts_with("MISS"));
+        // Memory that could not be measured is not a pass.
+        assert!(target_lines(100_001, t(900.0, None), None).starts_with("MISS"));
+    }
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod diff;
 mod maint;
+mod noop;
 mod report;
 mod run;
 mod schema;
@@ -325,6 +326,9 @@ impl CacheView for StoreView<'_> {
     }
     fn sidecar(&self, label: &str) -> Option<Sidecar> {
         self.store.read_sidecar(self.pipeline, label)
+    }
+    fn known_fresh(&self, key: &str) -> Option<String> {
+        if self.full { None } else { self.store.fresh_output_digest(key) }
     }
 }
 

@@ -155,6 +155,16 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
             p.backend.name()
         ));
     }
+    // Nothing to run: finished without the executor (see `cli::noop`).
+    if !a.locked && !a.verify && a.force.is_empty()
+        && let Some(cached) = super::noop::finish_if_noop(&p, &store, &lock_path, a.p.sets.is_empty())?
+    {
+        print_out(&format!("{}\n", Counts { cached, ..Counts::default() }.line(started)));
+        if a.p.sets.is_empty() {
+            print_out(&format!("lock: {}\n", lock_path.display()));
+        }
+        return Ok(());
+    }
     let forced_idx: BTreeSet<usize> = p.instances.iter().enumerate().filter(|(_, i)| forced(i)).map(|(k, _)| k).collect();
     let opts = ExecOptions {
         jobs: a.jobs.unwrap_or_else(exec::default_jobs),
@@ -185,6 +195,8 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let catalog = p.catalog.clone();
     let total = labels.len() as u64;
+    // The lock is written after the executor is done with its handle.
+    let lock_store = store.clone();
     let outcome = rt.block_on(async move {
         let exec = tokio::spawn(exec::execute(input, catalog, store, opts, tx));
         // JSON logs carry progress as events instead; a bar would interleave with them on stderr.
@@ -309,8 +321,12 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                 }
             }
             if failed == 0 && a.p.sets.is_empty() && !a.locked {
-                let lf = LockFile::from_run(&p.pipeline.name, p.backend.name(), p.backend.bitwise_deterministic(), &done);
-                lf.write(&lock_path).map_err(Error::Io)?;
+                let header = lockfile::LockHeader {
+                    pipeline: &p.pipeline.name,
+                    backend: p.backend.name(),
+                    deterministic: p.backend.bitwise_deterministic(),
+                };
+                LockFile::write_for_run(&lock_store, &lock_path, &header, &done, counts.ran + counts.reused == 0).map_err(Error::Io)?;
                 print_out(&format!("lock: {}\n", lock_path.display()));
             }
             if failed > 0 {

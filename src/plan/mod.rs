@@ -15,6 +15,11 @@ use crate::sweep::{Instance, show_value};
 pub trait CacheView {
     fn lookup(&self, key: &str) -> Lookup;
     fn sidecar(&self, label: &str) -> Option<Sidecar>;
+    /// The output digest of `key` when it is already known to be fresh, without a lookup
+    /// (many instances of a sweep share a key); `None` means "look it up".
+    fn known_fresh(&self, _key: &str) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -194,6 +199,10 @@ pub fn plan(instances: &[Instance], cx: &KeyContext<'_>, view: &dyn CacheView, f
         let digest = key.digest();
         if forced(inst) {
             out.push(Decision::Run { key: digest, reason: StaleReason::Forced });
+            continue;
+        }
+        if let Some(output_digest) = view.known_fresh(&digest) {
+            out.push(Decision::Cached { key: digest, output_digest });
             continue;
         }
         let d = match view.lookup(&digest) {

@@ -16,6 +16,7 @@ mod readme_examples;
 mod reference;
 mod report;
 mod repro;
+mod scale;
 mod science;
 mod seeds;
 mod spec_errors;
