@@ -8,6 +8,7 @@ mod report;
 mod run;
 mod schema;
 mod show;
+mod worker;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -80,6 +81,8 @@ enum Command {
     Diff(diff::DiffArgs),
     /// Print a JSON Schema of the pipeline format (for YAML language servers).
     Schema,
+    /// Run a Slurm job's instances (started by `run --executor slurm`, not by hand).
+    Worker(worker::WorkerArgs),
     /// Print a shell completion script: camflow completions bash > ~/.local/share/bash-completion/completions/camflow
     Completions {
         #[arg(value_enum)]
@@ -198,6 +201,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Verify => maint::verify(&cache),
         Command::Bench(a) => bench::bench(a),
         Command::Diff(a) => diff::diff(&cache, a),
+        Command::Worker(a) => worker::worker(a),
         Command::Schema => {
             let s = schema::schema(&crate::stages::catalog());
             print_out(&(serde_json::to_string_pretty(&s).unwrap_or_default() + "\n"));
