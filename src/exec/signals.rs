@@ -43,3 +43,4 @@ impl Signals {
         }
     }
 }
+

@@ -104,13 +104,7 @@ impl Dataset {
             samples: self
                 .samples
                 .iter()
-                .map(|s| SampleMeta {
-                    id: s.id.clone(),
-                    group: s.group.clone(),
-                    label: s.label,
-                    split: s.split,
-                    no_mask: s.mask.is_empty(),
-                })
+                .map(|s| SampleMeta { id: s.id.clone(), group: s.group.clone(), label: s.label, split: s.split, no_mask: s.mask.is_empty() })
                 .collect(),
         };
         let json = serde_json::to_vec(&header).expect("header serialises");

@@ -139,10 +139,7 @@ pub fn one_class_split(split: &str, s: &ClassificationScores) -> Option<Warning>
     let class = if s.positives == 0 { "negative" } else { "positive" };
     Some(Warning {
         flag: "one-class-split".into(),
-        message: format!(
-            "all {} {split} images are {class}, so accuracy cannot show learning and AUC is undefined; check the data and its split",
-            s.n
-        ),
+        message: format!("all {} {split} images are {class}, so accuracy cannot show learning and AUC is undefined; check the data and its split", s.n),
     })
 }
 

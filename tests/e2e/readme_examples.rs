@@ -17,8 +17,7 @@ fn readme_folders_pipeline() -> String {
 
 fn png(path: &Path, tumor: bool) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let img =
-        image::GrayImage::from_fn(20, 20, |x, y| image::Luma([if tumor && x > 8 && y > 8 { 220 } else { ((x * 7 + y * 3) % 90) as u8 }]));
+    let img = image::GrayImage::from_fn(20, 20, |x, y| image::Luma([if tumor && x > 8 && y > 8 { 220 } else { ((x * 7 + y * 3) % 90) as u8 }]));
     img.save(path).unwrap();
 }
 

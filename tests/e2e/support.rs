@@ -185,9 +185,7 @@ pub fn write_lgg(dir: &Path, patients: &[&str], slices: usize, seed: u8) {
                 image::Rgb([v, v.wrapping_add(40), v.wrapping_add(80)])
             });
             img.save(d.join(format!("{p}_{n}.tif"))).expect("write tif");
-            let mask = image::GrayImage::from_fn(12, 12, |x, y| {
-                image::Luma([if n % 2 == 0 && (3..7).contains(&x) && (3..7).contains(&y) { 255 } else { 0 }])
-            });
+            let mask = image::GrayImage::from_fn(12, 12, |x, y| image::Luma([if n % 2 == 0 && (3..7).contains(&x) && (3..7).contains(&y) { 255 } else { 0 }]));
             mask.save(d.join(format!("{p}_{n}_mask.tif"))).expect("write mask");
         }
     }
