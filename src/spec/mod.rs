@@ -668,10 +668,7 @@ fn stage(
                 // (wrapping would give two pipeline seeds the same training seeds).
                 Some(_) if pipeline_seed.checked_add(n - 1).is_none_or(|last| last > i64::MAX as u64) => cx.err(
                     &path,
-                    format!(
-                        "`seeds: {n}` counts from the pipeline seed {pipeline_seed}, past the largest seed {}; lower the pipeline `seed`",
-                        i64::MAX
-                    ),
+                    format!("`seeds: {n}` counts from the pipeline seed {pipeline_seed}, past the largest seed {}; lower the pipeline `seed`", i64::MAX),
                 ),
                 Some(spec) => {
                     let values: Vec<Json> = (0..n).filter_map(|i| spec.ty.check(&Json::from(pipeline_seed + i)).ok()).collect();

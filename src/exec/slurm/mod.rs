@@ -110,6 +110,7 @@ pub(crate) struct SlurmRunner {
     others: Vec<(SubmissionRecord, PathBuf)>,
     index_stamp: Option<std::time::SystemTime>,
     host: String,
+    max_array: Option<usize>,
 }
 
 fn host_name() -> String {
@@ -152,6 +153,7 @@ impl SlurmRunner {
             others: Vec::new(),
             index_stamp: None,
             host: host_name(),
+            max_array: None,
         };
         r.load_index();
         r
@@ -346,17 +348,22 @@ impl SlurmRunner {
         let label = m.job.input.instances[m.job.idx].label.clone();
         if o.status == Status::Failed {
             let err = o.error.unwrap_or_else(|| format!("{label}: failed"));
-            return self.fail(m, "FAILED", format!("{err} (Slurm job {task_id}, state FAILED; log: {})", log.display()), log);
+            return self.fail(m, "FAILED", format!("{err} (Slurm job {task_id}, state FAILED)"), log);
         }
         match self.store.try_lookup(&m.job.digest, false) {
             Ok(Lookup::Fresh(rec)) => {
+                // A success is in the record; only failures' outcomes are kept (for the message
+                // a controller that adopted the job gives), until the key is submitted again.
+                if let Some(p) = jobfile::outcome_path(&self.root, &m.job.digest) {
+                    let _ = std::fs::remove_file(p);
+                }
                 let done = if o.status == Status::Ran { Done::Ran(*rec, o.seconds) } else { Done::Reused(*rec) };
                 self.ready.push_back(Ok((m.job.idx, Ok(done))));
             }
             Ok(_) => self.fail(
                 m,
                 "FAILED",
-                format!("{label}: Slurm job {task_id} reported success, but its record is missing or damaged; log: {}", log.display()),
+                format!("{label}: Slurm job {task_id} reported success, but its record is missing or damaged"),
                 log,
             ),
             Err(e) => self
@@ -369,6 +376,7 @@ impl SlurmRunner {
     async fn poll(&mut self) -> bool {
         // The queue first, then the outcomes: a task that is gone from the queue and has no
         // outcome after that really ended without one (its worker writes it before exiting).
+        let queue_at = std::time::SystemTime::now();
         let queue = self.squeue().await;
         let mut progressed = false;
         let ids: Vec<String> = self.tasks.keys().cloned().collect();
@@ -400,7 +408,7 @@ impl SlurmRunner {
                     }
                     let label = m.job.input.instances[m.job.idx].label.clone();
                     let reason = reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default();
-                    let msg = format!("{label}: Slurm job {id} {st}{reason}: {}; log: {}", sbatch::explain_state(&st), task.log.display());
+                    let msg = format!("{label}: Slurm job {id} {st}{reason}: {}", sbatch::explain_state(&st));
                     self.fail(m, &st, msg, &task.log.clone());
                 }
             }
@@ -410,6 +418,25 @@ impl SlurmRunner {
             }
         }
         // Submissions with nothing left in the queue and nothing waited on: their records go.
+        // Another controller's record goes too once it is a minute older than this look at
+        // the queue (younger, its job may have been submitted after the look).
+        if let Some(q) = &queue {
+            let alive: HashSet<&str> = q.keys().map(|k| k.split('_').next().unwrap_or(k)).collect();
+            let mut removed = false;
+            for (rec, path) in &self.others {
+                let old = std::fs::symlink_metadata(path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t + Duration::from_secs(60) < queue_at);
+                if old && !alive.contains(rec.job_id.as_str()) && !self.known.contains_key(&rec.job_id) {
+                    let _ = std::fs::remove_file(path);
+                    let _ = std::fs::remove_file(&rec.job_file);
+                    removed = true;
+                }
+            }
+            if removed {
+                self.index_stamp = None;
+            }
+        }
         if let Some(q) = &queue {
             let alive: HashSet<&str> = q.keys().map(|k| k.split('_').next().unwrap_or(k)).collect();
             let waited: HashSet<String> = self.tasks.values().map(|t| t.job_id.clone()).collect();
@@ -425,6 +452,16 @@ impl SlurmRunner {
             self.flush().await;
         }
         progressed
+    }
+
+    /// The most tasks one job array may have: the cluster's `MaxArraySize` (asked once), else
+    /// Slurm's default.
+    async fn max_array_size(&mut self) -> usize {
+        if self.max_array.is_none() {
+            let text = slurm_cmd("scontrol", vec!["show".into(), "config".into()]).await.unwrap_or_default();
+            self.max_array = Some(sbatch::parse_max_array_size(&text).unwrap_or(sbatch::DEFAULT_MAX_ARRAY_SIZE));
+        }
+        self.max_array.unwrap_or(sbatch::DEFAULT_MAX_ARRAY_SIZE)
     }
 
     /// Jobs the queued members would take, grouped as `flush` groups them.
@@ -472,7 +509,11 @@ impl Runner for SlurmRunner {
             let kind = members[0].job.input.instances[members[0].job.idx].kind.clone();
             let tasks = sbatch::batches(members, self.cfg.batch_size(&kind) as usize);
             if self.cfg.arrays && tasks.len() > 1 {
-                self.submit(&stage, tasks, true).await;
+                let most = self.max_array_size().await;
+                for chunk in sbatch::batches(tasks, most) {
+                    let array = chunk.len() > 1;
+                    self.submit(&stage, chunk, array).await;
+                }
             } else {
                 for t in tasks {
                     self.submit(&stage, vec![t], false).await;

@@ -109,6 +109,19 @@ pub fn parse_sacct(text: &str, id: &str) -> Option<String> {
     })
 }
 
+/// Tasks per array when the cluster does not say: Slurm's default `MaxArraySize` is 1001
+/// (indices 0 to 1000); 1000 stays within it.
+pub const DEFAULT_MAX_ARRAY_SIZE: usize = 1000;
+
+/// Tasks one array may hold, from `scontrol show config` (`MaxArraySize = 1001` allows
+/// indices 0 to 1000).
+pub fn parse_max_array_size(text: &str) -> Option<usize> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == "MaxArraySize").then(|| v.trim().parse::<usize>().ok()).flatten().filter(|n| *n > 1).map(|n| n - 1)
+    })
+}
+
 /// What a final Slurm state means for the instances of a job that left no outcome.
 pub fn explain_state(state: &str) -> &'static str {
     match state {
@@ -204,6 +217,8 @@ mod tests {
         assert_eq!(parse_scontrol("slurm_load_jobs error: Invalid job id specified"), None);
         assert_eq!(parse_sacct("57|CANCELLED by 0\n58|COMPLETED\n", "57"), Some("CANCELLED".into()));
         assert_eq!(parse_sacct("", "57"), None);
+        assert_eq!(parse_max_array_size("MaxArraySize            = 10001\nMaxJobCount = 5\n"), Some(10000));
+        assert_eq!(parse_max_array_size("nothing"), None);
         assert!(explain_state("OUT_OF_MEMORY").contains("memory") && !retryable("CANCELLED") && retryable("NODE_FAIL"));
     }
 }
