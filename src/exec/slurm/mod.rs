@@ -111,6 +111,8 @@ pub(crate) struct SlurmRunner {
     index_stamp: Option<std::time::SystemTime>,
     host: String,
     max_array: Option<usize>,
+    /// Queued members per kind (see `queued_jobs`).
+    queued_by_kind: HashMap<String, usize>,
 }
 
 fn host_name() -> String {
@@ -154,6 +156,7 @@ impl SlurmRunner {
             index_stamp: None,
             host: host_name(),
             max_array: None,
+            queued_by_kind: HashMap::new(),
         };
         r.load_index();
         r
@@ -337,7 +340,7 @@ impl SlurmRunner {
         if sbatch::retryable(state) && m.attempts < retries {
             m.attempts += 1;
             let _ = self.events.send(Event::Retrying { idx: m.job.idx, error: msg, attempt: m.attempts });
-            self.queued.push(m);
+            self.enqueue(m);
             return;
         }
         self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: Some(log.to_path_buf()), cache: false }))));
@@ -464,14 +467,15 @@ impl SlurmRunner {
         self.max_array.unwrap_or(sbatch::DEFAULT_MAX_ARRAY_SIZE)
     }
 
-    /// Jobs the queued members would take, grouped as `flush` groups them.
+    /// Jobs the queued members would take, grouped as `flush` groups them (per kind, which
+    /// fixes the batch size; counted as they are queued, so `room` is O(kinds)).
     fn queued_jobs(&self) -> usize {
-        let mut per_stage: HashMap<(&str, &str), usize> = HashMap::new();
-        for m in &self.queued {
-            let inst = &m.job.input.instances[m.job.idx];
-            *per_stage.entry((inst.stage.as_str(), inst.kind.as_str())).or_default() += 1;
-        }
-        per_stage.iter().map(|((_, kind), n)| n.div_ceil(self.cfg.batch_size(kind) as usize)).sum()
+        self.queued_by_kind.iter().map(|(kind, n)| n.div_ceil(self.cfg.batch_size(kind) as usize)).sum()
+    }
+
+    fn enqueue(&mut self, m: Member) {
+        *self.queued_by_kind.entry(m.job.input.instances[m.job.idx].kind.clone()).or_default() += 1;
+        self.queued.push(m);
     }
 }
 
@@ -491,7 +495,7 @@ impl Runner for SlurmRunner {
         if self.cfg.on_controller.iter().any(|k| k == kind) {
             self.local.start(job, res);
         } else {
-            self.queued.push(Member { job, res, attempts: 0 });
+            self.enqueue(Member { job, res, attempts: 0 });
         }
     }
 
@@ -500,6 +504,7 @@ impl Runner for SlurmRunner {
             return;
         }
         self.adopt().await;
+        self.queued_by_kind.clear();
         let mut by_stage: BTreeMap<String, Vec<Member>> = BTreeMap::new();
         for m in std::mem::take(&mut self.queued) {
             let stage = m.job.input.instances[m.job.idx].stage.clone();
