@@ -172,11 +172,18 @@ pub struct ParamSpec {
 /// The external files of one data name: (name relative to the data, path), in reading order.
 pub type DataFiles = Vec<(String, PathBuf)>;
 
-/// CPU threads and GPUs an instance holds while it runs.
+/// CPU threads and GPUs an instance holds while it runs, and what a cluster job is asked for.
+/// `mem` and `time` are requests to a cluster scheduler (`--mem`, `--time`); the local executor
+/// does not enforce them (a stage runs on a thread of camflow's own process, which cannot be
+/// stopped or capped safely mid-way). None of these is in a cache key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Resources {
     pub cpu: u32,
     pub gpu: u32,
+    /// MiB.
+    pub mem: Option<u64>,
+    /// Seconds: the job's time limit.
+    pub time: Option<u64>,
 }
 
 /// The output of an upstream instance, as a stage sees it: verified files in the store.
@@ -258,7 +265,7 @@ pub trait StageKind: Send + Sync {
         false
     }
     fn default_resources(&self) -> Resources {
-        Resources { cpu: 1, gpu: 0 }
+        Resources { cpu: 1, gpu: 0, ..Resources::default() }
     }
     /// Exactly the files outside the cache that `run` will read, by data name: each name has a
     /// list of (name relative to the data, path), in the order the stage reads them. Their

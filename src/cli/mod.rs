@@ -9,6 +9,7 @@ mod report;
 mod run;
 mod schema;
 mod show;
+mod worker;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -81,6 +82,8 @@ enum Command {
     Diff(diff::DiffArgs),
     /// Print a JSON Schema of the pipeline format (for YAML language servers).
     Schema,
+    /// Run a Slurm job's instances (started by `run --executor slurm`, not by hand).
+    Worker(worker::WorkerArgs),
     /// Print a shell completion script: camflow completions bash > ~/.local/share/bash-completion/completions/camflow
     Completions {
         #[arg(value_enum)]
@@ -199,6 +202,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Verify => maint::verify(&cache),
         Command::Bench(a) => bench::bench(a),
         Command::Diff(a) => diff::diff(&cache, a),
+        Command::Worker(a) => worker::worker(a),
         Command::Schema => {
             let s = schema::schema(&crate::stages::catalog());
             print_out(&(serde_json::to_string_pretty(&s).unwrap_or_default() + "\n"));

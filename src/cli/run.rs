@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::exec::{self, Event, ExecInput, ExecOptions, Outcome};
 use crate::lockfile::{self, LockFile};
 use crate::plan::Decision;
+use crate::spec::{ExecutorConfig, ExecutorKind};
 use crate::sweep::Instance;
 
 #[derive(Args)]
@@ -39,6 +40,12 @@ pub struct RunArgs {
     /// Hash every cached object instead of trusting size and mtime.
     #[arg(long)]
     verify: bool,
+    /// Where instances run, overriding the `executor:` block's `kind`.
+    #[arg(long, value_parser = ["local", "slurm"])]
+    executor: Option<String>,
+    /// A YAML file with an `executor:` block; it wins over the pipeline's, field by field.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -101,7 +108,15 @@ fn plan_rows(p: &Prepared, decisions: &[Decision], json: bool) -> String {
             }
         };
         if json {
-            rows.push(PlanRow { instance: &inst.label, key, kind: &inst.kind, params: &inst.params, reason: why, stage: &inst.stage, state });
+            rows.push(PlanRow {
+                instance: &inst.label,
+                key,
+                kind: &inst.kind,
+                params: &inst.params,
+                reason: why,
+                stage: &inst.stage,
+                state,
+            });
         } else {
             text.push_str(&format!("{state:<7} {:<width$}  {why}\n", inst.label));
         }
@@ -125,13 +140,21 @@ pub fn plan(cache: &std::path::Path, a: PlanArgs) -> Result<()> {
 pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let started = Instant::now();
     let store = open_store(cache)?;
+    let p = prepare(&a.p, &store)?;
+    let executor = executor_config(&a, &p)?;
+    let slurm = executor.kind == ExecutorKind::Slurm;
+    if slurm {
+        // The workers run on other hosts, where `flock` is node-local or emulated: the
+        // controller and every worker lock the cache with leases (`cache::lock`).
+        crate::cache::lock::set_mode(crate::cache::lock::Locking::Lease);
+    }
     // Held shared for the whole run, so `gc` (exclusive) never removes a scratch folder or an
     // object from under a running job; a run started during a gc waits for it.
     let _cache_lock = if a.dry_run { None } else { Some(lock_cache(&store)?) };
-    let p = prepare(&a.p, &store)?;
     let forced = forced_fn(&a.force);
-    // A stage that needs a GPU with no GPU slot would never start: refuse before running anything.
-    if a.gpus == 0 && p.resources.iter().any(|r| r.gpu > 0) {
+    // A stage that needs a GPU with no GPU slot would never start: refuse before running
+    // anything (on Slurm, GPUs are the cluster's: `--gres`).
+    if !slurm && a.gpus == 0 && p.resources.iter().any(|r| r.gpu > 0) {
         let decisions = make_plan(&p, &store, a.verify, &forced)?;
         let stages = crate::plan::gpu_stages_to_run(&p.instances, &p.resources, &decisions);
         if !stages.is_empty() {
@@ -197,15 +220,22 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let total = labels.len() as u64;
     // The lock is written after the executor is done with its handle.
     let lock_store = store.clone();
-    let outcome = rt.block_on(async move {
-        let exec = tokio::spawn(exec::execute(input, catalog, store, opts, tx));
+    let local_jobs = opts.jobs;
+    let outcome: std::result::Result<_, Error> = rt.block_on(async move {
+        let exec = if slurm {
+            let exe = std::env::current_exe().map_err(|e| Error::Io(format!("cannot find camflow's own binary for the Slurm jobs: {e}")));
+            let setup = exec::slurm::SlurmSetup { config: executor, exe: exe?, local_jobs };
+            tokio::spawn(exec::slurm::execute(input, catalog, store, opts, setup, tx))
+        } else {
+            tokio::spawn(exec::execute(input, catalog, store, opts, tx))
+        };
         // JSON logs carry progress as events instead; a bar would interleave with them on stderr.
         let bar = if super::json_log() { ProgressBar::hidden() } else { ProgressBar::new(total) };
         bar.set_style(
             ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {wide_msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let mut counts = Counts::default();
+        let mut counts = Counts { jobs: slurm.then_some(0), ..Counts::default() };
         let mut running: BTreeSet<usize> = BTreeSet::new();
         // Latest progress of each running instance, shown after its label on the bar.
         let mut progress: BTreeMap<usize, String> = BTreeMap::new();
@@ -239,6 +269,17 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                     failures.push(error.clone());
                 }
                 Event::Skipped { .. } => counts.skipped += 1,
+                Event::Submitted { job_id, tasks, instances, log } => {
+                    *counts.jobs.get_or_insert(0) += 1;
+                    let what = if *tasks > 1 { format!("array of {tasks} tasks") } else { "job".to_string() };
+                    say(&bar, format!("submit  Slurm {what} {job_id}: {instances} instance(s), log {}", log.display()));
+                }
+                Event::Adopted { idx, job_id } => {
+                    say(&bar, format!("adopt   {}  (Slurm job {job_id}, still queued or running)", labels[*idx]));
+                }
+                Event::Retrying { error, attempt, .. } => {
+                    say(&bar, format!("retry   {error} (resubmitted, retry {attempt})"));
+                }
                 Event::Progress { idx, progress: pr, eta_s } => {
                     if super::json_log() {
                         tracing::info!(
@@ -258,7 +299,10 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                     progress.insert(*idx, progress_text(pr, *eta_s));
                 }
             }
-            if !matches!(ev, Event::Started { .. } | Event::Progress { .. }) {
+            if !matches!(
+                ev,
+                Event::Started { .. } | Event::Progress { .. } | Event::Submitted { .. } | Event::Adopted { .. } | Event::Retrying { .. }
+            ) {
                 bar.inc(1);
             }
             progress.retain(|i, _| running.contains(i));
@@ -276,10 +320,16 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         bar.finish_and_clear();
         // A panic in the executor is a bug: say so, never "interrupted".
         let outcome = exec.await.map_err(|e| e.to_string());
-        (outcome, counts, fresh)
+        Ok((outcome, counts, fresh))
     });
     // Ctrl-C returns at once; blocking stage threads are abandoned, not awaited.
-    let (outcome, counts, fresh) = outcome;
+    let (outcome, counts, fresh) = match outcome {
+        Ok(x) => x,
+        Err(e) => {
+            rt.shutdown_background();
+            return Err(e);
+        }
+    };
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -409,18 +459,35 @@ struct Counts {
     reused: usize,
     failed: usize,
     skipped: usize,
+    /// `sbatch` submissions, under Slurm only.
+    jobs: Option<usize>,
 }
 
 impl Counts {
     fn line(&self, started: Instant) -> String {
         format!(
-            "summary: ran={} cached={} reused={} failed={} skipped={} in {:.2}s",
+            "summary: ran={} cached={} reused={} failed={} skipped={}{} in {:.2}s",
             self.ran,
             self.cached,
             self.reused,
             self.failed,
             self.skipped,
+            self.jobs.map(|j| format!(" jobs={j}")).unwrap_or_default(),
             started.elapsed().as_secs_f64()
         )
     }
+}
+
+/// The executor block: the pipeline's, a `--profile` over it field by field, `--executor`
+/// over both.
+fn executor_config(a: &RunArgs, p: &Prepared) -> Result<ExecutorConfig> {
+    let mut spec = p.pipeline.executor.clone();
+    if let Some(f) = &a.profile {
+        let stages: Vec<String> = p.pipeline.stages.keys().cloned().collect();
+        spec = crate::spec::executor::load_profile(f, &p.catalog, &stages)?.over(spec);
+    }
+    if let Some(k) = &a.executor {
+        spec.kind = ExecutorKind::parse(k);
+    }
+    Ok(spec.resolve())
 }

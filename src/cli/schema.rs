@@ -124,6 +124,8 @@ fn stage_schema(kind: &dyn StageKind) -> Json {
                 "properties": {
                     "cpu": { "type": "integer", "minimum": 0, "maximum": 1024, "description": "CPU slots (of `run --jobs`)" },
                     "gpu": { "type": "integer", "minimum": 0, "maximum": 1024, "description": "GPU slots (of `run --gpus`)" },
+                    "mem": { "$ref": "#/$defs/mem" },
+                    "time": { "$ref": "#/$defs/time" },
                 },
             },
         },
@@ -138,6 +140,49 @@ fn stage_schema(kind: &dyn StageKind) -> Json {
         });
     }
     stage
+}
+
+/// The `executor:` block (also the whole of a `--profile` file's one key).
+fn executor_schema(kinds: &[&str]) -> Json {
+    let strings = json!({ "type": "array", "items": { "type": "string" } });
+    let name_or_null = json!({ "type": ["string", "null"] });
+    let kind_settings = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {
+            "time": { "$ref": "#/$defs/time" },
+            "mem": { "$ref": "#/$defs/mem" },
+            "retries": { "type": "integer", "minimum": 0, "maximum": 100, "description": "resubmissions of a failed job" },
+            "sbatch": strings,
+        },
+    });
+    let batch: Map<String, Json> =
+        kinds.iter().map(|k| (k.to_string(), json!({ "type": "integer", "minimum": 1, "maximum": 100_000 }))).collect();
+    json!({
+        "type": "object",
+        "description": "where instances run (`--executor`, `--profile` override it); never part of a cache key",
+        "additionalProperties": false,
+        "properties": {
+            "kind": { "enum": ["local", "slurm"], "default": "local" },
+            "partition": name_or_null,
+            "account": name_or_null,
+            "qos": name_or_null,
+            "max_jobs": { "type": "integer", "minimum": 1, "maximum": 1_000_000, "default": crate::spec::executor::DEFAULT_MAX_JOBS, "description": "Slurm jobs in flight (an array task counts one)" },
+            "sbatch": strings,
+            "arrays": { "type": "boolean", "default": true, "description": "submit wide stages as job arrays" },
+            "on_controller": { "type": "array", "items": { "enum": kinds }, "description": "stage kinds the controller runs itself" },
+            "batch": { "type": "object", "additionalProperties": false, "properties": batch, "description": "instances per job, by stage kind" },
+            "poll": {
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "min_s": { "type": "number", "exclusiveMinimum": 0, "maximum": 3600 },
+                    "max_s": { "type": "number", "exclusiveMinimum": 0, "maximum": 3600 },
+                },
+            },
+            "kinds": { "type": "object", "description": "per stage kind or stage name: what sbatch is asked for", "additionalProperties": kind_settings },
+        },
+    })
 }
 
 /// The pipeline schema for the kinds of `catalog`.
@@ -171,6 +216,23 @@ pub fn schema(catalog: &Catalog) -> Json {
             "allOf": branches,
         }),
     );
+    defs.insert(
+        "mem".into(),
+        json!({
+            "type": ["string", "integer"],
+            "pattern": r"^\s*[0-9.]+\s*([KkMmGgTt](i?[Bb])?)?\s*$",
+            "description": "memory a cluster job asks for (`--mem`): `512M`, `4G`; a bare number is MiB. Not enforced locally",
+        }),
+    );
+    defs.insert(
+        "time".into(),
+        json!({
+            "type": "string",
+            "pattern": r"^\s*([0-9]+[smhd]|[0-9]+(:[0-9]+){1,2})\s*$",
+            "description": "time limit of a cluster job (`--time`): `90s`, `30m`, `2h`, `HH:MM:SS`. Not enforced locally",
+        }),
+    );
+    defs.insert("executor".into(), executor_schema(&names));
     let defaults: Map<String, Json> = catalog.kinds.iter().map(|k| (k.name().to_string(), params_object(k.as_ref(), false))).collect();
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -190,6 +252,7 @@ pub fn schema(catalog: &Catalog) -> Json {
                 "additionalProperties": false,
                 "properties": defaults,
             },
+            "executor": { "$ref": "#/$defs/executor" },
             "stages": {
                 "type": "object",
                 "minProperties": 1,
@@ -242,6 +305,11 @@ mod tests {
         assert_eq!(keys(train), sorted(STAGE_KEYS));
         assert_eq!(keys(&train["sweep"]["properties"]), sorted(SWEEP_KEYS));
         assert_eq!(keys(&train["resources"]["properties"]), sorted(RESOURCE_KEYS));
+        use crate::spec::executor::{EXECUTOR_KEYS, KIND_KEYS, POLL_KEYS};
+        let ex = &s["$defs"]["executor"]["properties"];
+        assert_eq!(keys(ex), sorted(EXECUTOR_KEYS));
+        assert_eq!(keys(&ex["poll"]["properties"]), sorted(POLL_KEYS));
+        assert_eq!(keys(&ex["kinds"]["additionalProperties"]["properties"]), sorted(KIND_KEYS));
         // Kinds without a `seed` param take no `seeds`.
         assert!(s["$defs"]["stage-threshold"]["properties"].get("seeds").is_none());
     }

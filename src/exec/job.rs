@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use super::{Event, ExecInput, PROGRESS_EVERY};
 use crate::cache::lock::KeyLock;
+use crate::cache::store::Published;
 use crate::cache::{ActionRecord, Lookup, Sidecar, Store};
 use crate::stage_kind::{Catalog, InputArtifact, Outcome as StageOutcome, Progress, RunContext, StageError};
 
@@ -225,7 +226,16 @@ impl Job {
             bitwise_deterministic: self.deterministic,
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         };
-        self.store.write_record(&rec).map_err(|e| self.cache_fail(format!("writing cache record: {e}")))?;
+        let written = |e| self.cache_fail(format!("writing cache record: {e}"));
+        if self.forced {
+            // A forced rerun replaces the old record (atomically).
+            self.store.write_record(&rec).map_err(written)?;
+        } else if let Published::Kept(first) = self.store.publish_record(&rec).map_err(written)? {
+            // Another host published this key first (a lease lost to a stalled node): the first
+            // record stands, and this instance uses it like any other reuse.
+            self.write_sidecar();
+            return Ok(Done::Reused(*first));
+        }
         self.write_sidecar();
         Ok(Done::Ran(rec, run.seconds))
     }

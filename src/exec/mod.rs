@@ -33,9 +33,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 mod job;
+mod local;
 mod signals;
+pub mod slurm;
 
 use job::{Done, Job, JobError};
+pub(crate) use local::LocalRunner;
 use signals::Signals;
 
 use crate::cache::{ActionRecord, Lookup, Sidecar, Store};
@@ -68,6 +71,25 @@ pub enum Event {
     },
     Skipped {
         idx: usize,
+    },
+    /// One `sbatch` submission (a job, or a job array of `tasks` tasks) holding `instances`.
+    Submitted {
+        job_id: String,
+        tasks: usize,
+        instances: usize,
+        log: PathBuf,
+    },
+    /// A running instance's cluster job was found still queued or running from an earlier
+    /// (or a concurrent) controller: it is waited for, not submitted again.
+    Adopted {
+        idx: usize,
+        job_id: String,
+    },
+    /// A failed cluster job submitted again (`retries` of its kind).
+    Retrying {
+        idx: usize,
+        error: String,
+        attempt: u32,
     },
     /// Progress inside a running instance, at most [`PROGRESS_EVERY`] apart (and the last
     /// unit always); `eta_s` extrapolates the time per unit so far.
@@ -119,6 +141,37 @@ pub enum Outcome {
     LockMismatch(String),
 }
 
+/// Whether a runner can take an instance now.
+pub(crate) enum Room {
+    Now,
+    Later,
+    /// Never: the instance fails with this message (a GPU asked of a run without GPUs).
+    Never(String),
+}
+
+/// What a runner gives back for a finished instance; `Err` without an index is a bug (a
+/// panicking task), which stops the run.
+pub(crate) type Finished = Result<(usize, Result<Done, JobError>), String>;
+
+/// The seam between the dispatch loop (readiness, keys, the second look for a key finished
+/// meanwhile, failure policy, signals) and *where* an instance's [`Job`] runs: on a blocking
+/// thread of this process ([`LocalRunner`]) or as a Slurm job ([`slurm::SlurmRunner`]). A
+/// runner never decides what runs, only where and when there is room.
+pub(crate) trait Runner {
+    fn room(&self, res: &Resources, kind: &str) -> Room;
+    /// Takes an instance the loop found room for.
+    fn start(&mut self, job: Job, res: Resources);
+    /// Called after each dispatch pass: hands over what `start` collected (a Slurm runner
+    /// groups it into arrays and batches here).
+    async fn flush(&mut self);
+    /// Whether anything is started and not yet finished.
+    fn busy(&self) -> bool;
+    /// The next finished instance; only called while `busy`.
+    async fn next(&mut self) -> Finished;
+    /// SIGINT/SIGTERM: stop this runner's work (a Slurm runner cancels its jobs).
+    async fn interrupt(&mut self);
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum State {
     Pending,
@@ -128,12 +181,25 @@ enum State {
     Skipped,
 }
 
+/// Runs on this machine: `--jobs` CPU slots and `--gpus` GPU slots.
 pub async fn execute(
     input: ExecInput,
     catalog: Arc<Catalog>,
     store: Store,
     opts: ExecOptions,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
+) -> Outcome {
+    let runner = LocalRunner::new(opts.jobs, opts.gpus);
+    execute_with(input, catalog, store, opts, events, runner).await
+}
+
+pub(crate) async fn execute_with<R: Runner>(
+    input: ExecInput,
+    catalog: Arc<Catalog>,
+    store: Store,
+    opts: ExecOptions,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    mut runner: R,
 ) -> Outcome {
     let n = input.instances.len();
     let input = Arc::new(input);
@@ -143,16 +209,12 @@ pub async fn execute(
     // that each pass does not rebuild its key and explain it again (it only looks again whether
     // an identical key has been recorded meanwhile).
     let mut stale: Vec<Option<(crate::cache::CacheKey, String, StaleReason)>> = vec![None; n];
-    let jobs = opts.jobs.max(1);
-    let (mut cpu_free, mut gpu_free): (u32, Vec<usize>) = (jobs, (0..opts.gpus as usize).rev().collect());
     let mut failed = 0usize;
     // Keys computed by this run. An instance found cached under one of them shares its key
     // with an instance that just ran: it gets its own sidecar (its last key, by label), so
     // that `plan` later explains it like the instance that ran, not as a new sweep point.
     let mut ran_here: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut stop = false;
-    let mut set = tokio::task::JoinSet::new();
-    let mut holding: BTreeMap<usize, (u32, Option<usize>)> = BTreeMap::new();
     let mut cache_error: Option<String> = None;
     // Registered now, not at the first wait, so a signal during the first dispatch is caught.
     let mut signals = Signals::register();
@@ -256,23 +318,19 @@ pub async fn execute(
                     continue;
                 }
                 let res = input.resources[i];
-                let want_cpu = res.cpu.clamp(1, jobs);
-                if want_cpu > cpu_free || (res.gpu > 0 && opts.gpus > 0 && gpu_free.is_empty()) {
-                    continue;
-                }
-                if res.gpu > 0 && opts.gpus == 0 {
-                    state[i] = State::Failed;
-                    failed += 1;
-                    let _ =
-                        events.send(Event::Failed { idx: i, error: format!("{}: asks for a GPU, but --gpus is 0", inst.label), log: None });
-                    stop |= !opts.keep_going;
-                    progressed = true;
-                    continue;
+                match runner.room(&res, &inst.kind) {
+                    Room::Now => {}
+                    Room::Later => continue,
+                    Room::Never(why) => {
+                        state[i] = State::Failed;
+                        failed += 1;
+                        let _ = events.send(Event::Failed { idx: i, error: format!("{}: {why}", inst.label), log: None });
+                        stop |= !opts.keep_going;
+                        progressed = true;
+                        continue;
+                    }
                 }
                 let Some((key, digest, reason)) = stale[i].take() else { continue };
-                cpu_free -= want_cpu;
-                let gpu = if res.gpu > 0 { gpu_free.pop() } else { None };
-                holding.insert(i, (want_cpu, gpu));
                 state[i] = State::Running;
                 let _ = events.send(Event::Started { idx: i, reason });
                 let up_records: BTreeMap<String, ActionRecord> =
@@ -285,23 +343,23 @@ pub async fn execute(
                     key,
                     digest,
                     up_records,
-                    device: gpu.unwrap_or(0),
+                    device: 0,
                     backend: opts.backend.clone(),
                     deterministic: opts.bitwise_deterministic,
                     forced: opts.forced.contains(&i),
                     events: events.downgrade(),
                 };
-                set.spawn_blocking(move || (i, job.run()));
+                runner.start(job, res);
                 progressed = true;
             }
         }
-        if set.is_empty() {
+        runner.flush().await;
+        if !runner.busy() {
             break;
         }
         tokio::select! {
-            joined = set.join_next() => {
-                let Some(joined) = joined else { break };
-                let (i, result) = match joined {
+            finished = runner.next() => {
+                let (i, result) = match finished {
                     Ok(x) => x,
                     Err(e) => {
                         // A panicking task: find no index; treat as a failure of the whole run.
@@ -311,10 +369,6 @@ pub async fn execute(
                         continue;
                     }
                 };
-                if let Some((c, g)) = holding.remove(&i) {
-                    cpu_free += c;
-                    if let Some(g) = g { gpu_free.push(g); }
-                }
                 match result {
                     Ok(Done::Ran(rec, secs)) => {
                         ran_here.insert(rec.key.clone());
@@ -340,6 +394,7 @@ pub async fn execute(
                 }
             }
             signal = signals.next() => {
+                runner.interrupt().await;
                 return Outcome::Interrupted { signal };
             }
         }

@@ -6,6 +6,7 @@
 //! field path, its location and a "did you mean" where a name is misspelt.
 
 mod error;
+pub mod executor;
 mod limits;
 mod locate;
 mod overrides;
@@ -17,6 +18,7 @@ use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
 pub use error::{SpecError, SpecErrors, SpecResult};
+pub use executor::{ExecutorConfig, ExecutorKind, ExecutorSpec};
 pub use limits::MAX_NODES;
 pub use locate::{locate, locate_or_nearest};
 pub use overrides::{Override, apply_override};
@@ -38,6 +40,9 @@ pub struct Pipeline {
     /// Per stage kind: param defaults that override the kind's own.
     pub defaults: BTreeMap<String, BTreeMap<String, Json>>,
     pub stages: BTreeMap<String, StageSpec>,
+    /// The `executor:` block as written (empty when absent): where instances run. Never part
+    /// of a key: the same study gives the same results wherever it runs.
+    pub executor: ExecutorSpec,
     /// The spec text after overrides, for the report and the lock file.
     pub source: String,
 }
@@ -75,12 +80,12 @@ fn as_ref(v: &Yaml) -> Option<(String, String)> {
     Some((st.trim().to_string(), p.trim().to_string()))
 }
 
-pub(crate) const TOP_KEYS: &[&str] = &["name", "seed", "backend", "defaults", "stages", "description"];
+pub(crate) const TOP_KEYS: &[&str] = &["name", "seed", "backend", "defaults", "stages", "executor", "description"];
 pub(crate) const STAGE_KEYS: &[&str] = &["kind", "params", "inputs", "sweep", "seeds", "resources", "description"];
 /// Most repetitions `seeds: N` may ask for; more is a typo, not a study.
 pub const MAX_SEEDS: u64 = 1000;
 pub(crate) const SWEEP_KEYS: &[&str] = &["grid", "zip"];
-pub(crate) const RESOURCE_KEYS: &[&str] = &["cpu", "gpu"];
+pub(crate) const RESOURCE_KEYS: &[&str] = &["cpu", "gpu", "mem", "time"];
 
 struct Ctx<'a> {
     source: &'a str,
@@ -316,6 +321,16 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
         }
         Some(v) => cx.err(&["stages"], format!("expected a map of named stages, found {}", type_name(v))),
     }
+    let executor = match top.get("executor") {
+        Some(v) => {
+            let names: Vec<String> = match top.get("stages") {
+                Some(Yaml::Mapping(m)) => m.keys().map(key_str).collect(),
+                _ => Vec::new(),
+            };
+            executor::parse_block(&mut cx, v, catalog, &names)
+        }
+        None => ExecutorSpec::default(),
+    };
     if cx.errors.is_empty() {
         check_refs(&mut cx, &stages, catalog);
     }
@@ -331,7 +346,7 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
     let base_dir = file.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }).unwrap_or(Path::new(".")).to_path_buf();
     let source =
         if overrides.is_empty() { source.to_string() } else { serde_yaml::to_string(&root).unwrap_or_else(|_| source.to_string()) };
-    Ok(Pipeline { name, file: file.to_path_buf(), base_dir, seed, backend, defaults, stages, source })
+    Ok(Pipeline { name, file: file.to_path_buf(), base_dir, seed, backend, defaults, stages, executor, source })
 }
 
 /// Data a stage cannot read (a missing root, an unreadable manifest) as a spec error at the
@@ -700,6 +715,15 @@ fn stage(
                     cx.unknown_key(&["stages", sname, "resources"], &rk, RESOURCE_KEYS);
                     continue;
                 }
+                if rk == "mem" || rk == "time" {
+                    let v = executor::size_or_duration(cx, &["stages", sname, "resources", &rk], rv, rk == "time");
+                    if rk == "mem" {
+                        resources.mem = v;
+                    } else {
+                        resources.time = v;
+                    }
+                    continue;
+                }
                 match rv.as_u64() {
                     Some(n) if n <= 1024 => {
                         if rk == "cpu" {
@@ -715,9 +739,10 @@ fn stage(
                 }
             }
         }
-        Some(other) => {
-            cx.err(&["stages", sname, "resources"], format!("expected a map like {{gpu: 1, cpu: 2}}, found {}", type_name(other)))
-        }
+        Some(other) => cx.err(
+            &["stages", sname, "resources"],
+            format!("expected a map like {{gpu: 1, cpu: 2, mem: 4G, time: 2h}}, found {}", type_name(other)),
+        ),
     }
     // Required params: given as param, axis or default.
     for s in &specs {

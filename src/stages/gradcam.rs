@@ -146,7 +146,7 @@ impl StageKind for GradCam {
         true
     }
     fn default_resources(&self) -> Resources {
-        Resources { cpu: u32::MAX, gpu: 0 }
+        Resources { cpu: u32::MAX, gpu: 0, ..Resources::default() }
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
         let params = ctx.params;

@@ -212,7 +212,7 @@ impl StageKind for Train {
     }
     fn default_resources(&self) -> Resources {
         // burn uses every core of the machine: by default a training holds all CPU slots.
-        Resources { cpu: u32::MAX, gpu: 0 }
+        Resources { cpu: u32::MAX, gpu: 0, ..Resources::default() }
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
         let params = ctx.params;

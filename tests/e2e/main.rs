@@ -19,5 +19,6 @@ mod repro;
 mod scale;
 mod science;
 mod seeds;
+mod slurm_smoke;
 mod spec_errors;
 mod support;

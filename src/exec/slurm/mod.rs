@@ -1,0 +1,592 @@
+//! The Slurm runner: the controller's side of `run --executor slurm`.
+//!
+//! The dispatch loop (`exec::execute_with`) plans and decides exactly as it does locally; this
+//! runner only decides *where*: each started instance is queued, and after each dispatch pass
+//! the queue is grouped by stage into `sbatch --parsable` submissions: one job array for a
+//! stage with several ready tasks (`arrays: true`), each task a batch of up to `batch[kind]`
+//! instances. A job runs `camflow worker` on a job file in the cache ([`jobfile`]), which
+//! executes the same phases as the local executor and writes an outcome per key.
+//!
+//! Outcomes are learnt from the cache (outcome files and records) and the queue: `squeue`
+//! each poll (back-off from `poll.min_s` to `poll.max_s`, reset by any progress), and for a
+//! task gone from the queue without an outcome, its final state from `scontrol show job`
+//! (`sacct` when scontrol has forgotten it and accounting works). Such a failure names the
+//! Slurm state, the job id and the log path; `retries` of its kind resubmit it (never a job
+//! that was cancelled).
+//!
+//! Adoption: every submission is recorded (`slurm/submitted/<jobid>.json`, atomically, with
+//! the keys of each task and the controller's host and pid). A controller that finds a key it
+//! is about to submit in a task still queued or running waits for that task instead: a rerun
+//! after a crash or a kill submits nothing twice, and two controllers on one cache do not
+//! submit one key twice (if they race anyway, the worker's key lock and second look turn the
+//! second job into a reuse). SIGINT/SIGTERM cancel (`scancel`) the jobs this controller
+//! submitted, and those it adopted from a dead controller on this host; not those of a live
+//! controller, which is still waiting on them.
+//!
+//! Kinds in `on_controller` run here, on a [`LocalRunner`] with `--jobs` CPU slots.
+
+pub mod jobfile;
+pub mod sbatch;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::job::{Done, Job, JobError};
+use super::{Event, Finished, LocalRunner, Room, Runner};
+use crate::cache::{Lookup, Store};
+use crate::spec::ExecutorConfig;
+use crate::stage_kind::Resources;
+use jobfile::{JOB_FORMAT, JobFile, JobSpec, Status};
+use sbatch::Submission;
+
+/// What the controller needs besides the executor block.
+pub struct SlurmSetup {
+    pub config: ExecutorConfig,
+    /// The camflow binary jobs run (the controller's own, by absolute path).
+    pub exe: PathBuf,
+    /// CPU slots for `on_controller` kinds.
+    pub local_jobs: u32,
+}
+
+/// `slurm/submitted/<jobid>.json`: one `sbatch` call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SubmissionRecord {
+    job_id: String,
+    array: bool,
+    /// Keys per task.
+    tasks: Vec<Vec<String>>,
+    host: String,
+    pid: u32,
+    job_file: PathBuf,
+}
+
+impl SubmissionRecord {
+    fn task_id(&self, t: usize) -> String {
+        if self.array { format!("{}_{t}", self.job_id) } else { self.job_id.clone() }
+    }
+}
+
+struct Member {
+    job: Job,
+    res: Resources,
+    attempts: u32,
+}
+
+/// A job (or one array task) this controller waits on.
+struct Task {
+    job_id: String,
+    log: PathBuf,
+    members: Vec<Member>,
+}
+
+/// A submission this controller knows: its record file, and whether interrupting this
+/// controller cancels it.
+struct Known {
+    record: PathBuf,
+    job_file: PathBuf,
+    cancel_on_interrupt: bool,
+}
+
+pub(crate) struct SlurmRunner {
+    cfg: ExecutorConfig,
+    exe: PathBuf,
+    /// Absolute: jobs run in another working directory, maybe on another host.
+    root: PathBuf,
+    store: Store,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    local: LocalRunner,
+    queued: Vec<Member>,
+    /// By task id (`123`, `123_4`).
+    tasks: HashMap<String, Task>,
+    ready: VecDeque<Finished>,
+    interval: Duration,
+    known: BTreeMap<String, Known>,
+    /// Keys of submissions recorded by other (or earlier) controllers -> (task id, record).
+    index: HashMap<String, (String, usize)>,
+    others: Vec<(SubmissionRecord, PathBuf)>,
+    index_stamp: Option<std::time::SystemTime>,
+    host: String,
+    max_array: Option<usize>,
+    /// Queued members per kind (see `queued_jobs`).
+    queued_by_kind: HashMap<String, usize>,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+/// Whether a process of this host is alive (Linux: `/proc/<pid>`); elsewhere assumed alive.
+fn pid_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") { Path::new("/proc").join(pid.to_string()).exists() } else { true }
+}
+
+/// Runs a Slurm command off the async runtime; `Err` with what it printed when it fails.
+async fn slurm_cmd(program: &str, args: Vec<String>) -> Result<String, String> {
+    let prog = program.to_string();
+    let out = tokio::task::spawn_blocking(move || Command::new(&prog).args(&args).output()).await.map_err(|e| e.to_string())?;
+    match out {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(o) => Err(format!("{program}: {}{}", String::from_utf8_lossy(&o.stderr).trim(), String::from_utf8_lossy(&o.stdout).trim())),
+        Err(e) => Err(format!("{program}: {e} (is Slurm's `{program}` on PATH?)")),
+    }
+}
+
+impl SlurmRunner {
+    pub(crate) fn new(setup: SlurmSetup, store: Store, events: tokio::sync::mpsc::UnboundedSender<Event>) -> SlurmRunner {
+        let root = std::path::absolute(&store.root).unwrap_or_else(|_| store.root.clone());
+        let interval = Duration::from_secs_f64(setup.config.poll_min_s);
+        let mut r = SlurmRunner {
+            cfg: setup.config,
+            exe: setup.exe,
+            root,
+            store,
+            events,
+            local: LocalRunner::new(setup.local_jobs, 0),
+            queued: Vec::new(),
+            tasks: HashMap::new(),
+            ready: VecDeque::new(),
+            interval,
+            known: BTreeMap::new(),
+            index: HashMap::new(),
+            others: Vec::new(),
+            index_stamp: None,
+            host: host_name(),
+            max_array: None,
+            queued_by_kind: HashMap::new(),
+        };
+        r.load_index();
+        r
+    }
+
+    fn submitted_dir(&self) -> PathBuf {
+        self.root.join("slurm").join("submitted")
+    }
+
+    /// (Re)reads the submission records of other controllers when the folder changed.
+    fn load_index(&mut self) {
+        let dir = self.submitted_dir();
+        let stamp = std::fs::symlink_metadata(&dir).and_then(|m| m.modified()).ok();
+        if stamp.is_none() || stamp == self.index_stamp {
+            return;
+        }
+        self.index_stamp = stamp;
+        self.index.clear();
+        self.others.clear();
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else { continue };
+            if self.known.contains_key(&id) || path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let Ok(Some(bytes)) = crate::cache::store::read_regular(&path) else { continue };
+            let Ok(rec) = serde_json::from_slice::<SubmissionRecord>(&bytes) else { continue };
+            if rec.job_id != id || sbatch::parse_sbatch_id(&rec.job_id).is_none() {
+                continue;
+            }
+            let n = self.others.len();
+            for (t, keys) in rec.tasks.iter().enumerate() {
+                for k in keys {
+                    self.index.insert(k.clone(), (rec.task_id(t), n));
+                }
+            }
+            self.others.push((rec, path));
+        }
+    }
+
+    async fn squeue(&self) -> Option<HashMap<String, String>> {
+        let args = ["--me", "-h", "-r", "-o", "%i|%T"].map(String::from).to_vec();
+        slurm_cmd("squeue", args).await.ok().map(|t| sbatch::parse_squeue(&t))
+    }
+
+    /// Waits on tasks of other controllers' live submissions instead of submitting their keys.
+    async fn adopt(&mut self) {
+        self.load_index();
+        if !self.queued.iter().any(|m| self.index.contains_key(&m.job.digest)) {
+            return;
+        }
+        let Some(queue) = self.squeue().await else { return };
+        let queued = std::mem::take(&mut self.queued);
+        for m in queued {
+            let Some((task_id, n)) = self.index.get(&m.job.digest).cloned().filter(|(t, _)| queue.contains_key(t)) else {
+                self.queued.push(m);
+                continue;
+            };
+            let (rec, path) = &self.others[n];
+            let job_id = rec.job_id.clone();
+            let mine = rec.host == self.host && (rec.pid == std::process::id() || !pid_alive(rec.pid));
+            self.known.entry(job_id.clone()).or_insert_with(|| Known {
+                record: path.clone(),
+                job_file: rec.job_file.clone(),
+                cancel_on_interrupt: mine,
+            });
+            let _ = self.events.send(Event::Adopted { idx: m.job.idx, job_id: task_id.clone() });
+            let log = self.log_path(&task_id);
+            self.tasks.entry(task_id).or_insert_with(|| Task { job_id, log, members: Vec::new() }).members.push(m);
+        }
+    }
+
+    fn log_dir(&self) -> PathBuf {
+        self.root.join("logs").join("slurm")
+    }
+
+    fn log_path(&self, task_id: &str) -> PathBuf {
+        self.log_dir().join(format!("{task_id}.out"))
+    }
+
+    /// One `sbatch`: `tasks` as a job array (`array`) or a single job of one task.
+    async fn submit(&mut self, stage: &str, tasks: Vec<Vec<Member>>, array: bool) {
+        let first = &tasks[0][0];
+        let kind = first.job.input.instances[first.job.idx].kind.clone();
+        let res = first.res;
+        let settings = self.cfg.settings(stage, &kind);
+        // A stale outcome (an earlier attempt's) must not be read as this job's.
+        for m in tasks.iter().flatten() {
+            if let Some(p) = jobfile::outcome_path(&self.root, &m.job.digest) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let file =
+            JobFile { format: JOB_FORMAT, tasks: tasks.iter().map(|t| t.iter().map(|m| JobSpec::from_job(&m.job)).collect()).collect() };
+        let fail_all = |me: &mut SlurmRunner, tasks: Vec<Vec<Member>>, msg: &str| {
+            for m in tasks.into_iter().flatten() {
+                let label = &m.job.input.instances[m.job.idx].label;
+                me.ready.push_back(Ok((m.job.idx, Err(JobError { msg: format!("{label}: {msg}"), log: None, cache: false }))));
+            }
+        };
+        let job_file = match jobfile::write_job_file(&self.store, &file) {
+            Ok(p) => p,
+            Err(e) => return fail_all(self, tasks, &format!("writing the job file: {e}")),
+        };
+        if let Err(e) = std::fs::create_dir_all(self.log_dir()) {
+            return fail_all(self, tasks, &format!("creating {}: {e}", self.log_dir().display()));
+        }
+        let pattern = self.log_dir().join(if array { "%A_%a.out" } else { "%j.out" });
+        let command = format!(
+            "exec {} worker --cache {} {}",
+            sbatch::shell_quote(&self.exe.to_string_lossy()),
+            sbatch::shell_quote(&self.root.to_string_lossy()),
+            sbatch::shell_quote(&job_file.to_string_lossy())
+        );
+        let sub = Submission {
+            stage,
+            res: &res,
+            settings: &settings,
+            log_pattern: &pattern.to_string_lossy(),
+            array: array.then_some(tasks.len()),
+            command: &command,
+        };
+        let args = sbatch::sbatch_args(&self.cfg, &sub);
+        let job_id = match slurm_cmd("sbatch", args)
+            .await
+            .and_then(|o| sbatch::parse_sbatch_id(&o).ok_or_else(|| format!("sbatch printed no job id: {o}")))
+        {
+            Ok(id) => id,
+            Err(e) => return fail_all(self, tasks, &format!("submitting to Slurm failed: {e}")),
+        };
+        let rec = SubmissionRecord {
+            job_id: job_id.clone(),
+            array,
+            tasks: tasks.iter().map(|t| t.iter().map(|m| m.job.digest.clone()).collect()).collect(),
+            host: self.host.clone(),
+            pid: std::process::id(),
+            job_file: job_file.clone(),
+        };
+        let record = self.submitted_dir().join(format!("{job_id}.json"));
+        // Not fatal: without the record a rerun would submit again, and the worker's second
+        // look would turn that into a reuse.
+        if let Err(e) = serde_json::to_vec(&rec)
+            .map_err(|e| e.to_string())
+            .and_then(|b| self.store.write_atomic(&record, &b).map_err(|e| e.to_string()))
+        {
+            tracing::warn!("cannot record Slurm job {job_id} for adoption by a rerun: {e}");
+        }
+        self.known.insert(job_id.clone(), Known { record, job_file, cancel_on_interrupt: true });
+        let n_tasks = tasks.len();
+        let instances = tasks.iter().map(Vec::len).sum();
+        for (t, members) in tasks.into_iter().enumerate() {
+            let id = rec.task_id(t);
+            let log = self.log_path(&id);
+            self.tasks.insert(id, Task { job_id: job_id.clone(), log, members });
+        }
+        let log = if array { self.log_path(&format!("{job_id}_*")) } else { self.log_path(&job_id) };
+        let _ = self.events.send(Event::Submitted { job_id, tasks: n_tasks, instances, log });
+    }
+
+    /// The final state of a task that left the queue: `scontrol`, else `sacct`, else unknown.
+    async fn final_state(&self, task_id: &str) -> (String, Option<String>) {
+        if let Ok(text) = slurm_cmd("scontrol", vec!["show".into(), "job".into(), task_id.into()]).await
+            && let Some(s) = sbatch::parse_scontrol(&text)
+        {
+            return s;
+        }
+        let args = ["-n", "-X", "-P", "-o", "JobID,State", "-j", task_id].map(String::from).to_vec();
+        if let Ok(text) = slurm_cmd("sacct", args).await
+            && let Some(s) = sbatch::parse_sacct(&text, task_id)
+        {
+            return (s, None);
+        }
+        ("UNKNOWN".into(), None)
+    }
+
+    /// A failed member: resubmitted while its kind has `retries` left, else reported.
+    fn fail(&mut self, mut m: Member, state: &str, msg: String, log: &Path) {
+        let inst = &m.job.input.instances[m.job.idx];
+        let retries = self.cfg.settings(&inst.stage, &inst.kind).retries.unwrap_or(0);
+        if sbatch::retryable(state) && m.attempts < retries {
+            m.attempts += 1;
+            let _ = self.events.send(Event::Retrying { idx: m.job.idx, error: msg, attempt: m.attempts });
+            self.enqueue(m);
+            return;
+        }
+        self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: Some(log.to_path_buf()), cache: false }))));
+    }
+
+    /// A member whose worker reported `status`: its record is read back from the cache.
+    fn resolve(&mut self, m: Member, o: jobfile::OutcomeFile, task_id: &str, log: &Path) {
+        let label = m.job.input.instances[m.job.idx].label.clone();
+        if o.status == Status::Failed {
+            let err = o.error.unwrap_or_else(|| format!("{label}: failed"));
+            return self.fail(m, "FAILED", format!("{err} (Slurm job {task_id}, state FAILED)"), log);
+        }
+        match self.store.try_lookup(&m.job.digest, false) {
+            Ok(Lookup::Fresh(rec)) => {
+                // A success is in the record; only failures' outcomes are kept (for the message
+                // a controller that adopted the job gives), until the key is submitted again.
+                if let Some(p) = jobfile::outcome_path(&self.root, &m.job.digest) {
+                    let _ = std::fs::remove_file(p);
+                }
+                let done = if o.status == Status::Ran { Done::Ran(*rec, o.seconds) } else { Done::Reused(*rec) };
+                self.ready.push_back(Ok((m.job.idx, Ok(done))));
+            }
+            Ok(_) => self.fail(
+                m,
+                "FAILED",
+                format!("{label}: Slurm job {task_id} reported success, but its record is missing or damaged"),
+                log,
+            ),
+            Err(e) => self
+                .ready
+                .push_back(Ok((m.job.idx, Err(JobError { msg: format!("{label}: reading the cache: {e}"), log: None, cache: true })))),
+        }
+    }
+
+    /// One look at the queue and the cache; true if anything finished.
+    async fn poll(&mut self) -> bool {
+        // The queue first, then the outcomes: a task that is gone from the queue and has no
+        // outcome after that really ended without one (its worker writes it before exiting).
+        let queue_at = std::time::SystemTime::now();
+        let queue = self.squeue().await;
+        let mut progressed = false;
+        let ids: Vec<String> = self.tasks.keys().cloned().collect();
+        for id in ids {
+            let state = queue.as_ref().map(|q| q.get(&id).cloned());
+            if matches!(&state, Some(Some(s)) if s == "PENDING") {
+                continue;
+            }
+            let Some(mut task) = self.tasks.remove(&id) else { continue };
+            let mut left = Vec::new();
+            for m in std::mem::take(&mut task.members) {
+                match jobfile::read_outcome(&self.root, &m.job.digest).filter(|o| o.job == id) {
+                    Some(o) => {
+                        progressed = true;
+                        self.resolve(m, o, &id, &task.log);
+                    }
+                    None => left.push(m),
+                }
+            }
+            if matches!(state, Some(None)) && !left.is_empty() {
+                progressed = true;
+                let (st, reason) = self.final_state(&id).await;
+                for m in left.drain(..) {
+                    // Killed after its record but before its outcome: the record is the result.
+                    if let Lookup::Fresh(rec) = self.store.lookup(&m.job.digest, false) {
+                        let secs = rec.duration_s;
+                        self.ready.push_back(Ok((m.job.idx, Ok(Done::Ran(*rec, secs)))));
+                        continue;
+                    }
+                    let label = m.job.input.instances[m.job.idx].label.clone();
+                    let reason = reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default();
+                    let msg = format!("{label}: Slurm job {id} {st}{reason}: {}", sbatch::explain_state(&st));
+                    self.fail(m, &st, msg, &task.log.clone());
+                }
+            }
+            task.members = left;
+            if !task.members.is_empty() {
+                self.tasks.insert(id, task);
+            }
+        }
+        // Submissions with nothing left in the queue and nothing waited on: their records go.
+        // Another controller's record goes too once it is a minute older than this look at
+        // the queue (younger, its job may have been submitted after the look).
+        if let Some(q) = &queue {
+            let alive: HashSet<&str> = q.keys().map(|k| k.split('_').next().unwrap_or(k)).collect();
+            let mut removed = false;
+            for (rec, path) in &self.others {
+                let old = std::fs::symlink_metadata(path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t + Duration::from_secs(60) < queue_at);
+                if old && !alive.contains(rec.job_id.as_str()) && !self.known.contains_key(&rec.job_id) {
+                    let _ = std::fs::remove_file(path);
+                    let _ = std::fs::remove_file(&rec.job_file);
+                    removed = true;
+                }
+            }
+            if removed {
+                self.index_stamp = None;
+            }
+        }
+        if let Some(q) = &queue {
+            let alive: HashSet<&str> = q.keys().map(|k| k.split('_').next().unwrap_or(k)).collect();
+            let waited: HashSet<String> = self.tasks.values().map(|t| t.job_id.clone()).collect();
+            let done: Vec<String> = self.known.keys().filter(|j| !alive.contains(j.as_str()) && !waited.contains(*j)).cloned().collect();
+            for j in done {
+                if let Some(k) = self.known.remove(&j) {
+                    let _ = std::fs::remove_file(&k.record);
+                    let _ = std::fs::remove_file(&k.job_file);
+                }
+            }
+        }
+        if !self.queued.is_empty() {
+            self.flush().await;
+        }
+        progressed
+    }
+
+    /// The most tasks one job array may have: the cluster's `MaxArraySize` (asked once), else
+    /// Slurm's default.
+    async fn max_array_size(&mut self) -> usize {
+        if self.max_array.is_none() {
+            let text = slurm_cmd("scontrol", vec!["show".into(), "config".into()]).await.unwrap_or_default();
+            self.max_array = Some(sbatch::parse_max_array_size(&text).unwrap_or(sbatch::DEFAULT_MAX_ARRAY_SIZE));
+        }
+        self.max_array.unwrap_or(sbatch::DEFAULT_MAX_ARRAY_SIZE)
+    }
+
+    /// Jobs the queued members would take, grouped as `flush` groups them (per kind, which
+    /// fixes the batch size; counted as they are queued, so `room` is O(kinds)).
+    fn queued_jobs(&self) -> usize {
+        self.queued_by_kind.iter().map(|(kind, n)| n.div_ceil(self.cfg.batch_size(kind) as usize)).sum()
+    }
+
+    fn enqueue(&mut self, m: Member) {
+        *self.queued_by_kind.entry(m.job.input.instances[m.job.idx].kind.clone()).or_default() += 1;
+        self.queued.push(m);
+    }
+}
+
+impl Runner for SlurmRunner {
+    fn room(&self, res: &Resources, kind: &str) -> Room {
+        if self.cfg.on_controller.iter().any(|k| k == kind) {
+            return self.local.room(res, kind);
+        }
+        if self.tasks.len() + self.queued_jobs() >= self.cfg.max_jobs as usize {
+            return Room::Later;
+        }
+        Room::Now
+    }
+
+    fn start(&mut self, job: Job, res: Resources) {
+        let kind = &job.input.instances[job.idx].kind;
+        if self.cfg.on_controller.iter().any(|k| k == kind) {
+            self.local.start(job, res);
+        } else {
+            self.enqueue(Member { job, res, attempts: 0 });
+        }
+    }
+
+    async fn flush(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        self.adopt().await;
+        self.queued_by_kind.clear();
+        let mut by_stage: BTreeMap<String, Vec<Member>> = BTreeMap::new();
+        for m in std::mem::take(&mut self.queued) {
+            let stage = m.job.input.instances[m.job.idx].stage.clone();
+            by_stage.entry(stage).or_default().push(m);
+        }
+        for (stage, members) in by_stage {
+            let kind = members[0].job.input.instances[members[0].job.idx].kind.clone();
+            let tasks = sbatch::batches(members, self.cfg.batch_size(&kind) as usize);
+            if self.cfg.arrays && tasks.len() > 1 {
+                let most = self.max_array_size().await;
+                for chunk in sbatch::batches(tasks, most) {
+                    let array = chunk.len() > 1;
+                    self.submit(&stage, chunk, array).await;
+                }
+            } else {
+                for t in tasks {
+                    self.submit(&stage, vec![t], false).await;
+                }
+            }
+        }
+        self.interval = Duration::from_secs_f64(self.cfg.poll_min_s);
+    }
+
+    fn busy(&self) -> bool {
+        !self.tasks.is_empty() || !self.ready.is_empty() || !self.queued.is_empty() || self.local.busy()
+    }
+
+    async fn next(&mut self) -> Finished {
+        loop {
+            if let Some(f) = self.ready.pop_front() {
+                return f;
+            }
+            if self.tasks.is_empty() && self.queued.is_empty() {
+                return self.local.next().await;
+            }
+            let sleep = tokio::time::sleep(self.interval);
+            if self.local.busy() {
+                tokio::select! {
+                    r = self.local.next() => return r,
+                    _ = sleep => {}
+                }
+            } else {
+                sleep.await;
+            }
+            let progressed = self.poll().await;
+            self.interval = if progressed {
+                Duration::from_secs_f64(self.cfg.poll_min_s)
+            } else {
+                self.interval.mul_f64(1.5).min(Duration::from_secs_f64(self.cfg.poll_max_s))
+            };
+        }
+    }
+
+    async fn interrupt(&mut self) {
+        let ids: Vec<String> = self.known.iter().filter(|(_, k)| k.cancel_on_interrupt).map(|(j, _)| j.clone()).collect();
+        if ids.is_empty() {
+            return;
+        }
+        match slurm_cmd("scancel", ids.clone()).await {
+            Ok(_) => {
+                for j in &ids {
+                    if let Some(k) = self.known.remove(j) {
+                        let _ = std::fs::remove_file(&k.record);
+                        let _ = std::fs::remove_file(&k.job_file);
+                    }
+                }
+            }
+            // The jobs go on; their records stay, so the next run adopts them.
+            Err(e) => tracing::warn!("cancelling Slurm jobs {}: {e}", ids.join(",")),
+        }
+    }
+}
+
+/// Runs the pipeline's stale instances as Slurm jobs (see the module docs).
+pub async fn execute(
+    input: super::ExecInput,
+    catalog: std::sync::Arc<crate::stage_kind::Catalog>,
+    store: Store,
+    opts: super::ExecOptions,
+    setup: SlurmSetup,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+) -> super::Outcome {
+    let runner = SlurmRunner::new(setup, store.clone(), events.clone());
+    super::execute_with(input, catalog, store, opts, events, runner).await
+}
