@@ -310,6 +310,18 @@ impl CacheLeases {
         Ok(live)
     }
 
+    /// Breaks the stale key leases killed runs left (each would otherwise wait for the next
+    /// run of its key); best effort, live ones are kept.
+    fn sweep_key_leases(&self) {
+        let (Some(locks), me) = (self.gc.parent(), Owner::me()) else { return };
+        for e in std::fs::read_dir(locks).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.strip_suffix(".lease").is_some_and(is_digest) {
+                let _ = lease::break_if_stale(&e.path(), &self.scratch, &me, self.ttl);
+            }
+        }
+    }
+
     fn shared(&self, wait: bool) -> StoreResult<Option<Held>> {
         loop {
             if !self.gc_live()? {
@@ -348,6 +360,7 @@ impl CacheLeases {
         // Held while waiting, so new runs wait for this gc instead of starving it.
         loop {
             if self.live_runs()?.is_empty() {
+                self.sweep_key_leases();
                 return Ok(Some(gc));
             }
             if !wait {
@@ -542,6 +555,13 @@ mod tests {
         drop(gc);
         plant_dead(&d.path().join("locks/gc.lease"));
         assert!(lease_lock(d.path(), true).is_some(), "a dead gc's lease is broken");
+        let dead_key = key_lock_path(d.path(), &"d".repeat(64), "lease").unwrap();
+        plant_dead(&dead_key);
+        let live = KeyLock::take(d.path(), &"e".repeat(64), Locking::Lease, false).unwrap().expect("free");
+        drop(lease_lock(d.path(), false).expect("gc"));
+        assert!(!dead_key.exists(), "gc sweeps the key leases of dead processes");
+        assert!(key_lock_path(d.path(), &"e".repeat(64), "lease").unwrap().exists(), "and keeps live ones");
+        drop(live);
         let k = "c".repeat(64);
         plant_dead(&key_lock_path(d.path(), &k, "lease").unwrap());
         let held = KeyLock::take(d.path(), &k, Locking::Lease, false).unwrap().expect("a dead holder's key lease is broken");

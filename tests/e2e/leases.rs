@@ -218,3 +218,24 @@ fn scratch_on_another_filesystem_gives_the_same_results() {
     assert_eq!(std::fs::read_dir(&made[0]).expect("cache scratch").count(), 0);
     verify_clean(&p);
 }
+
+/// NFS leaves `.nfs…` files where a file was deleted while a client still had it open: they
+/// are neither corruption for `verify` nor garbage for `gc`, which leave them alone.
+#[test]
+fn nfs_silly_rename_files_are_left_alone_by_verify_and_gc() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    let shard = std::fs::read_dir(p.cache().join("objects")).expect("objects").flatten().next().expect("a shard").path();
+    let name = ".nfs00000000001a2b3c00000004";
+    let places = [shard.join(name), p.cache().join("actions").join(name), p.cache().join("tmp").join(name)];
+    for f in &places {
+        std::fs::write(f, b"deleted while open").expect("plant");
+        let old = std::time::SystemTime::now() - Duration::from_secs(3 * 3600);
+        std::fs::File::options().write(true).open(f).expect("open").set_modified(old).expect("mtime");
+    }
+    verify_clean(&p);
+    let g = lease_cmd(&p, &["gc", "--max-size", "0"]).output().expect("gc");
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    assert!(places.iter().all(|f| f.exists()), "gc removed a silly-rename file");
+    assert!(std::fs::read_dir(p.cache().join("actions")).expect("actions").count() == 1, "every record but the silly file collected");
+}
