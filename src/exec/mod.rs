@@ -15,6 +15,8 @@
 //! # Concurrency
 //! `--jobs` CPU slots and `--gpus` GPU slots. A stage asking for more CPU slots than exist
 //! gets all of them (training asks for all by default: burn already uses every core).
+//! Instances asking for a fraction of a GPU share devices within their memory estimates
+//! (`gpu_slots`).
 //! CPU-heavy work runs on tokio's blocking pool, never on the async runtime.
 //!
 //! # Failure and cancellation
@@ -28,6 +30,8 @@
 //!
 //! A cache that cannot be read or written (permissions, a read-only mount, a full disk) stops
 //! the run with `Outcome::Done::cache_error`: an I/O error, never a miss or a stage failure.
+
+pub mod gpu_slots;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -82,6 +86,9 @@ pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis
 pub struct ExecOptions {
     pub jobs: u32,
     pub gpus: u32,
+    /// Memory of each GPU in bytes, for packing instances that share one (`gpu_slots`);
+    /// `None`: no device memory is at stake (the CPU backend), only shares count.
+    pub gpu_memory: Option<u64>,
     pub keep_going: bool,
     /// Hash every object on lookup instead of trusting size and mtime.
     pub full_verify: bool,
@@ -146,7 +153,9 @@ pub async fn execute(
     // an identical key has been recorded meanwhile).
     let mut stale: Vec<Option<(crate::cache::CacheKey, String, StaleReason)>> = vec![None; n];
     let jobs = opts.jobs.max(1);
-    let (mut cpu_free, mut gpu_free): (u32, Vec<usize>) = (jobs, (0..opts.gpus as usize).rev().collect());
+    let mut cpu_free = jobs;
+    let mut gpus = gpu_slots::GpuPool::new(opts.gpus, opts.gpu_memory);
+    let gpu_demands = gpu_slots::demands(&input.instances, &input.resources, &catalog);
     let mut failed = 0usize;
     // Keys computed by this run. An instance found cached under one of them shares its key
     // with an instance that just ran: it gets its own sidecar (its last key, by label), so
@@ -154,7 +163,7 @@ pub async fn execute(
     let mut ran_here: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut stop = false;
     let mut set = tokio::task::JoinSet::new();
-    let mut holding: BTreeMap<usize, (u32, Option<usize>)> = BTreeMap::new();
+    let mut holding: BTreeMap<usize, (u32, Option<gpu_slots::Grant>)> = BTreeMap::new();
     let mut cache_error: Option<String> = None;
     // Registered now, not at the first wait, so a signal during the first dispatch is caught.
     let mut signals = Signals::register();
@@ -259,10 +268,10 @@ pub async fn execute(
                 }
                 let res = input.resources[i];
                 let want_cpu = res.cpu.clamp(1, jobs);
-                if want_cpu > cpu_free || (res.gpu > 0 && opts.gpus > 0 && gpu_free.is_empty()) {
+                if want_cpu > cpu_free || (!res.gpu.is_none() && opts.gpus > 0 && gpus.place(&gpu_demands[i]).is_none()) {
                     continue;
                 }
-                if res.gpu > 0 && opts.gpus == 0 {
+                if !res.gpu.is_none() && opts.gpus == 0 {
                     state[i] = State::Failed;
                     failed += 1;
                     let _ =
@@ -273,7 +282,8 @@ pub async fn execute(
                 }
                 let Some((key, digest, reason)) = stale[i].take() else { continue };
                 cpu_free -= want_cpu;
-                let gpu = if res.gpu > 0 { gpu_free.pop() } else { None };
+                let gpu = gpus.acquire(&gpu_demands[i]);
+                let device = gpu.as_ref().map_or(0, |g| g.device);
                 holding.insert(i, (want_cpu, gpu));
                 state[i] = State::Running;
                 let _ = events.send(Event::Started { idx: i, reason });
@@ -287,7 +297,7 @@ pub async fn execute(
                     key,
                     digest,
                     up_records,
-                    device: gpu.unwrap_or(0),
+                    device,
                     backend: opts.backend.clone(),
                     deterministic: opts.bitwise_deterministic,
                     forced: opts.forced.contains(&i),
@@ -315,7 +325,7 @@ pub async fn execute(
                 };
                 if let Some((c, g)) = holding.remove(&i) {
                     cpu_free += c;
-                    if let Some(g) = g { gpu_free.push(g); }
+                    if let Some(g) = g { gpus.release(g); }
                 }
                 match result {
                     Ok(Done::Ran(rec, secs)) => {

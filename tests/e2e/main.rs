@@ -19,3 +19,5 @@ mod science;
 mod seeds;
 mod spec_errors;
 mod support;
+#[cfg(feature = "wgpu")]
+mod wgpu;
