@@ -1,39 +1,220 @@
 #!/usr/bin/env bash
-# GPU check: runs the synthetic paper pipeline on the CUDA backend and prints per-stage times
-# and the vgg-small train-step figure beside the CPU's.
+# GPU check (issue 10): one prepared script for a machine with an NVIDIA GPU. Each part runs
+# under its own time limit, so one failure or hang never loses the others; every part's status,
+# wall time and figures go into one summary file.
 #
 # Build the binary on a machine with a Rust toolchain (the GPU machine may have none):
 #   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda
 #   mkdir -p dist && cp target/release/camflow dist/camflow-cuda
 # then on the GPU machine (driver 580 / CUDA 13.0), from the project root:
-#   scripts/gpu-check.sh [dist/camflow-cuda] [--with-cpu]
-set -euo pipefail
+#   OUT=/some/dir scripts/gpu-check.sh [dist/camflow-cuda]
+#
+# Parts (GPU_CHECK_PARTS, in this order by default):
+#   device      nvidia-smi: GPU name, driver, memory
+#   ml          `bench ml` at 64 and 128 on the GPU backend (and the CPU's figure beside it)
+#   paper       the paper pipeline on the GPU backend: wall time and per-stage times
+#   shared      the same with train, cams and retrain on a quarter GPU each (fractional slots)
+#   fuse        fused vs unfused training throughput, K = 1, 2, 4, 8, 16, 24 at 64x64
+#               (`bench fuse`; recorded as missing if this camflow has no such command)
+#   lgg         an LGG-scale synthetic study (3,929 images at 128x128, the lgg.yaml grid)
+#   cpu-locked  `run --locked` of the paper pipeline on this machine's CPU: the portable CPU
+#               profile must reproduce the shipped lock's bytes on another CPU
+# Settings (environment):
+#   OUT                where the summary goes (gpu-check-summary.md); else a temp folder,
+#                      printed at the end
+#   GPU_CHECK_BACKEND  cuda (default) or wgpu
+#   GPU_CHECK_PARTS    a subset of the parts above, space-separated
+#   GPU_CHECK_TIMEOUT_<PART>  seconds for one part (defaults below: ~15 minutes in all);
+#                      <PART> upper case, `-` as `_` (GPU_CHECK_TIMEOUT_CPU_LOCKED)
+#   GPU_CHECK_TINY=1   a smoke test of this script on any machine: tiny sizes, CPU backend
+#                      allowed (GPU_CHECK_BACKEND=cpu); its figures mean nothing
+set -uo pipefail   # no -e: a failing part is recorded, and the next one runs
+
 BIN=${1:-dist/camflow-cuda}
-WITH_CPU=${2:-}
+case "$BIN" in /*) ;; *) BIN="$PWD/$BIN" ;; esac
+ROOT=$PWD
+BACKEND=${GPU_CHECK_BACKEND:-cuda}
+PARTS=${GPU_CHECK_PARTS:-device ml paper shared fuse lgg cpu-locked}
+TINY=${GPU_CHECK_TINY:-}
 WORK=$(mktemp -d)
-echo "== device"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
-echo "== train step, inference, Grad-CAM (vgg-small, batch 32)"
-for size in 64 128; do
-  "$BIN" bench ml --size "$size" --backend cpu --reps 5
-  "$BIN" bench ml --size "$size" --backend cuda --reps 20
-done
-per_stage() {
-  # "done    stage[...]  1.23s" lines -> total seconds per stage
-  awk '/^done /{l=$2; sub(/\[.*/, "", l); t=$NF; sub(/s$/, "", t); s[l]+=t; n[l]++} END {for (k in s) printf "  %-14s %4d instances %8.2fs\n", k, n[k], s[k]}' | sort
-}
-echo "== paper pipeline, CUDA backend"
-start=$(date +%s.%N)
-"$BIN" run pipelines/paper.yaml --backend cuda --cache-dir "$WORK/cuda" > "$WORK/cuda.log"
-end=$(date +%s.%N)
-per_stage < "$WORK/cuda.log"
-grep '^summary:' "$WORK/cuda.log"
-echo "  wall: $(echo "$end - $start" | bc)s"
-"$BIN" show pipelines/paper.yaml --backend cuda --cache-dir "$WORK/cuda" --stage original
-if [ "$WITH_CPU" = "--with-cpu" ]; then
-  echo "== paper pipeline, CPU backend"
-  "$BIN" run pipelines/paper.yaml --backend cpu --cache-dir "$WORK/cpu" > "$WORK/cpu.log"
-  per_stage < "$WORK/cpu.log"
-  grep '^summary:' "$WORK/cpu.log"
+trap 'rm -rf "$WORK"' EXIT
+SUMMARY_DIR=${OUT:-$(mktemp -d)}
+mkdir -p "$SUMMARY_DIR"
+SUMMARY="$SUMMARY_DIR/gpu-check-summary.md"
+
+if [ ! -x "$BIN" ]; then
+  echo "gpu-check: no camflow binary at $BIN (build it: see the top of this script)" >&2
+  exit 2
 fi
-rm -rf "$WORK"
+if [ ! -f pipelines/paper.yaml ]; then
+  echo "gpu-check: run this from the camflow project root (pipelines/paper.yaml not found)" >&2
+  exit 2
+fi
+
+default_timeout() {
+  case "$1" in
+    device) echo 30 ;;
+    ml) echo 120 ;;
+    paper) echo 150 ;;
+    shared) echo 120 ;;
+    fuse) echo 150 ;;
+    lgg) echo 300 ;;
+    cpu-locked) echo 120 ;;
+    *) echo 300 ;;
+  esac
+}
+
+# Sizes: the issue's, or tiny ones for a smoke test of the script itself.
+if [ -n "$TINY" ]; then
+  ML_SIZES="16 32"; ML_REPS=2
+  FUSE_K=1,2,4; FUSE_ARGS=(--size 16 --images 32)
+  SMALL=(--set stages.data.params.count=40 --set stages.data.params.image_size=16 --set stages.train.params.epochs=1 --set stages.train.seeds=1)
+  LGG=(--set stages.data.params.source=synthetic --set stages.data.params.count=40 --set stages.data.params.image_size=16
+       --set stages.train.params.epochs=1 --set stages.train.seeds=1)
+else
+  ML_SIZES="64 128"; ML_REPS=20
+  FUSE_K=1,2,4,8,16,24; FUSE_ARGS=(--size 64)
+  SMALL=()
+  LGG=(--set stages.data.params.source=synthetic --set stages.data.params.count=3929 --set stages.data.params.image_size=128)
+fi
+
+# "done    stage[...]  1.23s" lines -> seconds per stage.
+per_stage() {
+  awk '/^done /{l=$2; sub(/\[.*/, "", l); t=$NF; sub(/s$/, "", t); s[l]+=t; n[l]++}
+       END {for (k in s) printf "  %-14s %4d instances %9.2fs\n", k, n[k], s[k]}' | sort
+}
+
+# A pipeline copied into its own folder, so its lock file is written there (never over the
+# shipped pipelines/*.lock.yaml), run once; prints the summary, wall and per-stage times.
+run_pipeline() {
+  local name=$1 file=$2; shift 2
+  local dir="$WORK/$name"
+  mkdir -p "$dir"
+  cp "$ROOT/pipelines/$file" "$dir/"
+  local start end
+  start=$(date +%s.%N)
+  "$BIN" run "$dir/$file" --cache-dir "$dir/cache" "$@" > "$dir/run.log" 2>&1
+  local rc=$?
+  end=$(date +%s.%N)
+  grep -E '^(note|summary):' "$dir/run.log"
+  echo "wall: $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')s (rc $rc)"
+  echo "per stage (sum of instance times; instances overlap):"
+  per_stage < "$dir/run.log"
+  [ $rc -eq 0 ] || tail -n 20 "$dir/run.log"
+  return $rc
+}
+
+part_device() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi not found"
+  "$BIN" --version
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') x $(nproc)"
+}
+
+part_ml() {
+  local rc=0
+  for size in $ML_SIZES; do
+    "$BIN" bench ml --size "$size" --backend "$BACKEND" --reps "$ML_REPS" || rc=1
+    [ "$BACKEND" = cpu ] || "$BIN" bench ml --size "$size" --backend cpu --reps $(( ML_REPS < 5 ? ML_REPS : 5 )) || rc=1
+  done
+  return $rc
+}
+
+part_paper() {
+  run_pipeline paper paper.yaml --backend "$BACKEND" "${SMALL[@]}"
+}
+
+part_shared() {
+  # A quarter GPU (and 2 CPU slots) per training, Grad-CAM and retraining: up to four share
+  # the device, packed within their memory estimates (the run prints the memory it assumes).
+  local r=()
+  for s in train cams retrain; do
+    r+=(--set "stages.$s.resources.gpu=0.25" --set "stages.$s.resources.cpu=2")
+  done
+  run_pipeline shared paper.yaml --backend "$BACKEND" --gpus 1 "${SMALL[@]}" "${r[@]}"
+}
+
+part_fuse() {
+  if ! "$BIN" bench fuse --help > /dev/null 2>&1; then
+    echo "missing: this camflow has no \`bench fuse\` (fused training not built in); skipped"
+    return 0
+  fi
+  "$BIN" bench fuse --k "$FUSE_K" "${FUSE_ARGS[@]}" --backend "$BACKEND"
+}
+
+part_lgg() {
+  # Target (issue 10, one H100): under 5 minutes.
+  run_pipeline lgg lgg.yaml --backend "$BACKEND" "${LGG[@]}"
+}
+
+part_cpu_locked() {
+  local dir="$WORK/locked"
+  mkdir -p "$dir"
+  cp "$ROOT/pipelines/paper.yaml" "$ROOT/pipelines/paper.lock.yaml" "$dir/"
+  local start end rc
+  start=$(date +%s.%N)
+  "$BIN" run "$dir/paper.yaml" --locked --backend cpu --cache-dir "$dir/cache" > "$dir/run.log" 2>&1
+  rc=$?
+  end=$(date +%s.%N)
+  grep -E '^summary:' "$dir/run.log"
+  echo "wall: $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')s (rc $rc)"
+  if [ $rc -eq 0 ] && cmp -s "$dir/paper.lock.yaml" "$ROOT/pipelines/paper.lock.yaml"; then
+    echo "the shipped lock reproduced on this CPU: every key, output digest and metric"
+  else
+    tail -n 20 "$dir/run.log"
+    return 1
+  fi
+}
+
+{
+  echo "# camflow GPU check"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "- host: $(hostname)"
+  echo "- binary: $BIN"
+  echo "- backend: $BACKEND${TINY:+ (TINY smoke test: figures mean nothing)}"
+  echo "- parts: $PARTS"
+} > "$SUMMARY"
+
+# Words for `bash -c` that read back as these arguments (none for none).
+quoted() {
+  [ $# -eq 0 ] || printf '%q ' "$@"
+}
+
+failed=0
+for part in $PARTS; do
+  fn="part_${part//-/_}"
+  if ! declare -F "$fn" > /dev/null; then
+    printf '\n## %s\n\nunknown part (known: device ml paper shared fuse lgg cpu-locked)\n' "$part" >> "$SUMMARY"
+    failed=$((failed + 1))
+    continue
+  fi
+  var="GPU_CHECK_TIMEOUT_$(echo "${part//-/_}" | tr '[:lower:]' '[:upper:]')"
+  limit=${!var:-$(default_timeout "$part")}
+  echo "== $part (at most ${limit}s)"
+  export -f "$fn" run_pipeline per_stage
+  export BIN ROOT BACKEND WORK ML_SIZES ML_REPS FUSE_K
+  start=$(date +%s)
+  # Arrays do not cross `bash -c`: pass them as one quoted string each.
+  timeout --kill-after=15 "$limit" bash -c "
+    SMALL=($(quoted "${SMALL[@]}")); LGG=($(quoted "${LGG[@]}")); FUSE_ARGS=($(quoted "${FUSE_ARGS[@]}"))
+    $fn" > "$WORK/$part.out" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  case $rc in
+    0) status="ok" ;;
+    124 | 137) status="TIMED OUT after ${limit}s"; failed=$((failed + 1)) ;;
+    *) status="FAILED (exit $rc)"; failed=$((failed + 1)) ;;
+  esac
+  echo "   $status, ${secs}s"
+  {
+    printf '\n## %s: %s, %ss\n\n```\n' "$part" "$status" "$secs"
+    # Long outputs keep their end, where the figures and the error are.
+    tail -n 80 "$WORK/$part.out"
+    printf '```\n'
+  } >> "$SUMMARY"
+done
+
+printf '\n%s part(s) failed or timed out\n' "$failed" >> "$SUMMARY"
+echo "== summary: $SUMMARY"
+[ -n "${OUT:-}" ] || cat "$SUMMARY"
+[ "$failed" -eq 0 ]

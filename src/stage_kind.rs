@@ -179,11 +179,81 @@ pub type DataFiles = Vec<(String, PathBuf)>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Resources {
     pub cpu: u32,
-    pub gpu: u32,
+    pub gpu: GpuShare,
     /// MiB.
     pub mem: Option<u64>,
     /// Seconds: the job's time limit.
     pub time: Option<u64>,
+}
+
+/// How much GPU an instance holds: none, whole devices (`gpu: 2`), or a fraction of one device
+/// (`gpu: 0.25`) that it shares with other instances while the fractions sum to at most 1.
+/// Kept in thousandths of a device, so that shares add up exactly (four 0.25 fill a device,
+/// which floating point would only almost do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+pub struct GpuShare(u32);
+
+impl GpuShare {
+    /// One device, in the unit of [`GpuShare::thousandths`].
+    pub const WHOLE: u32 = 1000;
+    pub const NONE: GpuShare = GpuShare(0);
+
+    pub fn whole(devices: u32) -> GpuShare {
+        GpuShare(devices.saturating_mul(Self::WHOLE))
+    }
+
+    /// `thousandths` of one device (1..=999 is a fraction; multiples of 1000 are whole devices).
+    pub fn from_thousandths(thousandths: u32) -> GpuShare {
+        GpuShare(thousandths)
+    }
+
+    /// A YAML value: 0, a whole count up to `max_devices`, or a fraction 0 < f < 1 with at most
+    /// three decimals. The error says what was expected.
+    pub fn from_f64(v: f64, max_devices: u32) -> Result<GpuShare, String> {
+        let expected = || format!("expected a whole number of GPUs (0 to {max_devices}) or a fraction of one GPU between 0 and 1 (e.g. 0.25)");
+        if !v.is_finite() || v < 0.0 {
+            return Err(expected());
+        }
+        if v.fract() == 0.0 {
+            return if v <= max_devices as f64 { Ok(GpuShare::whole(v as u32)) } else { Err(expected()) };
+        }
+        if v > 1.0 {
+            return Err(format!("{}; a share above one GPU must be whole", expected()));
+        }
+        let t = (v * Self::WHOLE as f64).round();
+        if (v * Self::WHOLE as f64 - t).abs() > 1e-6 || t < 1.0 {
+            return Err(format!("{}; fractions are counted in thousandths of a GPU (0.001 to 0.999)", expected()));
+        }
+        Ok(GpuShare(t as u32))
+    }
+
+    pub fn thousandths(self) -> u32 {
+        self.0
+    }
+
+    pub fn is_none(self) -> bool {
+        self.0 == 0
+    }
+
+    /// A share of one device that others may use too.
+    pub fn is_fraction(self) -> bool {
+        self.0 > 0 && self.0 < Self::WHOLE
+    }
+
+    /// Whole devices held (fractions round up to the one device they are on).
+    pub fn devices(self) -> u32 {
+        self.0.div_ceil(Self::WHOLE)
+    }
+}
+
+impl std::fmt::Display for GpuShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 % Self::WHOLE == 0 {
+            write!(f, "{}", self.0 / Self::WHOLE)
+        } else {
+            write!(f, "{}", self.0 as f64 / Self::WHOLE as f64)
+        }
+    }
 }
 
 /// The output of an upstream instance, as a stage sees it: verified files in the store.
@@ -265,7 +335,15 @@ pub trait StageKind: Send + Sync {
         false
     }
     fn default_resources(&self) -> Resources {
-        Resources { cpu: 1, gpu: 0, ..Resources::default() }
+        Resources { cpu: 1, gpu: GpuShare::NONE, ..Resources::default() }
+    }
+    /// Device memory one instance needs at most, in bytes (an estimate with a margin), so that
+    /// instances sharing a GPU (`resources: {gpu: 0.25}`) are packed without running it out of
+    /// memory. `upstream(name)` is the value of param `name` in the nearest instance upstream
+    /// that has it (a training finds its data's `image_size` there). `None`: the kind puts
+    /// nothing on a device, or cannot tell; the executor then counts only GPU shares.
+    fn device_memory(&self, _params: &Params, _upstream: &dyn Fn(&str) -> Option<Json>) -> Option<u64> {
+        None
     }
     /// Exactly the files outside the cache that `run` will read, by data name: each name has a
     /// list of (name relative to the data, path), in the order the stage reads them. Their

@@ -69,7 +69,7 @@ enum BenchWhat {
         channels: usize,
         #[arg(long, default_value_t = 20)]
         reps: usize,
-        #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+        #[arg(long, default_value = "cpu", value_parser = clap::builder::PossibleValuesParser::new(crate::ml::backend::NAMES))]
         backend: String,
     },
 }

@@ -100,7 +100,7 @@ pub struct PipelineArgs {
     #[arg(long = "set", value_name = "PATH=VALUE")]
     sets: Vec<String>,
     /// Numeric backend, overriding the spec's `backend`.
-    #[arg(long, value_parser = ["cpu", "cuda"])]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::ml::backend::NAMES))]
     backend: Option<String>,
     /// Re-hash data files instead of trusting (path, size, mtime).
     #[arg(long)]
@@ -267,11 +267,12 @@ pub fn prepare(args: &PipelineArgs, store: &Store) -> Result<Prepared> {
     let (pipeline, instances, catalog) = load(args)?;
     let backend_name = args.backend.clone().unwrap_or_else(|| pipeline.backend.clone());
     let backend = BackendKind::parse(&backend_name).ok_or_else(|| Error::Usage(format!("unknown backend `{backend_name}`")))?;
-    if !BackendKind::compiled().contains(&backend.name()) {
+    if !backend.is_compiled() {
         return Err(Error::Usage(format!(
-            "backend `{}` is not compiled into this camflow (it has: {}); rebuild with `cargo build --release --features cuda`",
+            "backend `{}` is not compiled into this camflow (it has: {}); rebuild with `cargo build --release --features {}`",
             backend.name(),
-            BackendKind::compiled().join(", ")
+            BackendKind::compiled().join(", "),
+            backend.feature().unwrap_or_default()
         )));
     }
     if backend == BackendKind::Cpu {

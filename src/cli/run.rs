@@ -21,9 +21,15 @@ pub struct RunArgs {
     /// CPU slots shared by running instances (default: number of cores).
     #[arg(short, long)]
     jobs: Option<u32>,
-    /// GPU slots; stages with `resources: {gpu: 1}` get a device index from them.
+    /// GPU slots; stages with `resources: {gpu: 1}` get a device index from them, and
+    /// stages with a fraction (`gpu: 0.25`) share devices.
     #[arg(long, default_value_t = 1)]
     gpus: u32,
+    /// Memory of each GPU (`16G`, `512M`, `24GiB`, bytes), within which instances with a
+    /// fractional `resources.gpu` are packed by their memory estimates. Default: what the
+    /// driver reports (CUDA, via nvidia-smi), else 4 GiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    gpu_memory: Option<u64>,
     /// After a failure, finish the branches that do not depend on it.
     #[arg(long)]
     keep_going: bool,
@@ -137,6 +143,51 @@ pub fn plan(cache: &std::path::Path, a: PlanArgs) -> Result<()> {
     Ok(())
 }
 
+/// `16G`, `16GiB`, `512M`, `1.5G`, `1024K` or bytes: binary units (a GPU's "80 GB" is GiB).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("`{s}`: expected a size like 16G, 512M or 24GiB (units K, M, G, T)")),
+    };
+    let v: f64 = num.parse().map_err(|_| format!("`{s}`: expected a size like 16G, 512M or 24GiB"))?;
+    let bytes = v * (1u64 << shift) as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("`{s}`: a GPU's memory must be at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Per-device memory for packing fractional GPU instances: the flag, else what the backend's
+/// driver reports, else a conservative default. On the CPU backend none is at stake unless
+/// given. When some instance shares a GPU, says which figure it uses and where it came from.
+fn gpu_memory(p: &Prepared, flag: Option<u64>) -> Option<u64> {
+    use crate::ml::backend::{self, BackendKind};
+    let (bytes, from) = match (flag, p.backend) {
+        (Some(b), _) => (Some(b), "--gpu-memory"),
+        (None, BackendKind::Cpu) => (None, "the CPU backend puts nothing on a GPU"),
+        (None, kind) => match backend::device_memory(kind) {
+            Some(b) => (Some(b), "reported by the driver"),
+            None => (Some(backend::DEFAULT_GPU_MEMORY), "a default: the backend cannot report it; --gpu-memory sets it"),
+        },
+    };
+    if p.resources.iter().any(|r| r.gpu.is_fraction()) {
+        let shown = bytes.map_or_else(|| "not limited".to_string(), gib);
+        print_out(&format!("note: instances share GPUs; memory per GPU: {shown} ({from})\n"));
+    }
+    bytes
+}
+
 pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let started = Instant::now();
     let store = open_store(cache)?;
@@ -154,7 +205,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let forced = forced_fn(&a.force);
     // A stage that needs a GPU with no GPU slot would never start: refuse before running
     // anything (on Slurm, GPUs are the cluster's: `--gres`).
-    if !slurm && a.gpus == 0 && p.resources.iter().any(|r| r.gpu > 0) {
+    if !slurm && a.gpus == 0 && p.resources.iter().any(|r| !r.gpu.is_none()) {
         let decisions = make_plan(&p, &store, a.verify, &forced)?;
         let stages = crate::plan::gpu_stages_to_run(&p.instances, &p.resources, &decisions);
         if !stages.is_empty() {
@@ -189,9 +240,11 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         return Ok(());
     }
     let forced_idx: BTreeSet<usize> = p.instances.iter().enumerate().filter(|(_, i)| forced(i)).map(|(k, _)| k).collect();
+    let gpu_memory = gpu_memory(&p, a.gpu_memory);
     let opts = ExecOptions {
         jobs: a.jobs.unwrap_or_else(exec::default_jobs),
         gpus: a.gpus,
+        gpu_memory,
         keep_going: a.keep_going,
         full_verify: a.verify,
         forced: forced_idx,
@@ -490,4 +543,22 @@ fn executor_config(a: &RunArgs, p: &Prepared) -> Result<ExecutorConfig> {
         spec.kind = ExecutorKind::parse(k);
     }
     Ok(spec.resolve())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn gpu_memory_sizes_parse_in_binary_units_and_bad_ones_say_what_is_expected() {
+        assert_eq!(parse_size("16G"), Ok(16 << 30));
+        assert_eq!(parse_size("24GiB"), Ok(24 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "G", "16X", "-1G", "0", "1.2.3G", "0.1"] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")), "{bad}: {e}");
+        }
+    }
 }

@@ -123,7 +123,13 @@ fn stage_schema(kind: &dyn StageKind) -> Json {
                 "additionalProperties": false,
                 "properties": {
                     "cpu": { "type": "integer", "minimum": 0, "maximum": 1024, "description": "CPU slots (of `run --jobs`)" },
-                    "gpu": { "type": "integer", "minimum": 0, "maximum": 1024, "description": "GPU slots (of `run --gpus`)" },
+                    "gpu": {
+                        "type": "number",
+                        "minimum": 0,
+                        "maximum": 1024,
+                        "anyOf": [{ "type": "integer" }, { "exclusiveMaximum": 1 }],
+                        "description": "whole GPUs (of `run --gpus`), or a fraction of one shared with other instances (0.25)",
+                    },
                     "mem": { "$ref": "#/$defs/mem" },
                     "time": { "$ref": "#/$defs/time" },
                 },
@@ -245,7 +251,7 @@ pub fn schema(catalog: &Catalog) -> Json {
             "name": { "type": "string", "pattern": r"\S", "description": "the pipeline's name (names its cache entries and lock file)" },
             "description": { "description": "free text for people" },
             "seed": { "type": "integer", "minimum": 0, "default": 0, "description": "the pipeline seed: part of every cache key" },
-            "backend": { "enum": ["cpu", "cuda"], "default": "cpu", "description": "numeric backend (`--backend` overrides it)" },
+            "backend": { "enum": crate::ml::backend::NAMES, "default": "cpu", "description": "numeric backend (`--backend` overrides it)" },
             "defaults": {
                 "type": "object",
                 "description": "params for every stage of a kind (stage params and sweep values override them)",

@@ -1,43 +1,43 @@
 //! The local runner: each instance's [`Job`] on tokio's blocking pool, within `--jobs` CPU
-//! slots and `--gpus` GPU slots. A stage asking for more CPU slots than exist gets all of them
-//! (training asks for all by default: burn already uses every core).
+//! slots and the GPU pool of `--gpus` devices (`gpu_slots`: whole devices, or fractions of one
+//! packed by their memory estimates). A stage asking for more CPU slots than exist gets all of
+//! them (training asks for all by default: burn already uses every core).
 
 use std::collections::BTreeMap;
 
+use super::gpu_slots::{Demand, GpuPool, Grant};
 use super::job::Job;
 use super::{Finished, Room, Runner};
 use crate::stage_kind::Resources;
 
 pub(crate) struct LocalRunner {
     jobs: u32,
-    gpus: u32,
     cpu_free: u32,
-    gpu_free: Vec<usize>,
+    gpus: GpuPool,
+    /// What each instance asks of the GPUs, by instance index (none where absent).
+    demands: Vec<Demand>,
     set: tokio::task::JoinSet<(usize, Result<super::Done, super::JobError>)>,
-    /// CPU slots and GPU index each running instance holds.
-    holding: BTreeMap<usize, (u32, Option<usize>)>,
+    /// CPU slots and GPU grant each running instance holds.
+    holding: BTreeMap<usize, (u32, Option<Grant>)>,
 }
 
 impl LocalRunner {
-    pub(crate) fn new(jobs: u32, gpus: u32) -> LocalRunner {
+    pub(crate) fn new(jobs: u32, gpus: GpuPool, demands: Vec<Demand>) -> LocalRunner {
         let jobs = jobs.max(1);
-        LocalRunner {
-            jobs,
-            gpus,
-            cpu_free: jobs,
-            gpu_free: (0..gpus as usize).rev().collect(),
-            set: tokio::task::JoinSet::new(),
-            holding: BTreeMap::new(),
-        }
+        LocalRunner { jobs, cpu_free: jobs, gpus, demands, set: tokio::task::JoinSet::new(), holding: BTreeMap::new() }
+    }
+
+    fn demand(&self, idx: usize) -> Demand {
+        self.demands.get(idx).copied().unwrap_or_default()
     }
 }
 
 impl Runner for LocalRunner {
-    fn room(&self, res: &Resources, _kind: &str) -> Room {
-        if res.gpu > 0 && self.gpus == 0 {
+    fn room(&self, idx: usize, res: &Resources, _kind: &str) -> Room {
+        if !res.gpu.is_none() && self.gpus.devices() == 0 {
             return Room::Never("asks for a GPU, but --gpus is 0".into());
         }
-        if res.cpu.clamp(1, self.jobs) > self.cpu_free || (res.gpu > 0 && self.gpu_free.is_empty()) {
+        if res.cpu.clamp(1, self.jobs) > self.cpu_free || (!res.gpu.is_none() && self.gpus.place(&self.demand(idx)).is_none()) {
             return Room::Later;
         }
         Room::Now
@@ -46,8 +46,8 @@ impl Runner for LocalRunner {
     fn start(&mut self, mut job: Job, res: Resources) {
         let want_cpu = res.cpu.clamp(1, self.jobs);
         self.cpu_free -= want_cpu;
-        let gpu = if res.gpu > 0 { self.gpu_free.pop() } else { None };
-        job.device = gpu.unwrap_or(0);
+        let gpu = if res.gpu.is_none() { None } else { self.gpus.acquire(&self.demand(job.idx)) };
+        job.device = gpu.as_ref().map_or(0, |g| g.device);
         let i = job.idx;
         self.holding.insert(i, (want_cpu, gpu));
         self.set.spawn_blocking(move || (i, job.run()));
@@ -67,7 +67,7 @@ impl Runner for LocalRunner {
                 if let Some((c, g)) = self.holding.remove(&i) {
                     self.cpu_free += c;
                     if let Some(g) = g {
-                        self.gpu_free.push(g);
+                        self.gpus.release(g);
                     }
                 }
                 Ok((i, result))

@@ -15,6 +15,8 @@
 //! # Concurrency
 //! `--jobs` CPU slots and `--gpus` GPU slots. A stage asking for more CPU slots than exist
 //! gets all of them (training asks for all by default: burn already uses every core).
+//! Instances asking for a fraction of a GPU share devices within their memory estimates
+//! (`gpu_slots`).
 //! CPU-heavy work runs on tokio's blocking pool, never on the async runtime.
 //!
 //! # Failure and cancellation
@@ -28,6 +30,8 @@
 //!
 //! A cache that cannot be read or written (permissions, a read-only mount, a full disk) stops
 //! the run with `Outcome::Done::cache_error`: an I/O error, never a miss or a stage failure.
+
+pub mod gpu_slots;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -107,6 +111,9 @@ pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis
 pub struct ExecOptions {
     pub jobs: u32,
     pub gpus: u32,
+    /// Memory of each GPU in bytes, for packing instances that share one (`gpu_slots`);
+    /// `None`: no device memory is at stake (the CPU backend), only shares count.
+    pub gpu_memory: Option<u64>,
     pub keep_going: bool,
     /// Hash every object on lookup instead of trusting size and mtime.
     pub full_verify: bool,
@@ -158,7 +165,7 @@ pub(crate) type Finished = Result<(usize, Result<Done, JobError>), String>;
 /// thread of this process ([`LocalRunner`]) or as a Slurm job ([`slurm::SlurmRunner`]). A
 /// runner never decides what runs, only where and when there is room.
 pub(crate) trait Runner {
-    fn room(&self, res: &Resources, kind: &str) -> Room;
+    fn room(&self, idx: usize, res: &Resources, kind: &str) -> Room;
     /// Takes an instance the loop found room for.
     fn start(&mut self, job: Job, res: Resources);
     /// Called after each dispatch pass: hands over what `start` collected (a Slurm runner
@@ -189,7 +196,9 @@ pub async fn execute(
     opts: ExecOptions,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) -> Outcome {
-    let runner = LocalRunner::new(opts.jobs, opts.gpus);
+    let gpus = gpu_slots::GpuPool::new(opts.gpus, opts.gpu_memory);
+    let demands = gpu_slots::demands(&input.instances, &input.resources, &catalog);
+    let runner = LocalRunner::new(opts.jobs, gpus, demands);
     execute_with(input, catalog, store, opts, events, runner).await
 }
 
@@ -318,7 +327,7 @@ pub(crate) async fn execute_with<R: Runner>(
                     continue;
                 }
                 let res = input.resources[i];
-                match runner.room(&res, &inst.kind) {
+                match runner.room(i, &res, &inst.kind) {
                     Room::Now => {}
                     Room::Later => continue,
                     Room::Never(why) => {

@@ -1,6 +1,7 @@
 //! Choosing the numeric backend at run time.
 //!
-//! The CPU backend (burn's flex) is always compiled in; CUDA only with the `cuda` feature.
+//! The CPU backend (burn's flex) is always compiled in; CUDA only with the `cuda` feature, wgpu
+//! (Vulkan, Metal, DX12: most laptops' GPUs) only with the `wgpu` feature.
 //! Generic ML code is handed to [`dispatch`] as a [`BackendJob`], which instantiates it for the
 //! chosen backend. Any panic inside burn (for example no CUDA driver) becomes an error here, so
 //! none reaches the user.
@@ -20,13 +21,18 @@ pub const CPU_PROFILE: &str = "portable1";
 pub enum BackendKind {
     Cpu,
     Cuda,
+    Wgpu,
 }
+
+/// Every backend name camflow knows, compiled in or not (`BackendKind::parse` accepts these).
+pub const NAMES: &[&str] = &["cpu", "cuda", "wgpu"];
 
 impl BackendKind {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "cpu" => Some(BackendKind::Cpu),
             "cuda" => Some(BackendKind::Cuda),
+            "wgpu" => Some(BackendKind::Wgpu),
             _ => None,
         }
     }
@@ -35,26 +41,49 @@ impl BackendKind {
         match self {
             BackendKind::Cpu => "cpu",
             BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
         }
     }
 
     /// The numeric class that goes into cache keys and lock files: results differ between
     /// these, and never within one. The CPU class names its numeric profile
-    /// ([`CPU_PROFILE`]): the same bytes on every CPU of the architecture.
+    /// ([`CPU_PROFILE`]): the same bytes on every CPU of the architecture. The GPU classes
+    /// cannot promise that: wgpu's class says so in its name, since one wgpu build runs on
+    /// GPUs of every vendor (and on lavapipe), each compiling the same shaders its own way.
     pub fn class(self) -> String {
         match self {
             BackendKind::Cpu => format!("flex-{}-{CPU_PROFILE}", std::env::consts::ARCH),
             BackendKind::Cuda => "cuda".into(),
+            BackendKind::Wgpu => "wgpu-nondeterministic".into(),
         }
     }
 
-    /// Whether two runs give the same bytes. GPU kernels (atomics, autotuned reductions) may not.
+    /// Whether two runs give the same bytes. GPU kernels (atomics, autotuned reductions, the
+    /// driver's shader compiler) may not.
     pub fn bitwise_deterministic(self) -> bool {
         self == BackendKind::Cpu
     }
 
-    pub fn compiled() -> &'static [&'static str] {
-        if cfg!(feature = "cuda") { &["cpu", "cuda"] } else { &["cpu"] }
+    /// The backends this binary can run, in [`NAMES`] order.
+    pub fn compiled() -> Vec<&'static str> {
+        NAMES.iter().copied().filter(|n| Self::parse(n).is_some_and(Self::is_compiled)).collect()
+    }
+
+    pub fn is_compiled(self) -> bool {
+        match self {
+            BackendKind::Cpu => true,
+            BackendKind::Cuda => cfg!(feature = "cuda"),
+            BackendKind::Wgpu => cfg!(feature = "wgpu"),
+        }
+    }
+
+    /// The cargo feature that compiles this backend in (`None`: always there).
+    pub fn feature(self) -> Option<&'static str> {
+        match self {
+            BackendKind::Cpu => None,
+            BackendKind::Cuda => Some("cuda"),
+            BackendKind::Wgpu => Some("wgpu"),
+        }
     }
 }
 
@@ -69,6 +98,33 @@ pub fn check_cpu_kernels_setting() -> Result<(), String> {
     })
 }
 
+/// The memory assumed for a GPU whose size the backend cannot report (wgpu has no query for
+/// it): small enough for a laptop's GPU, so that packing fractional instances never runs a
+/// device out of memory on the strength of a guess.
+pub const DEFAULT_GPU_MEMORY: u64 = 4 << 30;
+
+/// Memory of the backend's GPUs in bytes (the smallest, if they differ), where its driver
+/// can tell: CUDA through `nvidia-smi`. wgpu has no portable query. `None`: unknown.
+pub fn device_memory(kind: BackendKind) -> Option<u64> {
+    match kind {
+        BackendKind::Cuda => {
+            let out = std::process::Command::new("nvidia-smi")
+                .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())?;
+            smallest_mib(&String::from_utf8_lossy(&out.stdout)).map(|mib| mib << 20)
+        }
+        BackendKind::Cpu | BackendKind::Wgpu => None,
+    }
+}
+
+/// The smallest of one MiB figure per line (`nvidia-smi`'s csv, noheader, nounits).
+fn smallest_mib(csv: &str) -> Option<u64> {
+    let values: Option<Vec<u64>> = csv.lines().filter(|l| !l.trim().is_empty()).map(|l| l.trim().parse::<u64>().ok()).collect();
+    values?.into_iter().min()
+}
+
 /// A piece of generic ML work, instantiated for one backend by [`dispatch`].
 pub trait BackendJob {
     type Output;
@@ -77,8 +133,8 @@ pub trait BackendJob {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("this camflow was built without CUDA; rebuild with `cargo build --release --features cuda`")]
-    CudaNotCompiled,
+    #[error("this camflow was built without the `{0}` backend; rebuild with `cargo build --release --features {0}`")]
+    NotCompiled(&'static str),
     #[error("CPU kernels: {0}")]
     CpuKernels(String),
     #[error("{backend} backend failed: {message}")]
@@ -105,6 +161,7 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, device_index: usize, job: J) -
                 .map_err(|p| BackendError::Panicked { backend: "cpu", message: panic_message(p) })
         }
         BackendKind::Cuda => dispatch_cuda(device_index, job),
+        BackendKind::Wgpu => dispatch_wgpu(device_index, job),
     }
 }
 
@@ -117,5 +174,76 @@ fn dispatch_cuda<J: BackendJob>(device_index: usize, job: J) -> Result<J::Output
 
 #[cfg(not(feature = "cuda"))]
 fn dispatch_cuda<J: BackendJob>(_device_index: usize, _job: J) -> Result<J::Output, BackendError> {
-    Err(BackendError::CudaNotCompiled)
+    Err(BackendError::NotCompiled("cuda"))
+}
+
+/// The wgpu device for an executor's GPU index: 0 is the adapter wgpu ranks best (a laptop's
+/// only GPU, or lavapipe on a machine without one); on a machine with several GPUs, index i > 0
+/// is the i-th discrete GPU.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device(device_index: usize) -> burn::backend::wgpu::WgpuDevice {
+    use burn::backend::wgpu::WgpuDevice;
+    if device_index == 0 { WgpuDevice::DefaultDevice } else { WgpuDevice::DiscreteGpu(device_index) }
+}
+
+#[cfg(feature = "wgpu")]
+fn dispatch_wgpu<J: BackendJob>(device_index: usize, job: J) -> Result<J::Output, BackendError> {
+    catch_unwind(AssertUnwindSafe(|| job.run::<burn::backend::Autodiff<burn::backend::Wgpu>>(wgpu_device(device_index))))
+        .map_err(|p| BackendError::Panicked { backend: "wgpu", message: panic_message(p) })
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn dispatch_wgpu<J: BackendJob>(_device_index: usize, _job: J) -> Result<J::Output, BackendError> {
+    Err(BackendError::NotCompiled("wgpu"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_parses_and_round_trips() {
+        for &n in NAMES {
+            let k = BackendKind::parse(n).expect(n);
+            assert_eq!(k.name(), n);
+        }
+        assert_eq!(BackendKind::parse("vulkan"), None);
+        // A pipeline's `backend:` accepts exactly these names.
+        assert_eq!(crate::spec::BACKENDS, NAMES);
+        assert_eq!(BackendKind::compiled()[0], "cpu");
+        assert_eq!(BackendKind::compiled().contains(&"wgpu"), cfg!(feature = "wgpu"));
+        assert_eq!(BackendKind::compiled().contains(&"cuda"), cfg!(feature = "cuda"));
+    }
+
+    #[test]
+    fn only_the_cpu_is_bitwise_deterministic_and_gpu_classes_differ() {
+        assert!(BackendKind::Cpu.bitwise_deterministic());
+        assert!(!BackendKind::Cuda.bitwise_deterministic());
+        assert!(!BackendKind::Wgpu.bitwise_deterministic());
+        let classes: std::collections::BTreeSet<String> = NAMES.iter().map(|n| BackendKind::parse(n).unwrap().class()).collect();
+        assert_eq!(classes.len(), NAMES.len(), "each backend has its own class: {classes:?}");
+        // The key of a wgpu result says it is not bitwise deterministic.
+        assert!(BackendKind::Wgpu.class().contains("nondeterministic"));
+    }
+
+    #[test]
+    fn gpu_memory_reads_nvidia_smi_lines_and_refuses_garbage() {
+        assert_eq!(smallest_mib("81559\n40960\n"), Some(40960));
+        assert_eq!(smallest_mib("81559\n"), Some(81559));
+        assert_eq!(smallest_mib(""), None);
+        assert_eq!(smallest_mib("[N/A]\n81559\n"), None);
+        assert_eq!(device_memory(BackendKind::Wgpu), None);
+    }
+
+    #[cfg(not(feature = "wgpu"))]
+    #[test]
+    fn asking_for_wgpu_without_the_feature_is_an_error_naming_it() {
+        struct Nothing;
+        impl BackendJob for Nothing {
+            type Output = ();
+            fn run<B: TrainBackend>(self, _device: B::Device) {}
+        }
+        let e = dispatch(BackendKind::Wgpu, 0, Nothing).unwrap_err().to_string();
+        assert!(e.contains("--features wgpu"), "{e}");
+    }
 }

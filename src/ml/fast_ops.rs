@@ -4,7 +4,7 @@
 //! Every backend gets burn's own operations by default. The CPU backend (flex) and its autodiff
 //! wrapper override them with [`super::cpu_kernels`]: the autodiff version registers one
 //! backward step per layer whose gradients come from those kernels, instead of burn's chain of
-//! conv + ReLU nodes (why: BENCHMARKS.md). The CUDA backend keeps burn's kernels.
+//! conv + ReLU nodes (why: BENCHMARKS.md). The CUDA and wgpu backends keep burn's kernels.
 //!
 //! Models are generic over [`FastOps`]; training and Grad-CAM over [`TrainBackend`].
 
@@ -105,6 +105,10 @@ impl<B: AutodiffBackend<InnerBackend: FastOps> + FastOps> TrainBackend for B {}
 impl FastOps for burn::backend::Cuda {}
 #[cfg(feature = "cuda")]
 impl FastOps for Autodiff<burn::backend::Cuda> {}
+#[cfg(feature = "wgpu")]
+impl FastOps for burn::backend::Wgpu {}
+#[cfg(feature = "wgpu")]
+impl FastOps for Autodiff<burn::backend::Wgpu> {}
 
 fn flex_of<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     t.into_primitive().tensor().to_contiguous()

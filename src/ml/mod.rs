@@ -9,6 +9,7 @@ pub mod fast_ops;
 pub mod filter;
 pub mod gradcam;
 pub mod loaders;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod planes;

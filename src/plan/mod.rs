@@ -167,7 +167,7 @@ pub fn explain(old: Option<&Sidecar>, new: &CacheKey) -> StaleReason {
 pub fn gpu_stages_to_run(instances: &[Instance], resources: &[Resources], decisions: &[Decision]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for ((inst, res), d) in instances.iter().zip(resources).zip(decisions) {
-        if res.gpu > 0 && !matches!(d, Decision::Cached { .. }) && !out.contains(&inst.stage) {
+        if !res.gpu.is_none() && !matches!(d, Decision::Cached { .. }) && !out.contains(&inst.stage) {
             out.push(inst.stage.clone());
         }
     }

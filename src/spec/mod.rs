@@ -85,6 +85,11 @@ pub(crate) const STAGE_KEYS: &[&str] = &["kind", "params", "inputs", "sweep", "s
 /// Most repetitions `seeds: N` may ask for; more is a typo, not a study.
 pub const MAX_SEEDS: u64 = 1000;
 pub(crate) const SWEEP_KEYS: &[&str] = &["grid", "zip"];
+/// The numeric backends a pipeline may name (as `ml::backend::NAMES`, checked by a test there;
+/// whether this binary has one compiled in is the CLI's question, not the spec's).
+pub const BACKENDS: &[&str] = &["cpu", "cuda", "wgpu"];
+/// The most CPU slots or whole GPUs a stage may ask for.
+const MAX_RESOURCE_COUNT: u64 = 1024;
 pub(crate) const RESOURCE_KEYS: &[&str] = &["cpu", "gpu", "mem", "time"];
 
 struct Ctx<'a> {
@@ -273,9 +278,9 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
     };
     let backend = match top.get("backend") {
         None => "cpu".to_string(),
-        Some(Yaml::String(s)) if s == "cpu" || s == "cuda" => s.clone(),
+        Some(Yaml::String(s)) if BACKENDS.contains(&s.as_str()) => s.clone(),
         Some(v) => {
-            cx.err(&["backend"], format!("expected `cpu` or `cuda`, found {}", show_yaml(v)));
+            cx.err(&["backend"], format!("expected one of `cpu`, `cuda`, `wgpu`, found {}", show_yaml(v)));
             "cpu".into()
         }
     };
@@ -724,14 +729,18 @@ fn stage(
                     }
                     continue;
                 }
-                match rv.as_u64() {
-                    Some(n) if n <= 1024 => {
-                        if rk == "cpu" {
-                            resources.cpu = n as u32
-                        } else {
-                            resources.gpu = n as u32
-                        }
+                if rk == "gpu" {
+                    // A whole count of devices or a fraction of one (shared; see `GpuShare`).
+                    match rv.as_f64().ok_or_else(|| format!("expected a number, found {}", show_yaml(rv))).and_then(|v| {
+                        crate::stage_kind::GpuShare::from_f64(v, MAX_RESOURCE_COUNT as u32).map_err(|e| format!("{e}, found {}", show_yaml(rv)))
+                    }) {
+                        Ok(share) => resources.gpu = share,
+                        Err(e) => cx.err(&["stages", sname, "resources", &rk], e),
                     }
+                    continue;
+                }
+                match rv.as_u64() {
+                    Some(n) if n <= MAX_RESOURCE_COUNT => resources.cpu = n as u32,
                     _ => cx.err(
                         &["stages", sname, "resources", &rk],
                         format!("expected a count (non-negative integer), found {}", show_yaml(rv)),

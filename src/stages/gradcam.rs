@@ -6,7 +6,8 @@ use serde_json::{Value as Json, json};
 
 use super::io;
 use super::params as p;
-use super::train::{backend, load_model};
+use super::train::{arch_from, backend, load_model, upstream_image};
+use crate::ml::memory::{self, Workload};
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::dataset::Dataset;
 use crate::ml::fast_ops::TrainBackend;
@@ -146,7 +147,17 @@ impl StageKind for GradCam {
         true
     }
     fn default_resources(&self) -> Resources {
-        Resources { cpu: u32::MAX, gpu: 0, ..Resources::default() }
+        Resources { cpu: u32::MAX, gpu: GpuShare::NONE, ..Resources::default() }
+    }
+    fn device_memory(&self, params: &Params, upstream: &dyn Fn(&str) -> Option<Json>) -> Option<u64> {
+        if p::str(params, "method").ok()? == "random" {
+            return None;
+        }
+        let (size, channels) = upstream_image(upstream)?;
+        // The model's architecture params, from the training upstream.
+        let model: Params = super::train::arch_params().iter().filter_map(|s| Some((s.name.to_string(), upstream(s.name)?))).collect();
+        let arch = arch_from(&model, channels).ok()?;
+        Some(memory::estimate(&arch, size, p::usize(params, "batch_size").ok()?, Workload::GradCam).total)
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
         let params = ctx.params;

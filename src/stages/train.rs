@@ -10,6 +10,7 @@ use crate::ml::backend::{BackendJob, BackendKind, dispatch};
 use crate::ml::dataset::{Dataset, Split};
 use crate::ml::fast_ops::TrainBackend;
 use crate::ml::metrics::{self, ClassificationScores, Warning};
+use crate::ml::memory::{self, Workload};
 use crate::ml::model::ArchConfig;
 use crate::ml::train::{self as ml_train, ClassWeights, OptimizerKind, TrainConfig};
 use crate::ml::weights;
@@ -62,6 +63,14 @@ pub fn arch_from(params: &Params, in_channels: usize) -> Result<ArchConfig, Stag
         "resnet" => ArchConfig::resnet(in_channels, &widths, p::usize(params, "blocks")?),
         _ => ArchConfig::vgg_small(in_channels),
     })
+}
+
+/// Image size and channel count of the data upstream (its `image_size` and `channel` params),
+/// for memory estimates made before the data exists.
+pub fn upstream_image(upstream: &dyn Fn(&str) -> Option<Json>) -> Option<(usize, usize)> {
+    let size = upstream("image_size")?.as_u64()? as usize;
+    let channels = if upstream("channel").as_ref().and_then(Json::as_str) == Some("rgb") { 3 } else { 1 };
+    Some((size, channels))
 }
 
 struct TrainJob<'a> {
@@ -212,7 +221,18 @@ impl StageKind for Train {
     }
     fn default_resources(&self) -> Resources {
         // burn uses every core of the machine: by default a training holds all CPU slots.
-        Resources { cpu: u32::MAX, gpu: 0, ..Resources::default() }
+        Resources { cpu: u32::MAX, gpu: GpuShare::NONE, ..Resources::default() }
+    }
+    fn device_memory(&self, params: &Params, upstream: &dyn Fn(&str) -> Option<Json>) -> Option<u64> {
+        let (size, channels) = upstream_image(upstream)?;
+        let arch = arch_from(params, channels).ok()?;
+        let optimizer_states = match p::str(params, "optimizer").ok()? {
+            "sgd" if p::f64(params, "momentum").ok()? > 0.0 => 1,
+            "sgd" => 0,
+            _ => 2,
+        };
+        let batch = p::usize(params, "batch_size").ok()?;
+        Some(memory::estimate(&arch, size, batch, Workload::Training { optimizer_states }).total)
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
         let params = ctx.params;

@@ -22,3 +22,5 @@ mod seeds;
 mod slurm_smoke;
 mod spec_errors;
 mod support;
+#[cfg(feature = "wgpu")]
+mod wgpu;

@@ -145,7 +145,7 @@ impl SlurmRunner {
             root,
             store,
             events,
-            local: LocalRunner::new(setup.local_jobs, 0),
+            local: LocalRunner::new(setup.local_jobs, super::gpu_slots::GpuPool::new(0, None), Vec::new()),
             queued: Vec::new(),
             tasks: HashMap::new(),
             ready: VecDeque::new(),
@@ -480,9 +480,9 @@ impl SlurmRunner {
 }
 
 impl Runner for SlurmRunner {
-    fn room(&self, res: &Resources, kind: &str) -> Room {
+    fn room(&self, idx: usize, res: &Resources, kind: &str) -> Room {
         if self.cfg.on_controller.iter().any(|k| k == kind) {
-            return self.local.room(res, kind);
+            return self.local.room(idx, res, kind);
         }
         if self.tasks.len() + self.queued_jobs() >= self.cfg.max_jobs as usize {
             return Room::Later;

@@ -38,8 +38,9 @@ pub fn sbatch_args(cfg: &ExecutorConfig, s: &Submission<'_>) -> Vec<String> {
     if s.res.cpu > 0 && s.res.cpu <= 1024 {
         a.push(format!("--cpus-per-task={}", s.res.cpu));
     }
-    if s.res.gpu > 0 {
-        a.push(format!("--gres=gpu:{}", s.res.gpu));
+    // Slurm hands out whole GPUs: a fraction (`gpu: 0.25`) asks for the one device it is on.
+    if !s.res.gpu.is_none() {
+        a.push(format!("--gres=gpu:{}", s.res.gpu.devices()));
     }
     if let Some(m) = s.settings.mem.or(s.res.mem) {
         a.push(format!("--mem={m}M"));
@@ -154,7 +155,7 @@ mod tests {
         let mut spec = ExecutorSpec { partition: Some("debug".into()), sbatch: Some(vec!["--nice=10".into()]), ..Default::default() };
         spec.qos = Some("low".into());
         let cfg = spec.resolve();
-        let res = Resources { cpu: 2, gpu: 1, mem: Some(512), time: Some(90) };
+        let res = Resources { cpu: 2, gpu: crate::stage_kind::GpuShare::whole(1), mem: Some(512), time: Some(90) };
         let settings = KindSettings { mem: Some(4096), sbatch: Some(vec!["--exclusive".into()]), ..Default::default() };
         let s = Submission {
             stage: "train",
