@@ -324,8 +324,8 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                 Event::Skipped { .. } => counts.skipped += 1,
                 Event::Submitted { job_id, tasks, instances, log } => {
                     *counts.jobs.get_or_insert(0) += 1;
-                    let what = if *tasks > 1 { format!("array of {tasks} tasks") } else { "job".to_string() };
-                    say(&bar, format!("submit  Slurm {what} {job_id}: {instances} instance(s), log {}", log.display()));
+                    let array = if *tasks > 1 { format!(" (array of {tasks} tasks)") } else { String::new() };
+                    say(&bar, format!("submit  Slurm job {job_id}{array}: {instances} instance(s), log {}", log.display()));
                 }
                 Event::Adopted { idx, job_id } => {
                     say(&bar, format!("adopt   {}  (Slurm job {job_id}, still queued or running)", labels[*idx]));

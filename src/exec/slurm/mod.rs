@@ -74,6 +74,8 @@ struct Member {
     job: Job,
     res: Resources,
     attempts: u32,
+    /// Waited on in a live controller's job: its result is that controller's, a reuse here.
+    theirs: bool,
 }
 
 /// A job (or one array task) this controller waits on.
@@ -225,6 +227,7 @@ impl SlurmRunner {
                 cancel_on_interrupt: mine,
             });
             let _ = self.events.send(Event::Adopted { idx: m.job.idx, job_id: task_id.clone() });
+            let m = Member { theirs: !mine, ..m };
             let log = self.log_path(&task_id);
             self.tasks.entry(task_id).or_insert_with(|| Task { job_id, log, members: Vec::new() }).members.push(m);
         }
@@ -360,7 +363,7 @@ impl SlurmRunner {
                 if let Some(p) = jobfile::outcome_path(&self.root, &m.job.digest) {
                     let _ = std::fs::remove_file(p);
                 }
-                let done = if o.status == Status::Ran { Done::Ran(*rec, o.seconds) } else { Done::Reused(*rec) };
+                let done = if o.status == Status::Ran && !m.theirs { Done::Ran(*rec, o.seconds) } else { Done::Reused(*rec) };
                 self.ready.push_back(Ok((m.job.idx, Ok(done))));
             }
             Ok(_) => self.fail(
@@ -406,7 +409,8 @@ impl SlurmRunner {
                     // Killed after its record but before its outcome: the record is the result.
                     if let Lookup::Fresh(rec) = self.store.lookup(&m.job.digest, false) {
                         let secs = rec.duration_s;
-                        self.ready.push_back(Ok((m.job.idx, Ok(Done::Ran(*rec, secs)))));
+                        let done = if m.theirs { Done::Reused(*rec) } else { Done::Ran(*rec, secs) };
+                        self.ready.push_back(Ok((m.job.idx, Ok(done))));
                         continue;
                     }
                     let label = m.job.input.instances[m.job.idx].label.clone();
@@ -495,7 +499,7 @@ impl Runner for SlurmRunner {
         if self.cfg.on_controller.iter().any(|k| k == kind) {
             self.local.start(job, res);
         } else {
-            self.enqueue(Member { job, res, attempts: 0 });
+            self.enqueue(Member { job, res, attempts: 0, theirs: false });
         }
     }
 
