@@ -17,5 +17,6 @@ mod report;
 mod repro;
 mod science;
 mod seeds;
+mod slurm;
 mod spec_errors;
 mod support;
