@@ -13,6 +13,10 @@
 #   CAMFLOW    the camflow binary (default: target/release/camflow)
 #   WORKDIR    where the projects go (default: a new temporary folder; jobs must see it)
 #   MAX_JOBS   jobs in flight for both tools (default 100)
+#   LIMIT_S    give up on a run after this many seconds (its JSON line says "timeout" and
+#              how many stages finished); default: no limit
+#   SMK_VARIANTS, CAMFLOW_VARIANTS  which variants (default "default arrays", "default
+#              on-controller"; snakemake also has "fastpoll": status checks every second)
 # Needs a running Slurm (scripts/slurm-cluster.sh start).
 #
 # The DAG: train[a], gradcam[a], threshold[a,t], score_seg[a,t], filter[a,m], retrain[a,m],
@@ -35,39 +39,57 @@ SHAPES=("$@")
 sinfo >/dev/null 2>&1 || { echo "bench-slurm: Slurm does not answer (sinfo); start it: scripts/slurm-cluster.sh start" >&2; exit 1; }
 REAL_SBATCH=$(command -v sbatch)
 
-# A counting shim in $1/shim: every sbatch call is logged (one line) to $1/sbatch.log.
+# A counting shim in $1/shim: every sbatch call is logged (one line: its answer, the job id
+# with --parsable, then its arguments) to $1/sbatch.log.
 make_shim() {
   mkdir -p "$1/shim"
   cat > "$1/shim/sbatch" <<EOF
 #!/bin/sh
-echo "\$*" >> '$1/sbatch.log'
-exec '$REAL_SBATCH' "\$@"
+out=\$('$REAL_SBATCH' "\$@")
+rc=\$?
+printf '%s\\t%s\\n' "\$out" "\$*" >> '$1/sbatch.log'
+[ -n "\$out" ] && printf '%s\\n' "\$out"
+exit \$rc
 EOF
   chmod +x "$1/shim/sbatch"
   : > "$1/sbatch.log"
 }
 
-# Wall seconds of a command (stdout and stderr to $LOG), failing loudly with its log.
+# Wall seconds of a command (stdout and stderr to $LOG), failing loudly with its log. With
+# LIMIT_S set, a command still running after that many seconds gets SIGINT (both tools then
+# cancel their jobs), the jobs of $SHIMLOG are cancelled too, and "timeout" is printed.
 timed() {
-  local t0 t1
+  local t0 t1 rc=0
   t0=$(date +%s.%N)
-  if ! "$@" > "$LOG" 2>&1; then
-    echo "bench-slurm: failed: $* (log: $LOG)" >&2
+  if [ -n "${LIMIT_S:-}" ]; then
+    timeout --signal=INT --kill-after=60 "$LIMIT_S" "$@" > "$LOG" 2>&1 || rc=$?
+  else
+    "$@" > "$LOG" 2>&1 || rc=$?
+  fi
+  t1=$(date +%s.%N)
+  if [ $rc -eq 124 ] && [ -n "${LIMIT_S:-}" ]; then
+    cut -f1 "$SHIMLOG" | cut -d';' -f1 | grep -E '^[0-9]+$' | xargs -r scancel 2>/dev/null || true
+    echo timeout
+    return 0
+  fi
+  if [ $rc -ne 0 ]; then
+    echo "bench-slurm: failed ($rc): $* (log: $LOG)" >&2
     tail -n 30 "$LOG" >&2
     exit 1
   fi
-  t1=$(date +%s.%N)
   python3 -c "print(round($t1 - $t0, 2))"
 }
 
-# No job of ours may still be queued between measurements (each tool starts on an idle node).
-wait_idle_queue() {
-  local i
-  for i in $(seq 1 600); do
-    [ -z "$(squeue -h -u "$(id -un)" -t PENDING,RUNNING,COMPLETING 2>/dev/null)" ] && return 0
+# No job of this measurement may still be queued when the next starts (jobs of $1/sbatch.log).
+wait_jobs_gone() {
+  local ids i
+  ids=$(cut -f1 "$1/sbatch.log" | cut -d';' -f1 | grep -E '^[0-9]+$' | paste -sd, -)
+  [ -n "$ids" ] || return 0
+  for i in $(seq 1 1200); do
+    [ -z "$(squeue -h -j "$ids" -t PENDING,RUNNING,COMPLETING 2>/dev/null)" ] && return 0
     sleep 0.5
   done
-  echo "bench-slurm: the queue did not drain" >&2
+  echo "bench-slurm: jobs of $1 still queued after 10 minutes" >&2
   exit 1
 }
 
@@ -126,15 +148,20 @@ SMK
     # and 10 s between checks).
     fastpoll) extra=(--slurm-init-seconds-before-status-checks=1 --seconds-between-status-checks=1) ;;
   esac
-  LOG=$d/run.log
+  LOG=$d/run.log SHIMLOG=$d/sbatch.log
   wall=$(cd "$d" && PATH="$d/shim:$PATH" timed "$SNAKEMAKE" --executor slurm --jobs "$MAX_JOBS" \
     --slurm-status-command squeue --slurm-no-account \
     --default-resources slurm_partition=debug mem_mb=100 cpus_per_task=1 runtime=10 \
     "${extra[@]}" -q)
   calls=$(wc -l < "$d/sbatch.log")
-  [ -f "$d/cls_a1_m1" ] && [ -f "$d/seg_a${a}_t${t}" ] || { echo "bench-slurm: snakemake finished without its outputs ($d)" >&2; exit 1; }
-  json tool "snakemake $("$SNAKEMAKE" --version) --executor slurm" variant "$variant" shape "$a,$t,$m" stages "$stages" sbatch_calls "$calls" wall_s "$wall"
-  wait_idle_queue
+  # Stages finished: their output files (a timed-out run reports how far it got).
+  done_stages=$(cd "$d" && ls | grep -cE '^(train|cam|thr|seg|fil|re|cls)_' || true)
+  if [ "$wall" != timeout ] && [ "$done_stages" -ne "$stages" ]; then
+    echo "bench-slurm: snakemake finished with $done_stages of $stages outputs ($d)" >&2
+    exit 1
+  fi
+  json tool "snakemake $("$SNAKEMAKE" --version) --executor slurm" variant "$variant" shape "$a,$t,$m" stages "$stages" stages_done "$done_stages" sbatch_calls "$calls" wall_s "$wall"
+  wait_jobs_gone "$d"
 }
 
 # The pipeline of `camflow bench orch` (src/cli/bench.rs, sweep_yaml).
@@ -205,17 +232,17 @@ camflow_side() {
     esac
   } > "$d/profile.yaml"
   make_shim "$d"
-  LOG=$d/run.log
+  LOG=$d/run.log SHIMLOG=$d/sbatch.log
   wall=$(cd "$d" && PATH="$d/shim:$PATH" timed "$CAMFLOW" run sweep.yaml --executor slurm --profile profile.yaml --cache-dir cache)
   calls=$(wc -l < "$d/sbatch.log")
   summary=$(grep '^summary:' "$LOG" | tail -n 1)
   jobs=$(echo "$summary" | grep -o 'jobs=[0-9]*' | cut -d= -f2)
+  [ "$wall" = timeout ] && jobs=null
   [ -n "$jobs" ] || { echo "bench-slurm: no jobs= in camflow's summary: $summary" >&2; exit 1; }
   json tool "camflow $("$CAMFLOW" --version | awk '{print $2}') --executor slurm" variant "$variant" shape "$a,$t,$m" stages "$stages" instances "$((stages + 1))" sbatch_calls "$calls" jobs "$jobs" wall_s "$wall"
-  wait_idle_queue
+  wait_jobs_gone "$d"
 }
 
-wait_idle_queue
 for shape in "${SHAPES[@]}"; do
   IFS=, read -r a t m <<< "$shape"
   for tool in $TOOLS; do

@@ -7,7 +7,8 @@
 #        writes /etc/slurm/slurm.conf for this host, starts munged, slurmctld and slurmd, and
 #        waits (at most SLURM_START_TIMEOUT seconds, default 60) until `sinfo` shows the node
 #        up. A second `start` is fine: what runs is kept, a changed configuration restarts the
-#        Slurm daemons.
+#        Slurm daemons. A slurm.conf it did not write is never replaced (unless
+#        SLURM_CLUSTER_FORCE=1).
 # stop:  stops slurmd, slurmctld and munged (each by its pid file) and waits for them to exit.
 # status: the daemons' pids, `sinfo` and `squeue`; exits 1 when the cluster is not usable.
 # The configuration is measured and explained in /work/shared/SLURM-NOTES.md and README.md
@@ -22,6 +23,7 @@ SLURMD_PID=/run/slurmd.pid
 MUNGE_PID=/run/munge/munged.pid
 START_TIMEOUT=${SLURM_START_TIMEOUT:-60}
 HOST=$(hostname)
+MARKER="# Written by camflow's scripts/slurm-cluster.sh"
 
 say() { echo "slurm-cluster: $*"; }
 die() { echo "slurm-cluster: error: $*" >&2; exit 1; }
@@ -95,7 +97,7 @@ write_conf() {
   # least 512 MB), so that slurmd never finds less memory than configured and drains the node.
   mem_mb=$(awk '/^MemTotal:/ { m = int($2 / 1024); r = int(m / 10); if (r < 512) r = 512; print (m - r > 256 ? m - r : 256) }' /proc/meminfo)
   cat <<EOF
-# Written by camflow's scripts/slurm-cluster.sh: a single-node test cluster on $HOST.
+$MARKER: a single-node test cluster on $HOST.
 ClusterName=camflow-test
 SlurmctldHost=$HOST
 SlurmUser=root
@@ -159,6 +161,10 @@ start() {
   mkdir -p "$CONF_DIR" "$LOG_DIR" /var/spool/slurmctld /var/spool/slurmd
   local new changed=0
   new=$(write_conf)
+  # Never overwrite a configuration this script did not write (a real cluster's).
+  if [ -f "$CONF" ] && ! head -n 1 "$CONF" | grep -q "^$MARKER" && [ "${SLURM_CLUSTER_FORCE:-0}" != 1 ]; then
+    die "$CONF was not written by this script; set SLURM_CLUSTER_FORCE=1 to replace it"
+  fi
   if [ ! -f "$CONF" ] || [ "$new" != "$(cat "$CONF")" ]; then
     printf '%s\n' "$new" > "$CONF.tmp" && mv "$CONF.tmp" "$CONF"
     changed=1
