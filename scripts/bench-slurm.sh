@@ -160,7 +160,7 @@ SMK
     echo "bench-slurm: snakemake finished with $done_stages of $stages outputs ($d)" >&2
     exit 1
   fi
-  json tool "snakemake $("$SNAKEMAKE" --version) --executor slurm" variant "$variant" shape "$a,$t,$m" stages "$stages" stages_done "$done_stages" sbatch_calls "$calls" wall_s "$wall"
+  json tool "snakemake $("$SNAKEMAKE" --version) --executor slurm" variant "$variant" shape "$a,$t,$m" stages "$stages" stages_done "$done_stages" sbatch_calls "$calls" wall_s "$wall" ${LIMIT_S:+limit_s "$LIMIT_S"}
   wait_jobs_gone "$d"
 }
 

@@ -184,7 +184,7 @@ start() {
     say "slurmd started"
   fi
   local deadline=$((SECONDS + START_TIMEOUT)) st="" resumed=0
-  while [ $SECONDS -lt $deadline ]; do
+  while :; do
     st=$(node_state)
     case "$st" in
       idle | mix | alloc | comp)
@@ -197,6 +197,7 @@ start() {
           resumed=1
         fi ;;
     esac
+    [ $SECONDS -lt $deadline ] || break
     sleep 0.5
   done
   echo "slurm-cluster: error: node $HOST not up after ${START_TIMEOUT} s (sinfo state: '${st:-no answer}')" >&2
