@@ -1,6 +1,6 @@
 //! The Slurm executor against a real Slurm (issue 9): the same lock file as a local run, a job
 //! cancelled with `scancel`, a job killed by its time limit, the controller killed with
-//! SIGKILL, and two controllers on one cache.
+//! SIGKILL, two controllers on one cache, and wide stages grouped into few jobs.
 //!
 //! These tests submit jobs to the Slurm cluster that `sinfo`/`sbatch` on PATH talk to, so they
 //! are `#[ignore]`d (`cargo test` needs no Slurm) and refuse to run unless
@@ -38,7 +38,9 @@ fn require_slurm() {
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         ),
-        Err(e) => panic!("CAMFLOW_SLURM_TESTS=1 but `sinfo` cannot be run ({e}): is Slurm installed? scripts/slurm-cluster.sh start installs and starts one"),
+        Err(e) => panic!(
+            "CAMFLOW_SLURM_TESTS=1 but `sinfo` cannot be run ({e}): is Slurm installed? scripts/slurm-cluster.sh start installs and starts one"
+        ),
     }
 }
 
@@ -125,7 +127,9 @@ fn slurm_run(p: &Project, profile: &Path) -> Run {
 
 /// The action records in a cache (one per computed key).
 fn records(cache: &Path) -> usize {
-    std::fs::read_dir(cache.join("actions")).map(|d| d.flatten().filter(|e| e.path().extension().is_none_or(|x| x != "tmp")).count()).unwrap_or(0)
+    std::fs::read_dir(cache.join("actions"))
+        .map(|d| d.flatten().filter(|e| e.path().extension().is_none_or(|x| x != "tmp")).count())
+        .unwrap_or(0)
 }
 
 /// How many times each instance was computed by a job, from the workers' logs
@@ -175,7 +179,10 @@ fn wait_for_job(p: &Project, child: &mut Child, comment: &str, state: &str, limi
             return row;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("the controller ended ({status}) before a `{comment}` job was {state}; sbatch log:\n{}", std::fs::read_to_string(p.path().join("sbatch.log")).unwrap_or_default());
+            panic!(
+                "the controller ended ({status}) before a `{comment}` job was {state}; sbatch log:\n{}",
+                std::fs::read_to_string(p.path().join("sbatch.log")).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -186,7 +193,12 @@ fn wait_for_job(p: &Project, child: &mut Child, comment: &str, state: &str, limi
 fn job_pids(job_id: &str) -> Vec<String> {
     let out = Command::new("scontrol").args(["listpids", job_id]).output().expect("scontrol runs");
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().skip(1).filter_map(|l| l.split_whitespace().next()).filter(|p| p.chars().all(|c| c.is_ascii_digit())).map(String::from).collect()
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
+        .map(String::from)
+        .collect()
 }
 
 /// Stops every process of a running job (SIGSTOP), so that it stays mid-run however fast the
@@ -221,7 +233,8 @@ fn tagged_training_profile(p: &Project, time: Option<&str>) -> PathBuf {
 
 /// TINY with a training of `epochs` epochs (100: about 4 s on a busy 2-core machine).
 fn tiny_with_training(epochs: usize) -> String {
-    let yaml = TINY.replacen("params: {epochs: 1, batch_size: 16}\n  cams", &format!("params: {{epochs: {epochs}, batch_size: 16}}\n  cams"), 1);
+    let yaml =
+        TINY.replacen("params: {epochs: 1, batch_size: 16}\n  cams", &format!("params: {{epochs: {epochs}, batch_size: 16}}\n  cams"), 1);
     assert_ne!(yaml, TINY);
     yaml
 }
@@ -275,7 +288,11 @@ fn slurm_shrunk_paper_pipeline_gives_the_local_lock_file() {
     let prof = profile(&p, FAST_POLL);
     let t = Instant::now();
     let r = slurm_run(&p, &prof).ok();
-    eprintln!("shrunk paper pipeline through Slurm: {:.1} s, {}", t.elapsed().as_secs_f64(), r.stdout().lines().find(|l| l.starts_with("summary:")).unwrap_or(""));
+    eprintln!(
+        "shrunk paper pipeline through Slurm: {:.1} s, {}",
+        t.elapsed().as_secs_f64(),
+        r.stdout().lines().find(|l| l.starts_with("summary:")).unwrap_or("")
+    );
     assert_eq!(r.summary("failed"), 0, "{}", r.stdout());
     assert_eq!(records(&p.cache()), records(&local.cache()), "the same keys computed");
     let want = std::fs::read_to_string(local.path().join("p.lock.yaml")).expect("local lock");
@@ -312,7 +329,11 @@ fn slurm_wide_stages_are_grouped_into_few_jobs() {
     assert_eq!(ran + r.summary("cached"), 65, "{}", r.stdout());
     let jobs = r.summary("jobs");
     assert_eq!(jobs, submissions(&p).len(), "jobs= counts the sbatch submissions");
-    assert!(jobs * 2 <= 65, "{jobs} jobs for 65 instances: arrays and batches should group them (at least 2 instances a job):\n{}", r.stdout());
+    assert!(
+        jobs * 2 <= 65,
+        "{jobs} jobs for 65 instances: arrays and batches should group them (at least 2 instances a job):\n{}",
+        r.stdout()
+    );
 }
 
 fn first_difference(a: &str, b: &str) -> String {
