@@ -19,6 +19,7 @@ mod repro;
 mod scale;
 mod science;
 mod seeds;
+mod slurm;
 mod slurm_smoke;
 mod spec_errors;
 mod support;

@@ -1,0 +1,436 @@
+//! The Slurm executor against a real Slurm (issue 9): the same lock file as a local run, a job
+//! cancelled with `scancel`, a job killed by its time limit, the controller killed with
+//! SIGKILL, two controllers on one cache, and wide stages grouped into few jobs.
+//!
+//! These tests submit jobs to the Slurm cluster that `sinfo`/`sbatch` on PATH talk to, so they
+//! are `#[ignore]`d (`cargo test` needs no Slurm) and refuse to run unless
+//! `CAMFLOW_SLURM_TESTS=1` says that submitting there is fine. With it set they fail, never
+//! skip, when Slurm does not answer. On one machine:
+//!   scripts/slurm-cluster.sh start
+//!   CAMFLOW_SLURM_TESTS=1 cargo test --locked --test e2e slurm:: -- --ignored
+//! The projects live in a temporary folder that the jobs must see: on a real cluster, point
+//! `CAMFLOW_SLURM_TMP` at a shared filesystem.
+//!
+//! Every controller runs with a counting `sbatch` shim first on PATH: it logs each submission
+//! (exit status, the `--parsable` answer, the arguments) to `sbatch.log` in the project, so a
+//! test knows exactly which jobs are its own on a cluster others use too.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Project, Run, TINY, lock_of, root};
+
+/// Panics unless the tests may submit jobs and Slurm answers.
+fn require_slurm() {
+    if std::env::var("CAMFLOW_SLURM_TESTS").as_deref() != Ok("1") {
+        panic!(
+            "the Slurm tests submit jobs to the cluster on PATH: set CAMFLOW_SLURM_TESTS=1 to allow it \
+             (scripts/slurm-cluster.sh start gives a single-node cluster on this machine)"
+        );
+    }
+    let out = Command::new("sinfo").args(["-h", "-o", "%P %a %t"]).output();
+    match out {
+        Ok(o) if o.status.success() && !o.stdout.is_empty() => {}
+        Ok(o) => panic!(
+            "CAMFLOW_SLURM_TESTS=1 but `sinfo` fails (exit {:?}): {}{}\nstart a cluster with scripts/slurm-cluster.sh start",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => panic!(
+            "CAMFLOW_SLURM_TESTS=1 but `sinfo` cannot be run ({e}): is Slurm installed? scripts/slurm-cluster.sh start installs and starts one"
+        ),
+    }
+}
+
+/// The first `name` on PATH.
+fn on_path(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").expect("PATH");
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| panic!("no {name} on PATH"))
+}
+
+/// A project for the Slurm tests: its folder is one the jobs can see, and it holds the
+/// counting `sbatch` shim (`shim/sbatch`, logging to `sbatch.log`).
+fn slurm_project(yaml: &str) -> Project {
+    require_slurm();
+    let dir = match std::env::var_os("CAMFLOW_SLURM_TMP") {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .expect("temp dir");
+    std::fs::write(dir.path().join("p.yaml"), yaml).expect("write pipeline");
+    let p = Project { dir };
+    let shim = p.path().join("shim");
+    std::fs::create_dir(&shim).expect("shim dir");
+    let log = p.path().join("sbatch.log");
+    let script = format!(
+        "#!/bin/sh\n# Counting shim: runs the real sbatch, logs status, answer and arguments.\nout=$('{real}' \"$@\")\nrc=$?\nprintf '%s\\t%s\\t%s\\n' \"$rc\" \"$out\" \"$*\" >> '{log}'\n[ -n \"$out\" ] && printf '%s\\n' \"$out\"\nexit $rc\n",
+        real = on_path("sbatch").display(),
+        log = log.display()
+    );
+    let sbatch = shim.join("sbatch");
+    std::fs::write(&sbatch, script).expect("write shim");
+    std::fs::set_permissions(&sbatch, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod shim");
+    p
+}
+
+/// Job ids (`--parsable` answers without a cluster name) of the successful submissions so far.
+fn submissions(p: &Project) -> Vec<String> {
+    let text = std::fs::read_to_string(p.path().join("sbatch.log")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, '\t');
+            let (rc, out) = (f.next()?, f.next()?);
+            (rc == "0").then(|| out.trim().split(';').next().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+/// Writes `profile.yaml` into the project with the given `executor:` block body.
+fn profile(p: &Project, body: &str) -> PathBuf {
+    let path = p.path().join("profile.yaml");
+    std::fs::write(&path, format!("executor:\n  kind: slurm\n{body}")).expect("write profile");
+    path
+}
+
+/// Polling fast enough that a test waits on Slurm, not on the controller's back-off.
+const FAST_POLL: &str = "  poll: {min_s: 0.2, max_s: 1}\n";
+
+/// One job per instance, nothing on the controller: the number of `sbatch` calls is then the
+/// number of instances submitted, so a double submission shows in the count.
+const ONE_PER_JOB: &str = "  arrays: false\n  on_controller: []\n  batch: {threshold: 1, score: 1, filter: 1}\n";
+
+/// `camflow run p.yaml --executor slurm --profile PROFILE`, with the shim first on PATH.
+fn slurm_cmd(p: &Project, profile: &Path, cache: &Path) -> Command {
+    let pl = p.pipeline();
+    let mut c = p.cmd(&[
+        "run",
+        pl.to_str().expect("utf-8"),
+        "--executor",
+        "slurm",
+        "--profile",
+        profile.to_str().expect("utf-8"),
+        "--cache-dir",
+        cache.to_str().expect("utf-8"),
+    ]);
+    let path = std::env::var_os("PATH").expect("PATH");
+    let mut dirs = vec![p.path().join("shim")];
+    dirs.extend(std::env::split_paths(&path));
+    c.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+    c
+}
+
+fn slurm_run(p: &Project, profile: &Path) -> Run {
+    Run { out: slurm_cmd(p, profile, &p.cache()).output().expect("camflow runs") }
+}
+
+/// The action records in a cache (one per computed key).
+fn records(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("actions"))
+        .map(|d| d.flatten().filter(|e| e.path().extension().is_none_or(|x| x != "tmp")).count())
+        .unwrap_or(0)
+}
+
+/// How many times each instance was computed by a job, from the workers' logs
+/// (`logs/slurm/*.out`, a `done <label>` line per computed instance; a key another process
+/// had computed is `reused`).
+fn computed_by_jobs(cache: &Path) -> std::collections::BTreeMap<String, usize> {
+    let mut n = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(cache.join("logs/slurm")).expect("job logs").flatten() {
+        let text = std::fs::read_to_string(e.path()).expect("read job log");
+        for label in text.lines().filter(|l| l.starts_with("done ")).filter_map(|l| l.split_whitespace().nth(1)) {
+            *n.entry(label.to_string()).or_insert(0) += 1;
+        }
+    }
+    n
+}
+
+/// Every one of the 13 TINY instances computed exactly once, by some job.
+#[track_caller]
+fn assert_each_computed_once(p: &Project) {
+    let n = computed_by_jobs(&p.cache());
+    assert_eq!(n.len(), 13, "13 instances computed by jobs: {n:?}");
+    assert!(n.values().all(|&c| c == 1), "an instance computed more than once: {n:?}");
+}
+
+/// squeue rows `(task id %i, job id %A, comment %k, state %T)` of the given jobs.
+fn queue(ids: &[String]) -> Vec<(String, String, String, String)> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let out = Command::new("squeue").args(["-h", "-o", "%i|%A|%k|%T", "-j", &ids.join(",")]).output().expect("squeue runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            (f.len() == 4).then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string(), f[3].to_string()))
+        })
+        .collect()
+}
+
+/// Waits (at most `limit`) until a job of this project whose comment is `comment` is in state
+/// `state`; returns its squeue row. Panics naming the controller's output if the controller
+/// ended first.
+fn wait_for_job(p: &Project, child: &mut Child, comment: &str, state: &str, limit: Duration) -> (String, String, String, String) {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Some(row) = queue(&submissions(p)).into_iter().find(|r| r.2 == comment && r.3 == state) {
+            return row;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the controller ended ({status}) before a `{comment}` job was {state}; sbatch log:\n{}",
+                std::fs::read_to_string(p.path().join("sbatch.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no `{comment}` job {state} after {limit:?}; jobs: {:?}", queue(&submissions(p)));
+}
+
+/// The processes of a running job, as `scontrol listpids` lists them.
+fn job_pids(job_id: &str) -> Vec<String> {
+    let out = Command::new("scontrol").args(["listpids", job_id]).output().expect("scontrol runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
+        .map(String::from)
+        .collect()
+}
+
+/// Stops every process of a running job (SIGSTOP), so that it stays mid-run however fast the
+/// machine is: a hung job, as one stuck on a file system. squeue says RUNNING a moment before
+/// slurmd has started the job's processes, so this waits for them, and stops again until no
+/// new process appears (one could have been started before its parent was stopped).
+fn freeze(job_id: &str) {
+    let t = Instant::now();
+    let mut stopped: Vec<String> = Vec::new();
+    while t.elapsed() < Duration::from_secs(30) {
+        let pids = job_pids(job_id);
+        let new: Vec<&String> = pids.iter().filter(|p| !stopped.contains(p)).collect();
+        if new.is_empty() && !stopped.is_empty() {
+            return;
+        }
+        for pid in new {
+            // A process that ended meanwhile is fine: the others hold the job.
+            let _ = Command::new("kill").args(["-STOP", pid]).status();
+            stopped.push(pid.clone());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!stopped.is_empty(), "no processes for job {job_id} after 30 s (scontrol listpids)");
+}
+
+/// The TINY study with a training of a few seconds, tagged so its job can be found in the
+/// queue (`--comment`), and no retries (a cancelled or timed-out job must fail the run).
+fn tagged_training_profile(p: &Project, time: Option<&str>) -> PathBuf {
+    let time = time.map(|t| format!(", time: \"{t}\"")).unwrap_or_default();
+    profile(p, &format!("{FAST_POLL}  kinds:\n    train: {{retries: 0, sbatch: [\"--comment=cftest-train\"]{time}}}\n"))
+}
+
+/// TINY with a training of `epochs` epochs (100: about 4 s on a busy 2-core machine).
+fn tiny_with_training(epochs: usize) -> String {
+    let yaml =
+        TINY.replacen("params: {epochs: 1, batch_size: 16}\n  cams", &format!("params: {{epochs: {epochs}, batch_size: 16}}\n  cams"), 1);
+    assert_ne!(yaml, TINY);
+    yaml
+}
+
+/// The error of a failed Slurm job names its state, its job id and the path of its log.
+#[track_caller]
+fn assert_names_job(r: &Run, state: &str, task_id: &str) {
+    let text = format!("{}{}", r.stdout(), r.stderr());
+    assert_eq!(r.code(), 1, "a failed job fails the run with exit 1:\n{text}");
+    assert!(text.contains(state), "the error names the Slurm state {state}:\n{text}");
+    assert!(text.contains(task_id), "the error names the job id {task_id}:\n{text}");
+    let log = format!("logs/slurm/{task_id}");
+    assert!(text.contains(&log), "the error names the job's log ({log}...):\n{text}");
+}
+
+/// The rerun after a failed training: data was cached by the first run, everything else is
+/// computed now, once.
+#[track_caller]
+fn assert_resumes(p: &Project, profile: &Path) {
+    let r = slurm_run(p, profile).ok();
+    assert_eq!(r.summary("cached"), 1, "only data was finished before the failure:\n{}", r.stdout());
+    assert_eq!(r.summary("ran"), 12, "{}", r.stdout());
+    assert_eq!(records(&p.cache()), 13);
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}
+
+/// (a) The paper pipeline, shrunk (48 phantoms of 16x16, one seed, one epoch, three
+/// thresholds, two filter modes: 83 instances), gives through Slurm the lock file of a local
+/// run in another cache, byte for byte; some instances share a job; the rerun submits nothing.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_shrunk_paper_pipeline_gives_the_local_lock_file() {
+    let paper = std::fs::read_to_string(root().join("pipelines/paper.yaml")).expect("paper.yaml");
+    let mut yaml = paper.clone();
+    for (from, to) in [
+        ("count: 500", "count: 48"),
+        ("image_size: 32", "image_size: 16"),
+        ("epochs: 10", "epochs: 1"),
+        ("seeds: 3", "seeds: 1"),
+        ("widths: [16, 32, 64]", "widths: [4, 8, 8]"),
+        ("method: [fixed, fixed, fixed, fixed, fixed, fixed, fixed, fixed, fixed, otsu]", "method: [fixed, fixed, otsu]"),
+        ("value:  [0.1,   0.2,   0.3,   0.4,   0.5,   0.6,   0.7,   0.8,   0.9,   0.5]", "value:  [0.3, 0.6, 0.5]"),
+        ("mode: [multiply, inverse, mask, inverse-mask]", "mode: [multiply, inverse]"),
+    ] {
+        assert!(yaml.contains(from), "pipelines/paper.yaml no longer has `{from}`: update this test");
+        yaml = yaml.replacen(from, to, 1);
+    }
+    let local = Project::new(&yaml);
+    local.run(&[]).ok();
+    let p = slurm_project(&yaml);
+    let prof = profile(&p, FAST_POLL);
+    let t = Instant::now();
+    let r = slurm_run(&p, &prof).ok();
+    eprintln!(
+        "shrunk paper pipeline through Slurm: {:.1} s, {}",
+        t.elapsed().as_secs_f64(),
+        r.stdout().lines().find(|l| l.starts_with("summary:")).unwrap_or("")
+    );
+    assert_eq!(r.summary("failed"), 0, "{}", r.stdout());
+    assert_eq!(records(&p.cache()), records(&local.cache()), "the same keys computed");
+    let want = std::fs::read_to_string(local.path().join("p.lock.yaml")).expect("local lock");
+    let got = std::fs::read_to_string(p.path().join("p.lock.yaml")).expect("slurm lock");
+    assert!(got == want, "the Slurm run's lock file differs from the local run's:\n{}", first_difference(&want, &got));
+    assert_eq!(lock_of(&p), lock_of(&local));
+    let jobs = r.summary("jobs");
+    assert_eq!(jobs, submissions(&p).len(), "jobs= counts the sbatch submissions");
+    let keys = records(&p.cache());
+    assert!(jobs > 0 && jobs < keys, "{jobs} jobs for {keys} keys: some instances share a job");
+    // The rerun finds everything and submits nothing.
+    let again = slurm_run(&p, &prof).ok();
+    assert_eq!(again.summary("ran"), 0, "{}", again.stdout());
+    assert_eq!(again.summary("jobs"), 0);
+    assert_eq!(submissions(&p).len(), jobs);
+}
+
+/// The paper-shaped sweep of `camflow bench orch` at 2,9,4 (65 instances: 2 trainings, each
+/// with 9 thresholds and 4 filter modes; zero epochs), through Slurm with the default
+/// settings: wide stages go as arrays and cheap kinds in batches, so on average a job carries
+/// at least two instances (issue 9: many small instances do not become many jobs).
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_wide_stages_are_grouped_into_few_jobs() {
+    let thresholds: Vec<String> = (1..=9).map(|i| format!("{}", i as f64 / 10.0)).collect();
+    let yaml = format!(
+        "name: bench\nseed: 1\nstages:\n  data:\n    kind: data\n    params: {{source: synthetic, count: 16, image_size: 8, slices_per_patient: 1}}\n  train:\n    kind: train\n    inputs: {{data: data}}\n    params: {{epochs: 0, batch_size: 16}}\n    sweep:\n      grid:\n        seed: [1, 2]\n  gradcam:\n    kind: gradcam\n    inputs: {{model: train, data: data}}\n  threshold:\n    kind: threshold\n    inputs: {{heatmaps: gradcam}}\n    sweep:\n      grid:\n        value: [{}]\n  score_seg:\n    kind: score\n    inputs: {{data: data, masks: threshold}}\n  filter:\n    kind: filter\n    inputs: {{data: data, heatmaps: gradcam}}\n    sweep:\n      grid:\n        mode: [multiply, inverse, mask, inverse-mask]\n  retrain:\n    kind: retrain\n    inputs: {{data: filter}}\n    params: {{epochs: 0, batch_size: 16}}\n  score_cls:\n    kind: score\n    inputs: {{data: filter, model: retrain}}\n",
+        thresholds.join(", ")
+    );
+    let p = slurm_project(&yaml);
+    let prof = profile(&p, "");
+    let r = slurm_run(&p, &prof).ok();
+    let ran = r.summary("ran") + r.summary("reused");
+    assert_eq!(ran + r.summary("cached"), 65, "{}", r.stdout());
+    let jobs = r.summary("jobs");
+    assert_eq!(jobs, submissions(&p).len(), "jobs= counts the sbatch submissions");
+    assert!(
+        jobs * 2 <= 65,
+        "{jobs} jobs for 65 instances: arrays and batches should group them (at least 2 instances a job):\n{}",
+        r.stdout()
+    );
+}
+
+fn first_difference(a: &str, b: &str) -> String {
+    for (i, (x, y)) in a.lines().zip(b.lines()).enumerate() {
+        if x != y {
+            return format!("line {}: local `{x}`, slurm `{y}`", i + 1);
+        }
+    }
+    format!("lengths differ: local {} lines, slurm {} lines", a.lines().count(), b.lines().count())
+}
+
+/// (b) A training job cancelled with `scancel` while it runs: the run fails naming CANCELLED,
+/// the job id and its log; the rerun computes only what is missing.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_scancel_mid_run_names_the_job_and_the_rerun_resumes() {
+    let p = slurm_project(&tiny_with_training(100));
+    let prof = tagged_training_profile(&p, None);
+    let mut child = slurm_cmd(&p, &prof, &p.cache()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let (task, job, _, _) = wait_for_job(&p, &mut child, "cftest-train", "RUNNING", Duration::from_secs(120));
+    // Mid-run for sure: the job's processes are held until Slurm cancels it.
+    freeze(&job);
+    let st = Command::new("scancel").arg(&task).status().expect("scancel runs");
+    assert!(st.success());
+    let r = Run { out: child.wait_with_output().expect("controller ends") };
+    assert_names_job(&r, "CANCELLED", &task);
+    assert_resumes(&p, &prof);
+}
+
+/// (c) A training job killed by its time limit (one minute; the job is held so it cannot
+/// finish first): the run fails naming TIMEOUT, the job id and its log; a rerun without the
+/// limit computes only what is missing.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_time_limit_kill_names_timeout_and_the_rerun_resumes() {
+    let p = slurm_project(&tiny_with_training(100));
+    let prof = tagged_training_profile(&p, Some("00:01:00"));
+    let mut child = slurm_cmd(&p, &prof, &p.cache()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let (task, job, _, _) = wait_for_job(&p, &mut child, "cftest-train", "RUNNING", Duration::from_secs(120));
+    freeze(&job);
+    let t = Instant::now();
+    let r = Run { out: child.wait_with_output().expect("controller ends") };
+    eprintln!("time-limit kill noticed {:.1} s after the job was frozen", t.elapsed().as_secs_f64());
+    assert_names_job(&r, "TIMEOUT", &task);
+    // Resources are not part of a key: the same instances, now without a limit.
+    let prof = tagged_training_profile(&p, None);
+    assert_resumes(&p, &prof);
+}
+
+/// (d) The controller killed with SIGKILL while its training job is in the queue: the rerun
+/// adopts that job instead of submitting it again. With one instance per job, the sbatch
+/// calls of both runs together are exactly the 13 instances, and the workers' logs show each
+/// instance computed once.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_controller_sigkill_then_rerun_submits_nothing_twice() {
+    let p = slurm_project(&tiny_with_training(300));
+    let prof = profile(&p, &format!("{FAST_POLL}{ONE_PER_JOB}  kinds:\n    train: {{sbatch: [\"--comment=cftest-train\"]}}\n"));
+    let mut child = slurm_cmd(&p, &prof, &p.cache()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let (task, _, _, _) = wait_for_job(&p, &mut child, "cftest-train", "RUNNING", Duration::from_secs(120));
+    child.kill().expect("SIGKILL the controller");
+    let _ = child.wait();
+    let before = submissions(&p);
+    assert_eq!(before.len(), 2, "data and train submitted before the kill: {before:?}");
+    assert!(queue(&[task.clone()]).iter().any(|r| r.3 == "RUNNING"), "the training job outlives its controller");
+    let r = slurm_run(&p, &prof).ok();
+    let all = submissions(&p);
+    assert_eq!(r.summary("jobs"), all.len() - before.len(), "jobs= counts this run's submissions:\n{}", r.stdout());
+    assert_eq!(all.len(), 13, "each of the 13 instances submitted exactly once over both runs: {all:?}\n{}", r.stdout());
+    let mut ids = all.clone();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 13, "distinct job ids: {all:?}");
+    assert_eq!(records(&p.cache()), 13);
+    assert_each_computed_once(&p);
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}
+
+/// (e) Two controllers started together on one cache: every key is computed once between
+/// them (the workers' logs), each controller accounts for all 13 instances.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_two_controllers_on_one_cache_compute_each_key_once() {
+    let p = slurm_project(TINY);
+    let prof = profile(&p, &format!("{FAST_POLL}{ONE_PER_JOB}"));
+    let spawn = || slurm_cmd(&p, &prof, &p.cache()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let (a, b) = (spawn(), spawn());
+    let a = Run { out: a.wait_with_output().expect("a") }.ok();
+    let b = Run { out: b.wait_with_output().expect("b") }.ok();
+    // Each key computed once, by one job: the workers' logs say which (a controller that
+    // adopted the other's job may count that instance as its own in `ran=`).
+    assert_each_computed_once(&p);
+    for r in [&a, &b] {
+        assert_eq!(r.summary("ran") + r.summary("reused") + r.summary("cached"), 13, "{}", r.stdout());
+    }
+    assert_eq!(records(&p.cache()), 13);
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+    let jobs = a.summary("jobs") + b.summary("jobs");
+    assert_eq!(jobs, submissions(&p).len(), "jobs= of both runs counts the sbatch calls");
+}
