@@ -37,7 +37,7 @@ BACKEND=${GPU_CHECK_BACKEND:-cuda}
 PARTS=${GPU_CHECK_PARTS:-device ml paper shared fuse lgg cpu-locked}
 TINY=${GPU_CHECK_TINY:-}
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+trap '[ -n "${GPU_CHECK_KEEP:-}" ] || rm -rf "$WORK"' EXIT
 SUMMARY_DIR=${OUT:-$(mktemp -d)}
 mkdir -p "$SUMMARY_DIR"
 SUMMARY="$SUMMARY_DIR/gpu-check-summary.md"
@@ -69,13 +69,16 @@ if [ -n "$TINY" ]; then
   ML_SIZES="16 32"; ML_REPS=2
   FUSE_K=1,2,4; FUSE_ARGS=(--size 16 --images 32)
   SMALL=(--set stages.data.params.count=40 --set stages.data.params.image_size=16 --set stages.train.params.epochs=1 --set stages.train.seeds=1)
-  LGG=(--set stages.data.params.source=synthetic --set stages.data.params.count=40 --set stages.data.params.image_size=16
-       --set stages.train.params.epochs=1 --set stages.train.seeds=1)
+  LGG=(--set stages.data.params.source=synthetic --set stages.data.params.channel=gray --set stages.data.params.count=40
+       --set stages.data.params.image_size=16 --set stages.train.params.epochs=1 --set stages.train.seeds=1)
 else
   ML_SIZES="64 128"; ML_REPS=20
   FUSE_K=1,2,4,8,16,24; FUSE_ARGS=(--size 64)
   SMALL=()
-  LGG=(--set stages.data.params.source=synthetic --set stages.data.params.count=3929 --set stages.data.params.image_size=128)
+  # lgg.yaml's grid and training (30 epochs, 3 seeds, 2 architectures) on phantoms of the
+  # LGG set's size: one gray channel (phantoms have no FLAIR).
+  LGG=(--set stages.data.params.source=synthetic --set stages.data.params.channel=gray --set stages.data.params.count=3929
+       --set stages.data.params.image_size=128)
 fi
 
 # "done    stage[...]  1.23s" lines -> seconds per stage.
@@ -147,7 +150,7 @@ part_lgg() {
 }
 
 part_cpu_locked() {
-  local dir="$WORK/locked"
+  local dir="$WORK/cpu-locked"
   mkdir -p "$dir"
   cp "$ROOT/pipelines/paper.yaml" "$ROOT/pipelines/paper.lock.yaml" "$dir/"
   local start end rc
@@ -210,6 +213,13 @@ for part in $PARTS; do
     printf '\n## %s: %s, %ss\n\n```\n' "$part" "$status" "$secs"
     # Long outputs keep their end, where the figures and the error are.
     tail -n 80 "$WORK/$part.out"
+    # A pipeline stopped by its time limit: what it had finished, and its last lines.
+    if { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ -f "$WORK/$part/run.log" ]; then
+      echo "-- stopped mid-run; per stage so far:"
+      per_stage < "$WORK/$part/run.log"
+      echo "-- last lines of the run:"
+      tail -n 15 "$WORK/$part/run.log"
+    fi
     printf '```\n'
   } >> "$SUMMARY"
 done

@@ -820,3 +820,45 @@ mod seeds_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod gpu_share_tests {
+    use super::*;
+    use crate::stage_kind::GpuShare;
+
+    const BASE: &str = "name: s\nstages:\n  d:\n    kind: data\n    params: {source: synthetic}\n  t:\n    kind: train\n    inputs: {data: d}\n";
+
+    fn with_gpu(v: &str) -> SpecResult<Pipeline> {
+        parse(Path::new("p.yaml"), &format!("{BASE}    resources: {{gpu: {v}, cpu: 2}}\n"), &[], &crate::stages::catalog())
+    }
+
+    #[test]
+    fn whole_counts_and_fractions_of_one_gpu_parse_exactly() {
+        for (v, thousandths) in [("0", 0), ("1", 1000), ("3", 3000), ("0.25", 250), ("0.5", 500), ("0.333", 333), ("0.001", 1), ("1.0", 1000)] {
+            let p = with_gpu(v).unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert_eq!(p.stages["t"].resources.gpu, GpuShare::from_thousandths(thousandths), "{v}");
+            assert_eq!(p.stages["t"].resources.cpu, 2);
+        }
+        assert_eq!(GpuShare::from_thousandths(250).to_string(), "0.25");
+        assert_eq!(GpuShare::whole(2).to_string(), "2");
+        assert!(GpuShare::from_thousandths(999).is_fraction() && !GpuShare::whole(1).is_fraction());
+    }
+
+    #[test]
+    fn bad_gpu_shares_are_errors_at_the_field_saying_what_is_expected() {
+        for (v, msg) in [
+            ("1.5", "a share above one GPU must be whole"),
+            ("-1", "whole number of GPUs (0 to 1024) or a fraction of one GPU"),
+            ("0.0005", "thousandths of a GPU"),
+            ("0.1234", "thousandths of a GPU"),
+            ("2000", "whole number of GPUs (0 to 1024)"),
+            ("half", "expected a number, found `half`"),
+            (".nan", "fraction of one GPU"),
+        ] {
+            let e = with_gpu(v).expect_err(v);
+            let hit = e.errors.iter().find(|x| x.field == "stages.t.resources.gpu").unwrap_or_else(|| panic!("{v}: no error at the field: {e}"));
+            assert!(hit.message.contains(msg), "{v}: {}", hit.message);
+            assert!(hit.location.is_some());
+        }
+    }
+}

@@ -8,6 +8,7 @@ mod conveniences;
 mod cpu_profile;
 mod data_rules;
 mod fuzz_specs;
+mod gpu_share;
 mod guards;
 mod kill_loop;
 mod leases;

@@ -55,7 +55,7 @@ fn malformed_pipelines() {
         ("bad value inside an axis", format!("{HEAD}  m:\n    kind: threshold\n    inputs: {{heatmaps: m}}\n    sweep:\n      grid:\n        method: [fixed, otsu, triangle]\n"), vec![],
          "error: p.yaml:8:14: stages.m.inputs.heatmaps: stage `m` (threshold) produces masks, but input `heatmaps` of threshold needs heatmaps\nerror: p.yaml:11:9: stages.m.sweep.grid.method: value 3: expected one of `fixed`, `otsu`, `percentile`, found `triangle`\n2 errors in p.yaml"),
         ("bad resources", format!("{HEAD}    resources: {{gpu: -1}}\n"), vec![],
-         "error: p.yaml:6:17: stages.data.resources.gpu: expected a count (non-negative integer), found `-1`"),
+         "error: p.yaml:6:17: stages.data.resources.gpu: expected a whole number of GPUs (0 to 1024) or a fraction of one GPU between 0 and 1 (e.g. 0.25), found `-1`"),
         ("cross-param check", "name: bad\nstages:\n  data:\n    kind: data\n    params:\n      source: lgg\n".to_string(), vec![],
          "error: p.yaml:5:5: stages.data.params.root: is required for this source"),
         ("bad --set", HEAD.into(), vec!["--set", "stages.data.params.count=lots"],
