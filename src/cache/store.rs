@@ -294,8 +294,8 @@ fn parse_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<(Action
 /// the stamp it had when it was fully checked): straight into the struct, without the tree,
 /// the second serialisation and the hash. The names that become paths are still checked.
 fn parse_known_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<ActionRecord, RecordError> {
-    let rec: ActionRecord = serde_json::from_slice(bytes)
-        .map_err(|e| RecordError::Invalid { path: path.to_path_buf(), detail: format!("unreadable: {e}") })?;
+    let rec: ActionRecord =
+        serde_json::from_slice(bytes).map_err(|e| RecordError::Invalid { path: path.to_path_buf(), detail: format!("unreadable: {e}") })?;
     check_names(path, &rec, expected_key)?;
     Ok(rec)
 }

@@ -236,7 +236,8 @@ fn decode(bytes: &[u8]) -> Option<HashMap<String, IndexEntry>> {
         if !is_digest(key) || !is_digest(digest) {
             return None;
         }
-        let stamp = Stamp { size: size.parse().ok()?, mtime_ns: mtime.parse().ok()?, ctime_ns: ctime.parse().ok()?, ino: ino.parse().ok()? };
+        let stamp =
+            Stamp { size: size.parse().ok()?, mtime_ns: mtime.parse().ok()?, ctime_ns: ctime.parse().ok()?, ino: ino.parse().ok()? };
         idx.insert(key.to_string(), IndexEntry { stamp, record_digest: digest.to_string() });
     }
     Some(idx)
@@ -252,7 +253,10 @@ mod tests {
     use super::*;
 
     fn entry(n: u64) -> IndexEntry {
-        IndexEntry { stamp: Stamp { size: n, mtime_ns: -5, ctime_ns: 1_700_000_000_123_456_789, ino: 42 + n }, record_digest: "d".repeat(64) }
+        IndexEntry {
+            stamp: Stamp { size: n, mtime_ns: -5, ctime_ns: 1_700_000_000_123_456_789, ino: 42 + n },
+            record_digest: "d".repeat(64),
+        }
     }
 
     #[test]

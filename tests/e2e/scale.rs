@@ -53,7 +53,11 @@ fn a_no_op_rerun_writes_nothing_and_the_index_never_hides_an_edit() {
     let lock_meta2 = std::fs::symlink_metadata(p.path().join("p.lock.yaml")).unwrap();
     {
         use std::os::unix::fs::MetadataExt;
-        assert_eq!((lock_meta.ino(), lock_meta.ctime_nsec(), lock_meta.mtime_nsec()), (lock_meta2.ino(), lock_meta2.ctime_nsec(), lock_meta2.mtime_nsec()), "the lock file is not rewritten");
+        assert_eq!(
+            (lock_meta.ino(), lock_meta.ctime_nsec(), lock_meta.mtime_nsec()),
+            (lock_meta2.ino(), lock_meta2.ctime_nsec(), lock_meta2.mtime_nsec()),
+            "the lock file is not rewritten"
+        );
     }
 
     // A record edited in place, same size, mtime put back: its ctime still changed, so the
