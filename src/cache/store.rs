@@ -505,6 +505,11 @@ impl Store {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn verified(&self) -> &Verified {
+        &self.verified
+    }
+
     /// The output digest of `key`'s record if this process already found it fresh (without
     /// `full`): what a planner needs of a cached instance, without copying its record.
     pub fn fresh_output_digest(&self, key: &str) -> Option<String> {
@@ -531,6 +536,16 @@ impl Store {
     /// checked is not hashed again (`cache::verified`); objects are still checked each time a
     /// record is read.
     pub fn try_lookup(&self, key: &str, full: bool) -> StoreResult<Lookup> {
+        self.lookup_remembering(key, full, true)
+    }
+
+    /// [`Store::try_lookup`] for a caller that uses the record once (a planner): this process
+    /// remembers the key as fresh, by its digests, without keeping a copy of the record.
+    pub fn try_lookup_once(&self, key: &str, full: bool) -> StoreResult<Lookup> {
+        self.lookup_remembering(key, full, false)
+    }
+
+    fn lookup_remembering(&self, key: &str, full: bool, keep_copy: bool) -> StoreResult<Lookup> {
         if !full && let Some(rec) = self.verified.memo_get(key) {
             return Ok(Lookup::Fresh(Box::new(rec)));
         }
@@ -554,7 +569,7 @@ impl Store {
             }
         }
         if !full {
-            self.verified.memo_put(&rec, &digest);
+            self.verified.memo_put(&rec, &digest, keep_copy);
         }
         Ok(Lookup::Fresh(Box::new(rec)))
     }
