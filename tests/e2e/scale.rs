@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::support::{Project, TINY};
 
 /// Every file under `dir` with its (size, mtime, ctime, inode).
+#[cfg(unix)]
 fn stamps(dir: &Path, out: &mut BTreeMap<PathBuf, (u64, i64, i64, i64, i64, u64)>) {
     use std::os::unix::fs::MetadataExt;
     for e in std::fs::read_dir(dir).expect("read dir").flatten() {
