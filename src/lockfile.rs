@@ -243,8 +243,7 @@ impl LockFile {
         entries: &[RunEntry<'_>],
         computed_nothing: bool,
     ) -> Result<bool, String> {
-        let items: Vec<LockItem<'_>> =
-            entries.iter().map(|e| LockItem { label: e.label, params: e.params, key: &e.record.key }).collect();
+        let items: Vec<LockItem<'_>> = entries.iter().map(|e| LockItem { label: e.label, params: e.params, key: &e.record.key }).collect();
         if computed_nothing && LockFile::unchanged(store, path, header, &items) {
             return Ok(false);
         }

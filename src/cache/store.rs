@@ -381,8 +381,8 @@ fn parse_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<(Action
 /// the stamp it had when it was fully checked): straight into the struct, without the tree,
 /// the second serialisation and the hash. The names that become paths are still checked.
 fn parse_known_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<ActionRecord, RecordError> {
-    let rec: ActionRecord = serde_json::from_slice(bytes)
-        .map_err(|e| RecordError::Invalid { path: path.to_path_buf(), detail: format!("unreadable: {e}") })?;
+    let rec: ActionRecord =
+        serde_json::from_slice(bytes).map_err(|e| RecordError::Invalid { path: path.to_path_buf(), detail: format!("unreadable: {e}") })?;
     check_names(path, &rec, expected_key)?;
     Ok(rec)
 }
@@ -672,6 +672,11 @@ impl Store {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn verified(&self) -> &Verified {
+        &self.verified
+    }
+
     /// The output digest of `key`'s record if this process already found it fresh (without
     /// `full`): what a planner needs of a cached instance, without copying its record.
     pub fn fresh_output_digest(&self, key: &str) -> Option<String> {
@@ -698,6 +703,16 @@ impl Store {
     /// checked is not hashed again (`cache::verified`); objects are still checked each time a
     /// record is read.
     pub fn try_lookup(&self, key: &str, full: bool) -> StoreResult<Lookup> {
+        self.lookup_remembering(key, full, true)
+    }
+
+    /// [`Store::try_lookup`] for a caller that uses the record once (a planner): this process
+    /// remembers the key as fresh, by its digests, without keeping a copy of the record.
+    pub fn try_lookup_once(&self, key: &str, full: bool) -> StoreResult<Lookup> {
+        self.lookup_remembering(key, full, false)
+    }
+
+    fn lookup_remembering(&self, key: &str, full: bool, keep_copy: bool) -> StoreResult<Lookup> {
         if !full && let Some(rec) = self.verified.memo_get(key) {
             return Ok(Lookup::Fresh(Box::new(rec)));
         }
@@ -721,7 +736,7 @@ impl Store {
             }
         }
         if !full {
-            self.verified.memo_put(&rec, &digest);
+            self.verified.memo_put(&rec, &digest, keep_copy);
         }
         Ok(Lookup::Fresh(Box::new(rec)))
     }

@@ -83,7 +83,10 @@ struct IndexEntry {
 
 /// A record this process found fresh, with what is asked of it most.
 struct Fresh {
-    rec: ActionRecord,
+    /// A copy of the record, kept only for callers that ask again for the whole record (the
+    /// executor); a planner needs only the digests, and copying thousands of records cost more
+    /// than reading them again through the index would.
+    rec: Option<ActionRecord>,
     record_digest: String,
     output_digest: String,
 }
@@ -167,11 +170,13 @@ impl Verified {
     }
 
     pub fn memo_get(&self, key: &str) -> Option<ActionRecord> {
-        self.lock().memo.get(key).map(|f| f.rec.clone())
+        self.lock().memo.get(key).and_then(|f| f.rec.clone())
     }
 
-    pub fn memo_put(&self, rec: &ActionRecord, record_digest: &str) {
-        let fresh = Fresh { rec: rec.clone(), record_digest: record_digest.to_string(), output_digest: rec.output_digest() };
+    /// Remembers `rec` as fresh; with a copy of it when `keep_copy`.
+    pub fn memo_put(&self, rec: &ActionRecord, record_digest: &str, keep_copy: bool) {
+        let fresh =
+            Fresh { rec: keep_copy.then(|| rec.clone()), record_digest: record_digest.to_string(), output_digest: rec.output_digest() };
         self.lock().memo.insert(rec.key.clone(), fresh);
     }
 
@@ -236,7 +241,8 @@ fn decode(bytes: &[u8]) -> Option<HashMap<String, IndexEntry>> {
         if !is_digest(key) || !is_digest(digest) {
             return None;
         }
-        let stamp = Stamp { size: size.parse().ok()?, mtime_ns: mtime.parse().ok()?, ctime_ns: ctime.parse().ok()?, ino: ino.parse().ok()? };
+        let stamp =
+            Stamp { size: size.parse().ok()?, mtime_ns: mtime.parse().ok()?, ctime_ns: ctime.parse().ok()?, ino: ino.parse().ok()? };
         idx.insert(key.to_string(), IndexEntry { stamp, record_digest: digest.to_string() });
     }
     Some(idx)
@@ -250,9 +256,13 @@ fn read_index(path: &Path) -> HashMap<String, IndexEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::Lookup;
 
     fn entry(n: u64) -> IndexEntry {
-        IndexEntry { stamp: Stamp { size: n, mtime_ns: -5, ctime_ns: 1_700_000_000_123_456_789, ino: 42 + n }, record_digest: "d".repeat(64) }
+        IndexEntry {
+            stamp: Stamp { size: n, mtime_ns: -5, ctime_ns: 1_700_000_000_123_456_789, ino: 42 + n },
+            record_digest: "d".repeat(64),
+        }
     }
 
     #[test]
@@ -276,6 +286,101 @@ mod tests {
         assert_eq!(decode(reseal(&body.replace(" 1\n", " 2\n")).as_bytes()), None, "another format version");
         assert_eq!(decode(reseal(&format!("{body}../../x {} 1 1 1 1\n", "d".repeat(64))).as_bytes()), None, "a key that is not a digest");
         assert_eq!(decode(reseal(&format!("{body}{} {} 1 1 x 1\n", "c".repeat(64), "d".repeat(64))).as_bytes()), None);
+    }
+
+    /// A record with one output, written to a fresh cache; and its `record_digest`.
+    fn stored_record(s: &Store) -> (ActionRecord, String) {
+        let src = s.tmp_dir().join("out");
+        std::fs::write(&src, b"output bytes").unwrap();
+        let o = s.put_file(&src).unwrap();
+        let key_inputs = super::super::CacheKey {
+            format: 1,
+            kind: "k".into(),
+            kind_version: 1,
+            params: Default::default(),
+            inputs: Default::default(),
+            files: Default::default(),
+            seed: 1,
+            backend: None,
+        };
+        let rec = ActionRecord {
+            key: key_inputs.digest(),
+            label: "k".into(),
+            kind: "k".into(),
+            key_inputs,
+            outputs: [("out".to_string(), o)].into_iter().collect(),
+            metrics: serde_json::json!({"accuracy": 0.75}),
+            duration_s: 0.1,
+            camflow_version: "0".into(),
+            backend: "cpu".into(),
+            bitwise_deterministic: true,
+            created: 0,
+        };
+        s.write_record(&rec).unwrap();
+        s.try_lookup(&rec.key, true).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(s.record_path(&rec.key).unwrap()).unwrap()).unwrap();
+        let digest = v[super::super::store::RECORD_DIGEST_FIELD].as_str().unwrap().to_string();
+        (rec, digest)
+    }
+
+    /// Enters `key` in the store's index as checked with `digest`, with its file's stamp now.
+    fn vouch(s: &Store, key: &str, digest: &str) {
+        let stamp = Stamp::of(&std::fs::symlink_metadata(s.record_path(key).unwrap()).unwrap());
+        s.verified().with_index(|idx, dirty| {
+            idx.insert(key.to_string(), IndexEntry { stamp, record_digest: digest.to_string() });
+            *dirty = true;
+        });
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_index_vouches_only_for_the_file_it_saw_and_never_for_a_full_check() {
+        let d = tempfile::tempdir().unwrap();
+        let (rec, digest) = stored_record(&Store::open(d.path()).unwrap());
+        let path = Store::open(d.path()).unwrap().record_path(&rec.key).unwrap();
+        // An entry for the file as it is: used (its stated digest is taken, not recomputed),
+        // and saved when the last handle goes.
+        let s = Store::open(d.path()).unwrap();
+        vouch(&s, &rec.key, &"0".repeat(64));
+        drop(s);
+        let s = Store::open(d.path()).unwrap();
+        assert!(matches!(s.try_lookup_once(&rec.key, false), Ok(Lookup::Fresh(_))));
+        assert_eq!(s.fresh_record_digest(&rec.key), Some("0".repeat(64)), "trusted by its stamp");
+        drop(s);
+        // The same bytes written again: a new ctime, so the full check runs (and finds the
+        // true digest); a record this young is not entered again.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        let s = Store::open(d.path()).unwrap();
+        assert!(matches!(s.try_lookup_once(&rec.key, false), Ok(Lookup::Fresh(_))));
+        assert_eq!(s.fresh_record_digest(&rec.key), Some(digest.clone()));
+        assert_eq!(s.verified().indexed_digest(&rec.key, &Stamp::of(&std::fs::metadata(&path).unwrap())), None);
+        drop(s);
+        // An edited record that the index vouches for: a plain lookup takes the index's word,
+        // `--verify` (full), `verify` (`load_record`) and the executor's full look never do.
+        let text = String::from_utf8(bytes).unwrap();
+        std::fs::write(&path, text.replace("0.75", "0.25")).unwrap();
+        let s = Store::open(d.path()).unwrap();
+        vouch(&s, &rec.key, &digest);
+        assert!(matches!(s.try_lookup(&rec.key, true), Ok(Lookup::Corrupt(m)) if m.contains("edited or damaged")));
+        assert!(s.load_record(&rec.key).is_err());
+        vouch(&s, &rec.key, &digest);
+        match s.try_lookup(&rec.key, false) {
+            Ok(Lookup::Fresh(r)) => assert_eq!(r.metrics["accuracy"], 0.25),
+            other => panic!("{other:?}"),
+        }
+        // Names that would become paths are checked whatever the index says.
+        std::fs::write(&path, text.replace("\"out\"", "\"../out\"")).unwrap();
+        let s = Store::open(d.path()).unwrap();
+        vouch(&s, &rec.key, &digest);
+        assert!(matches!(s.try_lookup(&rec.key, false), Ok(Lookup::Corrupt(m)) if m.contains("not a plain file name")));
+        // A missing object is found whatever the index says.
+        std::fs::write(&path, &text).unwrap();
+        let s = Store::open(d.path()).unwrap();
+        vouch(&s, &rec.key, &digest);
+        let obj = s.object_path(&rec.outputs["out"].digest).unwrap();
+        std::fs::remove_file(obj).unwrap();
+        assert!(matches!(s.try_lookup(&rec.key, false), Ok(Lookup::Corrupt(m)) if m.contains("missing")));
     }
 
     #[test]

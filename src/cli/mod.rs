@@ -320,7 +320,7 @@ struct StoreView<'a> {
 
 impl CacheView for StoreView<'_> {
     fn lookup(&self, key: &str) -> Lookup {
-        match self.store.try_lookup(key, self.full) {
+        match self.store.try_lookup_once(key, self.full) {
             Ok(l) => l,
             Err(e) => {
                 let msg = e.to_string();

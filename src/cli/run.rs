@@ -230,7 +230,9 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         ));
     }
     // Nothing to run: finished without the executor (see `cli::noop`).
-    if !a.locked && !a.verify && a.force.is_empty()
+    if !a.locked
+        && !a.verify
+        && a.force.is_empty()
         && let Some(cached) = super::noop::finish_if_noop(&p, &store, &lock_path, a.p.sets.is_empty())?
     {
         print_out(&format!("{}\n", Counts { cached, ..Counts::default() }.line(started)));

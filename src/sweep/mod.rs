@@ -6,7 +6,7 @@
 //! `stage.param`, so two stages may sweep params of the same name without clashing; instance
 //! labels use the short param name unless that would be ambiguous.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde_json::Value as Json;
@@ -77,6 +77,51 @@ fn own_points(s: &StageSpec) -> Vec<BTreeMap<String, Json>> {
 
 fn agree(a: &BTreeMap<String, Json>, b: &BTreeMap<String, Json>) -> bool {
     a.iter().all(|(k, v)| b.get(k).is_none_or(|w| w == v))
+}
+
+/// The upstream instances that may agree with a combination, found by the values of the
+/// axes both sides have instead of by testing every pair: joining two wide stages (thousands
+/// of instances each) was quadratic. Every instance of a stage, and every combination built
+/// for one input slot, has the same axes; when that does not hold, every instance is a
+/// candidate. Candidates are still tested with [`agree`] (a bucket may hold more: see
+/// [`Join::bucket`]), so the result and its order are those of the pairwise test.
+struct Join {
+    /// Axes shared by the combinations and the upstream instances, and the upstream
+    /// positions (in `ups` order) by their values on them; `None`: test every pair.
+    index: Option<(Vec<String>, HashMap<String, Vec<usize>>)>,
+}
+
+impl Join {
+    fn new(out: &[Instance], ups: &[usize], combos: &[(BTreeMap<String, Json>, BTreeMap<String, usize>)]) -> Join {
+        let same_axes = |mut maps: Box<dyn Iterator<Item = &BTreeMap<String, Json>> + '_>| -> Option<Vec<String>> {
+            let first: Vec<String> = maps.next()?.keys().cloned().collect();
+            maps.all(|m| m.len() == first.len() && m.keys().zip(&first).all(|(a, b)| a == b)).then_some(first)
+        };
+        let up_axes = same_axes(Box::new(ups.iter().map(|&u| &out[u].coords)));
+        let combo_axes = same_axes(Box::new(combos.iter().map(|(c, _)| c)));
+        let (Some(up_axes), Some(combo_axes)) = (up_axes, combo_axes) else { return Join { index: None } };
+        let shared: Vec<String> = combo_axes.into_iter().filter(|a| up_axes.contains(a)).collect();
+        let mut index: HashMap<String, Vec<usize>> = HashMap::new();
+        for &u in ups {
+            index.entry(Join::bucket(&shared, &out[u].coords)).or_default().push(u);
+        }
+        Join { index: Some((shared, index)) }
+    }
+
+    /// The values of `axes` in `coords`, as text. Equal values give equal text (`-0.0` is
+    /// written as `0.0`, which equals it); unequal ones may share a bucket, which [`agree`]
+    /// then tells apart.
+    fn bucket(axes: &[String], coords: &BTreeMap<String, Json>) -> String {
+        let vals: Vec<Option<&Json>> = axes.iter().map(|a| coords.get(a)).collect();
+        serde_json::to_string(&vals).unwrap_or_default().replace("-0.0", "0.0")
+    }
+
+    fn candidates<'a>(&'a self, coords: &BTreeMap<String, Json>, ups: &'a [usize]) -> &'a [usize] {
+        match &self.index {
+            None => ups,
+            Some((shared, index)) => index.get(&Join::bucket(shared, coords)).map(Vec::as_slice).unwrap_or(&[]),
+        }
+    }
 }
 
 /// `stage[axis=value,...]`, axes in pipeline order (upstream stages first).
@@ -307,9 +352,10 @@ pub fn expand(p: &Pipeline, order: &[String], catalog: &Catalog) -> Vec<Instance
         let mut combos: Vec<(BTreeMap<String, Json>, BTreeMap<String, usize>)> = vec![(BTreeMap::new(), BTreeMap::new())];
         for (slot, up) in &s.inputs {
             let ups = by_stage.get(up.as_str()).cloned().unwrap_or_default();
+            let join = Join::new(&out, &ups, &combos);
             let mut next = Vec::new();
             for (coords, inputs) in &combos {
-                for &u in &ups {
+                for &u in join.candidates(coords, &ups) {
                     if agree(coords, &out[u].coords) {
                         let mut c = coords.clone();
                         c.extend(out[u].coords.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -424,6 +470,47 @@ mod tests {
         let pts = own_points(&s);
         assert_eq!(pts.len(), 2 * 3 * 2);
         assert!(pts.iter().all(|p| p["d"].as_i64() == p["c"].as_i64().map(|c| c + 2)));
+    }
+
+    #[test]
+    fn the_indexed_join_finds_what_the_pairwise_test_finds() {
+        let inst = |coords: Vec<(&str, Json)>| Instance {
+            stage: "u".into(),
+            kind: "x".into(),
+            label: String::new(),
+            coords: coords.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            params: Arc::new(Params::new()),
+            inputs: BTreeMap::new(),
+        };
+        let combo = |coords: Vec<(&str, Json)>| (coords.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), BTreeMap::new());
+        let pairwise = |out: &[Instance], ups: &[usize], c: &BTreeMap<String, Json>| -> Vec<usize> {
+            ups.iter().copied().filter(|&u| agree(c, &out[u].coords)).collect()
+        };
+        let joined = |out: &[Instance], ups: &[usize], combos: &[(BTreeMap<String, Json>, BTreeMap<String, usize>)]| -> Vec<Vec<usize>> {
+            let j = Join::new(out, ups, combos);
+            combos.iter().map(|(c, _)| j.candidates(c, ups).iter().copied().filter(|&u| agree(c, &out[u].coords)).collect()).collect()
+        };
+        // Shared axis `a` (with 0.0 and -0.0, which are equal), own axis `b` upstream.
+        let out: Vec<Instance> = [json!(1), json!(0.0), json!(-0.0), json!(1.0), json!("1")]
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| inst(vec![("s.a", a), ("u.b", json!(i))]))
+            .collect();
+        let ups: Vec<usize> = (0..out.len()).collect();
+        let combos: Vec<_> = [json!(1), json!(-0.0), json!(0.0), json!("1"), json!(2)]
+            .into_iter()
+            .map(|a| combo(vec![("s.a", a), ("t.c", json!(0))]))
+            .collect();
+        let want: Vec<Vec<usize>> = combos.iter().map(|(c, _)| pairwise(&out, &ups, c)).collect();
+        assert_eq!(joined(&out, &ups, &combos), want);
+        assert_eq!(want, vec![vec![0], vec![1, 2], vec![1, 2], vec![4], vec![]]);
+        // Axes that differ between upstream instances: every pair is tested.
+        let mut odd = out.clone();
+        odd.push(inst(vec![("s.a", json!(2))]));
+        let ups: Vec<usize> = (0..odd.len()).collect();
+        let want: Vec<Vec<usize>> = combos.iter().map(|(c, _)| pairwise(&odd, &ups, c)).collect();
+        assert_eq!(joined(&odd, &ups, &combos), want);
+        assert_eq!(want[4], vec![5]);
     }
 
     #[test]

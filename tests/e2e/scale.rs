@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::support::{Project, TINY};
 
 /// Every file under `dir` with its (size, mtime, ctime, inode).
+#[cfg(unix)]
 fn stamps(dir: &Path, out: &mut BTreeMap<PathBuf, (u64, i64, i64, i64, i64, u64)>) {
     use std::os::unix::fs::MetadataExt;
     for e in std::fs::read_dir(dir).expect("read dir").flatten() {
@@ -53,7 +54,11 @@ fn a_no_op_rerun_writes_nothing_and_the_index_never_hides_an_edit() {
     let lock_meta2 = std::fs::symlink_metadata(p.path().join("p.lock.yaml")).unwrap();
     {
         use std::os::unix::fs::MetadataExt;
-        assert_eq!((lock_meta.ino(), lock_meta.ctime_nsec(), lock_meta.mtime_nsec()), (lock_meta2.ino(), lock_meta2.ctime_nsec(), lock_meta2.mtime_nsec()), "the lock file is not rewritten");
+        assert_eq!(
+            (lock_meta.ino(), lock_meta.ctime_nsec(), lock_meta.mtime_nsec()),
+            (lock_meta2.ino(), lock_meta2.ctime_nsec(), lock_meta2.mtime_nsec()),
+            "the lock file is not rewritten"
+        );
     }
 
     // A record edited in place, same size, mtime put back: its ctime still changed, so the
