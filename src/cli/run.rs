@@ -39,6 +39,18 @@ pub struct RunArgs {
     /// Hash every cached object instead of trusting size and mtime.
     #[arg(long)]
     verify: bool,
+    /// Fused training: `off`, or the largest group of same-shaped trainings run as one task
+    /// (default 8). On the CPU a fused member's bytes equal the member trained alone.
+    #[arg(long, value_name = "off|N", value_parser = parse_fuse)]
+    fuse: Option<usize>,
+}
+
+/// `--fuse off` (0) or a group size of at least 1 (1 also means off).
+fn parse_fuse(s: &str) -> std::result::Result<usize, String> {
+    match s {
+        "off" => Ok(0),
+        n => n.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| format!("expected `off` or a group size of 1 or more, found `{n}`")),
+    }
 }
 
 #[derive(Args)]
@@ -166,6 +178,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         backend: p.backend.name().to_string(),
         backend_class: p.backend.class(),
         bitwise_deterministic: p.backend.bitwise_deterministic(),
+        fuse: a.fuse.unwrap_or(exec::DEFAULT_MAX_GROUP),
     };
     let labels: Vec<String> = p.instances.iter().map(|i| i.label.clone()).collect();
     let stages: Vec<String> = p.instances.iter().map(|i| i.stage.clone()).collect();
@@ -227,6 +240,10 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                     failures.push(error.clone());
                 }
                 Event::Skipped { .. } => counts.skipped += 1,
+                Event::Fused { idxs } => {
+                    let names: Vec<&str> = idxs.iter().map(|&i| labels[i].as_str()).collect();
+                    say(&bar, format!("fused   {} instances in one task: {}", idxs.len(), names.join(", ")));
+                }
                 Event::Progress { idx, progress: pr, eta_s } => {
                     if super::json_log() {
                         tracing::info!(
@@ -246,7 +263,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                     progress.insert(*idx, progress_text(pr, *eta_s));
                 }
             }
-            if !matches!(ev, Event::Started { .. } | Event::Progress { .. }) {
+            if !matches!(ev, Event::Started { .. } | Event::Progress { .. } | Event::Fused { .. }) {
                 bar.inc(1);
             }
             progress.retain(|i, _| running.contains(i));

@@ -32,8 +32,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+mod fusion;
 mod job;
 mod signals;
+
+pub use fusion::DEFAULT_MAX_GROUP;
 
 use job::{Done, Job, JobError};
 use signals::Signals;
@@ -69,6 +72,10 @@ pub enum Event {
     Skipped {
         idx: usize,
     },
+    /// These instances (each also `Started`) run together as one fused group.
+    Fused {
+        idxs: Vec<usize>,
+    },
     /// Progress inside a running instance, at most [`PROGRESS_EVERY`] apart (and the last
     /// unit always); `eta_s` extrapolates the time per unit so far.
     Progress {
@@ -93,6 +100,8 @@ pub struct ExecOptions {
     pub backend: String,
     pub backend_class: String,
     pub bitwise_deterministic: bool,
+    /// The largest fused group (`exec::fusion`); 0 or 1: every instance runs alone.
+    pub fuse: usize,
 }
 
 pub struct ExecInput {
@@ -151,7 +160,9 @@ pub async fn execute(
     // that `plan` later explains it like the instance that ran, not as a new sweep point.
     let mut ran_here: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut stop = false;
-    let mut set = tokio::task::JoinSet::new();
+    let mut set: tokio::task::JoinSet<Vec<(usize, Result<Done, JobError>)>> = tokio::task::JoinSet::new();
+    // Ready stale instances that may fuse, with their fusion keys, gathered during one pass.
+    let mut fusable: BTreeMap<usize, String> = BTreeMap::new();
     let mut holding: BTreeMap<usize, (u32, Option<usize>)> = BTreeMap::new();
     let mut cache_error: Option<String> = None;
     // Registered now, not at the first wait, so a signal during the first dispatch is caught.
@@ -256,6 +267,13 @@ pub async fn execute(
                     continue;
                 }
                 let res = input.resources[i];
+                // Fusable: dispatched after this pass, with the others of its key (`fusion`).
+                if res.gpu == 0
+                    && let Some(k) = fusion::key(&catalog, inst, &opts.backend, opts.fuse)
+                {
+                    fusable.insert(i, k);
+                    continue;
+                }
                 let want_cpu = res.cpu.clamp(1, jobs);
                 if want_cpu > cpu_free || (res.gpu > 0 && opts.gpus > 0 && gpu_free.is_empty()) {
                     continue;
@@ -275,23 +293,31 @@ pub async fn execute(
                 holding.insert(i, (want_cpu, gpu));
                 state[i] = State::Running;
                 let _ = events.send(Event::Started { idx: i, reason });
-                let up_records: BTreeMap<String, ActionRecord> =
-                    inst.inputs.iter().filter_map(|(s, &u)| records[u].clone().map(|r| (s.clone(), r))).collect();
-                let job = Job {
-                    idx: i,
-                    input: input.clone(),
-                    catalog: catalog.clone(),
-                    store: store.clone(),
-                    key,
-                    digest,
-                    up_records,
-                    device: gpu.unwrap_or(0),
-                    backend: opts.backend.clone(),
-                    deterministic: opts.bitwise_deterministic,
-                    forced: opts.forced.contains(&i),
-                    events: events.downgrade(),
-                };
-                set.spawn_blocking(move || (i, job.run()));
+                let job = make_job(i, key, digest, gpu.unwrap_or(0), &input, &catalog, &store, &opts, &records, &events);
+                set.spawn_blocking(move || vec![(i, job.run())]);
+                progressed = true;
+            }
+            // Fused groups of this pass's fusable instances, each holding the CPU slots of
+            // its largest member; a group that does not fit waits for the next pass.
+            let candidates: Vec<(usize, String)> = std::mem::take(&mut fusable).into_iter().collect();
+            for group in fusion::groups(&candidates, opts.fuse) {
+                let want_cpu = group.iter().map(|&i| input.resources[i].cpu.clamp(1, jobs)).max().unwrap_or(1);
+                if stop || want_cpu > cpu_free {
+                    continue;
+                }
+                cpu_free -= want_cpu;
+                holding.insert(group[0], (want_cpu, None));
+                if group.len() > 1 {
+                    let _ = events.send(Event::Fused { idxs: group.clone() });
+                }
+                let mut members = Vec::with_capacity(group.len());
+                for &i in &group {
+                    let Some((key, digest, reason)) = stale[i].take() else { continue };
+                    state[i] = State::Running;
+                    let _ = events.send(Event::Started { idx: i, reason });
+                    members.push(make_job(i, key, digest, 0, &input, &catalog, &store, &opts, &records, &events));
+                }
+                set.spawn_blocking(move || fusion::run_group(members));
                 progressed = true;
             }
         }
@@ -301,7 +327,7 @@ pub async fn execute(
         tokio::select! {
             joined = set.join_next() => {
                 let Some(joined) = joined else { break };
-                let (i, result) = match joined {
+                let results = match joined {
                     Ok(x) => x,
                     Err(e) => {
                         // A panicking task: find no index; treat as a failure of the whole run.
@@ -311,31 +337,33 @@ pub async fn execute(
                         continue;
                     }
                 };
-                if let Some((c, g)) = holding.remove(&i) {
-                    cpu_free += c;
-                    if let Some(g) = g { gpu_free.push(g); }
-                }
-                match result {
-                    Ok(Done::Ran(rec, secs)) => {
-                        ran_here.insert(rec.key.clone());
-                        records[i] = Some(rec);
-                        state[i] = State::Done;
-                        let _ = events.send(Event::Finished { idx: i, seconds: secs });
+                for (i, result) in results {
+                    if let Some((c, g)) = holding.remove(&i) {
+                        cpu_free += c;
+                        if let Some(g) = g { gpu_free.push(g); }
                     }
-                    Ok(Done::Reused(rec)) => {
-                        records[i] = Some(rec);
-                        state[i] = State::Done;
-                        let _ = events.send(Event::Reused { idx: i });
-                    }
-                    Err(JobError { msg: error, log, cache }) => {
-                        if cache {
-                            cache_error.get_or_insert(error.clone());
-                            stop = true;
+                    match result {
+                        Ok(Done::Ran(rec, secs)) => {
+                            ran_here.insert(rec.key.clone());
+                            records[i] = Some(rec);
+                            state[i] = State::Done;
+                            let _ = events.send(Event::Finished { idx: i, seconds: secs });
                         }
-                        state[i] = State::Failed;
-                        failed += 1;
-                        let _ = events.send(Event::Failed { idx: i, error, log });
-                        if !opts.keep_going { stop = true; }
+                        Ok(Done::Reused(rec)) => {
+                            records[i] = Some(rec);
+                            state[i] = State::Done;
+                            let _ = events.send(Event::Reused { idx: i });
+                        }
+                        Err(JobError { msg: error, log, cache }) => {
+                            if cache {
+                                cache_error.get_or_insert(error.clone());
+                                stop = true;
+                            }
+                            state[i] = State::Failed;
+                            failed += 1;
+                            let _ = events.send(Event::Failed { idx: i, error, log });
+                            if !opts.keep_going { stop = true; }
+                        }
                     }
                 }
             }
@@ -355,4 +383,36 @@ pub async fn execute(
 
 pub fn default_jobs() -> u32 {
     std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+}
+
+/// One instance's job, with the records of its upstream instances.
+#[allow(clippy::too_many_arguments)]
+fn make_job(
+    i: usize,
+    key: crate::cache::CacheKey,
+    digest: String,
+    device: usize,
+    input: &Arc<ExecInput>,
+    catalog: &Arc<Catalog>,
+    store: &Store,
+    opts: &ExecOptions,
+    records: &[Option<ActionRecord>],
+    events: &tokio::sync::mpsc::UnboundedSender<Event>,
+) -> Job {
+    let up_records: BTreeMap<String, ActionRecord> =
+        input.instances[i].inputs.iter().filter_map(|(s, &u)| records[u].clone().map(|r| (s.clone(), r))).collect();
+    Job {
+        idx: i,
+        input: input.clone(),
+        catalog: catalog.clone(),
+        store: store.clone(),
+        key,
+        digest,
+        up_records,
+        device,
+        backend: opts.backend.clone(),
+        deterministic: opts.bitwise_deterministic,
+        forced: opts.forced.contains(&i),
+        events: events.downgrade(),
+    }
 }
