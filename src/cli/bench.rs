@@ -6,6 +6,9 @@
 //!   no-op `camflow run` as separate processes, as a user would see them.
 //! - `bench ml`: vgg-small at a given size and batch: one training step (forward, backward,
 //!   Adam), inference images/s and Grad-CAM heatmaps/s on the chosen backend.
+//! - `bench fuse`: groups of K vgg-small trainings (`ml::fused`), each model its own data and
+//!   seed: per-model and total images/s, as ratios to K = 1 in the same run; with
+//!   `--pipeline`, the pipeline run unfused and fused in two fresh caches.
 
 use std::path::Path;
 use std::process::Command;

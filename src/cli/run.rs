@@ -39,8 +39,9 @@ pub struct RunArgs {
     /// Hash every cached object instead of trusting size and mtime.
     #[arg(long)]
     verify: bool,
-    /// Fused training: `off`, or the largest group of same-shaped trainings run as one task
-    /// (default 8). On the CPU a fused member's bytes equal the member trained alone.
+    /// Fused training: `off` (the default), or the largest group of same-shaped trainings run
+    /// as one task. On the CPU a fused member's bytes equal the member trained alone; it is
+    /// off by default because burn 0.21 makes it slower there (README, "Fused training").
     #[arg(long, value_name = "off|N", value_parser = parse_fuse)]
     fuse: Option<usize>,
 }
@@ -178,7 +179,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         backend: p.backend.name().to_string(),
         backend_class: p.backend.class(),
         bitwise_deterministic: p.backend.bitwise_deterministic(),
-        fuse: a.fuse.unwrap_or(exec::DEFAULT_MAX_GROUP),
+        fuse: a.fuse.unwrap_or(0),
     };
     let labels: Vec<String> = p.instances.iter().map(|i| i.label.clone()).collect();
     let stages: Vec<String> = p.instances.iter().map(|i| i.stage.clone()).collect();

@@ -18,10 +18,6 @@ use super::job::{Claim, Claimed, Done, Job, JobError, StageRun};
 use crate::stage_kind::{Catalog, Progress, RunContext};
 use crate::sweep::Instance;
 
-/// The default largest group on the CPU: enough to keep a machine's cores busy with whole
-/// trainings, few enough that one slow group does not hold back the rest of the run.
-pub const DEFAULT_MAX_GROUP: usize = 8;
-
 /// `instance`'s fusion key, or `None` when it runs alone (fusion off, or its kind never fuses).
 pub(crate) fn key(catalog: &Catalog, instance: &Instance, backend: &str, max_group: usize) -> Option<String> {
     if max_group < 2 {

@@ -36,8 +36,6 @@ mod fusion;
 mod job;
 mod signals;
 
-pub use fusion::DEFAULT_MAX_GROUP;
-
 use job::{Done, Job, JobError};
 use signals::Signals;
 
