@@ -41,7 +41,7 @@ pub struct RunArgs {
     verify: bool,
     /// Fused training: `off` (the default), or the largest group of same-shaped trainings run
     /// as one task. On the CPU a fused member's bytes equal the member trained alone; it is
-    /// off by default because burn 0.21 makes it slower there (README, "Fused training").
+    /// off by default because with burn 0.21 it is no faster there (README, "Fused training").
     #[arg(long, value_name = "off|N", value_parser = parse_fuse)]
     fuse: Option<usize>,
 }
