@@ -377,6 +377,21 @@ pub trait StageKind: Send + Sync {
         None
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError>;
+    /// Instances whose keys here are equal may run together as one group
+    /// ([`StageKind::run_group`]); `None` (the default): this instance always runs alone.
+    /// The key says what the group's work needs to be equal (for a training: model shape,
+    /// batch size, epochs, backend); it is never part of a cache key, and a member's result
+    /// must not depend on whether it ran in a group (on a bitwise-deterministic backend: the
+    /// same bytes).
+    fn fusion_key(&self, _params: &Params, _backend: &str) -> Option<String> {
+        None
+    }
+    /// Runs several instances with equal [`StageKind::fusion_key`]s together, one result per
+    /// context, in order. The default runs them one by one. The executor falls back to
+    /// [`StageKind::run`] for a member whose result here is an error.
+    fn run_group(&self, ctxs: &mut [RunContext<'_>]) -> Vec<Result<Outcome, StageError>> {
+        ctxs.iter_mut().map(|ctx| self.run(ctx)).collect()
+    }
 }
 
 /// Params a kind takes by default from an upstream instance of another kind: see

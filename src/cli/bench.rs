@@ -8,6 +8,9 @@
 //!   of scripts/plan-scale.sh) and prints PASS/MISS against issue 9's targets.
 //! - `bench ml`: vgg-small at a given size and batch: one training step (forward, backward,
 //!   Adam), inference images/s and Grad-CAM heatmaps/s on the chosen backend.
+//! - `bench fuse`: groups of K vgg-small trainings (`ml::fused`), each model its own data and
+//!   seed: per-model and total images/s, as ratios to K = 1 in the same run; with
+//!   `--pipeline`, the pipeline run unfused and fused in two fresh caches.
 
 use std::path::Path;
 use std::process::Command;
@@ -72,6 +75,33 @@ enum BenchWhat {
         #[arg(long, default_value = "cpu", value_parser = clap::builder::PossibleValuesParser::new(crate::ml::backend::NAMES))]
         backend: String,
     },
+    /// Fused training (issue 10): per-model training throughput of groups of K vgg-small
+    /// trainings, as ratios to K = 1 measured in the same run; with `--pipeline`, a pipeline's
+    /// wall time fused and unfused (fresh temporary caches, both in this run).
+    Fuse {
+        /// Group sizes, e.g. 1,2,4,8 (K = 1 is always measured, for the ratios).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        k: Vec<usize>,
+        /// Image sizes (repeatable).
+        #[arg(long = "size", default_values_t = [32usize])]
+        sizes: Vec<usize>,
+        /// Training images per model (each model gets its own synthetic set of this size).
+        #[arg(long, default_value_t = 256)]
+        images: usize,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+        backend: String,
+        /// Also run this pipeline twice per setting (`--fuse off` and `--fuse N`, N the
+        /// largest K) in fresh caches, and time the whole run and a forced rerun of `--stage`.
+        #[arg(long)]
+        pipeline: Option<std::path::PathBuf>,
+        /// The stage whose forced rerun is timed with `--pipeline`.
+        #[arg(long, default_value = "retrain")]
+        stage: String,
+    },
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -82,6 +112,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             if instances.is_empty() { orch(shapes, reps, &root) } else { orch_scale(&instances, reps, run_max, &root) }
         }
         BenchWhat::Ml { size, batch, channels, reps, backend } => ml(size, batch, channels, reps, &backend),
+        BenchWhat::Fuse { k, sizes, images, epochs, batch, backend, pipeline, stage } => {
+            let max = fuse_max(&k);
+            fuse(FuseBench { k, sizes, images, epochs, batch }, &backend)?;
+            match pipeline {
+                Some(p) => fuse_pipeline(&p, &stage, max),
+                None => Ok(()),
+            }
+        }
     }
 }
 
@@ -406,6 +444,124 @@ fn ml(size: usize, batch: usize, channels: usize, reps: usize, backend: &str) ->
         out["cpu_kernels"] = json!(crate::ml::cpu_kernels::portable_gemm::active_level().name());
     }
     print_out(&format!("{out}\n"));
+    Ok(())
+}
+
+struct FuseBench {
+    k: Vec<usize>,
+    sizes: Vec<usize>,
+    images: usize,
+    epochs: usize,
+    batch: usize,
+}
+
+/// The largest group asked for (at least 2, or nothing would fuse).
+fn fuse_max(k: &[usize]) -> usize {
+    k.iter().copied().max().unwrap_or(2).max(2)
+}
+
+impl BackendJob for &FuseBench {
+    type Output = Vec<serde_json::Value>;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
+        use crate::ml::dataset::{SplitConfig, assign_splits};
+        use crate::ml::fused::{Member, train_group};
+        use crate::ml::synthetic::{SyntheticConfig, generate};
+        use crate::ml::train::{ClassWeights, OptimizerKind, TrainConfig};
+        let mut ks: Vec<usize> = self.k.iter().copied().filter(|&k| k > 0).collect();
+        ks.push(1);
+        ks.sort_unstable();
+        ks.dedup();
+        let mut rows = Vec::new();
+        for &size in &self.sizes {
+            let kmax = ks.last().copied().unwrap_or(1);
+            // Every model its own data and seed, as the members of a retrain group have.
+            let data: Vec<Dataset> = (0..kmax)
+                .map(|i| {
+                    let cfg = SyntheticConfig { count: self.images, size, tumor_fraction: 0.5, contrast: 0.5, noise: 0.1, slices_per_patient: 1, seed: i as u64 + 1 };
+                    let mut ds = generate(&cfg);
+                    assign_splits(&mut ds.samples, SplitConfig { val: 0.0, test: 0.0, seed: 1 });
+                    ds
+                })
+                .collect();
+            let cfgs: Vec<TrainConfig> = (0..kmax)
+                .map(|i| TrainConfig {
+                    arch: ArchConfig::vgg_small(1),
+                    optimizer: OptimizerKind::Adam,
+                    lr: 1e-3,
+                    weight_decay: 0.0,
+                    momentum: 0.0,
+                    epochs: self.epochs,
+                    batch_size: self.batch,
+                    class_weights: ClassWeights::Balanced,
+                    flip: true,
+                    seed: i as u64 + 1,
+                })
+                .collect();
+            let mut base = None;
+            for &k in &ks {
+                let members: Vec<Member> = cfgs.iter().zip(&data).take(k).map(|(cfg, ds)| Member { cfg, ds }).collect();
+                let t = Instant::now();
+                let ok = train_group::<B, _>(&members, &device, &|_, _| {}, &|_, r| r.is_ok());
+                let secs = t.elapsed().as_secs_f64();
+                let per_model = (self.images * self.epochs) as f64 / secs;
+                let base_rate = *base.get_or_insert(per_model);
+                rows.push(json!({
+                    "size": size, "k": k, "seconds": (secs * 100.0).round() / 100.0,
+                    "images_per_s_per_model": per_model.round(), "images_per_s_total": (per_model * k as f64).round(),
+                    "total_vs_k1": ((per_model * k as f64 / base_rate) * 100.0).round() / 100.0,
+                    "trained": ok.iter().filter(|&&o| o).count(),
+                }));
+            }
+        }
+        rows
+    }
+}
+
+fn fuse(b: FuseBench, backend: &str) -> Result<()> {
+    let kind = BackendKind::parse(backend).ok_or_else(|| Error::Usage(format!("unknown backend {backend}")))?;
+    if b.sizes.contains(&0) || b.sizes.iter().any(|s| s % 8 != 0) || b.images == 0 || b.batch == 0 {
+        return Err(Error::Usage("bench fuse: --size must be a positive multiple of 8, --images and --batch positive".into()));
+    }
+    let rows = dispatch(kind, 0, &b).map_err(|e| Error::Usage(e.to_string()))?;
+    let tool = format!("camflow {} (burn 0.21, {})", env!("CARGO_PKG_VERSION"), kind.class());
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    for mut r in rows {
+        r["tool"] = json!(tool);
+        r["threads"] = json!(threads);
+        print_out(&format!("{r}\n"));
+    }
+    Ok(())
+}
+
+/// The pipeline run in two fresh caches, `--fuse off` and `--fuse max`: the whole run's wall
+/// time, then a forced rerun of `stage` (its downstream stays cached: same bytes).
+fn fuse_pipeline(pipeline: &Path, stage: &str, max: usize) -> Result<()> {
+    let src = std::fs::read_to_string(pipeline).map_err(|e| Error::Usage(format!("{}: {e}", pipeline.display())))?;
+    let tmp = tempfile::tempdir().map_err(|e| Error::Io(e.to_string()))?;
+    let mut row = json!({ "pipeline": pipeline.display().to_string(), "stage": stage, "fuse": max });
+    for setting in ["off".to_string(), max.to_string()] {
+        let dir = tmp.path().join(format!("fuse-{setting}"));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io(e.to_string()))?;
+        std::fs::write(dir.join("p.yaml"), &src).map_err(|e| Error::Io(e.to_string()))?;
+        let t = Instant::now();
+        camflow(&dir, &["run", "p.yaml", "--fuse", &setting])?;
+        let whole = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        camflow(&dir, &["run", "p.yaml", "--fuse", &setting, "--force", stage])?;
+        let forced = t.elapsed().as_secs_f64();
+        let lock = std::fs::read(dir.join("p.lock.yaml")).map_err(|e| Error::Io(e.to_string()))?;
+        row[format!("run_s_fuse_{setting}")] = json!((whole * 100.0).round() / 100.0);
+        row[format!("{stage}_s_fuse_{setting}")] = json!((forced * 100.0).round() / 100.0);
+        row[format!("lock_sha256_fuse_{setting}")] = json!(crate::cache::key::sha256_hex(&lock));
+    }
+    let ratio = |row: &serde_json::Value, a: &str, b: &str| {
+        let (x, y) = (row[a].as_f64().unwrap_or(f64::NAN), row[b].as_f64().unwrap_or(f64::NAN));
+        json!(((x / y) * 100.0).round() / 100.0)
+    };
+    row["run_speedup"] = ratio(&row, "run_s_fuse_off", &format!("run_s_fuse_{max}"));
+    row[format!("{stage}_speedup")] = ratio(&row, &format!("{stage}_s_fuse_off"), &format!("{stage}_s_fuse_{max}"));
+    row["locks_identical"] = json!(row["lock_sha256_fuse_off"] == row[format!("lock_sha256_fuse_{max}")]);
+    print_out(&format!("{row}\n"));
     Ok(())
 }
 

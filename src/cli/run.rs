@@ -52,6 +52,19 @@ pub struct RunArgs {
     /// A YAML file with an `executor:` block; it wins over the pipeline's, field by field.
     #[arg(long, value_name = "FILE")]
     profile: Option<std::path::PathBuf>,
+    /// Fused training: `off` (the default), or the largest group of same-shaped trainings run
+    /// as one task. On the CPU a fused member's bytes equal the member trained alone; it is
+    /// off by default because with burn 0.21 it is no faster there (README, "Fused training").
+    #[arg(long, value_name = "off|N", value_parser = parse_fuse)]
+    fuse: Option<usize>,
+}
+
+/// `--fuse off` (0) or a group size of at least 1 (1 also means off).
+fn parse_fuse(s: &str) -> std::result::Result<usize, String> {
+    match s {
+        "off" => Ok(0),
+        n => n.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| format!("expected `off` or a group size of 1 or more, found `{n}`")),
+    }
 }
 
 #[derive(Args)]
@@ -254,6 +267,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         backend: p.backend.name().to_string(),
         backend_class: p.backend.class(),
         bitwise_deterministic: p.backend.bitwise_deterministic(),
+        fuse: a.fuse.unwrap_or(0),
     };
     let labels: Vec<String> = p.instances.iter().map(|i| i.label.clone()).collect();
     let stages: Vec<String> = p.instances.iter().map(|i| i.stage.clone()).collect();
@@ -335,6 +349,10 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                 Event::Retrying { error, attempt, .. } => {
                     say(&bar, format!("retry   {error} (resubmitted, retry {attempt})"));
                 }
+                Event::Fused { idxs } => {
+                    let names: Vec<&str> = idxs.iter().map(|&i| labels[i].as_str()).collect();
+                    say(&bar, format!("fused   {} instances in one task: {}", idxs.len(), names.join(", ")));
+                }
                 Event::Progress { idx, progress: pr, eta_s } => {
                     if super::json_log() {
                         tracing::info!(
@@ -356,7 +374,12 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
             }
             if !matches!(
                 ev,
-                Event::Started { .. } | Event::Progress { .. } | Event::Submitted { .. } | Event::Adopted { .. } | Event::Retrying { .. }
+                Event::Started { .. }
+                    | Event::Progress { .. }
+                    | Event::Submitted { .. }
+                    | Event::Adopted { .. }
+                    | Event::Retrying { .. }
+                    | Event::Fused { .. }
             ) {
                 bar.inc(1);
             }

@@ -87,7 +87,7 @@ impl Job {
         JobError { msg: format!("{}: {m}", self.label()), log: None, cache: true }
     }
 
-    pub(crate) fn run(self) -> Result<Done, JobError> {
+    pub(crate) fn run(&self) -> Result<Done, JobError> {
         match self.claim()? {
             Claim::Reused(rec) => Ok(Done::Reused(rec)),
             Claim::Mine(claimed) => {

@@ -2,13 +2,20 @@
 //! slots and the GPU pool of `--gpus` devices (`gpu_slots`: whole devices, or fractions of one
 //! packed by their memory estimates). A stage asking for more CPU slots than exist gets all of
 //! them (training asks for all by default: burn already uses every core).
+//!
+//! With `--fuse N`, instances whose kinds give a fusion key (`exec::fusion`) are not started
+//! one by one: `start` keeps them, and `flush` (after each dispatch pass) runs those of equal
+//! key as groups of at most N, each group in one blocking task holding the CPU slots of its
+//! largest member. A group that does not fit waits for a later pass.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use super::gpu_slots::{Demand, GpuPool, Grant};
-use super::job::Job;
-use super::{Finished, Room, Runner};
+use super::job::{Done, Job, JobError};
+use super::{Event, Finished, Room, Runner, fusion};
 use crate::stage_kind::Resources;
+
+type Results = Vec<(usize, Result<Done, JobError>)>;
 
 pub(crate) struct LocalRunner {
     jobs: u32,
@@ -16,19 +23,52 @@ pub(crate) struct LocalRunner {
     gpus: GpuPool,
     /// What each instance asks of the GPUs, by instance index (none where absent).
     demands: Vec<Demand>,
-    set: tokio::task::JoinSet<(usize, Result<super::Done, super::JobError>)>,
-    /// CPU slots and GPU grant each running instance holds.
+    /// Each instance's fusion key, by index (none where absent: it runs alone).
+    fusion_keys: Vec<Option<String>>,
+    /// The largest fused group.
+    fuse: usize,
+    /// Fusable instances started but not yet running: grouped by `flush`.
+    waiting: Vec<(Job, Resources)>,
+    /// Results of a finished group not yet handed to the loop.
+    finished: VecDeque<(usize, Result<Done, JobError>)>,
+    set: tokio::task::JoinSet<Results>,
+    /// CPU slots and GPU grant each running task holds, by its first instance's index.
     holding: BTreeMap<usize, (u32, Option<Grant>)>,
 }
 
 impl LocalRunner {
     pub(crate) fn new(jobs: u32, gpus: GpuPool, demands: Vec<Demand>) -> LocalRunner {
         let jobs = jobs.max(1);
-        LocalRunner { jobs, cpu_free: jobs, gpus, demands, set: tokio::task::JoinSet::new(), holding: BTreeMap::new() }
+        LocalRunner {
+            jobs,
+            cpu_free: jobs,
+            gpus,
+            demands,
+            fusion_keys: Vec::new(),
+            fuse: 0,
+            waiting: Vec::new(),
+            finished: VecDeque::new(),
+            set: tokio::task::JoinSet::new(),
+            holding: BTreeMap::new(),
+        }
+    }
+
+    /// Fuses instances with a fusion key into groups of at most `fuse` (see the module doc).
+    pub(crate) fn with_fusion(mut self, fusion_keys: Vec<Option<String>>, fuse: usize) -> LocalRunner {
+        self.fusion_keys = fusion_keys;
+        self.fuse = fuse;
+        self
     }
 
     fn demand(&self, idx: usize) -> Demand {
         self.demands.get(idx).copied().unwrap_or_default()
+    }
+
+    fn fusion_key(&self, idx: usize, res: &Resources) -> Option<&String> {
+        if !res.gpu.is_none() {
+            return None;
+        }
+        self.fusion_keys.get(idx).and_then(Option::as_ref)
     }
 }
 
@@ -37,6 +77,10 @@ impl Runner for LocalRunner {
         if !res.gpu.is_none() && self.gpus.devices() == 0 {
             return Room::Never("asks for a GPU, but --gpus is 0".into());
         }
+        // A fusable instance waits in `waiting` for its group's slots.
+        if self.fusion_key(idx, res).is_some() {
+            return Room::Now;
+        }
         if res.cpu.clamp(1, self.jobs) > self.cpu_free || (!res.gpu.is_none() && self.gpus.place(&self.demand(idx)).is_none()) {
             return Room::Later;
         }
@@ -44,33 +88,67 @@ impl Runner for LocalRunner {
     }
 
     fn start(&mut self, mut job: Job, res: Resources) {
+        if self.fusion_key(job.idx, &res).is_some() {
+            self.waiting.push((job, res));
+            return;
+        }
         let want_cpu = res.cpu.clamp(1, self.jobs);
         self.cpu_free -= want_cpu;
         let gpu = if res.gpu.is_none() { None } else { self.gpus.acquire(&self.demand(job.idx)) };
         job.device = gpu.as_ref().map_or(0, |g| g.device);
         let i = job.idx;
         self.holding.insert(i, (want_cpu, gpu));
-        self.set.spawn_blocking(move || (i, job.run()));
+        self.set.spawn_blocking(move || vec![(i, job.run())]);
     }
 
-    async fn flush(&mut self) {}
+    async fn flush(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let candidates: Vec<(usize, String)> =
+            self.waiting.iter().filter_map(|(j, r)| self.fusion_key(j.idx, r).map(|k| (j.idx, k.clone()))).collect();
+        let mut waiting: BTreeMap<usize, (Job, Resources)> = self.waiting.drain(..).map(|(j, r)| (j.idx, (j, r))).collect();
+        for group in fusion::groups(&candidates, self.fuse) {
+            let want_cpu = group.iter().filter_map(|i| waiting.get(i)).map(|(_, r)| r.cpu.clamp(1, self.jobs)).max().unwrap_or(1);
+            if want_cpu > self.cpu_free {
+                continue;
+            }
+            self.cpu_free -= want_cpu;
+            self.holding.insert(group[0], (want_cpu, None));
+            let members: Vec<Job> = group.iter().filter_map(|i| waiting.remove(i)).map(|(j, _)| j).collect();
+            if members.len() > 1
+                && let Some(tx) = members[0].events.upgrade()
+            {
+                let _ = tx.send(Event::Fused { idxs: group.clone() });
+            }
+            self.set.spawn_blocking(move || fusion::run_group(members));
+        }
+        self.waiting = waiting.into_values().collect();
+    }
 
     fn busy(&self) -> bool {
-        !self.set.is_empty()
+        !self.set.is_empty() || !self.waiting.is_empty() || !self.finished.is_empty()
     }
 
     async fn next(&mut self) -> Finished {
-        match self.set.join_next().await {
-            None => Err("no running instance to wait for".into()),
-            Some(Err(e)) => Err(e.to_string()),
-            Some(Ok((i, result))) => {
-                if let Some((c, g)) = self.holding.remove(&i) {
-                    self.cpu_free += c;
-                    if let Some(g) = g {
-                        self.gpus.release(g);
+        loop {
+            if let Some(done) = self.finished.pop_front() {
+                return Ok(done);
+            }
+            match self.set.join_next().await {
+                None => return Err("no running instance to wait for".into()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(results)) => {
+                    for (i, _) in &results {
+                        if let Some((c, g)) = self.holding.remove(i) {
+                            self.cpu_free += c;
+                            if let Some(g) = g {
+                                self.gpus.release(g);
+                            }
+                        }
                     }
+                    self.finished.extend(results);
                 }
-                Ok((i, result))
             }
         }
     }

@@ -36,6 +36,7 @@ pub mod gpu_slots;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+mod fusion;
 mod job;
 mod local;
 mod signals;
@@ -95,6 +96,10 @@ pub enum Event {
         error: String,
         attempt: u32,
     },
+    /// These instances (each also `Started`) run together as one fused group.
+    Fused {
+        idxs: Vec<usize>,
+    },
     /// Progress inside a running instance, at most [`PROGRESS_EVERY`] apart (and the last
     /// unit always); `eta_s` extrapolates the time per unit so far.
     Progress {
@@ -122,6 +127,8 @@ pub struct ExecOptions {
     pub backend: String,
     pub backend_class: String,
     pub bitwise_deterministic: bool,
+    /// The largest fused group (`exec::fusion`); 0 or 1: every instance runs alone.
+    pub fuse: usize,
 }
 
 pub struct ExecInput {
@@ -198,7 +205,8 @@ pub async fn execute(
 ) -> Outcome {
     let gpus = gpu_slots::GpuPool::new(opts.gpus, opts.gpu_memory);
     let demands = gpu_slots::demands(&input.instances, &input.resources, &catalog);
-    let runner = LocalRunner::new(opts.jobs, gpus, demands);
+    let fusion_keys = input.instances.iter().map(|inst| fusion::key(&catalog, inst, &opts.backend, opts.fuse)).collect();
+    let runner = LocalRunner::new(opts.jobs, gpus, demands).with_fusion(fusion_keys, opts.fuse);
     execute_with(input, catalog, store, opts, events, runner).await
 }
 

@@ -7,6 +7,7 @@ pub mod cpu_kernels;
 pub mod dataset;
 pub mod fast_ops;
 pub mod filter;
+pub mod fused;
 pub mod gradcam;
 pub mod loaders;
 pub mod memory;

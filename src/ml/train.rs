@@ -134,16 +134,30 @@ pub fn train_reporting<B: TrainBackend>(
     device: &B::Device,
     progress: &mut dyn FnMut(TrainProgress),
 ) -> Result<Trained<B::InnerBackend>, TrainError> {
+    train_initialised::<B>(cfg, ds, device, seeded_init(&cfg.arch, cfg.seed, device), progress)
+}
+
+/// [`train_reporting`] from a model already initialised by [`seeded_init`] with `cfg`'s arch
+/// and seed. Why apart: a group of trainings (`super::fused`) draws every member's initial
+/// weights one after another before training them concurrently, so no member ever waits for
+/// the initialisation lock inside a parallel section.
+pub fn train_initialised<B: TrainBackend>(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    device: &B::Device,
+    model: Classifier<B>,
+    progress: &mut dyn FnMut(TrainProgress),
+) -> Result<Trained<B::InnerBackend>, TrainError> {
     match cfg.optimizer {
         OptimizerKind::Adam => {
             let mut o = AdamConfig::new();
             if cfg.weight_decay > 0.0 {
                 o = o.with_weight_decay(Some(WeightDecayConfig::new(cfg.weight_decay as f32)));
             }
-            train_with::<B, _>(cfg, ds, device, o.init(), progress)
+            train_with::<B, _>(cfg, ds, device, o.init(), model, progress)
         }
         OptimizerKind::AdamW => {
-            train_with::<B, _>(cfg, ds, device, AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init(), progress)
+            train_with::<B, _>(cfg, ds, device, AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init(), model, progress)
         }
         OptimizerKind::Sgd => {
             let mut o = SgdConfig::new();
@@ -153,7 +167,7 @@ pub fn train_reporting<B: TrainBackend>(
             if cfg.weight_decay > 0.0 {
                 o = o.with_weight_decay(Some(WeightDecayConfig::new(cfg.weight_decay as f32)));
             }
-            train_with::<B, _>(cfg, ds, device, o.init(), progress)
+            train_with::<B, _>(cfg, ds, device, o.init(), model, progress)
         }
     }
 }
@@ -163,6 +177,7 @@ fn train_with<B: TrainBackend, O: Optimizer<Classifier<B>, B>>(
     ds: &Dataset,
     device: &B::Device,
     mut optim: O,
+    mut model: Classifier<B>,
     progress: &mut dyn FnMut(TrainProgress),
 ) -> Result<Trained<B::InnerBackend>, TrainError> {
     if cfg.batch_size == 0 {
@@ -173,7 +188,6 @@ fn train_with<B: TrainBackend, O: Optimizer<Classifier<B>, B>>(
         return Err(TrainError::EmptyTrain);
     }
     let val_idx = ds.indices(Split::Val);
-    let mut model: Classifier<B> = seeded_init(&cfg.arch, cfg.seed, device);
     let weights = class_weights(&cfg.class_weights, ds, &train_idx);
     let mut rng = Rng::derive(cfg.seed, "train/order");
     let mut epochs = Vec::new();

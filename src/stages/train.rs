@@ -9,6 +9,7 @@ use super::params as p;
 use crate::ml::backend::{BackendJob, BackendKind, dispatch};
 use crate::ml::dataset::{Dataset, Split};
 use crate::ml::fast_ops::TrainBackend;
+use crate::ml::fused::{self, Member};
 use crate::ml::metrics::{self, ClassificationScores, Warning};
 use crate::ml::memory::{self, Workload};
 use crate::ml::model::ArchConfig;
@@ -76,7 +77,6 @@ pub fn upstream_image(upstream: &dyn Fn(&str) -> Option<Json>) -> Option<(usize,
 struct TrainJob<'a> {
     cfg: TrainConfig,
     ds: &'a Dataset,
-    batch: usize,
     progress: &'a mut dyn FnMut(Progress),
 }
 
@@ -91,23 +91,56 @@ impl BackendJob for TrainJob<'_> {
     type Output = Result<TrainOut, StageError>;
     fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let progress = self.progress;
-        let t = ml_train::train_reporting::<B>(&self.cfg, self.ds, &device, &mut |t| {
-            // Overall steps, so the ETA covers every epoch.
-            progress(Progress {
-                unit: "step",
-                done: ((t.epoch - 1) * t.steps + t.step) as u64,
-                total: (t.epochs * t.steps) as u64,
-                epoch: Some(t.epoch as u64),
-                epochs: Some(t.epochs as u64),
-                loss: Some(t.loss),
-            })
-        })
-        .map_err(StageError::new)?;
-        let (test, _) = ml_train::evaluate(&t.model, self.ds, Split::Test, self.batch);
-        let (val, _) = ml_train::evaluate(&t.model, self.ds, Split::Val, self.batch);
-        let weights = weights::to_safetensors(&self.cfg.arch, &t.model).map_err(StageError::new)?;
-        Ok(TrainOut { weights, epochs: t.epochs, test, val })
+        let t = ml_train::train_reporting::<B>(&self.cfg, self.ds, &device, &mut |t| progress(step_progress(t)))
+            .map_err(StageError::new)?;
+        conclude(&self.cfg, self.ds, t)
     }
+}
+
+/// A training's progress in overall steps, so the ETA covers every epoch.
+fn step_progress(t: ml_train::TrainProgress) -> Progress {
+    Progress {
+        unit: "step",
+        done: ((t.epoch - 1) * t.steps + t.step) as u64,
+        total: (t.epochs * t.steps) as u64,
+        epoch: Some(t.epoch as u64),
+        epochs: Some(t.epochs as u64),
+        loss: Some(t.loss),
+    }
+}
+
+/// Scores a trained model on test and val and serialises its weights.
+fn conclude<B: burn::tensor::backend::Backend + crate::ml::fast_ops::FastOps>(
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    t: ml_train::Trained<B>,
+) -> Result<TrainOut, StageError> {
+    let (test, _) = ml_train::evaluate(&t.model, ds, Split::Test, cfg.batch_size);
+    let (val, _) = ml_train::evaluate(&t.model, ds, Split::Val, cfg.batch_size);
+    let weights = weights::to_safetensors(&cfg.arch, &t.model).map_err(StageError::new)?;
+    Ok(TrainOut { weights, epochs: t.epochs, test, val })
+}
+
+/// Several trainings in one task (`ml::fused`); `progress` gets (member, progress).
+struct GroupJob<'a> {
+    members: Vec<Member<'a>>,
+    progress: &'a (dyn Fn(usize, ml_train::TrainProgress) + Sync),
+}
+
+impl BackendJob for GroupJob<'_> {
+    type Output = Vec<Result<TrainOut, StageError>>;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
+        let members = &self.members;
+        fused::train_group::<B, _>(members, &device, self.progress, &|i, t| {
+            conclude(members[i].cfg, members[i].ds, t.map_err(StageError::new)?)
+        })
+    }
+}
+
+/// One instance's training, read from its context: the configuration and the dataset.
+struct Prepared {
+    cfg: TrainConfig,
+    ds: Dataset,
 }
 
 pub fn backend(ctx: &RunContext<'_>) -> Result<BackendKind, StageError> {
@@ -235,65 +268,152 @@ impl StageKind for Train {
         Some(memory::estimate(&arch, size, batch, Workload::Training { optimizer_states }).total)
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
-        let params = ctx.params;
-        let ds = io::dataset(io::file(ctx.inputs, "data", io::DATASET_FILE)?)?;
-        let arch = arch_from(params, ds.channels)?;
-        let cfg = TrainConfig {
-            arch: arch.clone(),
-            optimizer: match p::str(params, "optimizer")? {
-                "adamw" => OptimizerKind::AdamW,
-                "sgd" => OptimizerKind::Sgd,
-                _ => OptimizerKind::Adam,
-            },
-            lr: p::f64(params, "lr")?,
-            weight_decay: p::f64(params, "weight_decay")?,
-            momentum: p::f64(params, "momentum")?,
-            epochs: p::usize(params, "epochs")?,
-            batch_size: p::usize(params, "batch_size")?,
-            class_weights: if p::str(params, "class_weights")? == "balanced" { ClassWeights::Balanced } else { ClassWeights::None },
-            flip: p::bool(params, "flip")?,
-            seed: p::opt_u64(params, "seed").unwrap_or(ctx.seed),
-        };
-        (ctx.log)(format!("training {} on {} images for {} epochs ({})", arch.name, ds.count(Split::Train), cfg.epochs, ctx.backend));
-        let batch = cfg.batch_size;
-        let out = dispatch(backend(ctx)?, ctx.device, TrainJob { cfg, ds: &ds, batch, progress: &mut *ctx.progress })
+        let Prepared { cfg, ds } = prepare(ctx)?;
+        let out = dispatch(backend(ctx)?, ctx.device, TrainJob { cfg: cfg.clone(), ds: &ds, progress: &mut *ctx.progress })
             .map_err(StageError::new)??;
-        for e in &out.epochs {
-            (ctx.log)(format!(
-                "epoch {}: loss {:.4} acc {:.3} val_acc {}",
-                e.epoch,
-                e.loss,
-                e.accuracy,
-                e.val_accuracy.map(|v| format!("{v:.3}")).unwrap_or("-".into())
-            ));
-        }
-        let w = io::write(ctx.out_dir, io::WEIGHTS_FILE, &out.weights)?;
-        let c = io::write(ctx.out_dir, io::CONFIG_FILE, &serde_json::to_vec_pretty(&arch).map_err(StageError::new)?)?;
-        let l = io::write(ctx.out_dir, "train_log.json", &serde_json::to_vec_pretty(&out.epochs).map_err(StageError::new)?)?;
-        let last = out.epochs.last();
-        let losses: Vec<f64> = out.epochs.iter().map(|e| e.loss).collect();
-        let mut warnings: Vec<Warning> = metrics::loss_not_falling(&losses).into_iter().collect();
-        warnings.extend(classifier_warnings(&[("val", &out.val), ("test", &out.test)]));
-        for w in &warnings {
-            (ctx.log)(format!("warning: {}: {}", w.flag, w.message));
-        }
-        let metrics = json!({
-            "train_loss": last.map(|e| nan_to_null(e.loss)),
-            "train_accuracy": last.map(|e| nan_to_null(e.accuracy)),
-            "val_loss": last.and_then(|e| e.val_loss).map(nan_to_null),
-            "val_accuracy": nan_to_null(out.val.accuracy),
-            "accuracy": nan_to_null(out.test.accuracy),
-            "majority_rate": nan_to_null(out.test.majority_rate),
-            "balanced_accuracy": nan_to_null(out.test.balanced_accuracy),
-            "sensitivity": nan_to_null(out.test.sensitivity),
-            "specificity": nan_to_null(out.test.specificity),
-            "auc": nan_to_null(out.test.auc),
-            "test_images": out.test.n,
-            "epochs": out.epochs,
-            "warnings": warnings,
-        });
-        Ok(Outcome { files: vec![w, c, l], metrics })
+        finish(ctx, &cfg, out)
     }
+    /// Trainings of one model shape, batch size and epoch count, on the CPU (where a member's
+    /// bytes provably equal the training alone: `ml::fused`). Other backends run alone.
+    fn fusion_key(&self, params: &Params, backend: &str) -> Option<String> {
+        if BackendKind::parse(backend) != Some(BackendKind::Cpu) {
+            return None;
+        }
+        let shape: Params = ["arch", "widths", "batch_norm", "blocks", "batch_size", "epochs"]
+            .iter()
+            .filter_map(|&name| params.get(name).map(|v| (name.to_string(), v.clone())))
+            .collect();
+        Some(format!("{} {backend} {}", self.name(), Json::Object(shape.into_iter().collect())))
+    }
+    fn run_group(&self, ctxs: &mut [RunContext<'_>]) -> Vec<Result<Outcome, StageError>> {
+        let prepared: Vec<Result<Prepared, StageError>> = ctxs.iter_mut().map(|ctx| prepare(ctx)).collect();
+        // Members whose inputs could not be read get their error; the others train together.
+        let ready: Vec<(usize, &Prepared)> = prepared.iter().enumerate().filter_map(|(i, p)| p.as_ref().ok().map(|p| (i, p))).collect();
+        let backends: Vec<Result<BackendKind, StageError>> = ctxs.iter().map(|c| backend(c)).collect();
+        let trained = match (ready.first(), backends.first()) {
+            (Some(_), Some(Ok(kind))) => {
+                for &(i, _) in &ready {
+                    (ctxs[i].log)(format!("fused: trained in a group of {} on one task", ready.len()));
+                }
+                train_together(ctxs, &ready, *kind)
+            }
+            _ => Vec::new(),
+        };
+        let mut trained = trained.into_iter();
+        let mut out = Vec::with_capacity(ctxs.len());
+        for (i, (ctx, p)) in ctxs.iter_mut().zip(prepared).enumerate() {
+            out.push(match p {
+                Err(e) => Err(e),
+                Ok(p) => match trained.next() {
+                    Some(Ok(o)) => finish(ctx, &p.cfg, o),
+                    Some(Err(e)) => Err(e),
+                    None => Err(StageError::new(format!("member {i} of the group was not trained"))),
+                },
+            });
+        }
+        out
+    }
+}
+
+/// Reads an instance's dataset and turns its params into a training configuration.
+fn prepare(ctx: &mut RunContext<'_>) -> Result<Prepared, StageError> {
+    let params = ctx.params;
+    let ds = io::dataset(io::file(ctx.inputs, "data", io::DATASET_FILE)?)?;
+    let arch = arch_from(params, ds.channels)?;
+    let cfg = TrainConfig {
+        arch: arch.clone(),
+        optimizer: match p::str(params, "optimizer")? {
+            "adamw" => OptimizerKind::AdamW,
+            "sgd" => OptimizerKind::Sgd,
+            _ => OptimizerKind::Adam,
+        },
+        lr: p::f64(params, "lr")?,
+        weight_decay: p::f64(params, "weight_decay")?,
+        momentum: p::f64(params, "momentum")?,
+        epochs: p::usize(params, "epochs")?,
+        batch_size: p::usize(params, "batch_size")?,
+        class_weights: if p::str(params, "class_weights")? == "balanced" { ClassWeights::Balanced } else { ClassWeights::None },
+        flip: p::bool(params, "flip")?,
+        seed: p::opt_u64(params, "seed").unwrap_or(ctx.seed),
+    };
+    (ctx.log)(format!("training {} on {} images for {} epochs ({})", arch.name, ds.count(Split::Train), cfg.epochs, ctx.backend));
+    Ok(Prepared { cfg, ds })
+}
+
+/// Trains the `ready` members as one group on a worker thread, passing each member's latest
+/// progress on to its own context from this thread (contexts are not shared across threads).
+fn train_together(ctxs: &mut [RunContext<'_>], ready: &[(usize, &Prepared)], kind: BackendKind) -> Vec<Result<TrainOut, StageError>> {
+    let latest: std::sync::Mutex<Vec<Option<ml_train::TrainProgress>>> = std::sync::Mutex::new(vec![None; ready.len()]);
+    let report = |k: usize, t: ml_train::TrainProgress| {
+        if let Ok(mut l) = latest.lock() {
+            l[k] = Some(t);
+        }
+    };
+    let forward = |ctxs: &mut [RunContext<'_>]| {
+        let taken: Vec<Option<ml_train::TrainProgress>> = latest.lock().map(|mut l| l.iter_mut().map(Option::take).collect()).unwrap_or_default();
+        for (k, t) in taken.into_iter().enumerate() {
+            if let Some(t) = t {
+                (ctxs[ready[k].0].progress)(step_progress(t));
+            }
+        }
+    };
+    let device = ctxs[ready[0].0].device;
+    let members: Vec<Member> = ready.iter().map(|(_, p)| Member { cfg: &p.cfg, ds: &p.ds }).collect();
+    let n = members.len();
+    let result = std::thread::scope(|s| {
+        let worker = s.spawn(|| dispatch(kind, device, GroupJob { members, progress: &report }));
+        while !worker.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            forward(ctxs);
+        }
+        forward(ctxs);
+        worker.join()
+    });
+    match result {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => (0..n).map(|_| Err(StageError::new(&e))).collect(),
+        Err(_) => (0..n).map(|_| Err(StageError::new("the training group panicked"))).collect(),
+    }
+}
+
+/// Writes a trained model's files, logs its epochs and warnings, and gives its metrics.
+fn finish(ctx: &mut RunContext<'_>, cfg: &TrainConfig, out: TrainOut) -> Result<Outcome, StageError> {
+    let arch = &cfg.arch;
+    for e in &out.epochs {
+        (ctx.log)(format!(
+            "epoch {}: loss {:.4} acc {:.3} val_acc {}",
+            e.epoch,
+            e.loss,
+            e.accuracy,
+            e.val_accuracy.map(|v| format!("{v:.3}")).unwrap_or("-".into())
+        ));
+    }
+    let w = io::write(ctx.out_dir, io::WEIGHTS_FILE, &out.weights)?;
+    let c = io::write(ctx.out_dir, io::CONFIG_FILE, &serde_json::to_vec_pretty(arch).map_err(StageError::new)?)?;
+    let l = io::write(ctx.out_dir, "train_log.json", &serde_json::to_vec_pretty(&out.epochs).map_err(StageError::new)?)?;
+    let last = out.epochs.last();
+    let losses: Vec<f64> = out.epochs.iter().map(|e| e.loss).collect();
+    let mut warnings: Vec<Warning> = metrics::loss_not_falling(&losses).into_iter().collect();
+    warnings.extend(classifier_warnings(&[("val", &out.val), ("test", &out.test)]));
+    for w in &warnings {
+        (ctx.log)(format!("warning: {}: {}", w.flag, w.message));
+    }
+    let metrics = json!({
+        "train_loss": last.map(|e| nan_to_null(e.loss)),
+        "train_accuracy": last.map(|e| nan_to_null(e.accuracy)),
+        "val_loss": last.and_then(|e| e.val_loss).map(nan_to_null),
+        "val_accuracy": nan_to_null(out.val.accuracy),
+        "accuracy": nan_to_null(out.test.accuracy),
+        "majority_rate": nan_to_null(out.test.majority_rate),
+        "balanced_accuracy": nan_to_null(out.test.balanced_accuracy),
+        "sensitivity": nan_to_null(out.test.sensitivity),
+        "specificity": nan_to_null(out.test.specificity),
+        "auc": nan_to_null(out.test.auc),
+        "test_images": out.test.n,
+        "epochs": out.epochs,
+        "warnings": warnings,
+    });
+    Ok(Outcome { files: vec![w, c, l], metrics })
 }
 
 /// The sanity guards on a classifier's predictions, per scored split (in the order given):

@@ -7,6 +7,7 @@ mod concurrency;
 mod conveniences;
 mod cpu_profile;
 mod data_rules;
+mod fusion;
 mod fuzz_specs;
 mod gpu_share;
 mod guards;

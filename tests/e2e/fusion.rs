@@ -1,0 +1,68 @@
+//! Fused training (issue 10): same-shaped trainings run as one group give exactly the bytes
+//! they give alone, so a fused run and an unfused run write the same lock file.
+
+use crate::support::Project;
+
+/// Two trainings (a seed axis) and six retrainings of one shape: enough to form groups.
+const FUSABLE: &str = r#"name: fuse
+seed: 7
+stages:
+  data:
+    kind: data
+    params: {source: synthetic, count: 48, image_size: 16, contrast: 0.8, slices_per_patient: 4}
+  train:
+    kind: train
+    inputs: {data: data}
+    params: {epochs: 1, batch_size: 16}
+    seeds: 2
+  cams:
+    kind: gradcam
+    inputs: {model: train, data: data}
+  filtered:
+    kind: filter
+    inputs: {data: data, heatmaps: cams}
+    sweep:
+      grid:
+        mode: [multiply, inverse, mask]
+  retrain:
+    kind: retrain
+    inputs: {data: filtered}
+    params: {epochs: 2, batch_size: 16}
+  cls:
+    kind: score
+    inputs: {data: filtered, model: retrain}
+"#;
+
+#[test]
+fn fused_and_unfused_runs_write_identical_lock_files() {
+    let (off, on) = (Project::new(FUSABLE), Project::new(FUSABLE));
+    let plain = off.run(&["--fuse", "off"]).ok();
+    assert!(!plain.stdout().contains("fused   "), "--fuse off fused:\n{}", plain.stdout());
+    let fused = on.run(&["--fuse", "4"]).ok();
+    // Both trainings are ready at once (after the one data instance): they always fuse.
+    let out = fused.stdout();
+    let groups: Vec<&str> = out.lines().filter(|l| l.starts_with("fused   ")).collect();
+    assert!(groups.iter().any(|l| l.starts_with("fused   2 instances in one task: train")), "the trainings did not fuse:\n{out}");
+    assert_eq!(plain.summary("ran"), fused.summary("ran"));
+    let lock = |p: &Project| std::fs::read(p.path().join("p.lock.yaml")).expect("lock file");
+    assert!(lock(&off) == lock(&on), "the fused run's lock file differs from the unfused run's");
+    // Each member was published under its own key: a second run finds all of them.
+    assert_eq!(on.run(&["--fuse", "4"]).ok().summary("ran"), 0);
+    // A member's log says it trained in a group.
+    let logs: Vec<String> = std::fs::read_dir(on.cache().join("logs"))
+        .expect("logs")
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect();
+    assert!(logs.iter().any(|l| l.contains("fused: trained in a group of")), "no member log mentions its group");
+}
+
+#[test]
+fn a_bad_fuse_setting_is_a_usage_error() {
+    let p = Project::new(FUSABLE);
+    for bad in ["0", "2.5", "many"] {
+        let r = p.run(&["--fuse", bad]);
+        assert_eq!(r.code(), 2, "--fuse {bad}: {}", r.stderr());
+        assert!(r.stderr().contains("expected `off` or a group size"), "--fuse {bad}: {}", r.stderr());
+    }
+}
