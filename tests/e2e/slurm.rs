@@ -189,39 +189,38 @@ fn wait_for_job(p: &Project, child: &mut Child, comment: &str, state: &str, limi
     panic!("no `{comment}` job {state} after {limit:?}; jobs: {:?}", queue(&submissions(p)));
 }
 
-/// The processes of a running job, as `scontrol listpids` lists them.
-fn job_pids(job_id: &str) -> Vec<String> {
+/// The `camflow worker` processes of a running job (`scontrol listpids`, then each one's
+/// name): only those, never Slurm's own step daemon, which `listpids` may also list while the
+/// job starts (stopping it makes the job unkillable and Slurm drains the node).
+fn worker_pids(job_id: &str) -> Vec<String> {
     let out = Command::new("scontrol").args(["listpids", job_id]).output().expect("scontrol runs");
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .skip(1)
         .filter_map(|l| l.split_whitespace().next())
         .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "camflow"))
         .map(String::from)
         .collect()
 }
 
-/// Stops every process of a running job (SIGSTOP), so that it stays mid-run however fast the
+/// Stops the job's `camflow worker` (SIGSTOP), so that the job stays mid-run however fast the
 /// machine is: a hung job, as one stuck on a file system. squeue says RUNNING a moment before
-/// slurmd has started the job's processes, so this waits for them, and stops again until no
-/// new process appears (one could have been started before its parent was stopped).
+/// the worker exists, so this waits for it (at most 30 s).
 fn freeze(job_id: &str) {
     let t = Instant::now();
-    let mut stopped: Vec<String> = Vec::new();
     while t.elapsed() < Duration::from_secs(30) {
-        let pids = job_pids(job_id);
-        let new: Vec<&String> = pids.iter().filter(|p| !stopped.contains(p)).collect();
-        if new.is_empty() && !stopped.is_empty() {
+        let pids = worker_pids(job_id);
+        if !pids.is_empty() {
+            for pid in pids {
+                let st = Command::new("kill").args(["-STOP", &pid]).status().expect("kill runs");
+                assert!(st.success(), "SIGSTOP {pid}");
+            }
             return;
-        }
-        for pid in new {
-            // A process that ended meanwhile is fine: the others hold the job.
-            let _ = Command::new("kill").args(["-STOP", pid]).status();
-            stopped.push(pid.clone());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!stopped.is_empty(), "no processes for job {job_id} after 30 s (scontrol listpids)");
+    panic!("no camflow worker in job {job_id} after 30 s (scontrol listpids)");
 }
 
 /// The TINY study with a training of a few seconds, tagged so its job can be found in the
