@@ -248,7 +248,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         && a.force.is_empty()
         && let Some(cached) = super::noop::finish_if_noop(&p, &store, &lock_path, a.p.sets.is_empty())?
     {
-        print_out(&format!("{}\n", Counts { cached, ..Counts::default() }.line(started)));
+        print_out(&format!("{}\n", Counts { cached, jobs: slurm.then_some(0), ..Counts::default() }.line(started)));
         if a.p.sets.is_empty() {
             print_out(&format!("lock: {}\n", lock_path.display()));
         }
