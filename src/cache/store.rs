@@ -232,6 +232,11 @@ pub enum RecordError {
 /// The folders of a cache; each must be a real folder, never a link.
 const SUBDIRS: [&str; 6] = ["objects", "actions", "names", "locks", "logs", "tmp"];
 
+/// Folders only the Slurm executor makes (its job files, submission records, outcomes and its
+/// jobs' logs), parents first: where they exist they must be real folders too, since through a
+/// link a write, a listing or a removal in them would act outside the cache.
+const SLURM_SUBDIRS: [&str; 5] = ["slurm", "slurm/jobs", "slurm/submitted", "slurm/outcomes", "logs/slurm"];
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pub root: PathBuf,
@@ -432,6 +437,9 @@ impl Store {
                 real_dir_or_absent(&p)?;
             }
         }
+        for d in SLURM_SUBDIRS {
+            real_dir_or_absent(&self.root.join(d))?;
+        }
         Ok(())
     }
 
@@ -478,10 +486,16 @@ impl Store {
         let mut tmp = self.new_tmp_file()?;
         tmp.write_all(bytes).map_err(io(dest))?;
         tmp.as_file().sync_all().map_err(io(dest))?;
-        if let Some(parent) = dest.parent()
-            && !real_dir_or_absent(parent)?
-        {
-            fs::create_dir_all(parent).map_err(io(parent))?;
+        if let Some(parent) = dest.parent() {
+            // Every folder between the cache and `dest` (not only the last) must be real: a
+            // link on the way would put the file outside the cache.
+            let mut absent = !real_dir_or_absent(parent)?;
+            for dir in parent.ancestors().skip(1).take_while(|d| d.starts_with(&self.root) && *d != self.root) {
+                absent |= !real_dir_or_absent(dir)?;
+            }
+            if absent {
+                fs::create_dir_all(parent).map_err(io(parent))?;
+            }
         }
         Ok(tmp)
     }
@@ -796,6 +810,12 @@ impl Store {
             }
         }
         Err(StoreError::Io { path, source: std::io::Error::other("the record kept disappearing while it was published") })
+    }
+
+    /// Forgets what this process knew of `key`'s record: another process (a cluster job) has
+    /// just written it, so the next lookup reads it from disk.
+    pub fn forget_checked(&self, key: &str) {
+        self.verified.forget(key);
     }
 
     /// Removes a record so that an interrupted rerun can never look fresh.
@@ -1251,6 +1271,17 @@ mod tests {
             std::os::unix::fs::symlink(outside.path(), d.path().join(sub)).unwrap();
             let e = Store::open(d.path()).expect_err("a linked folder is refused").to_string();
             assert!(e.contains(sub), "{e}");
+        }
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 2);
+        // The Slurm executor's folders, and any folder on the way to a file written.
+        for sub in ["slurm", "logs/slurm"] {
+            let d = tempfile::tempdir().unwrap();
+            let s = Store::open(d.path()).unwrap();
+            std::os::unix::fs::symlink(outside.path(), d.path().join(sub)).unwrap();
+            let e = Store::open(d.path()).expect_err("a linked Slurm folder is refused").to_string();
+            assert!(e.contains(sub), "{e}");
+            let deep = d.path().join(sub).join("jobs").join("x.json");
+            assert!(s.write_atomic(&deep, b"x").is_err(), "{sub}: written through a link");
         }
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 2);
     }

@@ -153,6 +153,10 @@ impl Runner for LocalRunner {
         }
     }
 
+    fn abandon(&mut self) -> Vec<usize> {
+        self.waiting.drain(..).map(|(j, _)| j.idx).collect()
+    }
+
     /// Blocking stage threads cannot be stopped: they are abandoned (every cache write is
     /// atomic, so nothing partial is left), and `run` returns at once.
     async fn interrupt(&mut self) {}

@@ -184,6 +184,9 @@ pub(crate) trait Runner {
     async fn next(&mut self) -> Finished;
     /// SIGINT/SIGTERM: stop this runner's work (a Slurm runner cancels its jobs).
     async fn interrupt(&mut self);
+    /// The run stops (a failure without `--keep-going`, a cache error): gives back the
+    /// instances started but not yet running, which then never run.
+    fn abandon(&mut self) -> Vec<usize>;
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -368,6 +371,14 @@ pub(crate) async fn execute_with<R: Runner>(
                 };
                 runner.start(job, res);
                 progressed = true;
+            }
+        }
+        if stop {
+            // Fail fast: what was handed to the runner but has not started (a fused group
+            // waiting for slots, instances not yet submitted) never starts.
+            for i in runner.abandon() {
+                state[i] = State::Skipped;
+                let _ = events.send(Event::Skipped { idx: i });
             }
         }
         runner.flush().await;

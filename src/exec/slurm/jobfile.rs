@@ -149,6 +149,14 @@ pub fn outcome_path(root: &Path, key: &str) -> Option<PathBuf> {
 }
 
 /// Writes a job file into the cache (atomically; named by its content) and returns its path.
+/// Whether `path` names a job file of the cache at `root` (`slurm/jobs/<digest>.json`), as a
+/// path read from a submission record on disk must before it is removed.
+pub fn is_job_file_of(root: &Path, path: &Path) -> bool {
+    path.parent() == Some(jobs_dir(root).as_path())
+        && path.extension().is_some_and(|x| x == "json")
+        && path.file_stem().and_then(|s| s.to_str()).is_some_and(is_digest)
+}
+
 pub fn write_job_file(store: &Store, file: &JobFile) -> Result<PathBuf, String> {
     let bytes = serde_json::to_vec(file).map_err(|e| format!("job file: {e}"))?;
     let name = crate::cache::key::sha256_hex(&bytes);
@@ -279,6 +287,16 @@ mod tests {
             backend: "cpu".into(),
             deterministic: true,
             forced: false,
+        }
+    }
+
+    #[test]
+    fn only_job_files_of_the_cache_are_job_files() {
+        let root = Path::new("/c");
+        let d = "a".repeat(64);
+        assert!(is_job_file_of(root, &jobs_dir(root).join(format!("{d}.json"))));
+        for bad in ["/home/u/thesis.tex".to_string(), format!("/c/slurm/jobs/../../x/{d}.json"), format!("/c/slurm/{d}.json"), "/c/slurm/jobs/x.json".into()] {
+            assert!(!is_job_file_of(root, Path::new(&bad)), "{bad}");
         }
     }
 

@@ -138,7 +138,8 @@ async fn slurm_cmd(program: &str, args: Vec<String>) -> Result<String, String> {
 }
 
 impl SlurmRunner {
-    pub(crate) fn new(setup: SlurmSetup, store: Store, events: tokio::sync::mpsc::UnboundedSender<Event>) -> SlurmRunner {
+    /// `local` runs the `on_controller` kinds on this machine (with `--jobs` and `--gpus`).
+    pub(crate) fn new(setup: SlurmSetup, local: LocalRunner, store: Store, events: tokio::sync::mpsc::UnboundedSender<Event>) -> SlurmRunner {
         let root = std::path::absolute(&store.root).unwrap_or_else(|_| store.root.clone());
         let interval = Duration::from_secs_f64(setup.config.poll_min_s);
         let mut r = SlurmRunner {
@@ -147,7 +148,7 @@ impl SlurmRunner {
             root,
             store,
             events,
-            local: LocalRunner::new(setup.local_jobs, super::gpu_slots::GpuPool::new(0, None), Vec::new()),
+            local,
             queued: Vec::new(),
             tasks: HashMap::new(),
             ready: VecDeque::new(),
@@ -187,7 +188,9 @@ impl SlurmRunner {
             }
             let Ok(Some(bytes)) = crate::cache::store::read_regular(&path) else { continue };
             let Ok(rec) = serde_json::from_slice::<SubmissionRecord>(&bytes) else { continue };
-            if rec.job_id != id || sbatch::parse_sbatch_id(&rec.job_id).is_none() {
+            // The record's job file is removed once its job is gone: it must be a job file of
+            // this cache, whatever the record on disk says.
+            if rec.job_id != id || sbatch::parse_sbatch_id(&rec.job_id).is_none() || !jobfile::is_job_file_of(&self.root, &rec.job_file) {
                 continue;
             }
             let n = self.others.len();
@@ -356,6 +359,8 @@ impl SlurmRunner {
             let err = o.error.unwrap_or_else(|| format!("{label}: failed"));
             return self.fail(m, "FAILED", format!("{err} (Slurm job {task_id}, state FAILED)"), log);
         }
+        // The worker wrote the record (a forced one replaced an old one this process saw).
+        self.store.forget_checked(&m.job.digest);
         match self.store.try_lookup(&m.job.digest, false) {
             Ok(Lookup::Fresh(rec)) => {
                 // A success is in the record; only failures' outcomes are kept (for the message
@@ -562,6 +567,13 @@ impl Runner for SlurmRunner {
         }
     }
 
+    fn abandon(&mut self) -> Vec<usize> {
+        self.queued_by_kind.clear();
+        let mut idxs: Vec<usize> = self.queued.drain(..).map(|m| m.job.idx).collect();
+        idxs.extend(self.local.abandon());
+        idxs
+    }
+
     async fn interrupt(&mut self) {
         let ids: Vec<String> = self.known.iter().filter(|(_, k)| k.cancel_on_interrupt).map(|(j, _)| j.clone()).collect();
         if ids.is_empty() {
@@ -591,6 +603,10 @@ pub async fn execute(
     setup: SlurmSetup,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) -> super::Outcome {
-    let runner = SlurmRunner::new(setup, store.clone(), events.clone());
+    // The controller's own kinds get this machine's CPU and GPU slots, as a local run would.
+    let gpus = super::gpu_slots::GpuPool::new(opts.gpus, opts.gpu_memory);
+    let demands = super::gpu_slots::demands(&input.instances, &input.resources, &catalog);
+    let local = LocalRunner::new(setup.local_jobs, gpus, demands);
+    let runner = SlurmRunner::new(setup, local, store.clone(), events.clone());
     super::execute_with(input, catalog, store, opts, events, runner).await
 }
