@@ -12,7 +12,8 @@
 //! The mode: [`set_mode`] (an executor that spreads one run over several hosts, such as the
 //! Slurm executor, calls `cache::lock::set_mode(Locking::Lease)` before taking any lock), else
 //! `CAMFLOW_LOCKING=flock|lease|auto`, default `auto`: lease when the cache is on NFS (statfs
-//! magic 0x6969), else flock. Every process sharing a cache must use the same mode; `auto`
+//! magic 0x6969) or when a run holds a lease on it (`locks/runs/*.lease`: a Slurm run), else
+//! flock. Every process sharing a cache must use the same mode; `auto`
 //! gives that on its own, since they all see the same filesystem.
 //!
 //! - Per-key locks (`locks/<key>.lock` or `locks/<key>.lease`, exclusive): two runs sharing a
@@ -159,14 +160,23 @@ pub fn on_nfs(root: &Path) -> bool {
 pub fn mode_for(root: &Path) -> StoreResult<Locking> {
     let bad = |m: String| StoreError::Io { path: root.to_path_buf(), source: std::io::Error::other(m) };
     let mode = match setting().map_err(bad)? {
-        Locking::Auto if on_nfs(root) => Locking::Lease,
-        Locking::Auto => Locking::Flock,
+        Locking::Auto => auto_mode(root),
         m => m,
     };
     if mode == Locking::Lease {
         lease::checked_ttl().map_err(bad)?;
     }
     Ok(mode)
+}
+
+/// `auto`: lease on NFS, and wherever a run holds a lease on this cache now (a Slurm run,
+/// which always locks with leases, on a filesystem that is not NFS: a `gc`, `verify` or local
+/// `run` started beside it must see its leases, not only `flock`s); else flock.
+fn auto_mode(root: &Path) -> Locking {
+    let leased = std::fs::read_dir(root.join("locks").join("runs"))
+        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".lease")))
+        .unwrap_or(false);
+    if leased || on_nfs(root) { Locking::Lease } else { Locking::Flock }
 }
 
 /// What holds a lock: a locked file, or a lease file.
@@ -468,6 +478,18 @@ impl CacheLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_follows_the_leases_of_runs_in_progress() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(auto_mode(d.path()), Locking::Flock);
+        let runs = d.path().join("locks").join("runs");
+        std::fs::create_dir_all(&runs).unwrap();
+        std::fs::write(runs.join("notes.txt"), b"").unwrap();
+        assert_eq!(auto_mode(d.path()), Locking::Flock);
+        std::fs::write(runs.join("vm-1234.lease"), b"").unwrap();
+        assert_eq!(auto_mode(d.path()), Locking::Lease);
+    }
 
     #[test]
     fn shared_holders_coexist_and_exclude_an_exclusive_one() {
