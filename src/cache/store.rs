@@ -337,15 +337,22 @@ fn same_filesystem(a: &Path, b: &Path) -> bool {
 }
 
 pub fn hash_file(path: &Path) -> StoreResult<String> {
-    let mut f = fs::File::open(path).map_err(io(path))?;
+    let f = fs::File::open(path).map_err(io(path))?;
+    hash_stream(f, |_| Ok(())).map_err(io(path))
+}
+
+/// The SHA-256 of everything `from` gives, handing each chunk to `sink` too (a copy that is
+/// hashed as it is written reads the source once).
+fn hash_stream(mut from: impl Read, mut sink: impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
+        let n = from.read(&mut buf)?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+        sink(&buf[..n])?;
     }
     Ok(hex::encode(h.finalize()))
 }
@@ -588,18 +595,8 @@ impl Store {
     /// publishes it as `dest`.
     fn copy_in(&self, src: &Path, digest: &str, dest: &Path) -> StoreResult<()> {
         let mut tmp = self.new_tmp_file()?;
-        let mut from = fs::File::open(src).map_err(io(src))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = from.read(&mut buf).map_err(io(src))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            tmp.write_all(&buf[..n]).map_err(io(tmp.path()))?;
-        }
-        let copied = hex::encode(h.finalize());
+        let from = fs::File::open(src).map_err(io(src))?;
+        let copied = hash_stream(from, |chunk| tmp.write_all(chunk)).map_err(io(src))?;
         if copied != digest {
             return Err(StoreError::Io {
                 path: src.to_path_buf(),

@@ -242,9 +242,11 @@ impl Job {
 
     /// This label's sidecar names its current key, so `plan` explains its next change.
     pub(crate) fn write_sidecar(&self) {
-        let _ = self.store.write_sidecar(
-            &self.input.pipeline,
-            &Sidecar { label: self.label().to_string(), key: self.digest.clone(), key_inputs: self.key.clone() },
-        );
+        write_sidecar(&self.store, &self.input.pipeline, self.label(), &self.digest, &self.key);
     }
+}
+
+/// Records that `label` now has `key` (best effort: a sidecar only feeds `plan`'s reasons).
+pub(crate) fn write_sidecar(store: &Store, pipeline: &str, label: &str, digest: &str, key: &crate::cache::CacheKey) {
+    let _ = store.write_sidecar(pipeline, &Sidecar { label: label.to_string(), key: digest.to_string(), key_inputs: key.clone() });
 }

@@ -53,6 +53,12 @@ impl LocalRunner {
         }
     }
 
+    /// `jobs` CPU slots and the run's GPU pool (`--gpus`, `--gpu-memory`, each instance's demand).
+    pub(crate) fn for_run(jobs: u32, input: &super::ExecInput, catalog: &crate::stage_kind::Catalog, opts: &super::ExecOptions) -> LocalRunner {
+        let gpus = GpuPool::new(opts.gpus, opts.gpu_memory);
+        LocalRunner::new(jobs, gpus, super::gpu_slots::demands(&input.instances, &input.resources, catalog))
+    }
+
     /// Fuses instances with a fusion key into groups of at most `fuse` (see the module doc).
     pub(crate) fn with_fusion(mut self, fusion_keys: Vec<Option<String>>, fuse: usize) -> LocalRunner {
         self.fusion_keys = fusion_keys;

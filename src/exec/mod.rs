@@ -46,7 +46,7 @@ use job::{Done, Job, JobError};
 pub(crate) use local::LocalRunner;
 use signals::Signals;
 
-use crate::cache::{ActionRecord, Lookup, Sidecar, Store};
+use crate::cache::{ActionRecord, Lookup, Store};
 use crate::lockfile::LockFile;
 use crate::plan::{KeyContext, StaleReason, build_key, explain};
 use crate::stage_kind::{Catalog, Progress, Resources};
@@ -206,10 +206,8 @@ pub async fn execute(
     opts: ExecOptions,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) -> Outcome {
-    let gpus = gpu_slots::GpuPool::new(opts.gpus, opts.gpu_memory);
-    let demands = gpu_slots::demands(&input.instances, &input.resources, &catalog);
     let fusion_keys = input.instances.iter().map(|inst| fusion::key(&catalog, inst, &opts.backend, opts.fuse)).collect();
-    let runner = LocalRunner::new(opts.jobs, gpus, demands).with_fusion(fusion_keys, opts.fuse);
+    let runner = LocalRunner::for_run(opts.jobs, &input, &catalog, &opts).with_fusion(fusion_keys, opts.fuse);
     execute_with(input, catalog, store, opts, events, runner).await
 }
 
@@ -305,10 +303,7 @@ pub(crate) async fn execute_with<R: Runner>(
                     let reason = match lookup {
                         Lookup::Fresh(rec) => {
                             if ran_here.contains(&digest) {
-                                let _ = store.write_sidecar(
-                                    &input.pipeline,
-                                    &Sidecar { label: inst.label.clone(), key: digest.clone(), key_inputs: key.clone() },
-                                );
+                                job::write_sidecar(&store, &input.pipeline, &inst.label, &digest, &key);
                             }
                             records[i] = Some(*rec);
                             state[i] = State::Done;
@@ -326,10 +321,7 @@ pub(crate) async fn execute_with<R: Runner>(
                     && let Lookup::Fresh(rec) = store.lookup(digest, opts.full_verify)
                 {
                     // Another instance with the same key finished while this one waited.
-                    let _ = store.write_sidecar(
-                        &input.pipeline,
-                        &Sidecar { label: inst.label.clone(), key: digest.clone(), key_inputs: key.clone() },
-                    );
+                    job::write_sidecar(&store, &input.pipeline, &inst.label, digest, key);
                     records[i] = Some(*rec);
                     state[i] = State::Done;
                     stale[i] = None;

@@ -604,9 +604,7 @@ pub async fn execute(
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) -> super::Outcome {
     // The controller's own kinds get this machine's CPU and GPU slots, as a local run would.
-    let gpus = super::gpu_slots::GpuPool::new(opts.gpus, opts.gpu_memory);
-    let demands = super::gpu_slots::demands(&input.instances, &input.resources, &catalog);
-    let local = LocalRunner::new(setup.local_jobs, gpus, demands);
+    let local = LocalRunner::for_run(setup.local_jobs, &input, &catalog, &opts);
     let runner = SlurmRunner::new(setup, local, store.clone(), events.clone());
     super::execute_with(input, catalog, store, opts, events, runner).await
 }
