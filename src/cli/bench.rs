@@ -506,9 +506,10 @@ impl BackendJob for &FuseBench {
             let mut base = None;
             for &k in &ks {
                 let members: Vec<Member> = cfgs.iter().zip(&data).take(k).map(|(cfg, ds)| Member { cfg, ds }).collect();
-                let t = Instant::now();
+                let (t, cpu0) = (Instant::now(), process_cpu_seconds());
                 let ok = train_group::<B, _>(&members, &device, &|_, _| {}, &|_, r| r.is_ok());
                 let secs = t.elapsed().as_secs_f64();
+                let cores_busy = process_cpu_seconds().zip(cpu0).map(|(b, a)| ((b - a) / secs * 100.0).round() / 100.0);
                 let per_model = (self.images * self.epochs) as f64 / secs;
                 let base_rate = *base.get_or_insert(per_model);
                 rows.push(json!({
@@ -516,11 +517,26 @@ impl BackendJob for &FuseBench {
                     "images_per_s_per_model": per_model.round(), "images_per_s_total": (per_model * k as f64).round(),
                     "total_vs_k1": ((per_model * k as f64 / base_rate) * 100.0).round() / 100.0,
                     "trained": ok.iter().filter(|&&o| o).count(),
+                    "stacks": crate::ml::fused::stacks(&members).len(),
+                    "cores_busy": cores_busy,
                 }));
             }
         }
         rows
     }
+}
+
+/// CPU time (user + system) of this process so far, in seconds: divided by wall time, how many
+/// cores a training kept busy (the ceiling of what running trainings side by side can add).
+fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: an all-zero rusage is a valid value, which getrusage fills in for this process.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a pointer to a live rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
 }
 
 fn fuse(b: FuseBench, backend: &str) -> Result<()> {

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 use super::gpu_slots::{Demand, GpuPool, Grant};
 use super::job::{Done, Job, JobError};
 use super::{Event, Finished, Room, Runner, fusion};
-use crate::stage_kind::Resources;
+use crate::stage_kind::{GpuShare, Resources};
 
 type Results = Vec<(usize, Result<Done, JobError>)>;
 
@@ -70,10 +70,7 @@ impl LocalRunner {
         self.demands.get(idx).copied().unwrap_or_default()
     }
 
-    fn fusion_key(&self, idx: usize, res: &Resources) -> Option<&String> {
-        if !res.gpu.is_none() {
-            return None;
-        }
+    fn fusion_key(&self, idx: usize, _res: &Resources) -> Option<&String> {
         self.fusion_keys.get(idx).and_then(Option::as_ref)
     }
 }
@@ -119,9 +116,22 @@ impl Runner for LocalRunner {
             if want_cpu > self.cpu_free {
                 continue;
             }
+            // A group with a GPU member is one stacked model K times one member's size: it
+            // takes a whole device, whatever fractions its members asked for alone.
+            let on_gpu = group.iter().filter_map(|i| waiting.get(i)).any(|(_, r)| !r.gpu.is_none());
+            let gpu = if on_gpu {
+                match self.gpus.acquire(&Demand { share: GpuShare::whole(1), memory: None }) {
+                    Some(g) => Some(g),
+                    None => continue,
+                }
+            } else {
+                None
+            };
             self.cpu_free -= want_cpu;
-            self.holding.insert(group[0], (want_cpu, None));
-            let members: Vec<Job> = group.iter().filter_map(|i| waiting.remove(i)).map(|(j, _)| j).collect();
+            let device = gpu.as_ref().map_or(0, |g| g.device);
+            self.holding.insert(group[0], (want_cpu, gpu));
+            let mut members: Vec<Job> = group.iter().filter_map(|i| waiting.remove(i)).map(|(j, _)| j).collect();
+            members.iter_mut().for_each(|j| j.device = device);
             if members.len() > 1
                 && let Some(tx) = members[0].events.upgrade()
             {

@@ -98,8 +98,9 @@ pub trait FastOps: Backend {
 }
 
 /// What training and Grad-CAM need: an autodiff backend whose inner backend has [`FastOps`] too.
-pub trait TrainBackend: AutodiffBackend<InnerBackend: FastOps> + FastOps {}
-impl<B: AutodiffBackend<InnerBackend: FastOps> + FastOps> TrainBackend for B {}
+/// (With [`StackedOps`](super::stacked_ops::StackedOps): fused training trains stacked models.)
+pub trait TrainBackend: AutodiffBackend<InnerBackend: FastOps> + super::stacked_ops::StackedOps {}
+impl<B: AutodiffBackend<InnerBackend: FastOps> + super::stacked_ops::StackedOps> TrainBackend for B {}
 
 #[cfg(feature = "cuda")]
 impl FastOps for burn::backend::Cuda {}
@@ -110,20 +111,20 @@ impl FastOps for burn::backend::Wgpu {}
 #[cfg(feature = "wgpu")]
 impl FastOps for Autodiff<burn::backend::Wgpu> {}
 
-fn flex_of<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+pub(super) fn flex_of<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     t.into_primitive().tensor().to_contiguous()
 }
 
-fn values(t: &FlexTensor) -> &[f32] {
+pub(super) fn values(t: &FlexTensor) -> &[f32] {
     // Every tensor camflow builds is f32; anything else is a bug, caught by `dispatch`.
     t.as_slice::<f32>().expect("camflow's CPU kernels take contiguous f32 tensors")
 }
 
-fn flex_from(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
+pub(super) fn flex_from(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
 }
 
-fn conv_shape(x: [usize; 4], weight: [usize; 4]) -> Conv3x3Shape {
+pub(super) fn conv_shape(x: [usize; 4], weight: [usize; 4]) -> Conv3x3Shape {
     assert!(weight[1] == x[1] && weight[2] == 3 && weight[3] == 3, "conv3x3: weight {weight:?} does not fit input {x:?}");
     Conv3x3Shape { batch: x[0], in_channels: x[1], out_channels: weight[0], height: x[2], width: x[3] }
 }
@@ -200,7 +201,7 @@ impl FastOps for Flex {
     }
 }
 
-fn conv1x1_shape(x: [usize; 4], weight: [usize; 4]) -> Conv1x1Shape {
+pub(super) fn conv1x1_shape(x: [usize; 4], weight: [usize; 4]) -> Conv1x1Shape {
     assert!(weight[1] == x[1] && weight[2] == 1 && weight[3] == 1, "conv1x1: weight {weight:?} does not fit input {x:?}");
     Conv1x1Shape { batch: x[0], in_channels: x[1], out_channels: weight[0], plane: x[2] * x[3] }
 }

@@ -16,6 +16,8 @@ pub mod model;
 pub mod planes;
 pub mod resize;
 pub mod rng;
+pub mod stacked;
+pub mod stacked_ops;
 pub mod synthetic;
 pub mod threshold;
 pub mod train;

@@ -7,7 +7,7 @@ use burn::module::AutodiffModule;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, Optimizer, SgdConfig};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -62,7 +62,7 @@ pub struct Trained<B: Backend> {
     pub epochs: Vec<EpochLog>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TrainError {
     #[error("the training split is empty")]
     EmptyTrain,
@@ -74,6 +74,13 @@ pub enum TrainError {
 pub fn batch_tensor<B: Backend>(ds: &Dataset, idx: &[usize], flip: &[bool], device: &B::Device) -> Tensor<B, 4> {
     let (c, h, w) = (ds.channels, ds.height, ds.width);
     let mut v = Vec::with_capacity(idx.len() * c * h * w);
+    push_batch(ds, idx, flip, &mut v);
+    Tensor::from_data(TensorData::new(v, [idx.len(), c, h, w]), device)
+}
+
+/// Appends the images of `idx` to `v` (NCHW), flipping those in `flip`.
+pub(crate) fn push_batch(ds: &Dataset, idx: &[usize], flip: &[bool], v: &mut Vec<f32>) {
+    let w = ds.width;
     for (k, &i) in idx.iter().enumerate() {
         let img = &ds.samples[i].image;
         if flip.get(k).copied().unwrap_or(false) {
@@ -84,7 +91,6 @@ pub fn batch_tensor<B: Backend>(ds: &Dataset, idx: &[usize], flip: &[bool], devi
             v.extend_from_slice(img);
         }
     }
-    Tensor::from_data(TensorData::new(v, [idx.len(), c, h, w]), device)
 }
 
 fn labels_tensor<B: Backend>(ds: &Dataset, idx: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
@@ -93,11 +99,11 @@ fn labels_tensor<B: Backend>(ds: &Dataset, idx: &[usize], device: &B::Device) ->
 }
 
 /// The class index of each sample of `idx`.
-fn labels(ds: &Dataset, idx: &[usize]) -> Vec<usize> {
+pub(crate) fn labels(ds: &Dataset, idx: &[usize]) -> Vec<usize> {
     idx.iter().map(|&i| ds.samples[i].label as usize).collect()
 }
 
-fn class_weights(cfg: &ClassWeights, ds: &Dataset, train: &[usize]) -> Option<Vec<f32>> {
+pub(crate) fn class_weights(cfg: &ClassWeights, ds: &Dataset, train: &[usize]) -> Option<Vec<f32>> {
     match cfg {
         ClassWeights::None => None,
         ClassWeights::Manual(w) => Some(w.to_vec()),
@@ -148,17 +154,44 @@ pub fn train_initialised<B: TrainBackend>(
     model: Classifier<B>,
     progress: &mut dyn FnMut(TrainProgress),
 ) -> Result<Trained<B::InnerBackend>, TrainError> {
+    with_optimizer(cfg, Alone { cfg, ds, device, model, progress })
+}
+
+/// A training alone, waiting for its optimizer.
+struct Alone<'a, B: TrainBackend> {
+    cfg: &'a TrainConfig,
+    ds: &'a Dataset,
+    device: &'a B::Device,
+    model: Classifier<B>,
+    progress: &'a mut dyn FnMut(TrainProgress),
+}
+
+impl<B: TrainBackend> WithOptimizer<B, Classifier<B>> for Alone<'_, B> {
+    type Output = Result<Trained<B::InnerBackend>, TrainError>;
+    fn run<O: Optimizer<Classifier<B>, B>>(self, optim: O) -> Self::Output {
+        train_with::<B, O>(self.cfg, self.ds, self.device, optim, self.model, self.progress)
+    }
+}
+
+/// What runs with the optimizer a configuration names: one generic entry for every optimizer
+/// kind (a closure cannot be generic over the optimizer's type).
+pub(crate) trait WithOptimizer<B: AutodiffBackend, M: AutodiffModule<B>> {
+    type Output;
+    fn run<O: Optimizer<M, B>>(self, optim: O) -> Self::Output;
+}
+
+/// One training's optimizer, for any module of parameters (a classifier, or a stack of them:
+/// the optimizers are element-wise, so a stack's members get the updates they would alone).
+pub(crate) fn with_optimizer<B: AutodiffBackend, M: AutodiffModule<B>, W: WithOptimizer<B, M>>(cfg: &TrainConfig, w: W) -> W::Output {
     match cfg.optimizer {
         OptimizerKind::Adam => {
             let mut o = AdamConfig::new();
             if cfg.weight_decay > 0.0 {
                 o = o.with_weight_decay(Some(WeightDecayConfig::new(cfg.weight_decay as f32)));
             }
-            train_with::<B, _>(cfg, ds, device, o.init(), model, progress)
+            w.run(o.init())
         }
-        OptimizerKind::AdamW => {
-            train_with::<B, _>(cfg, ds, device, AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init(), model, progress)
-        }
+        OptimizerKind::AdamW => w.run(AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init()),
         OptimizerKind::Sgd => {
             let mut o = SgdConfig::new();
             if cfg.momentum > 0.0 {
@@ -167,7 +200,7 @@ pub fn train_initialised<B: TrainBackend>(
             if cfg.weight_decay > 0.0 {
                 o = o.with_weight_decay(Some(WeightDecayConfig::new(cfg.weight_decay as f32)));
             }
-            train_with::<B, _>(cfg, ds, device, o.init(), model, progress)
+            w.run(o.init())
         }
     }
 }
@@ -240,7 +273,7 @@ pub fn seeded_init<B: Backend>(arch: &ArchConfig, seed: u64, device: &B::Device)
     model
 }
 
-fn evaluate_loss<B: FastOps>(model: &Classifier<B>, ds: &Dataset, idx: &[usize], batch: usize, weights: Option<&[f32]>) -> (f64, f64) {
+pub(crate) fn evaluate_loss<B: FastOps>(model: &Classifier<B>, ds: &Dataset, idx: &[usize], batch: usize, weights: Option<&[f32]>) -> (f64, f64) {
     let device = model.fc.weight.val().device();
     let (mut l, mut c) = (0f64, 0usize);
     for chunk in idx.chunks(batch.max(1)) {

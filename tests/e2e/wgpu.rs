@@ -99,3 +99,54 @@ fn wgpu_runs_the_tiny_study_with_sane_results_and_a_cached_rerun() {
     let again = run_wgpu(&p, runtime_dir.path()).ok();
     assert_eq!((again.summary("ran"), again.summary("cached")), (0, 13), "{}", again.stdout());
 }
+
+/// Two trainings of one shape (a seed axis), two epochs each.
+const TWO_TRAININGS: &str = r#"name: fuse-wgpu
+seed: 7
+stages:
+  data:
+    kind: data
+    params: {source: synthetic, count: 48, image_size: 16, contrast: 0.8, slices_per_patient: 4}
+  train:
+    kind: train
+    inputs: {data: data}
+    params: {epochs: 2, batch_size: 16}
+    seeds: 2
+"#;
+
+/// Fused training on a GPU-style backend: the two trainings run as one stacked model (burn's
+/// grouped convolution and batched matmul, the path CUDA takes), and each member's losses are
+/// those of its training alone up to the device's rounding. A wrong stacking (members mixed,
+/// a loss not a member's own) moves them by far more than the tolerance.
+#[test]
+fn wgpu_fused_members_train_as_they_do_alone() {
+    let runtime_dir = tempfile::tempdir().expect("temp dir");
+    let run = |fuse: &str| {
+        let p = Project::new(TWO_TRAININGS);
+        let pipeline = p.pipeline();
+        let cache = p.cache();
+        let args = ["run", pipeline.to_str().unwrap(), "--backend", "wgpu", "--gpus", "1", "--fuse", fuse, "--cache-dir", cache.to_str().unwrap()];
+        let r = Run { out: p.cmd(&args).env("XDG_RUNTIME_DIR", runtime_dir.path()).output().expect("camflow runs") };
+        assert!(r.out.status.success(), "--fuse {fuse}:\nstdout:\n{}\nstderr:\n{}", r.stdout(), r.stderr());
+        (r.stdout(), lock_of(&p))
+    };
+    let (fused_out, fused) = run("2");
+    assert!(fused_out.lines().any(|l| l.starts_with("fused   2 instances in one task: train")), "the trainings did not fuse:\n{fused_out}");
+    let (plain_out, plain) = run("off");
+    assert!(!plain_out.contains("fused   "), "{plain_out}");
+    let losses = |lock: &serde_yaml::Value, label: &str| -> Vec<f64> {
+        let e = &lock["instances"][label]["metrics"]["epochs"];
+        e.as_sequence().unwrap_or_else(|| panic!("{label}: no epochs")).iter().map(|x| x["loss"].as_f64().expect("loss")).collect()
+    };
+    let labels: Vec<String> = fused["instances"].as_mapping().expect("instances").keys().filter_map(|k| k.as_str()).filter(|l| l.starts_with("train")).map(String::from).collect();
+    assert_eq!(labels.len(), 2, "{labels:?}");
+    let (a, b) = (losses(&fused, &labels[0]), losses(&fused, &labels[1]));
+    assert_ne!(a, b, "two seeds gave the same losses");
+    for label in &labels {
+        let (f, p) = (losses(&fused, label), losses(&plain, label));
+        assert_eq!(f.len(), 2);
+        for (x, y) in f.iter().zip(&p) {
+            assert!(x.is_finite() && (x - y).abs() < 1e-3 * y.abs().max(1.0), "{label}: fused loss {x} vs alone {y}");
+        }
+    }
+}
