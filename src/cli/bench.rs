@@ -517,7 +517,7 @@ impl BackendJob for &FuseBench {
                     "images_per_s_per_model": per_model.round(), "images_per_s_total": (per_model * k as f64).round(),
                     "total_vs_k1": ((per_model * k as f64 / base_rate) * 100.0).round() / 100.0,
                     "trained": ok.iter().filter(|&&o| o).count(),
-                    "stacks": crate::ml::fused::stacks(&members).len(),
+                    "stacks": crate::ml::fused::stacks(&members, B::stack_budget()).len(),
                     "cores_busy": cores_busy,
                 }));
             }

@@ -151,10 +151,18 @@ fn col2im_add(col: &[f32], channels: usize, h: usize, w: usize, dx: &mut [f32]) 
 /// `relu(conv3x3(x, weight) + bias)` (or without the ReLU), NCHW in and out.
 /// `weight` is [Co, Cin, 3, 3], `bias` [Co].
 pub fn conv3x3_forward(s: Conv3x3Shape, x: &[f32], weight: &[f32], bias: &[f32], relu: bool) -> Vec<f32> {
-    assert!(x.len() == s.batch * s.input_len() && weight.len() == s.out_channels * s.k() && bias.len() == s.out_channels);
     let mut out = vec![0f32; s.batch * s.output_len()];
+    conv3x3_forward_into(s, x, weight, bias, relu, &mut out);
+    out
+}
+
+/// [`conv3x3_forward`] into `out` (every element is written): a stack of models writes each
+/// member's output straight into its part of the stacked tensor.
+pub fn conv3x3_forward_into(s: Conv3x3Shape, x: &[f32], weight: &[f32], bias: &[f32], relu: bool, out: &mut [f32]) {
+    assert!(x.len() == s.batch * s.input_len() && weight.len() == s.out_channels * s.k() && bias.len() == s.out_channels);
+    assert!(out.len() == s.batch * s.output_len());
     if out.is_empty() {
-        return out;
+        return;
     }
     let (plane, k) = (s.plane(), s.k());
     // The weights are packed once for every image.
@@ -174,7 +182,6 @@ pub fn conv3x3_forward(s: Conv3x3Shape, x: &[f32], weight: &[f32], bias: &[f32],
             }
         },
     );
-    out
 }
 
 /// Gradients of [`conv3x3_forward`].
@@ -188,10 +195,28 @@ pub struct Conv3x3Grads {
 /// Backward pass of [`conv3x3_forward`]. `out` is the forward output (post-ReLU when `relu`),
 /// which is all the ReLU's gradient needs; `grad` is d loss / d out.
 pub fn conv3x3_backward(s: Conv3x3Shape, x: &[f32], weight: &[f32], out: &[f32], relu: bool, grad: &[f32], want_x: bool) -> Conv3x3Grads {
+    let mut dx = if want_x { vec![0f32; x.len()] } else { Vec::new() };
+    let (weight, bias) = conv3x3_backward_into(s, x, weight, out, relu, grad, want_x.then_some(&mut dx[..]));
+    Conv3x3Grads { x: want_x.then_some(dx), weight, bias }
+}
+
+/// [`conv3x3_backward`] writing d loss / d x into `dx` when given (which must hold zeros: the
+/// input gradient is accumulated into it), returning the weight and bias gradients.
+pub fn conv3x3_backward_into(
+    s: Conv3x3Shape,
+    x: &[f32],
+    weight: &[f32],
+    out: &[f32],
+    relu: bool,
+    grad: &[f32],
+    dx: Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>) {
     let (plane, k, in_len, out_len) = (s.plane(), s.k(), s.input_len(), s.output_len());
     assert!(x.len() == s.batch * in_len && out.len() == s.batch * out_len && grad.len() == out.len());
+    assert!(dx.as_ref().is_none_or(|d| d.len() == x.len()));
     let per_chunk = s.batch.div_ceil(GRAD_CHUNKS).max(1);
-    let mut dx = if want_x { vec![0f32; x.len()] } else { Vec::new() };
+    let want_x = dx.is_some();
+    let dx = dx.unwrap_or_default();
     let dx_chunks: Vec<Option<&mut [f32]>> = if want_x && !dx.is_empty() {
         dx.chunks_mut(per_chunk * in_len).map(Some).collect()
     } else {
@@ -240,7 +265,7 @@ pub fn conv3x3_backward(s: Conv3x3Shape, x: &[f32], weight: &[f32], out: &[f32],
         weight_grad.iter_mut().zip(dw).for_each(|(a, b)| *a += b);
         bias_grad.iter_mut().zip(db).for_each(|(a, b)| *a += b);
     }
-    Conv3x3Grads { x: want_x.then_some(dx), weight: weight_grad, bias: bias_grad }
+    (weight_grad, bias_grad)
 }
 
 /// 2x2 max pool with stride 2 over `planes` planes of `h x w` (odd edges dropped, as burn and

@@ -53,16 +53,32 @@ fn stack_key(m: &Member<'_>) -> (String, [u64; 3], usize, usize, usize) {
     )
 }
 
-/// Splits members into stacks (in member order): members of equal [`stack_key`] together.
-pub fn stacks(members: &[Member<'_>]) -> Vec<Vec<usize>> {
+/// Bytes of a member's largest activation in one step (a unit's output, before its pool):
+/// a stack's largest tensor is K of them.
+pub fn largest_activation_bytes(m: &Member<'_>) -> usize {
+    let (mut h, mut w, mut largest) = (m.ds.height, m.ds.width, 0);
+    for (width, pool) in m.cfg.arch.widths.iter().zip(&m.cfg.arch.pool_after) {
+        largest = largest.max(width * h * w);
+        if *pool {
+            (h, w) = (h / 2, w / 2);
+        }
+    }
+    largest * m.cfg.batch_size * std::mem::size_of::<f32>()
+}
+
+/// Splits members into stacks (in member order): members of equal [`stack_key`] together,
+/// each stack at most as many as keep its largest stacked activation within `budget` bytes
+/// (none: no limit; a member over it alone still forms a stack of one).
+pub fn stacks(members: &[Member<'_>], budget: Option<usize>) -> Vec<Vec<usize>> {
     let mut out: Vec<(_, Vec<usize>)> = Vec::new();
     for (i, m) in members.iter().enumerate() {
         if m.cfg.batch_size == 0 || m.ds.count(Split::Train) == 0 {
             out.push((None, vec![i]));
             continue;
         }
+        let most = budget.map_or(usize::MAX, |b| (b / largest_activation_bytes(m).max(1)).max(1));
         let key = Some(stack_key(m));
-        match out.iter_mut().find(|(k, _)| k.is_some() && *k == key) {
+        match out.iter_mut().find(|(k, v)| k.is_some() && *k == key && v.len() < most) {
             Some((_, v)) => v.push(i),
             None => out.push((key, vec![i])),
         }
@@ -86,7 +102,7 @@ where
     // Initial weights one member after another, as each would draw them alone.
     let mut initial: Vec<Option<Classifier<B>>> = members.iter().map(|m| Some(seeded_init::<B>(&m.cfg.arch, m.cfg.seed, device))).collect();
     let mut trained: Vec<Option<Result<Trained<B::InnerBackend>, TrainError>>> = members.iter().map(|_| None).collect();
-    for stack in stacks(members) {
+    for stack in stacks(members, B::stack_budget()) {
         let models: Vec<Classifier<B>> = stack.iter().filter_map(|&i| initial[i].take()).collect();
         let results = if stack.len() == 1 {
             let i = stack[0];
@@ -247,6 +263,7 @@ mod tests {
     use crate::ml::synthetic::{SyntheticConfig, generate};
     use crate::ml::train::{ClassWeights, EpochLog, OptimizerKind, evaluate, train};
     use crate::ml::weights::to_safetensors;
+    use crate::ml::stacked_ops::StackedOps;
     use burn::backend::{Autodiff, Flex};
 
     type Ad = Autodiff<Flex>;
@@ -325,7 +342,7 @@ mod tests {
             for k in 1..=3 {
                 let members: Vec<Member> = cfgs.iter().zip(&data).take(k).map(|(cfg, ds)| Member { cfg, ds }).collect();
                 // All K train as one stacked model (not one after another).
-                assert_eq!(stacks(&members), vec![(0..k).collect::<Vec<_>>()], "{}", arch.name);
+                assert_eq!(stacks(&members, Ad::stack_budget()), vec![(0..k).collect::<Vec<_>>()], "{}", arch.name);
                 let grouped =
                     train_group::<Ad, _>(&members, &dev, &|_, _| {}, &|i, t| fingerprint(members[i].cfg, members[i].ds, &t.unwrap()));
                 for (i, g) in grouped.iter().enumerate() {
@@ -344,7 +361,7 @@ mod tests {
             let arch = ArchConfig::vgg(1, vec![4, 8], true);
             let cfgs = [config(&arch, 1, opt), config(&arch, 2, opt)];
             let members: Vec<Member> = cfgs.iter().zip(&data).map(|(cfg, ds)| Member { cfg, ds }).collect();
-            assert_eq!(stacks(&members).len(), 1);
+            assert_eq!(stacks(&members, Ad::stack_budget()).len(), 1);
             let grouped = train_group::<Ad, _>(&members, &dev, &|_, _| {}, &|i, t| fingerprint(members[i].cfg, members[i].ds, &t.unwrap()));
             for (i, m) in members.iter().enumerate() {
                 assert!(grouped[i] == fingerprint(m.cfg, m.ds, &train::<Ad>(m.cfg, m.ds, &dev).unwrap()), "{opt:?}: member {i}");
@@ -380,7 +397,12 @@ mod tests {
             Member { cfg: &second, ds: &b },
         ];
         assert_ne!(small.count(Split::Train), a.count(Split::Train));
-        assert_eq!(stacks(&members), vec![vec![0, 3], vec![1], vec![2]]);
+        assert_eq!(stacks(&members, None), vec![vec![0, 3], vec![1], vec![2]]);
+        // A budget of two members' activations splits the stack of three lined-up members.
+        let budget = Some(2 * largest_activation_bytes(&members[0]));
+        let lined_up = [members[0], members[3], members[0]];
+        assert_eq!(stacks(&lined_up, budget), vec![vec![0, 1], vec![2]]);
+        assert_eq!(stacks(&lined_up, Some(1)), vec![vec![0], vec![1], vec![2]]);
         let grouped = train_group::<Ad, _>(&members, &dev, &|_, _| {}, &|i, t| fingerprint(members[i].cfg, members[i].ds, &t.unwrap()));
         for (i, m) in members.iter().enumerate() {
             assert!(grouped[i] == fingerprint(m.cfg, m.ds, &train::<Ad>(m.cfg, m.ds, &dev).unwrap()), "member {i}");

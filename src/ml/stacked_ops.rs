@@ -36,6 +36,12 @@ use super::fast_ops::{FastOps, conv_shape, conv1x1_shape, flex_from, values};
 /// Layers of K stacked models (see the module docs for the layout). Defaults are burn's
 /// operations (a grouped convolution, a batched matmul).
 pub trait StackedOps: FastOps {
+    /// The most bytes a stack's largest activation may take, `None` for no limit: more
+    /// members form another stack, trained after it in the same task.
+    fn stack_budget() -> Option<usize> {
+        None
+    }
+
     /// Per member `relu(conv3x3(x_m, w_m) + b_m)` (or without the ReLU), stride 1, padding 1.
     /// # Shapes
     /// x [K*N, Cin, H, W], weight [K*Co, Cin, 3, 3], bias [K*Co] -> [K*N, Co, H, W]
@@ -173,6 +179,18 @@ fn per_member<T: Send>(members: usize, f: impl Fn(usize) -> T + Sync + Send) -> 
     (0..members).into_par_iter().map(f).collect()
 }
 
+/// A stacked output of `len` floats whose member m's part `f(m, part)` writes, members in
+/// parallel (no serial copy of a large tensor), with each member's other results in order.
+fn per_member_into<T: Send>(members: usize, len: usize, f: impl Fn(usize, &mut [f32]) -> T + Sync + Send) -> (Vec<f32>, Vec<T>) {
+    let mut out = vec![0f32; len];
+    let each = len / members.max(1);
+    if each == 0 {
+        return (out, (0..members).map(|m| f(m, &mut [])).collect());
+    }
+    let rest = out.par_chunks_mut(each).enumerate().map(|(m, part)| f(m, part)).collect();
+    (out, rest)
+}
+
 /// Member m's part of a stacked slice of `members` equal parts.
 fn part(v: &[f32], members: usize, m: usize) -> &[f32] {
     let len = v.len() / members;
@@ -191,6 +209,14 @@ fn member_conv1x1_shape(x: [usize; 4], weight: [usize; 4], members: usize) -> Co
 }
 
 impl StackedOps for Autodiff<Flex> {
+    /// glibc serves allocations above 32 MiB (its largest mmap threshold, which `malloc_tuning`
+    /// sets) with fresh mmaps, so a stacked activation above it is paged in anew every step:
+    /// measured at 64x64 with K = 16 (`camflow bench fuse`), 18% of the CPU time went to the
+    /// kernel's page faults and the stack trained at 0.84x the total throughput of one model.
+    fn stack_budget() -> Option<usize> {
+        Some(32 << 20)
+    }
+
     fn conv3x3_stacked(
         x: Tensor<Self, 4>,
         weight: Tensor<Self, 4>,
@@ -201,16 +227,11 @@ impl StackedOps for Autodiff<Flex> {
         let s = member_conv_shape(x.dims(), weight.dims(), members);
         let (x, weight, bias) = (x.into_primitive().tensor(), weight.into_primitive().tensor(), bias.into_primitive().tensor());
         let (xv, wv, bv) = (x.primitive.to_contiguous(), weight.primitive.to_contiguous(), bias.primitive.to_contiguous());
-        let parts = per_member(members, |m| {
-            kernels::conv3x3_forward(
-                s,
-                part(values(&xv), members, m),
-                part(values(&wv), members, m),
-                part(values(&bv), members, m),
-                with_relu,
-            )
+        let (out, _) = per_member_into(members, members * s.batch * s.out_channels * s.height * s.width, |m, dst| {
+            let (x, w, b) = (part(values(&xv), members, m), part(values(&wv), members, m), part(values(&bv), members, m));
+            kernels::conv3x3_forward_into(s, x, w, b, with_relu, dst)
         });
-        let out = flex_from(parts.concat(), &[members * s.batch, s.out_channels, s.height, s.width]);
+        let out = flex_from(out, &[members * s.batch, s.out_channels, s.height, s.width]);
         let tracked = match StackedConv3x3Backward
             .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone(), bias.node.clone()])
             .compute_bound()
@@ -229,8 +250,10 @@ impl StackedOps for Autodiff<Flex> {
         let [kn, _, h, w] = x.dims();
         let (x, weight) = (x.into_primitive().tensor(), weight.into_primitive().tensor());
         let (xv, wv) = (x.primitive.to_contiguous(), weight.primitive.to_contiguous());
-        let parts = per_member(members, |m| kernels::conv1x1_forward(s, part(values(&xv), members, m), part(values(&wv), members, m)));
-        let out = flex_from(parts.concat(), &[kn, s.out_channels, h, w]);
+        let (out, _) = per_member_into(members, kn * s.out_channels * h * w, |m, dst| {
+            dst.copy_from_slice(&kernels::conv1x1_forward(s, part(values(&xv), members, m), part(values(&wv), members, m)))
+        });
+        let out = flex_from(out, &[kn, s.out_channels, h, w]);
         let tracked =
             match StackedConv1x1Backward.prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
@@ -252,23 +275,14 @@ impl StackedOps for Autodiff<Flex> {
         let (n, c, hw) = (dims[0] / members, dims[1], dims[2] * dims[3]);
         let (x, gamma, beta) = (x.into_primitive().tensor(), gamma.into_primitive().tensor(), beta.into_primitive().tensor());
         let (xv, gv, bv) = (x.primitive.to_contiguous(), gamma.primitive.to_contiguous(), beta.primitive.to_contiguous());
-        let parts = per_member(members, |m| {
-            kernels::batch_norm_forward(
-                part(values(&xv), members, m),
-                n,
-                hw,
-                part(values(&gv), members, m),
-                part(values(&bv), members, m),
-                eps as f32,
-            )
+        let (y, stats) = per_member_into(members, values(&xv).len(), |m, dst| {
+            let (x, g, b) = (part(values(&xv), members, m), part(values(&gv), members, m), part(values(&bv), members, m));
+            let (y, mean, var) = kernels::batch_norm_forward(x, n, hw, g, b, eps as f32);
+            dst.copy_from_slice(&y);
+            (mean, var)
         });
-        let (mut y, mut mean, mut var) =
-            (Vec::with_capacity(values(&xv).len()), Vec::with_capacity(members * c), Vec::with_capacity(members * c));
-        for (ym, mm, vm) in parts {
-            y.extend(ym);
-            mean.extend(mm);
-            var.extend(vm);
-        }
+        let (mean, var): (Vec<Vec<f32>>, Vec<Vec<f32>>) = stats.into_iter().unzip();
+        let (mean, var) = (mean.concat(), var.concat());
         let out = flex_from(y, &dims);
         let state = StackedBatchNormState {
             x: xv,
@@ -367,18 +381,17 @@ impl Backward<Flex, 3> for StackedConv3x3Backward {
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         let st = ops.state;
         let (s, k) = (st.shape, st.members);
-        let want_x = node_x.is_some();
-        let parts = per_member(k, |m| {
-            let (x, w, out, g) =
-                (part(values(&st.x), k, m), part(values(&st.weight), k, m), part(values(&st.out), k, m), part(values(&grad), k, m));
-            kernels::conv3x3_backward(s, x, w, out, st.with_relu, g, want_x)
-        });
-        let (mut dx, mut dw, mut db) = (Vec::new(), Vec::new(), Vec::new());
-        for g in parts {
-            dx.extend(g.x.unwrap_or_default());
-            dw.extend(g.weight);
-            db.extend(g.bias);
-        }
+        let member = |m: usize, dx: Option<&mut [f32]>| {
+            let (x, w, out) = (part(values(&st.x), k, m), part(values(&st.weight), k, m), part(values(&st.out), k, m));
+            kernels::conv3x3_backward_into(s, x, w, out, st.with_relu, part(values(&grad), k, m), dx)
+        };
+        let (dx, parts) = if node_x.is_some() {
+            per_member_into(k, values(&st.x).len(), |m, dst| member(m, Some(dst)))
+        } else {
+            (Vec::new(), per_member(k, |m| member(m, None)))
+        };
+        let (dw, db): (Vec<Vec<f32>>, Vec<Vec<f32>>) = parts.into_iter().unzip();
+        let (dw, db) = (dw.concat(), db.concat());
         if let Some(node) = node_x {
             grads.register::<Flex>(node.id, flex_from(dx, &[k * s.batch, s.in_channels, s.height, s.width]));
         }
@@ -412,20 +425,15 @@ impl Backward<Flex, 2> for StackedConv1x1Backward {
         let st = ops.state;
         let k = st.members;
         let want_x = node_x.is_some();
-        let parts = per_member(k, |m| {
-            kernels::conv1x1_backward(
-                st.shape,
-                part(values(&st.x), k, m),
-                part(values(&st.weight), k, m),
-                part(values(&grad), k, m),
-                want_x,
-            )
+        let (dx, dw) = per_member_into(k, if want_x { values(&st.x).len() } else { 0 }, |m, dst| {
+            let (x, w, g) = (part(values(&st.x), k, m), part(values(&st.weight), k, m), part(values(&grad), k, m));
+            let (dx, dw) = kernels::conv1x1_backward(st.shape, x, w, g, want_x);
+            if let Some(dx) = dx {
+                dst.copy_from_slice(&dx);
+            }
+            dw
         });
-        let (mut dx, mut dw) = (Vec::new(), Vec::new());
-        for (x, w) in parts {
-            dx.extend(x.unwrap_or_default());
-            dw.extend(w);
-        }
+        let dw = dw.concat();
         if let Some(node) = node_x {
             grads.register::<Flex>(node.id, flex_from(dx, &st.x_dims));
         }
@@ -459,24 +467,15 @@ impl Backward<Flex, 3> for StackedBatchNormBackward {
         let st = ops.state;
         let [kn, c, h, w] = st.dims;
         let k = st.members;
-        let parts = per_member(k, |m| {
-            kernels::batch_norm_backward(
-                part(values(&st.x), k, m),
-                kn / k,
-                h * w,
-                part(values(&st.gamma), k, m),
-                part(&st.mean, k, m),
-                part(&st.var, k, m),
-                st.eps,
-                part(values(&grad), k, m),
-            )
+        let (dx, parts) = per_member_into(k, values(&st.x).len(), |m, dst| {
+            let (x, gamma, g) = (part(values(&st.x), k, m), part(values(&st.gamma), k, m), part(values(&grad), k, m));
+            let (mean, var) = (part(&st.mean, k, m), part(&st.var, k, m));
+            let (dx, dgamma, dbeta) = kernels::batch_norm_backward(x, kn / k, h * w, gamma, mean, var, st.eps, g);
+            dst.copy_from_slice(&dx);
+            (dgamma, dbeta)
         });
-        let (mut dx, mut dgamma, mut dbeta) = (Vec::new(), Vec::new(), Vec::new());
-        for (x, g, b) in parts {
-            dx.extend(x);
-            dgamma.extend(g);
-            dbeta.extend(b);
-        }
+        let (dgamma, dbeta): (Vec<Vec<f32>>, Vec<Vec<f32>>) = parts.into_iter().unzip();
+        let (dgamma, dbeta) = (dgamma.concat(), dbeta.concat());
         if let Some(node) = node_x {
             grads.register::<Flex>(node.id, flex_from(dx, &st.dims));
         }
