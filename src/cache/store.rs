@@ -781,7 +781,7 @@ impl Store {
 
     /// Publishes a record first-writer-wins: if the key already has a valid record (another
     /// process, on another host, finished it first) that one is kept and returned, and this
-    /// one is dropped; a corrupt one is replaced atomically. Use it for every record but a
+    /// one is dropped; a corrupt one, or one whose objects are gone, is replaced atomically. Use it for every record but a
     /// `--force`d rerun's, which must replace the old one ([`Store::write_record`]). Without a
     /// lock that excludes other hosts (a lease lost to a stalled node), two writers of one key
     /// thus agree on one record, and whoever lost uses the winner's outputs.
@@ -797,14 +797,19 @@ impl Store {
                 return Ok(Published::Written);
             }
             match self.load_record(&rec.key) {
-                Ok(Some(existing)) => return Ok(Published::Kept(Box::new(existing))),
+                Ok(Some(existing)) => match existing.outputs.values().map(|r| self.check_object(r, false)).find(Result::is_err) {
+                    None => return Ok(Published::Kept(Box::new(existing))),
+                    Some(Err(ObjectProblem::Io(e))) => return Err(e),
+                    // Its objects are gone or damaged (gc, a disk error): no result to hand a
+                    // writer, so it is replaced like a corrupt record, below.
+                    Some(_) => {}
+                },
                 Ok(None) => continue,
-                Err(RecordError::Invalid { .. }) => {
-                    tmp.persist(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e.error })?;
-                    return Ok(Published::Written);
-                }
+                Err(RecordError::Invalid { .. }) => {}
                 Err(RecordError::Io(e)) => return Err(e),
             }
+            tmp.persist(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e.error })?;
+            return Ok(Published::Written);
         }
         Err(StoreError::Io { path, source: std::io::Error::other("the record kept disappearing while it was published") })
     }
@@ -1336,6 +1341,23 @@ mod tests {
         edit_record(&s, &a.key, false, |v| v["metrics"]["accuracy"] = Json::from(0.99));
         assert!(matches!(s.publish_record(&a).unwrap(), Published::Written));
         assert_eq!(s.load_record(&a.key).unwrap().unwrap(), a);
+    }
+
+    #[test]
+    fn a_published_record_whose_objects_are_gone_is_replaced_by_the_next_publisher() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let a = sample(&s);
+        assert!(matches!(s.publish_record(&a).unwrap(), Published::Written));
+        fs::remove_file(s.object_path(&a.outputs["out"].digest).unwrap()).unwrap();
+        let mut b = a.clone();
+        let src = s.tmp_dir().join("out2");
+        fs::write(&src, b"other output bytes").unwrap();
+        b.outputs.insert("out".into(), s.put_file(&src).unwrap());
+        assert!(matches!(s.publish_record(&b).unwrap(), Published::Written), "a record without its objects was kept");
+        assert_eq!(s.load_record(&a.key).unwrap().unwrap(), b);
+        // With its objects in place, a record is kept as before.
+        assert!(matches!(s.publish_record(&a).unwrap(), Published::Kept(r) if *r == b));
     }
 
     #[test]

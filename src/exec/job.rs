@@ -75,7 +75,7 @@ pub(crate) struct StageRun {
 }
 
 impl Job {
-    fn label(&self) -> &str {
+    pub(crate) fn label(&self) -> &str {
         &self.input.instances[self.idx].label
     }
 

@@ -101,7 +101,8 @@ impl Runner for LocalRunner {
         job.device = gpu.as_ref().map_or(0, |g| g.device);
         let i = job.idx;
         self.holding.insert(i, (want_cpu, gpu));
-        self.set.spawn_blocking(move || vec![(i, job.run())]);
+        let who = vec![(i, job.label().to_string())];
+        self.set.spawn_blocking(move || guarded(who, || vec![(i, job.run())]));
     }
 
     async fn flush(&mut self) {
@@ -137,7 +138,8 @@ impl Runner for LocalRunner {
             {
                 let _ = tx.send(Event::Fused { idxs: group.clone() });
             }
-            self.set.spawn_blocking(move || fusion::run_group(members));
+            let who = members.iter().map(|j| (j.idx, j.label().to_string())).collect();
+            self.set.spawn_blocking(move || guarded(who, || fusion::run_group(members)));
         }
         self.waiting = waiting.into_values().collect();
     }
@@ -176,4 +178,37 @@ impl Runner for LocalRunner {
     /// Blocking stage threads cannot be stopped: they are abandoned (every cache write is
     /// atomic, so nothing partial is left), and `run` returns at once.
     async fn interrupt(&mut self) {}
+}
+
+/// Runs a task's jobs so that a panic anywhere in it (claiming, publishing: the stage itself
+/// is already caught by `Job::run`) becomes an error of each of its instances (`who`: index
+/// and label): their slots are given back in `next` and the run goes on like after any
+/// failure, instead of stopping with the slots held.
+fn guarded(who: Vec<(usize, String)>, task: impl FnOnce() -> Vec<(usize, Result<Done, JobError>)>) -> Vec<(usize, Result<Done, JobError>)> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)) {
+        Ok(results) => results,
+        Err(panic) => {
+            let why = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            who.into_iter().map(|(i, label)| (i, Err(JobError { msg: format!("{label}: camflow panicked: {why}"), log: None, cache: false }))).collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_task_fails_each_of_its_instances_instead_of_the_run() {
+        let who = vec![(3, "retrain[a]".to_string()), (5, "retrain[b]".to_string())];
+        let out = guarded(who, || panic!("publish went wrong"));
+        let got: Vec<(usize, String)> = out.into_iter().map(|(i, r)| (i, r.err().map(|e| e.msg).unwrap_or_default())).collect();
+        assert_eq!(
+            got,
+            vec![(3, "retrain[a]: camflow panicked: publish went wrong".into()), (5, "retrain[b]: camflow panicked: publish went wrong".into())]
+        );
+        // A task that returns is passed through untouched.
+        let out = guarded(vec![(1, "x".into())], || vec![(1, Err(JobError { msg: "failed".into(), log: None, cache: true }))]);
+        assert!(matches!(&out[..], [(1, Err(e))] if e.msg == "failed" && e.cache));
+    }
 }

@@ -209,12 +209,15 @@ fn member_conv1x1_shape(x: [usize; 4], weight: [usize; 4], members: usize) -> Co
 }
 
 impl StackedOps for Autodiff<Flex> {
-    /// glibc serves allocations above 32 MiB (its largest mmap threshold, which `malloc_tuning`
-    /// sets) with fresh mmaps, so a stacked activation above it is paged in anew every step:
-    /// measured at 64x64 with K = 16 (`camflow bench fuse`), 18% of the CPU time went to the
-    /// kernel's page faults and the stack trained at 0.84x the total throughput of one model.
+    /// glibc serves allocations of 32 MiB and more (its largest mmap threshold, which
+    /// `malloc_tuning` sets) with fresh mmaps, so a stacked tensor that large is paged in anew
+    /// every step: measured at 64x64 with K = 16 (`camflow bench fuse`), 18% of the CPU time
+    /// went to the kernel's page faults and the stack trained at 0.84x the total throughput of
+    /// one model. Half of it leaves room for the tensors a step holds beside the largest
+    /// activation (on the paper pipeline's retrainings a 32 MiB budget still doubled the
+    /// system time, 16 MiB did not).
     fn stack_budget() -> Option<usize> {
-        Some(32 << 20)
+        Some(16 << 20)
     }
 
     fn conv3x3_stacked(
