@@ -16,7 +16,8 @@
 #   shared      the same with train, cams and retrain on a quarter GPU each (fractional slots)
 #   fuse        fused vs unfused training throughput, K = 1, 2, 4, 8, 16, 24 at 64x64
 #               (`bench fuse`; recorded as missing if this camflow has no such command)
-#   lgg         an LGG-scale synthetic study (3,929 images at 128x128, the lgg.yaml grid)
+#   lgg         an LGG-scale synthetic study (3,929 images at 128x128, the lgg.yaml grid),
+#               fused: same-shaped trainings stacked, up to GPU_CHECK_FUSE of them
 #   cpu-locked  `run --locked` of the paper pipeline on this machine's CPU: the portable CPU
 #               profile must reproduce the shipped lock's bytes on another CPU
 # Settings (environment):
@@ -26,6 +27,7 @@
 #   GPU_CHECK_PARTS    a subset of the parts above, space-separated
 #   GPU_CHECK_TIMEOUT_<PART>  seconds for one part (defaults below: ~15 minutes in all);
 #                      <PART> upper case, `-` as `_` (GPU_CHECK_TIMEOUT_CPU_LOCKED)
+#   GPU_CHECK_FUSE    the lgg part's `--fuse` (default 24; `off` runs every training alone)
 #   GPU_CHECK_TINY=1   a smoke test of this script on any machine: tiny sizes, CPU backend
 #                      allowed (GPU_CHECK_BACKEND=cpu); its figures mean nothing
 set -uo pipefail   # no -e: a failing part is recorded, and the next one runs
@@ -145,8 +147,10 @@ part_fuse() {
 }
 
 part_lgg() {
-  # Target (issue 10, one H100): under 5 minutes.
-  run_pipeline lgg lgg.yaml --backend "$BACKEND" "${LGG[@]}"
+  # Target (issue 10, one H100): under 5 minutes. The grid's retrainings of one architecture
+  # and seed stack into one model per group (`--fuse`): HFTA's gain is what this part measures.
+  echo "fuse: ${GPU_CHECK_FUSE:-24}"
+  run_pipeline lgg lgg.yaml --backend "$BACKEND" --fuse "${GPU_CHECK_FUSE:-24}" "${LGG[@]}"
 }
 
 part_cpu_locked() {
