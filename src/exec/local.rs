@@ -70,6 +70,27 @@ impl LocalRunner {
         self.demands.get(idx).copied().unwrap_or_default()
     }
 
+    /// What a fused group asks of the GPUs (see `flush`).
+    fn group_demand(&self, group: &[usize]) -> Demand {
+        if let [one] = group {
+            return self.demand(*one);
+        }
+        let demands: Vec<Demand> = group.iter().map(|&i| self.demand(i)).collect();
+        let share: u32 = demands
+            .iter()
+            .map(|d| match d.share {
+                s if s.is_none() || s.is_fraction() => s.thousandths(),
+                _ => GpuShare::WHOLE,
+            })
+            .sum();
+        let memory = demands.iter().map(|d| d.memory).try_fold(0u64, |sum, m| m.map(|m| sum.saturating_add(m)));
+        if share >= GpuShare::WHOLE {
+            Demand { share: GpuShare::whole(1), memory: None }
+        } else {
+            Demand { share: GpuShare::from_thousandths(share), memory }
+        }
+    }
+
     fn fusion_key(&self, idx: usize, _res: &Resources) -> Option<&String> {
         self.fusion_keys.get(idx).and_then(Option::as_ref)
     }
@@ -117,11 +138,12 @@ impl Runner for LocalRunner {
             if want_cpu > self.cpu_free {
                 continue;
             }
-            // A group with a GPU member is one stacked model K times one member's size: it
-            // takes a whole device, whatever fractions its members asked for alone.
+            // A group on a GPU is one stacked model as large as its members together: it asks
+            // for the sum of their shares and memory estimates, at most one device (a group of
+            // one asks for what its instance asks alone).
             let on_gpu = group.iter().filter_map(|i| waiting.get(i)).any(|(_, r)| !r.gpu.is_none());
             let gpu = if on_gpu {
-                match self.gpus.acquire(&Demand { share: GpuShare::whole(1), memory: None }) {
+                match self.gpus.acquire(&self.group_demand(&group)) {
                     Some(g) => Some(g),
                     None => continue,
                 }
@@ -197,6 +219,21 @@ fn guarded(who: Vec<(usize, String)>, task: impl FnOnce() -> Vec<(usize, Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fused group on a GPU asks for its members' shares and memory together, at most one
+    /// device; a group of one asks what its instance asks alone.
+    #[test]
+    fn a_gpu_group_asks_for_its_members_together() {
+        let quarter = |mb: u64| Demand { share: GpuShare::from_thousandths(250), memory: Some(mb << 20) };
+        let whole = Demand { share: GpuShare::whole(1), memory: None };
+        let demands = vec![quarter(100), quarter(200), quarter(300), quarter(400), quarter(500), whole];
+        let r = LocalRunner::new(2, GpuPool::new(1, Some(8 << 30)), demands);
+        assert_eq!(r.group_demand(&[1]), quarter(200));
+        assert_eq!(r.group_demand(&[0, 1]), Demand { share: GpuShare::from_thousandths(500), memory: Some(300 << 20) });
+        assert_eq!(r.group_demand(&[0, 1, 2, 3]), whole);
+        assert_eq!(r.group_demand(&[0, 1, 2, 3, 4]), whole);
+        assert_eq!(r.group_demand(&[0, 5]), whole);
+    }
 
     #[test]
     fn a_panicking_task_fails_each_of_its_instances_instead_of_the_run() {

@@ -42,14 +42,13 @@ pub struct Member<'a> {
 }
 
 /// What must be equal for members to take their steps together.
-fn stack_key(m: &Member<'_>) -> (String, [u64; 3], usize, usize, usize) {
+fn stack_key(m: &Member<'_>) -> (String, [u64; 3], [usize; 3], [usize; 3]) {
     let c = m.cfg;
     (
         format!("{:?} {:?}", c.arch, c.optimizer),
         [c.lr.to_bits(), c.weight_decay.to_bits(), c.momentum.to_bits()],
-        c.epochs,
-        c.batch_size,
-        m.ds.count(Split::Train),
+        [c.epochs, c.batch_size, m.ds.count(Split::Train)],
+        [m.ds.channels, m.ds.height, m.ds.width],
     )
 }
 
@@ -118,7 +117,8 @@ where
             trained[i] = Some(r);
         }
     }
-    trained.into_par_iter().enumerate().filter_map(|(i, r)| r.map(|r| finish(i, r))).collect()
+    // Every member is in exactly one stack; a result missing all the same fails only its own.
+    trained.into_par_iter().enumerate().map(|(i, r)| finish(i, r.unwrap_or(Err(TrainError::NotTrained)))).collect()
 }
 
 /// Trains `members` (whose [`stack_key`]s are equal) as one stacked model from their initial
@@ -218,7 +218,7 @@ impl<B: TrainBackend> WithOptimizer<B, StackedClassifier<B>> for Stack<'_, B> {
                     logits.argmax(1).reshape([k * n]).equal(y).int().into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default();
                 let values = losses.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
                 for m in 0..k {
-                    correct[m] += hits[m * n..(m + 1) * n].iter().sum::<i64>() as usize;
+                    correct[m] += hits.get(m * n..(m + 1) * n).map_or(0, |h| h.iter().sum::<i64>()) as usize;
                     loss_sum[m] += values.get(m).copied().unwrap_or(f32::NAN).elem::<f64>() * n as f64;
                 }
                 seen += n;
@@ -308,7 +308,9 @@ mod tests {
     }
 
     fn fingerprint(cfg: &TrainConfig, ds: &Dataset, t: &Trained<Flex>) -> Fingerprint {
-        let logs = |e: &EpochLog| [e.loss.to_bits(), e.accuracy.to_bits(), e.val_loss.unwrap_or(f64::NAN).to_bits()];
+        let logs = |e: &EpochLog| {
+            [e.loss.to_bits(), e.accuracy.to_bits(), e.val_loss.unwrap_or(f64::NAN).to_bits(), e.val_accuracy.unwrap_or(f64::NAN).to_bits()]
+        };
         let (_, probs) = evaluate(&t.model, ds, Split::Test, cfg.batch_size);
         (
             to_safetensors(&cfg.arch, &t.model).unwrap(),
@@ -341,8 +343,10 @@ mod tests {
             assert_ne!(alone[0].0, alone[1].0, "{}", arch.name);
             for k in 1..=3 {
                 let members: Vec<Member> = cfgs.iter().zip(&data).take(k).map(|(cfg, ds)| Member { cfg, ds }).collect();
-                // All K train as one stacked model (not one after another).
+                // All K train as one stacked model (not one after another), which can be built.
                 assert_eq!(stacks(&members, Ad::stack_budget()), vec![(0..k).collect::<Vec<_>>()], "{}", arch.name);
+                let models: Vec<_> = cfgs.iter().take(k).map(|c| seeded_init::<Ad>(&c.arch, c.seed, &dev)).collect();
+                assert!(crate::ml::stacked::StackedClassifier::stack(&arch, &models).is_ok(), "{}", arch.name);
                 let grouped =
                     train_group::<Ad, _>(&members, &dev, &|_, _| {}, &|i, t| fingerprint(members[i].cfg, members[i].ds, &t.unwrap()));
                 for (i, g) in grouped.iter().enumerate() {
@@ -407,6 +411,53 @@ mod tests {
         for (i, m) in members.iter().enumerate() {
             assert!(grouped[i] == fingerprint(m.cfg, m.ds, &train::<Ad>(m.cfg, m.ds, &dev).unwrap()), "member {i}");
         }
+    }
+
+    /// Members of one stack that differ in everything a stack keeps per member: class weights
+    /// (none, balanced over other label counts), flips on and off, a member without a
+    /// validation split, another image set. Each still gives its bytes alone.
+    #[test]
+    fn members_of_one_stack_keep_their_own_weights_flips_labels_and_validation() {
+        let dev = Default::default();
+        let arch = ArchConfig::vgg(1, vec![4, 8], true);
+        let base = config(&arch, 1, OptimizerKind::Adam);
+        let plain = TrainConfig { class_weights: ClassWeights::None, flip: false, seed: 2, ..base.clone() };
+        let third = TrainConfig { seed: 3, ..base.clone() };
+        let a = dataset(51);
+        // No validation split (its images go to test: the training set is unchanged).
+        let mut b = dataset(52);
+        for s in &mut b.samples {
+            if s.split == Split::Val {
+                s.split = Split::Test;
+            }
+        }
+        // Other labels in training: other balanced class weights.
+        let mut c = dataset(53);
+        for s in c.samples.iter_mut().filter(|s| s.split == Split::Train).take(3) {
+            s.label = 1 - s.label;
+        }
+        assert_eq!(b.count(Split::Val), 0);
+        let members = [Member { cfg: &base, ds: &a }, Member { cfg: &plain, ds: &b }, Member { cfg: &third, ds: &c }];
+        assert_eq!(stacks(&members, Ad::stack_budget()), vec![vec![0, 1, 2]]);
+        let grouped = train_group::<Ad, _>(&members, &dev, &|_, _| {}, &|i, t| fingerprint(members[i].cfg, members[i].ds, &t.unwrap()));
+        for (i, m) in members.iter().enumerate() {
+            assert!(grouped[i] == fingerprint(m.cfg, m.ds, &train::<Ad>(m.cfg, m.ds, &dev).unwrap()), "member {i}");
+        }
+    }
+
+    /// Members with other image sizes never share a stack.
+    #[test]
+    fn members_with_other_image_sizes_do_not_stack() {
+        let arch = ArchConfig::vgg(1, vec![4, 8], false);
+        let cfg = config(&arch, 1, OptimizerKind::Adam);
+        let a = dataset(61);
+        let mut b = dataset(62);
+        b.height *= 2;
+        b.width *= 2;
+        for s in &mut b.samples {
+            s.image = s.image.iter().flat_map(|&v| [v, v, v, v]).collect();
+        }
+        assert_eq!(stacks(&[Member { cfg: &cfg, ds: &a }, Member { cfg: &cfg, ds: &b }], None), vec![vec![0], vec![1]]);
     }
 
     /// A member that cannot train fails alone; the others still train.

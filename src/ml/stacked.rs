@@ -123,8 +123,15 @@ impl<B: Backend> StackedClassifier<B> {
     /// Stacks `models` (all of `arch`), member m at rows m of every parameter.
     pub fn stack(arch: &ArchConfig, models: &[Classifier<B>]) -> Result<Self, StackError> {
         let first = models.first().ok_or(StackError::Empty)?;
+        // Equal depth and equal parameter shapes, unit by unit and in the head.
+        let shapes = |c: &Classifier<B>| -> Vec<Vec<usize>> {
+            let mut v: Vec<Vec<usize>> = c.units.iter().map(|u| u.conv1.weight.dims().to_vec()).collect();
+            v.extend(c.units.iter().filter_map(|u| u.conv2.as_ref().map(|c| c.weight.dims().to_vec())));
+            v.push(c.fc.weight.dims().to_vec());
+            v
+        };
         for (m, model) in models.iter().enumerate() {
-            if model.units.len() != arch.units() || model.units.len() != first.units.len() {
+            if model.units.len() != arch.units() || shapes(model) != shapes(first) {
                 return Err(StackError::Mismatch(m));
             }
         }
@@ -165,7 +172,9 @@ impl<B: Backend> StackedClassifier<B> {
         }
         let put_conv = |c: &mut Conv2d<B>, s: &StackedConv<B>| {
             c.weight = c.weight.clone().map(|_| rows(s.weight.val(), k, m));
-            if let (Some(b), Some(sb)) = (c.bias.take(), &s.bias) {
+            if let Some(sb) = &s.bias
+                && let Some(b) = c.bias.take()
+            {
                 c.bias = Some(b.map(|_| rows(sb.val(), k, m)));
             }
         };
@@ -299,5 +308,9 @@ mod tests {
         let arch = ArchConfig::vgg(1, vec![4, 8], false);
         assert_eq!(StackedClassifier::stack(&arch, &[a, b]).err(), Some(StackError::Mismatch(1)));
         assert_eq!(StackedClassifier::<Flex>::stack(&arch, &[]).err(), Some(StackError::Empty));
+        // Same depth, other widths.
+        let c = seeded_init::<Flex>(&ArchConfig::vgg(1, vec![4, 16], false), 1, &dev);
+        let a = seeded_init::<Flex>(&arch, 1, &dev);
+        assert_eq!(StackedClassifier::stack(&arch, &[a, c]).err(), Some(StackError::Mismatch(1)));
     }
 }

@@ -182,10 +182,11 @@ fn per_member<T: Send>(members: usize, f: impl Fn(usize) -> T + Sync + Send) -> 
 /// A stacked output of `len` floats whose member m's part `f(m, part)` writes, members in
 /// parallel (no serial copy of a large tensor), with each member's other results in order.
 fn per_member_into<T: Send>(members: usize, len: usize, f: impl Fn(usize, &mut [f32]) -> T + Sync + Send) -> (Vec<f32>, Vec<T>) {
+    assert!(members > 0 && len % members == 0, "a stacked output of {len} values is not {members} equal parts");
     let mut out = vec![0f32; len];
-    let each = len / members.max(1);
+    let each = len / members;
     if each == 0 {
-        return (out, (0..members).map(|m| f(m, &mut [])).collect());
+        return (out, per_member(members, |m| f(m, &mut [])));
     }
     let rest = out.par_chunks_mut(each).enumerate().map(|(m, part)| f(m, part)).collect();
     (out, rest)
@@ -193,6 +194,7 @@ fn per_member_into<T: Send>(members: usize, len: usize, f: impl Fn(usize, &mut [
 
 /// Member m's part of a stacked slice of `members` equal parts.
 fn part(v: &[f32], members: usize, m: usize) -> &[f32] {
+    debug_assert!(v.len() % members == 0, "{} values are not {members} equal parts", v.len());
     let len = v.len() / members;
     &v[m * len..(m + 1) * len]
 }

@@ -68,6 +68,9 @@ pub enum TrainError {
     EmptyTrain,
     #[error("batch_size must be at least 1")]
     BatchSize,
+    /// A member of a fused group that its group did not train (a bug, reported per member).
+    #[error("the fused group did not train this member")]
+    NotTrained,
 }
 
 /// Stacks the images of `idx` into a `[n, C, H, W]` tensor, flipping those in `flip`.
