@@ -16,8 +16,9 @@
 //! the tests below check it for every architecture and optimizer.
 //!
 //! Members stack when their steps line up: same architecture, optimizer and its settings,
-//! epochs, batch size and number of training images. A member that differs (or is alone in
-//! its kind) trains alone, in the same call.
+//! epochs, batch size, number of training images and image size. A member that differs (or
+//! is alone in its kind) trains alone, in the same call; on the CPU a stack holds at most as
+//! many members as keep its largest activation within `StackedOps::stack_budget`.
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsParams, Optimizer};
