@@ -143,8 +143,10 @@ pub mod grouped {
 
     /// One loss per member (members of K rows each), concatenated.
     pub fn cross_entropy<B: FastOps>(logits: Tensor<B, 2>, targets: &[usize], weights: &[Option<Vec<f32>>]) -> Tensor<B, 1> {
-        let members = weights.len().max(1);
-        let n = logits.dims()[0] / members;
+        let members = weights.len();
+        let rows = logits.dims()[0];
+        assert!(members > 0 && rows % members == 0 && targets.len() == rows, "stacked cross-entropy: {rows} rows over {members} members");
+        let n = rows / members;
         let losses = (0..members)
             .map(|m| B::cross_entropy(logits.clone().narrow(0, m * n, n), &targets[m * n..(m + 1) * n], weights[m].as_deref()))
             .collect();
@@ -346,8 +348,9 @@ impl StackedOps for Autodiff<Flex> {
     }
 
     fn cross_entropy_stacked(logits: Tensor<Self, 2>, targets: &[usize], weights: &[Option<Vec<f32>>]) -> Tensor<Self, 1> {
-        let members = weights.len().max(1);
+        let members = weights.len();
         let dims = logits.dims();
+        assert!(members > 0 && dims[0] % members == 0 && targets.len() == dims[0], "stacked cross-entropy: {dims:?} over {members} members");
         let n = dims[0] / members;
         let logits = logits.into_primitive().tensor();
         let lv = logits.primitive.to_contiguous();
