@@ -53,8 +53,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     profile: Option<std::path::PathBuf>,
     /// Fused training: `off` (the default), or the largest group of same-shaped trainings run
-    /// as one task. On the CPU a fused member's bytes equal the member trained alone; it is
-    /// off by default because with burn 0.21 it is no faster there (README, "Fused training").
+    /// as one stacked model in one task (local executor). On the CPU a fused member's bytes
+    /// equal the member trained alone; it is off by default because a CPU whose cores one
+    /// training already fills gains little (README, "Fused training"); GPUs are where it pays.
     #[arg(long, value_name = "off|N", value_parser = parse_fuse)]
     fuse: Option<usize>,
 }
@@ -211,6 +212,10 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         // The workers run on other hosts, where `flock` is node-local or emulated: the
         // controller and every worker lock the cache with leases (`cache::lock`).
         crate::cache::lock::set_mode(crate::cache::lock::Locking::Lease);
+        if a.fuse.is_some_and(|n| n > 1) {
+            // Never silently: a user who asked for fusion learns it did not happen.
+            print_out("note: --fuse applies to the local executor; under Slurm every training runs as its own array task\n");
+        }
     }
     // Held shared for the whole run, so `gc` (exclusive) never removes a scratch folder or an
     // object from under a running job; a run started during a gc waits for it.

@@ -66,3 +66,13 @@ fn a_bad_fuse_setting_is_a_usage_error() {
         assert!(r.stderr().contains("expected `off` or a group size"), "--fuse {bad}: {}", r.stderr());
     }
 }
+
+/// Fusion is the local executor's: under Slurm, `--fuse` says it does not apply.
+#[test]
+fn fuse_under_slurm_says_it_does_not_apply() {
+    let p = Project::new(FUSABLE);
+    let out = p.run(&["--executor", "slurm", "--fuse", "4", "--dry-run"]).ok();
+    assert!(out.stdout().contains("note: --fuse applies to the local executor"), "{}", out.stdout());
+    let local = p.run(&["--fuse", "4", "--dry-run"]).ok();
+    assert!(!local.stdout().contains("--fuse applies"), "{}", local.stdout());
+}
