@@ -430,15 +430,16 @@ impl SlurmRunner {
             }
         }
         // Submissions with nothing left in the queue and nothing waited on: their records go.
-        // Another controller's record goes too once it is a minute older than this look at
-        // the queue (younger, its job may have been submitted after the look).
+        // Another controller's record of this user goes too once it is a minute older than
+        // this look at the queue ([`stale_record`]); another user's, never.
         if let Some(q) = &queue {
             let alive: HashSet<&str> = q.keys().map(|k| k.split('_').next().unwrap_or(k)).collect();
             let mut removed = false;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let own_uid = unsafe { libc::geteuid() };
             for (rec, path) in &self.others {
-                let old = std::fs::symlink_metadata(path)
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t + Duration::from_secs(60) < queue_at);
+                let Ok(meta) = std::fs::symlink_metadata(path) else { continue };
+                let old = meta.modified().is_ok_and(|t| stale_record(std::os::unix::fs::MetadataExt::uid(&meta), own_uid, t, queue_at));
                 if old && !alive.contains(rec.job_id.as_str()) && !self.known.contains_key(&rec.job_id) {
                     let _ = std::fs::remove_file(path);
                     let _ = std::fs::remove_file(&rec.job_file);
@@ -607,4 +608,29 @@ pub async fn execute(
     let local = LocalRunner::for_run(setup.local_jobs, &input, &catalog, &opts);
     let runner = SlurmRunner::new(setup, local, store.clone(), events.clone());
     super::execute_with(input, catalog, store, opts, events, runner).await
+}
+
+/// Whether another controller's submission record, owned by `owner` and last written at
+/// `written`, may be swept when its job is not in the queue seen at `queue_at`: only a record
+/// of this user (`squeue --me` shows no one else's jobs: another user's queued job, whose job
+/// file the sweep would delete, would then fail), and only a minute after it was written (a
+/// younger one's job may have been submitted after that look).
+fn stale_record(owner: u32, own_uid: u32, written: std::time::SystemTime, queue_at: std::time::SystemTime) -> bool {
+    owner == own_uid && written + Duration::from_secs(60) < queue_at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another user's submission record is never swept (`squeue --me` cannot see its job);
+    /// this user's only a minute after it was written.
+    #[test]
+    fn only_this_users_minute_old_submission_records_are_swept() {
+        let now = std::time::SystemTime::now();
+        let minute_ago = now - Duration::from_secs(61);
+        assert!(stale_record(1000, 1000, minute_ago, now));
+        assert!(!stale_record(1001, 1000, minute_ago, now), "another user's record was swept");
+        assert!(!stale_record(1000, 1000, now - Duration::from_secs(30), now));
+    }
 }
