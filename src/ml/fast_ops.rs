@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
@@ -118,6 +119,13 @@ pub(super) fn flex_of<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
 pub(super) fn values(t: &FlexTensor) -> &[f32] {
     // Every tensor camflow builds is f32; anything else is a bug, caught by `dispatch`.
     t.as_slice::<f32>().expect("camflow's CPU kernels take contiguous f32 tensors")
+}
+
+/// Registers `values` (of `shape`) as the gradient of a parent `node`, when it is tracked.
+pub(super) fn register(grads: &mut Gradients, node: Option<NodeId>, values: Vec<f32>, shape: &[usize]) {
+    if let Some(id) = node {
+        grads.register::<Flex>(id, flex_from(values, shape));
+    }
 }
 
 pub(super) fn flex_from(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
@@ -232,12 +240,8 @@ impl Backward<Flex, 3> for Conv3x3Backward {
         if let (Some(node), Some(dx)) = (node_x, g.x) {
             grads.register::<Flex>(node.id, flex_from(dx, &[s.batch, s.in_channels, s.height, s.width]));
         }
-        if let Some(node) = node_weight {
-            grads.register::<Flex>(node.id, flex_from(g.weight, &[s.out_channels, s.in_channels, 3, 3]));
-        }
-        if let Some(node) = node_bias {
-            grads.register::<Flex>(node.id, flex_from(g.bias, &[s.out_channels]));
-        }
+        register(grads, node_weight.map(|n| n.id), g.weight, &[s.out_channels, s.in_channels, 3, 3]);
+        register(grads, node_bias.map(|n| n.id), g.bias, &[s.out_channels]);
     }
 }
 
@@ -404,9 +408,7 @@ impl Backward<Flex, 2> for Conv1x1Backward {
         if let (Some(node), Some(dx)) = (node_x, dx) {
             grads.register::<Flex>(node.id, flex_from(dx, &st.x_dims));
         }
-        if let Some(node) = node_weight {
-            grads.register::<Flex>(node.id, flex_from(dw, &[st.shape.out_channels, st.shape.in_channels, 1, 1]));
-        }
+        register(grads, node_weight.map(|n| n.id), dw, &[st.shape.out_channels, st.shape.in_channels, 1, 1]);
     }
 }
 
@@ -433,15 +435,9 @@ impl Backward<Flex, 3> for BatchNormBackward {
         let [n, c, h, w] = st.dims;
         let (dx, dgamma, dbeta) =
             kernels::batch_norm_backward(values(&st.x), n, h * w, values(&st.gamma), &st.mean, &st.var, st.eps, values(&grad));
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, flex_from(dx, &st.dims));
-        }
-        if let Some(node) = node_gamma {
-            grads.register::<Flex>(node.id, flex_from(dgamma, &[c]));
-        }
-        if let Some(node) = node_beta {
-            grads.register::<Flex>(node.id, flex_from(dbeta, &[c]));
-        }
+        register(grads, node_x.map(|n| n.id), dx, &st.dims);
+        register(grads, node_gamma.map(|n| n.id), dgamma, &[c]);
+        register(grads, node_beta.map(|n| n.id), dbeta, &[c]);
     }
 }
 
@@ -466,15 +462,9 @@ impl Backward<Flex, 3> for GapLinearBackward {
         let st = ops.state;
         let [_, k, h, w] = st.x_dims;
         let (dx, dw, db) = kernels::gap_linear_backward(&st.gap, h * w, values(&st.weight), values(&grad), st.outputs);
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, flex_from(dx, &st.x_dims));
-        }
-        if let Some(node) = node_weight {
-            grads.register::<Flex>(node.id, flex_from(dw, &[k, st.outputs]));
-        }
-        if let Some(node) = node_bias {
-            grads.register::<Flex>(node.id, flex_from(db, &[st.outputs]));
-        }
+        register(grads, node_x.map(|n| n.id), dx, &st.x_dims);
+        register(grads, node_weight.map(|n| n.id), dw, &[k, st.outputs]);
+        register(grads, node_bias.map(|n| n.id), db, &[st.outputs]);
     }
 }
 

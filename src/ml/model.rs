@@ -127,13 +127,15 @@ fn batch_norm<B: FastOps>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
         return bn.forward(x);
     }
     let (y, mean, var) = B::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
-    let m = bn.momentum;
-    let running = |state: &burn::module::RunningState<Tensor<B, 1>>, batch: Tensor<B, 1>| {
-        state.update(state.value_sync().mul_scalar(1.0 - m).add(batch.mul_scalar(m)).detach());
-    };
-    running(&bn.running_mean, mean);
-    running(&bn.running_var, var);
+    update_running(&bn.running_mean, mean, bn.momentum);
+    update_running(&bn.running_var, var, bn.momentum);
     y
+}
+
+/// burn's `BatchNorm` update of a running statistic from a batch's, element-wise (so a stacked
+/// model's members each get the update they would get alone).
+pub(super) fn update_running<B: Backend>(state: &burn::module::RunningState<Tensor<B, 1>>, batch: Tensor<B, 1>, momentum: f64) {
+    state.update(state.value_sync().mul_scalar(1.0 - momentum).add(batch.mul_scalar(momentum)).detach());
 }
 
 /// A 1x1 conv without bias through [`FastOps`]; any other through burn.

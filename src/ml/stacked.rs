@@ -15,7 +15,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 
-use super::model::{ArchConfig, Classifier, Unit};
+use super::model::{ArchConfig, Classifier, Unit, update_running};
 use super::stacked_ops::StackedOps;
 
 /// A stacked convolution: weight [K*Co, Cin, kh, kw], bias [K*Co] when the members have one.
@@ -212,12 +212,8 @@ impl<B: StackedOps> StackedNorm<B> {
     /// statistics as burn's `BatchNorm` does (element-wise, so per member).
     fn forward_train(&self, x: Tensor<B, 4>, members: usize) -> Tensor<B, 4> {
         let (y, mean, var) = B::batch_norm_train_stacked(x, self.gamma.val(), self.beta.val(), self.epsilon, members);
-        let m = self.momentum;
-        let running = |state: &RunningState<Tensor<B, 1>>, batch: Tensor<B, 1>| {
-            state.update(state.value_sync().mul_scalar(1.0 - m).add(batch.mul_scalar(m)).detach());
-        };
-        running(&self.running_mean, mean);
-        running(&self.running_var, var);
+        update_running(&self.running_mean, mean, self.momentum);
+        update_running(&self.running_var, var, self.momentum);
         y
     }
 }

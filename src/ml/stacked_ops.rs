@@ -31,7 +31,7 @@ use burn::tensor::{Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::cpu_kernels::{self as kernels, Conv1x1Shape, Conv3x3Shape};
-use super::fast_ops::{FastOps, conv_shape, conv1x1_shape, flex_from, values};
+use super::fast_ops::{FastOps, conv_shape, conv1x1_shape, flex_from, register, values};
 
 /// Layers of K stacked models (see the module docs for the layout). Defaults are burn's
 /// operations (a grouped convolution, a batched matmul).
@@ -400,15 +400,9 @@ impl Backward<Flex, 3> for StackedConv3x3Backward {
         };
         let (dw, db): (Vec<Vec<f32>>, Vec<Vec<f32>>) = parts.into_iter().unzip();
         let (dw, db) = (dw.concat(), db.concat());
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, flex_from(dx, &[k * s.batch, s.in_channels, s.height, s.width]));
-        }
-        if let Some(node) = node_weight {
-            grads.register::<Flex>(node.id, flex_from(dw, &[k * s.out_channels, s.in_channels, 3, 3]));
-        }
-        if let Some(node) = node_bias {
-            grads.register::<Flex>(node.id, flex_from(db, &[k * s.out_channels]));
-        }
+        register(grads, node_x.map(|n| n.id), dx, &[k * s.batch, s.in_channels, s.height, s.width]);
+        register(grads, node_weight.map(|n| n.id), dw, &[k * s.out_channels, s.in_channels, 3, 3]);
+        register(grads, node_bias.map(|n| n.id), db, &[k * s.out_channels]);
     }
 }
 
@@ -442,12 +436,8 @@ impl Backward<Flex, 2> for StackedConv1x1Backward {
             dw
         });
         let dw = dw.concat();
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, flex_from(dx, &st.x_dims));
-        }
-        if let Some(node) = node_weight {
-            grads.register::<Flex>(node.id, flex_from(dw, &[k * st.shape.out_channels, st.shape.in_channels, 1, 1]));
-        }
+        register(grads, node_x.map(|n| n.id), dx, &st.x_dims);
+        register(grads, node_weight.map(|n| n.id), dw, &[k * st.shape.out_channels, st.shape.in_channels, 1, 1]);
     }
 }
 
@@ -484,15 +474,9 @@ impl Backward<Flex, 3> for StackedBatchNormBackward {
         });
         let (dgamma, dbeta): (Vec<Vec<f32>>, Vec<Vec<f32>>) = parts.into_iter().unzip();
         let (dgamma, dbeta) = (dgamma.concat(), dbeta.concat());
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, flex_from(dx, &st.dims));
-        }
-        if let Some(node) = node_gamma {
-            grads.register::<Flex>(node.id, flex_from(dgamma, &[k * c]));
-        }
-        if let Some(node) = node_beta {
-            grads.register::<Flex>(node.id, flex_from(dbeta, &[k * c]));
-        }
+        register(grads, node_x.map(|n| n.id), dx, &st.dims);
+        register(grads, node_gamma.map(|n| n.id), dgamma, &[k * c]);
+        register(grads, node_beta.map(|n| n.id), dbeta, &[k * c]);
     }
 }
 
@@ -527,15 +511,9 @@ impl Backward<Flex, 3> for StackedGapLinearBackward {
             dw.extend(wgt);
             db.extend(b);
         }
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, flex_from(dx, &st.x_dims));
-        }
-        if let Some(node) = node_weight {
-            grads.register::<Flex>(node.id, flex_from(dw, &[k * kin, st.outputs]));
-        }
-        if let Some(node) = node_bias {
-            grads.register::<Flex>(node.id, flex_from(db, &[k * st.outputs]));
-        }
+        register(grads, node_x.map(|n| n.id), dx, &st.x_dims);
+        register(grads, node_weight.map(|n| n.id), dw, &[k * kin, st.outputs]);
+        register(grads, node_bias.map(|n| n.id), db, &[k * st.outputs]);
     }
 }
 
