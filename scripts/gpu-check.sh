@@ -9,23 +9,31 @@
 # then on the GPU machine (driver 580 / CUDA 13.0), from the project root:
 #   OUT=/some/dir scripts/gpu-check.sh [dist/camflow-cuda]
 #
-# Parts (GPU_CHECK_PARTS, in this order by default):
+# A lent GPU machine gives about 15 minutes in all, start included: the default parts and time
+# limits below add up to about 9.5 minutes, so one device call of 600 s runs them all.
+#
+# Parts (GPU_CHECK_PARTS; the default runs all but cpu-locked, in this order):
 #   device      nvidia-smi: GPU name, driver, memory
-#   ml          `bench ml` at 64 and 128 on the GPU backend (and the CPU's figure beside it)
-#   paper       the paper pipeline on the GPU backend: wall time and per-stage times
-#   shared      the same with train, cams and retrain on a quarter GPU each (fractional slots)
+#   kernels     the cold start: one small training process with no kernel cache, then twice
+#               with camflow's kernel cache (cold, warm). Every later part shares that cache
+#               (CAMFLOW_KERNEL_CACHE), so its figures are a second run's, not a first's
 #   fuse        fused vs unfused training throughput, K = 1, 2, 4, 8, 16, 24 at 64x64
-#               (`bench fuse`; recorded as missing if this camflow has no such command)
+#               (`bench fuse`, a row per K as it is measured, kernel warm-up timed apart)
+#   ml          `bench ml` at 64 and 128 on the GPU backend (and the CPU's figure at 64)
+#   paper       the paper pipeline on the GPU backend: wall time and per-stage times
+#   shared      the same with train, cams and retrain on a quarter GPU each (fractional slots;
+#               not in the default list)
 #   lgg         an LGG-scale synthetic study (3,929 images at 128x128, the lgg.yaml grid),
 #               fused: same-shaped trainings stacked, up to GPU_CHECK_FUSE of them
 #   cpu-locked  `run --locked` of the paper pipeline on this machine's CPU: the portable CPU
-#               profile must reproduce the shipped lock's bytes on another CPU
+#               profile must reproduce the shipped lock's bytes on another CPU (done on an
+#               H200 machine's 16-core Xeon on 2026-11-27: reproduced; not in the default list)
 # Settings (environment):
 #   OUT                where the summary goes (gpu-check-summary.md); else a temp folder,
 #                      printed at the end
 #   GPU_CHECK_BACKEND  cuda (default) or wgpu
 #   GPU_CHECK_PARTS    a subset of the parts above, space-separated
-#   GPU_CHECK_TIMEOUT_<PART>  seconds for one part (defaults below: ~15 minutes in all);
+#   GPU_CHECK_TIMEOUT_<PART>  seconds for one part (defaults below);
 #                      <PART> upper case, `-` as `_` (GPU_CHECK_TIMEOUT_CPU_LOCKED)
 #   GPU_CHECK_FUSE    the lgg part's `--fuse` (default 24; `off` runs every training alone)
 #   GPU_CHECK_TINY=1   a smoke test of this script on any machine: tiny sizes, CPU backend
@@ -36,7 +44,7 @@ BIN=${1:-dist/camflow-cuda}
 case "$BIN" in /*) ;; *) BIN="$PWD/$BIN" ;; esac
 ROOT=$PWD
 BACKEND=${GPU_CHECK_BACKEND:-cuda}
-PARTS=${GPU_CHECK_PARTS:-device ml paper shared fuse lgg cpu-locked}
+PARTS=${GPU_CHECK_PARTS:-device kernels fuse ml paper lgg}
 TINY=${GPU_CHECK_TINY:-}
 WORK=$(mktemp -d)
 trap '[ -n "${GPU_CHECK_KEEP:-}" ] || rm -rf "$WORK"' EXIT
@@ -55,26 +63,27 @@ fi
 
 default_timeout() {
   case "$1" in
-    device) echo 30 ;;
-    ml) echo 120 ;;
-    paper) echo 150 ;;
-    shared) echo 120 ;;
-    fuse) echo 150 ;;
-    lgg) echo 300 ;;
-    cpu-locked) echo 120 ;;
+    device) echo 20 ;;
+    kernels) echo 120 ;;
+    fuse) echo 120 ;;
+    ml) echo 60 ;;
+    paper) echo 90 ;;
+    shared) echo 90 ;;
+    lgg) echo 150 ;;
+    cpu-locked) echo 70 ;;
     *) echo 300 ;;
   esac
 }
 
 # Sizes: the issue's, or tiny ones for a smoke test of the script itself.
 if [ -n "$TINY" ]; then
-  ML_SIZES="16 32"; ML_REPS=2
+  ML_SIZES="16 32"; ML_REPS=2; KERNELS_SIZE=16
   FUSE_K=1,2,4; FUSE_ARGS=(--size 16 --images 32)
   SMALL=(--set stages.data.params.count=40 --set stages.data.params.image_size=16 --set stages.train.params.epochs=1 --set stages.train.seeds=1)
   LGG=(--set stages.data.params.source=synthetic --set stages.data.params.channel=gray --set stages.data.params.count=40
        --set stages.data.params.image_size=16 --set stages.train.params.epochs=1 --set stages.train.seeds=1)
 else
-  ML_SIZES="64 128"; ML_REPS=20
+  ML_SIZES="64 128"; ML_REPS=10; KERNELS_SIZE=64
   FUSE_K=1,2,4,8,16,24; FUSE_ARGS=(--size 64)
   SMALL=()
   # lgg.yaml's grid and training (30 epochs, 3 seeds, 2 architectures) on phantoms of the
@@ -119,7 +128,29 @@ part_ml() {
   local rc=0
   for size in $ML_SIZES; do
     "$BIN" bench ml --size "$size" --backend "$BACKEND" --reps "$ML_REPS" || rc=1
-    [ "$BACKEND" = cpu ] || "$BIN" bench ml --size "$size" --backend cpu --reps $(( ML_REPS < 5 ? ML_REPS : 5 )) || rc=1
+  done
+  # The CPU's figure beside the GPU's, at the smaller size.
+  [ "$BACKEND" = cpu ] || "$BIN" bench ml --size "${ML_SIZES%% *}" --backend cpu --reps $(( ML_REPS < 5 ? ML_REPS : 5 )) || rc=1
+  return $rc
+}
+
+part_kernels() {
+  # What a GPU backend's first use costs a process (kernels compiled at run time, convolutions
+  # and matrix products autotuned), and what camflow's kernel cache saves the next process.
+  # One small training each (`bench fuse --k 1`): its warmup_s is the cold part.
+  local args=(bench fuse --k 1 --size "$KERNELS_SIZE" --images 64 --backend "$BACKEND")
+  local rc=0 mode start end
+  mkdir -p "$WORK/nocache-cwd"
+  for mode in no-cache cache-cold cache-warm; do
+    start=$(date +%s.%N)
+    if [ "$mode" = no-cache ]; then
+      # cubecl's own defaults, in a folder of no Cargo project and an empty XDG cache: cold.
+      (cd "$WORK/nocache-cwd" && CAMFLOW_KERNEL_CACHE=off XDG_CACHE_HOME="$WORK/xdg-empty" "$BIN" "${args[@]}") || rc=1
+    else
+      "$BIN" "${args[@]}" || rc=1
+    fi
+    end=$(date +%s.%N)
+    echo "$mode: process wall $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')s"
   done
   return $rc
 }
@@ -172,6 +203,8 @@ part_cpu_locked() {
   fi
 }
 
+# One kernel cache for every part: compiled and tuned once, reused by the next process.
+export CAMFLOW_KERNEL_CACHE="$WORK/kernels"
 {
   echo "# camflow GPU check"
   echo
@@ -180,6 +213,7 @@ part_cpu_locked() {
   echo "- binary: $BIN"
   echo "- backend: $BACKEND${TINY:+ (TINY smoke test: figures mean nothing)}"
   echo "- parts: $PARTS"
+  echo "- kernel cache shared by the parts (CAMFLOW_KERNEL_CACHE): $CAMFLOW_KERNEL_CACHE"
 } > "$SUMMARY"
 
 # Words for `bash -c` that read back as these arguments (none for none).
@@ -191,7 +225,7 @@ failed=0
 for part in $PARTS; do
   fn="part_${part//-/_}"
   if ! declare -F "$fn" > /dev/null; then
-    printf '\n## %s\n\nunknown part (known: device ml paper shared fuse lgg cpu-locked)\n' "$part" >> "$SUMMARY"
+    printf '\n## %s\n\nunknown part (known: device kernels fuse ml paper shared lgg cpu-locked)\n' "$part" >> "$SUMMARY"
     failed=$((failed + 1))
     continue
   fi
@@ -199,7 +233,7 @@ for part in $PARTS; do
   limit=${!var:-$(default_timeout "$part")}
   echo "== $part (at most ${limit}s)"
   export -f "$fn" run_pipeline per_stage
-  export BIN ROOT BACKEND WORK ML_SIZES ML_REPS FUSE_K
+  export BIN ROOT BACKEND WORK ML_SIZES ML_REPS FUSE_K KERNELS_SIZE
   start=$(date +%s)
   # Arrays do not cross `bash -c`: pass them as one quoted string each.
   timeout --kill-after=15 "$limit" bash -c "

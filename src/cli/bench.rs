@@ -92,7 +92,7 @@ enum BenchWhat {
         epochs: usize,
         #[arg(long, default_value_t = 32)]
         batch: usize,
-        #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+        #[arg(long, default_value = "cpu", value_parser = clap::builder::PossibleValuesParser::new(crate::ml::backend::NAMES))]
         backend: String,
         /// Also run this pipeline twice per setting (`--fuse off` and `--fuse N`, N the
         /// largest K) in fresh caches, and time the whole run and a forced rerun of `--stage`.
@@ -114,7 +114,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         BenchWhat::Ml { size, batch, channels, reps, backend } => ml(size, batch, channels, reps, &backend),
         BenchWhat::Fuse { k, sizes, images, epochs, batch, backend, pipeline, stage } => {
             let max = fuse_max(&k);
-            fuse(FuseBench { k, sizes, images, epochs, batch }, &backend)?;
+            fuse(FuseBench { k, sizes, images, epochs, batch, tool: String::new() }, &backend)?;
             match pipeline {
                 Some(p) => fuse_pipeline(&p, &stage, max),
                 None => Ok(()),
@@ -437,7 +437,7 @@ impl BackendJob for MlJob {
             let _ = heatmaps(&model, &ds, &idx, 3, CamMethod::GradCam, CamTarget::Class(1), n);
         }
         let cams = (n * cam_reps) as f64 / t.elapsed().as_secs_f64();
-        json!({ "size": s, "batch": n, "channels": c, "train_step_ms": (step_ms * 100.0).round() / 100.0, "forward_ms": part_ms(0), "backward_ms": part_ms(1), "optimizer_ms": part_ms(2), "infer_images_per_s": infer.round(), "gradcam_heatmaps_per_s": cams.round() })
+        json!({ "size": s, "batch": n, "channels": c, "warmup_s": ((warm.iter().sum::<f64>()) * 100.0).round() / 100.0, "train_step_ms": (step_ms * 100.0).round() / 100.0, "forward_ms": part_ms(0), "backward_ms": part_ms(1), "optimizer_ms": part_ms(2), "infer_images_per_s": infer.round(), "gradcam_heatmaps_per_s": cams.round() })
     }
 }
 
@@ -459,6 +459,8 @@ struct FuseBench {
     images: usize,
     epochs: usize,
     batch: usize,
+    /// Printed beside each row: which camflow, backend and thread count measured it.
+    tool: String,
 }
 
 /// The largest group asked for (at least 2, or nothing would fuse).
@@ -467,7 +469,9 @@ fn fuse_max(k: &[usize]) -> usize {
 }
 
 impl BackendJob for &FuseBench {
-    type Output = Vec<serde_json::Value>;
+    /// Rows are printed as they are measured (a GPU's first use of a shape can take minutes of
+    /// kernel compilation: a run stopped by a time limit keeps the rows it finished).
+    type Output = ();
     fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         use crate::ml::dataset::{SplitConfig, assign_splits};
         use crate::ml::fused::{Member, train_group};
@@ -477,13 +481,21 @@ impl BackendJob for &FuseBench {
         ks.push(1);
         ks.sort_unstable();
         ks.dedup();
-        let mut rows = Vec::new();
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         for &size in &self.sizes {
             let kmax = ks.last().copied().unwrap_or(1);
             // Every model its own data and seed, as the members of a retrain group have.
             let data: Vec<Dataset> = (0..kmax)
                 .map(|i| {
-                    let cfg = SyntheticConfig { count: self.images, size, tumor_fraction: 0.5, contrast: 0.5, noise: 0.1, slices_per_patient: 1, seed: i as u64 + 1 };
+                    let cfg = SyntheticConfig {
+                        count: self.images,
+                        size,
+                        tumor_fraction: 0.5,
+                        contrast: 0.5,
+                        noise: 0.1,
+                        slices_per_patient: 1,
+                        seed: i as u64 + 1,
+                    };
                     let mut ds = generate(&cfg);
                     assign_splits(&mut ds.samples, SplitConfig { val: 0.0, test: 0.0, seed: 1 });
                     ds
@@ -503,8 +515,24 @@ impl BackendJob for &FuseBench {
                     seed: i as u64 + 1,
                 })
                 .collect();
+            // Two batches of each model's data, for an untimed warm-up of each K: a GPU backend
+            // compiles and autotunes its kernels on the first use of a shape, which would
+            // otherwise be charged to whichever K meets that shape first (K = 1 above all).
+            let warm_data: Vec<Dataset> = data
+                .iter()
+                .map(|ds| Dataset {
+                    channels: ds.channels,
+                    height: ds.height,
+                    width: ds.width,
+                    samples: ds.samples.iter().take(2 * self.batch).cloned().collect(),
+                })
+                .collect();
             let mut base = None;
             for &k in &ks {
+                let warm: Vec<Member> = cfgs.iter().zip(&warm_data).take(k).map(|(cfg, ds)| Member { cfg, ds }).collect();
+                let t = Instant::now();
+                let _ = train_group::<B, _>(&warm, &device, &|_, _| {}, &|_, r| r.is_ok());
+                let warmup = t.elapsed().as_secs_f64();
                 let members: Vec<Member> = cfgs.iter().zip(&data).take(k).map(|(cfg, ds)| Member { cfg, ds }).collect();
                 let (t, cpu0) = (Instant::now(), process_cpu_seconds());
                 let ok = train_group::<B, _>(&members, &device, &|_, _| {}, &|_, r| r.is_ok());
@@ -512,17 +540,19 @@ impl BackendJob for &FuseBench {
                 let cores_busy = process_cpu_seconds().zip(cpu0).map(|(b, a)| ((b - a) / secs * 100.0).round() / 100.0);
                 let per_model = (self.images * self.epochs) as f64 / secs;
                 let base_rate = *base.get_or_insert(per_model);
-                rows.push(json!({
+                let row = json!({
                     "size": size, "k": k, "seconds": (secs * 100.0).round() / 100.0,
+                    "warmup_s": (warmup * 100.0).round() / 100.0,
                     "images_per_s_per_model": per_model.round(), "images_per_s_total": (per_model * k as f64).round(),
                     "total_vs_k1": ((per_model * k as f64 / base_rate) * 100.0).round() / 100.0,
                     "trained": ok.iter().filter(|&&o| o).count(),
                     "stacks": crate::ml::fused::stacks(&members, B::stack_budget()).len(),
                     "cores_busy": cores_busy,
-                }));
+                    "tool": self.tool, "threads": threads,
+                });
+                print_out(&format!("{row}\n"));
             }
         }
-        rows
     }
 }
 
@@ -539,20 +569,13 @@ fn process_cpu_seconds() -> Option<f64> {
     Some(secs(usage.ru_utime) + secs(usage.ru_stime))
 }
 
-fn fuse(b: FuseBench, backend: &str) -> Result<()> {
+fn fuse(mut b: FuseBench, backend: &str) -> Result<()> {
     let kind = BackendKind::parse(backend).ok_or_else(|| Error::Usage(format!("unknown backend {backend}")))?;
     if b.sizes.contains(&0) || b.sizes.iter().any(|s| s % 8 != 0) || b.images == 0 || b.batch == 0 {
         return Err(Error::Usage("bench fuse: --size must be a positive multiple of 8, --images and --batch positive".into()));
     }
-    let rows = dispatch(kind, 0, &b).map_err(|e| Error::Usage(e.to_string()))?;
-    let tool = format!("camflow {} (burn 0.21, {})", env!("CARGO_PKG_VERSION"), kind.class());
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    for mut r in rows {
-        r["tool"] = json!(tool);
-        r["threads"] = json!(threads);
-        print_out(&format!("{r}\n"));
-    }
-    Ok(())
+    b.tool = format!("camflow {} (burn 0.21, {})", env!("CARGO_PKG_VERSION"), kind.class());
+    dispatch(kind, 0, &b).map_err(|e| Error::Usage(e.to_string()))
 }
 
 /// The pipeline run in two fresh caches, `--fuse off` and `--fuse max`: the whole run's wall

@@ -168,6 +168,7 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, device_index: usize, job: J) -
 #[cfg(feature = "cuda")]
 fn dispatch_cuda<J: BackendJob>(device_index: usize, job: J) -> Result<J::Output, BackendError> {
     use burn::backend::cuda::CudaDevice;
+    note_kernel_cache(super::gpu_kernel_cache::configure());
     catch_unwind(AssertUnwindSafe(|| job.run::<burn::backend::Autodiff<burn::backend::Cuda>>(CudaDevice::new(device_index))))
         .map_err(|p| BackendError::Panicked { backend: "cuda", message: panic_message(p) })
 }
@@ -175,6 +176,21 @@ fn dispatch_cuda<J: BackendJob>(device_index: usize, job: J) -> Result<J::Output
 #[cfg(not(feature = "cuda"))]
 fn dispatch_cuda<J: BackendJob>(_device_index: usize, _job: J) -> Result<J::Output, BackendError> {
     Err(BackendError::NotCompiled("cuda"))
+}
+
+/// Says (at `-v`) where this process's GPU kernels are cached, once.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn note_kernel_cache(s: &super::gpu_kernel_cache::Setting) {
+    use super::gpu_kernel_cache::Setting;
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| match s {
+        Setting::Folder(d) => tracing::info!("GPU kernel cache (cubecl autotune results, compiled kernels): {}", d.display()),
+        Setting::UserFile(f) => tracing::info!("GPU kernels: cubecl configured by {}", f.display()),
+        Setting::Off => tracing::info!(
+            "GPU kernel cache: cubecl's defaults ({} off, no HOME, a folder that cannot be made, or cubecl configured already)",
+            super::gpu_kernel_cache::ENV
+        ),
+    });
 }
 
 /// The wgpu device for an executor's GPU index: 0 is the adapter wgpu ranks best (a laptop's
@@ -188,6 +204,7 @@ pub fn wgpu_device(device_index: usize) -> burn::backend::wgpu::WgpuDevice {
 
 #[cfg(feature = "wgpu")]
 fn dispatch_wgpu<J: BackendJob>(device_index: usize, job: J) -> Result<J::Output, BackendError> {
+    note_kernel_cache(super::gpu_kernel_cache::configure());
     catch_unwind(AssertUnwindSafe(|| job.run::<burn::backend::Autodiff<burn::backend::Wgpu>>(wgpu_device(device_index))))
         .map_err(|p| BackendError::Panicked { backend: "wgpu", message: panic_message(p) })
 }

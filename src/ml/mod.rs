@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod fast_ops;
 pub mod filter;
 pub mod fused;
+pub mod gpu_kernel_cache;
 pub mod gradcam;
 pub mod loaders;
 pub mod memory;

@@ -21,7 +21,8 @@ fn shared_tiny() -> String {
 fn run_wgpu(p: &Project, runtime_dir: &std::path::Path) -> Run {
     let pipeline = p.pipeline();
     let cache = p.cache();
-    let args = ["run", pipeline.to_str().unwrap(), "--backend", "wgpu", "--jobs", "2", "--gpus", "1", "--cache-dir", cache.to_str().unwrap()];
+    let args =
+        ["run", pipeline.to_str().unwrap(), "--backend", "wgpu", "--jobs", "2", "--gpus", "1", "--cache-dir", cache.to_str().unwrap()];
     Run { out: p.cmd(&args).env("XDG_RUNTIME_DIR", runtime_dir).output().expect("camflow runs") }
 }
 
@@ -121,12 +122,22 @@ stages:
 #[test]
 fn wgpu_fused_members_train_as_they_do_alone() {
     let runtime_dir = tempfile::tempdir().expect("temp dir");
+    // Both runs keep cubecl's autotune results where camflow points it (`ml::gpu_kernel_cache`).
+    let kernels = tempfile::tempdir().expect("temp dir");
     let run = |fuse: &str| {
         let p = Project::new(TWO_TRAININGS);
         let pipeline = p.pipeline();
         let cache = p.cache();
-        let args = ["run", pipeline.to_str().unwrap(), "--backend", "wgpu", "--gpus", "1", "--fuse", fuse, "--cache-dir", cache.to_str().unwrap()];
-        let r = Run { out: p.cmd(&args).env("XDG_RUNTIME_DIR", runtime_dir.path()).output().expect("camflow runs") };
+        let args =
+            ["run", pipeline.to_str().unwrap(), "--backend", "wgpu", "--gpus", "1", "--fuse", fuse, "--cache-dir", cache.to_str().unwrap()];
+        let r = Run {
+            out: p
+                .cmd(&args)
+                .env("XDG_RUNTIME_DIR", runtime_dir.path())
+                .env("CAMFLOW_KERNEL_CACHE", kernels.path())
+                .output()
+                .expect("camflow runs"),
+        };
         assert!(r.out.status.success(), "--fuse {fuse}:\nstdout:\n{}\nstderr:\n{}", r.stdout(), r.stderr());
         (r.stdout(), lock_of(&p))
     };
@@ -138,7 +149,14 @@ fn wgpu_fused_members_train_as_they_do_alone() {
         let e = &lock["instances"][label]["metrics"]["epochs"];
         e.as_sequence().unwrap_or_else(|| panic!("{label}: no epochs")).iter().map(|x| x["loss"].as_f64().expect("loss")).collect()
     };
-    let labels: Vec<String> = fused["instances"].as_mapping().expect("instances").keys().filter_map(|k| k.as_str()).filter(|l| l.starts_with("train")).map(String::from).collect();
+    let labels: Vec<String> = fused["instances"]
+        .as_mapping()
+        .expect("instances")
+        .keys()
+        .filter_map(|k| k.as_str())
+        .filter(|l| l.starts_with("train"))
+        .map(String::from)
+        .collect();
     assert_eq!(labels.len(), 2, "{labels:?}");
     let (a, b) = (losses(&fused, &labels[0]), losses(&fused, &labels[1]));
     assert_ne!(a, b, "two seeds gave the same losses");
@@ -149,4 +167,18 @@ fn wgpu_fused_members_train_as_they_do_alone() {
             assert!(x.is_finite() && (x - y).abs() < 1e-3 * y.abs().max(1.0), "{label}: fused loss {x} vs alone {y}");
         }
     }
+    // The convolutions' autotune results were written under CAMFLOW_KERNEL_CACHE, for the next
+    // process (a Slurm job, a rerun) to skip the tuning.
+    let tuned: Vec<_> = walk(kernels.path()).into_iter().filter(|f| f.to_string_lossy().ends_with(".json.log")).collect();
+    assert!(tuned.iter().any(|f| f.to_string_lossy().contains("conv")), "no autotune results under CAMFLOW_KERNEL_CACHE: {tuned:?}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { files.extend(walk(&p)) } else { files.push(p) }
+    }
+    files
 }

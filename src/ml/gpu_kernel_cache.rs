@@ -1,0 +1,163 @@
+//! Where the GPU backends keep what they compile and tune, across processes.
+//!
+//! burn's GPU backends (cubecl) compile every kernel at run time, on its first use in a process
+//! (CUDA through NVRTC, wgpu through the driver), and autotune convolutions, matrix products and
+//! reductions per shape by running every candidate kernel. On an H200 that cold start kept one
+//! 32x32 training from finishing in 90 s (BENCHMARKS.md, "GPU path"); on lavapipe a small
+//! training's process took 38 s cold and 4.4 s with the caches below warm. Every `camflow run`,
+//! and every Slurm job, is a new process: without a cache on disk each pays it again.
+//!
+//! cubecl can keep its autotune results and (CUDA) compiled PTX on disk, but by default it keeps
+//! no PTX, and puts autotune results in the `target/` folder of whatever Cargo project the
+//! working directory is in (else `~/.cache/cubecl`). camflow points both at one folder per user
+//! and host instead: `CAMFLOW_KERNEL_CACHE`, else `$XDG_CACHE_HOME/camflow/kernels/<host>` (else
+//! `~/.cache/...`). Per host, because a home folder is often shared between the nodes of a
+//! cluster while compiled kernels belong to one GPU model (cubecl keys autotune results by
+//! device index, not model). Never in the project's content cache: these files are the
+//! backend's own, written by cubecl (not atomically), and no result depends on them except for
+//! speed, which is why they may live outside it.
+//!
+//! A `cubecl.toml`, `CubeCL.toml`, `burn.toml` or `Burn.toml` in the working directory or above
+//! is the user's own cubecl configuration: camflow then leaves cubecl to read it.
+//! `CAMFLOW_KERNEL_CACHE=off` leaves cubecl at its defaults.
+
+use std::path::{Path, PathBuf};
+
+/// The environment variable that sets (or, with `off`, turns off) the kernel cache folder.
+pub const ENV: &str = "CAMFLOW_KERNEL_CACHE";
+
+/// cubecl's configuration files, searched for in the working directory and its ancestors.
+const CUBECL_FILES: &[&str] = &["cubecl.toml", "CubeCL.toml", "burn.toml", "Burn.toml"];
+
+/// What camflow does with cubecl's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Setting {
+    /// Autotune results and compiled kernels go under this folder.
+    Folder(PathBuf),
+    /// The user's own cubecl configuration file (found here) is used as it is.
+    UserFile(PathBuf),
+    /// `CAMFLOW_KERNEL_CACHE=off`, no home folder to put a cache in, a folder that cannot be
+    /// made, or cubecl configured already: cubecl's defaults.
+    Off,
+}
+
+/// The setting for this process, from the environment, the working directory and the host.
+pub fn setting() -> Setting {
+    let cwd = std::env::current_dir().ok();
+    resolve(
+        std::env::var_os(ENV).as_deref().map(Path::new),
+        cwd.as_deref(),
+        std::env::var_os("XDG_CACHE_HOME").as_deref().map(Path::new),
+        std::env::var_os("HOME").as_deref().map(Path::new),
+        &hostname(),
+    )
+}
+
+/// [`setting`] from its inputs (what the tests drive).
+fn resolve(env: Option<&Path>, cwd: Option<&Path>, xdg_cache: Option<&Path>, home: Option<&Path>, host: &str) -> Setting {
+    match env {
+        Some(p) if p == Path::new("off") => return Setting::Off,
+        // Relative to the working directory it was given in (a Slurm job's may differ).
+        Some(p) if !p.as_os_str().is_empty() => return Setting::Folder(cwd.map(|c| c.join(p)).unwrap_or_else(|| p.to_path_buf())),
+        _ => {}
+    }
+    if let Some(file) = cwd.and_then(user_config_file) {
+        return Setting::UserFile(file);
+    }
+    // An empty or relative XDG_CACHE_HOME is to be ignored (XDG base directory spec).
+    let base = match (xdg_cache.filter(|p| p.is_absolute()), home.filter(|p| p.is_absolute())) {
+        (Some(x), _) => x.to_path_buf(),
+        (None, Some(h)) => h.join(".cache"),
+        (None, None) => return Setting::Off,
+    };
+    Setting::Folder(base.join("camflow").join("kernels").join(host))
+}
+
+/// The first cubecl configuration file in `dir` or above, as cubecl itself would find it.
+fn user_config_file(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors().flat_map(|d| CUBECL_FILES.iter().map(move |f| d.join(f))).find(|p| p.is_file())
+}
+
+/// This machine's host name, made safe as one path segment ("unknown-host" if it has none).
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name: String = String::from_utf8_lossy(&buf[..end])
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' { c } else { '_' })
+        .collect();
+    if ok && !name.is_empty() && name != "." && name != ".." { name } else { "unknown-host".into() }
+}
+
+/// Points cubecl's autotune and compilation caches at the [`setting`]'s folder, once per
+/// process, before the first GPU device is made. Returns the setting it applied (the first
+/// call's, every time), for the caller to report.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub fn configure() -> &'static Setting {
+    static APPLIED: std::sync::OnceLock<Setting> = std::sync::OnceLock::new();
+    APPLIED.get_or_init(|| {
+        use burn::cubecl::config::cache::CacheConfig;
+        use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+        let s = setting();
+        let Setting::Folder(dir) = &s else {
+            return s;
+        };
+        // A folder that cannot be made (a read-only home) costs speed, never the run.
+        if std::fs::create_dir_all(dir).is_err() {
+            return Setting::Off;
+        }
+        let mut config = CubeClRuntimeConfig::default();
+        config.autotune.cache = CacheConfig::File(dir.clone());
+        config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+        // CUBECL_AUTOTUNE_LEVEL and CUBECL_DEBUG_* still apply, as without this file.
+        let config = config.override_from_env();
+        // Set only if nothing read cubecl's configuration yet (it cannot be replaced then).
+        let mut slot = CubeClRuntimeConfig::storage().lock();
+        if slot.is_some() {
+            return Setting::Off;
+        }
+        *slot = Some(std::sync::Arc::new(config));
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_wins_then_a_user_file_then_the_per_host_default() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let work = tmp.path().join("project/sub");
+        std::fs::create_dir_all(&work).expect("mkdir");
+        let home = Path::new("/home/ada");
+        // Default: per user and host, under XDG_CACHE_HOME when it is absolute, else ~/.cache.
+        assert_eq!(resolve(None, Some(&work), None, Some(home), "node1"), Setting::Folder("/home/ada/.cache/camflow/kernels/node1".into()));
+        assert_eq!(
+            resolve(None, Some(&work), Some(Path::new("/scratch/c")), Some(home), "node1"),
+            Setting::Folder("/scratch/c/camflow/kernels/node1".into())
+        );
+        assert_eq!(
+            resolve(None, Some(&work), Some(Path::new("rel")), Some(home), "n"),
+            Setting::Folder("/home/ada/.cache/camflow/kernels/n".into())
+        );
+        assert_eq!(resolve(None, Some(&work), None, None, "n"), Setting::Off);
+        // A cubecl configuration above the working directory is the user's: left alone.
+        let file = tmp.path().join("project/cubecl.toml");
+        std::fs::write(&file, "").expect("write");
+        assert_eq!(resolve(None, Some(&work), None, Some(home), "n"), Setting::UserFile(file.clone()));
+        // The environment variable overrides both; `off` turns camflow's setting off.
+        assert_eq!(resolve(Some(Path::new("/k")), Some(&work), None, Some(home), "n"), Setting::Folder("/k".into()));
+        assert_eq!(resolve(Some(Path::new("k")), Some(&work), None, Some(home), "n"), Setting::Folder(work.join("k")));
+        assert_eq!(resolve(Some(Path::new("off")), Some(&work), None, Some(home), "n"), Setting::Off);
+        assert_eq!(resolve(Some(Path::new("")), Some(&work), None, Some(home), "n"), Setting::UserFile(file));
+    }
+
+    #[test]
+    fn the_host_name_is_one_safe_path_segment() {
+        let h = hostname();
+        assert!(!h.is_empty() && !h.contains('/') && h != "." && h != "..", "{h}");
+    }
+}
