@@ -139,6 +139,46 @@ pub enum BackendError {
     CpuKernels(String),
     #[error("{backend} backend failed: {message}")]
     Panicked { backend: &'static str, message: String },
+    #[error("{backend} backend unavailable: {why}")]
+    Unavailable { backend: &'static str, why: String },
+}
+
+/// Whether one of `names` loads as a shared library here (what cudarc will `dlopen`).
+pub fn library_loads(names: &[&str]) -> bool {
+    names.iter().any(|name| {
+        let Ok(c) = std::ffi::CString::new(*name) else {
+            return false;
+        };
+        // SAFETY: a NUL-terminated name; a handle we got is closed again at once.
+        unsafe {
+            let h = libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+            if h.is_null() {
+                return false;
+            }
+            libc::dlclose(h);
+        }
+        true
+    })
+}
+
+/// The libraries the CUDA backend loads at run time, checked before any device is made: burn
+/// would otherwise panic on a thread of its own, and the error that reaches the caller names
+/// only a closed channel. The driver's `libcuda`, and the CUDA toolkit's NVRTC, which compiles
+/// every kernel at run time.
+#[cfg(feature = "cuda")]
+fn cuda_libraries() -> Result<(), BackendError> {
+    let unavailable = |why: String| Err(BackendError::Unavailable { backend: "cuda", why });
+    if !library_loads(&["libcuda.so.1", "libcuda.so"]) {
+        return unavailable("no NVIDIA driver library (libcuda.so.1) on this machine's library path".into());
+    }
+    if !library_loads(&["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]) {
+        return unavailable(
+            "NVRTC (libnvrtc.so.13, from the CUDA toolkit) not found: camflow compiles its GPU kernels at run time; \
+             add the toolkit's lib64 folder to LD_LIBRARY_PATH"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -168,6 +208,7 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, device_index: usize, job: J) -
 #[cfg(feature = "cuda")]
 fn dispatch_cuda<J: BackendJob>(device_index: usize, job: J) -> Result<J::Output, BackendError> {
     use burn::backend::cuda::CudaDevice;
+    cuda_libraries()?;
     note_kernel_cache(super::gpu_kernel_cache::configure());
     catch_unwind(AssertUnwindSafe(|| job.run::<burn::backend::Autodiff<burn::backend::Cuda>>(CudaDevice::new(device_index))))
         .map_err(|p| BackendError::Panicked { backend: "cuda", message: panic_message(p) })
@@ -217,6 +258,14 @@ fn dispatch_wgpu<J: BackendJob>(_device_index: usize, _job: J) -> Result<J::Outp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_library_check_tells_present_from_absent() {
+        assert!(library_loads(&["libc.so.6"]));
+        assert!(!library_loads(&["libcamflow-no-such-library.so.1"]));
+        assert!(library_loads(&["libcamflow-no-such-library.so.1", "libc.so.6"]));
+        assert!(!library_loads(&["bad\0name"]));
+    }
 
     #[test]
     fn every_name_parses_and_round_trips() {
