@@ -12,11 +12,13 @@
 # A lent GPU machine gives about 15 minutes in all, start included: the default parts and time
 # limits below add up to about 9.5 minutes, so one device call of 600 s runs them all.
 #
-# Parts (GPU_CHECK_PARTS; the default runs all but cpu-locked, in this order):
+# Parts (GPU_CHECK_PARTS; the default runs all but shared and cpu-locked, in this order):
 #   device      nvidia-smi: GPU name, driver, memory
-#   kernels     the cold start: one small training process with no kernel cache, then twice
-#               with camflow's kernel cache (cold, warm). Every later part shares that cache
-#               (CAMFLOW_KERNEL_CACHE), so its figures are a second run's, not a first's
+#   kernels     the cold start: one small training process with camflow's kernel cache empty,
+#               again with it warm, then with cubecl's defaults (no compiled-kernel cache),
+#               each with an empty driver cache and its own time limit. Every later part
+#               shares that kernel cache (CAMFLOW_KERNEL_CACHE), so its figures are a second
+#               run's, not a first's
 #   fuse        fused vs unfused training throughput, K = 1, 2, 4, 8, 16, 24 at 64x64
 #               (`bench fuse`, a row per K as it is measured, kernel warm-up timed apart)
 #   ml          `bench ml` at 64 and 128 on the GPU backend (and the CPU's figure at 64)
@@ -64,12 +66,12 @@ fi
 default_timeout() {
   case "$1" in
     device) echo 20 ;;
-    kernels) echo 120 ;;
+    kernels) echo 150 ;;
     fuse) echo 120 ;;
     ml) echo 60 ;;
-    paper) echo 90 ;;
+    paper) echo 80 ;;
     shared) echo 90 ;;
-    lgg) echo 150 ;;
+    lgg) echo 120 ;;
     cpu-locked) echo 70 ;;
     *) echo 300 ;;
   esac
@@ -126,31 +128,42 @@ part_device() {
 
 part_ml() {
   local rc=0
+  # The CPU's figure for the GPU's to be read against, at the smaller size (first: a GPU size
+  # still compiling when the time is up would otherwise take it with it).
+  [ "$BACKEND" = cpu ] || "$BIN" bench ml --size "${ML_SIZES%% *}" --backend cpu --reps $(( ML_REPS < 5 ? ML_REPS : 5 )) || rc=1
   for size in $ML_SIZES; do
     "$BIN" bench ml --size "$size" --backend "$BACKEND" --reps "$ML_REPS" || rc=1
   done
-  # The CPU's figure beside the GPU's, at the smaller size.
-  [ "$BACKEND" = cpu ] || "$BIN" bench ml --size "${ML_SIZES%% *}" --backend cpu --reps $(( ML_REPS < 5 ? ML_REPS : 5 )) || rc=1
   return $rc
 }
 
 part_kernels() {
   # What a GPU backend's first use costs a process (kernels compiled at run time, convolutions
   # and matrix products autotuned), and what camflow's kernel cache saves the next process.
-  # One small training each (`bench fuse --k 1`): its warmup_s is the cold part.
+  # One small training each (`bench fuse --k 1`): its warmup_s is the cold part. The driver's
+  # own cache of machine code compiled from PTX (CUDA_CACHE_PATH) starts empty for each cold
+  # process, so the cold figures are cold.
   local args=(bench fuse --k 1 --size "$KERNELS_SIZE" --images 64 --backend "$BACKEND")
-  local rc=0 mode start end
+  local rc=0 mode start end limit
   mkdir -p "$WORK/nocache-cwd"
-  for mode in no-cache cache-cold cache-warm; do
+  for mode in cache-cold cache-warm cubecl-defaults; do
+    echo "$mode: start"
     start=$(date +%s.%N)
-    if [ "$mode" = no-cache ]; then
-      # cubecl's own defaults, in a folder of no Cargo project and an empty XDG cache: cold.
-      (cd "$WORK/nocache-cwd" && CAMFLOW_KERNEL_CACHE=off XDG_CACHE_HOME="$WORK/xdg-empty" "$BIN" "${args[@]}") || rc=1
+    case $mode in
+      cache-cold) limit=70 ;;
+      cache-warm) limit=40 ;;
+      *) limit=40 ;;
+    esac
+    if [ "$mode" = cubecl-defaults ]; then
+      # cubecl's defaults: autotune results in ~/.cache/cubecl (an empty XDG cache here, in a
+      # folder of no Cargo project), no compiled-kernel cache.
+      (cd "$WORK/nocache-cwd" && CAMFLOW_KERNEL_CACHE=off XDG_CACHE_HOME="$WORK/xdg-empty" CUDA_CACHE_PATH="$WORK/nv-defaults" \
+        timeout -k 5 "$limit" "$BIN" "${args[@]}") || rc=1
     else
-      "$BIN" "${args[@]}" || rc=1
+      timeout -k 5 "$limit" "$BIN" "${args[@]}" || rc=1
     fi
     end=$(date +%s.%N)
-    echo "$mode: process wall $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')s"
+    echo "$mode: process wall $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')s (limit ${limit}s)"
   done
   return $rc
 }
@@ -203,8 +216,9 @@ part_cpu_locked() {
   fi
 }
 
-# One kernel cache for every part: compiled and tuned once, reused by the next process.
-export CAMFLOW_KERNEL_CACHE="$WORK/kernels"
+# One kernel cache for every part: compiled and tuned once, reused by the next process; and an
+# empty driver cache (machine code the driver compiles from PTX) to start from.
+export CAMFLOW_KERNEL_CACHE="$WORK/kernels" CUDA_CACHE_PATH="$WORK/nv"
 {
   echo "# camflow GPU check"
   echo
@@ -236,7 +250,7 @@ for part in $PARTS; do
   export BIN ROOT BACKEND WORK ML_SIZES ML_REPS FUSE_K KERNELS_SIZE
   start=$(date +%s)
   # Arrays do not cross `bash -c`: pass them as one quoted string each.
-  timeout --kill-after=15 "$limit" bash -c "
+  timeout --kill-after=5 "$limit" bash -c "
     SMALL=($(quoted "${SMALL[@]}")); LGG=($(quoted "${LGG[@]}")); FUSE_ARGS=($(quoted "${FUSE_ARGS[@]}"))
     $fn" > "$WORK/$part.out" 2>&1
   rc=$?

@@ -515,16 +515,19 @@ impl BackendJob for &FuseBench {
                     seed: i as u64 + 1,
                 })
                 .collect();
-            // Two batches of each model's data, for an untimed warm-up of each K: a GPU backend
+            // A little of each model's data, for an untimed warm-up of each K: a GPU backend
             // compiles and autotunes its kernels on the first use of a shape, which would
             // otherwise be charged to whichever K meets that shape first (K = 1 above all).
+            // Two full batches, or one and the last partial batch's size: every batch shape.
+            let rem = self.images % self.batch;
+            let warm_n = if rem == 0 { self.batch.saturating_mul(2) } else { self.batch.saturating_add(rem) }.min(self.images);
             let warm_data: Vec<Dataset> = data
                 .iter()
                 .map(|ds| Dataset {
                     channels: ds.channels,
                     height: ds.height,
                     width: ds.width,
-                    samples: ds.samples.iter().take(2 * self.batch).cloned().collect(),
+                    samples: ds.samples.iter().take(warm_n).cloned().collect(),
                 })
                 .collect();
             let mut base = None;

@@ -171,10 +171,10 @@ fn cuda_libraries() -> Result<(), BackendError> {
     if !library_loads(&["libcuda.so.1", "libcuda.so"]) {
         return unavailable("no NVIDIA driver library (libcuda.so.1) on this machine's library path".into());
     }
-    if !library_loads(&["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]) {
+    if !library_loads(&["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11", "libnvrtc.so"]) {
         return unavailable(
-            "NVRTC (libnvrtc.so.13, from the CUDA toolkit) not found: camflow compiles its GPU kernels at run time; \
-             add the toolkit's lib64 folder to LD_LIBRARY_PATH"
+            "NVRTC (libnvrtc.so.<CUDA major version>, from the CUDA toolkit) not found: camflow compiles its GPU kernels \
+             at run time; add the toolkit's lib64 folder to LD_LIBRARY_PATH"
                 .into(),
         );
     }

@@ -3,31 +3,35 @@
 //! burn's GPU backends (cubecl) compile every kernel at run time, on its first use in a process
 //! (CUDA through NVRTC, wgpu through the driver), and autotune convolutions, matrix products and
 //! reductions per shape by running every candidate kernel. On an H200 that cold start kept one
-//! 32x32 training from finishing in 90 s (BENCHMARKS.md, "GPU path"); on lavapipe a small
-//! training's process took 38 s cold and 4.4 s with the caches below warm. Every `camflow run`,
-//! and every Slurm job, is a new process: without a cache on disk each pays it again.
+//! 32x32 training from finishing in 90 s (BENCHMARKS.md, "The GPU path"). Every `camflow run`,
+//! and every Slurm job, is a new process.
 //!
-//! cubecl can keep its autotune results and (CUDA) compiled PTX on disk, but by default it keeps
-//! no PTX, and puts autotune results in the `target/` folder of whatever Cargo project the
-//! working directory is in (else `~/.cache/cubecl`). camflow points both at one folder per user
-//! and host instead: `CAMFLOW_KERNEL_CACHE`, else `$XDG_CACHE_HOME/camflow/kernels/<host>` (else
+//! cubecl can keep its autotune results and (CUDA) the PTX it compiled on disk. By default it
+//! keeps no PTX, and puts autotune results in the `target/` folder of whatever Cargo project the
+//! working directory is in (else `~/.cache/cubecl`). camflow points both at one folder instead:
+//! `CAMFLOW_KERNEL_CACHE`, else `$XDG_CACHE_HOME/camflow/kernels/<host>/burn-0.21` (else
 //! `~/.cache/...`). Per host, because a home folder is often shared between the nodes of a
-//! cluster while compiled kernels belong to one GPU model (cubecl keys autotune results by
-//! device index, not model). Never in the project's content cache: these files are the
-//! backend's own, written by cubecl (not atomically), and no result depends on them except for
-//! speed, which is why they may live outside it.
+//! cluster while tuned and compiled kernels belong to a GPU model (cubecl keys them by kernel
+//! type and device index, neither by GPU model nor by kernel source: a host with two GPU models
+//! should set `CAMFLOW_KERNEL_CACHE` per model). Per burn line, because a burn release may change
+//! a kernel's code under the same type name. Never in the project's content cache: these files
+//! are cubecl's, written by it (not atomically), and no key depends on them.
 //!
-//! A `cubecl.toml`, `CubeCL.toml`, `burn.toml` or `Burn.toml` in the working directory or above
-//! is the user's own cubecl configuration: camflow then leaves cubecl to read it.
-//! `CAMFLOW_KERNEL_CACHE=off` leaves cubecl at its defaults.
+//! A `cubecl.toml` or `CubeCL.toml`, or a `burn.toml`/`Burn.toml` with a `[cubecl]` section, in
+//! the working directory or above is the user's own cubecl configuration: camflow then leaves
+//! cubecl to read it. `CAMFLOW_KERNEL_CACHE=off` leaves cubecl at its defaults.
 
 use std::path::{Path, PathBuf};
 
 /// The environment variable that sets (or, with `off`, turns off) the kernel cache folder.
 pub const ENV: &str = "CAMFLOW_KERNEL_CACHE";
 
-/// cubecl's configuration files, searched for in the working directory and its ancestors.
-const CUBECL_FILES: &[&str] = &["cubecl.toml", "CubeCL.toml", "burn.toml", "Burn.toml"];
+/// cubecl's own configuration files, searched for in the working directory and its ancestors.
+const CUBECL_FILES: &[&str] = &["cubecl.toml", "CubeCL.toml"];
+/// burn's, which configure cubecl only through a `[cubecl]` section.
+const BURN_FILES: &[&str] = &["burn.toml", "Burn.toml"];
+/// The folder under the default root, for kernels of this burn line (see the module docs).
+const BURN_LINE: &str = "burn-0.21";
 
 /// What camflow does with cubecl's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,11 +59,14 @@ pub fn setting() -> Setting {
 
 /// [`setting`] from its inputs (what the tests drive).
 fn resolve(env: Option<&Path>, cwd: Option<&Path>, xdg_cache: Option<&Path>, home: Option<&Path>, host: &str) -> Setting {
-    match env {
-        Some(p) if p == Path::new("off") => return Setting::Off,
-        // Relative to the working directory it was given in (a Slurm job's may differ).
-        Some(p) if !p.as_os_str().is_empty() => return Setting::Folder(cwd.map(|c| c.join(p)).unwrap_or_else(|| p.to_path_buf())),
-        _ => {}
+    if let Some(p) = env.filter(|p| !p.as_os_str().is_empty()) {
+        // `off` and its usual spellings; anything else is a folder (a relative one from the
+        // working directory it was given in: a Slurm job's may differ).
+        let word = p.to_string_lossy().trim().trim_end_matches('/').to_ascii_lowercase();
+        if matches!(word.as_str(), "off" | "0" | "false" | "no" | "none") {
+            return Setting::Off;
+        }
+        return Setting::Folder(cwd.map(|c| c.join(p)).unwrap_or_else(|| p.to_path_buf()));
     }
     if let Some(file) = cwd.and_then(user_config_file) {
         return Setting::UserFile(file);
@@ -70,12 +77,30 @@ fn resolve(env: Option<&Path>, cwd: Option<&Path>, xdg_cache: Option<&Path>, hom
         (None, Some(h)) => h.join(".cache"),
         (None, None) => return Setting::Off,
     };
-    Setting::Folder(base.join("camflow").join("kernels").join(host))
+    Setting::Folder(base.join("camflow").join("kernels").join(host).join(BURN_LINE))
 }
 
-/// The first cubecl configuration file in `dir` or above, as cubecl itself would find it.
+/// The first cubecl configuration in `dir` or above, as cubecl itself would find it: a cubecl
+/// file, or a burn file with a `[cubecl]` section (cubecl reads nothing else of it).
 fn user_config_file(dir: &Path) -> Option<PathBuf> {
-    dir.ancestors().flat_map(|d| CUBECL_FILES.iter().map(move |f| d.join(f))).find(|p| p.is_file())
+    dir.ancestors().find_map(|d| {
+        let own = CUBECL_FILES.iter().map(|f| d.join(f)).find(|p| p.is_file());
+        own.or_else(|| BURN_FILES.iter().map(|f| d.join(f)).find(|p| has_cubecl_section(p)))
+    })
+}
+
+fn has_cubecl_section(file: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    text.lines().map(str::trim_start).any(|l| l.starts_with("[cubecl]") || l.starts_with("[cubecl."))
+}
+
+/// Whether a file can be made in `dir` (cubecl's compiled-kernel cache panics when it cannot
+/// write; its autotune cache does not).
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+fn writable(dir: &Path) -> bool {
+    tempfile::tempfile_in(dir).is_ok()
 }
 
 /// This machine's host name, made safe as one path segment ("unknown-host" if it has none).
@@ -104,8 +129,9 @@ pub fn configure() -> &'static Setting {
         let Setting::Folder(dir) = &s else {
             return s;
         };
-        // A folder that cannot be made (a read-only home) costs speed, never the run.
-        if std::fs::create_dir_all(dir).is_err() {
+        // A folder that cannot be made or written (a read-only home, one left by another user)
+        // costs speed, never the run.
+        if std::fs::create_dir_all(dir).is_err() || !writable(dir) {
             return Setting::Off;
         }
         let mut config = CubeClRuntimeConfig::default();
@@ -133,26 +159,48 @@ mod tests {
         let work = tmp.path().join("project/sub");
         std::fs::create_dir_all(&work).expect("mkdir");
         let home = Path::new("/home/ada");
-        // Default: per user and host, under XDG_CACHE_HOME when it is absolute, else ~/.cache.
-        assert_eq!(resolve(None, Some(&work), None, Some(home), "node1"), Setting::Folder("/home/ada/.cache/camflow/kernels/node1".into()));
-        assert_eq!(
-            resolve(None, Some(&work), Some(Path::new("/scratch/c")), Some(home), "node1"),
-            Setting::Folder("/scratch/c/camflow/kernels/node1".into())
-        );
-        assert_eq!(
-            resolve(None, Some(&work), Some(Path::new("rel")), Some(home), "n"),
-            Setting::Folder("/home/ada/.cache/camflow/kernels/n".into())
-        );
+        let folder = |p: &str| Setting::Folder(p.into());
+        // Default: per user, host and burn line, under XDG_CACHE_HOME when it is absolute,
+        // else ~/.cache.
+        assert_eq!(resolve(None, Some(&work), None, Some(home), "node1"), folder("/home/ada/.cache/camflow/kernels/node1/burn-0.21"));
+        assert_eq!(resolve(None, Some(&work), Some(Path::new("/scratch/c")), Some(home), "node1"), folder("/scratch/c/camflow/kernels/node1/burn-0.21"));
+        assert_eq!(resolve(None, Some(&work), Some(Path::new("rel")), Some(home), "n"), folder("/home/ada/.cache/camflow/kernels/n/burn-0.21"));
         assert_eq!(resolve(None, Some(&work), None, None, "n"), Setting::Off);
+        // A burn.toml configures cubecl only with a [cubecl] section.
+        let burn = tmp.path().join("project/sub/burn.toml");
+        std::fs::write(&burn, "[fusion]\nx = 1\n").expect("write");
+        assert!(matches!(resolve(None, Some(&work), None, Some(home), "n"), Setting::Folder(_)));
+        std::fs::write(&burn, "[fusion]\nx = 1\n  [cubecl.autotune]\nlevel = \"minimal\"\n").expect("write");
+        assert_eq!(resolve(None, Some(&work), None, Some(home), "n"), Setting::UserFile(burn.clone()));
+        std::fs::remove_file(&burn).expect("rm");
         // A cubecl configuration above the working directory is the user's: left alone.
         let file = tmp.path().join("project/cubecl.toml");
         std::fs::write(&file, "").expect("write");
         assert_eq!(resolve(None, Some(&work), None, Some(home), "n"), Setting::UserFile(file.clone()));
-        // The environment variable overrides both; `off` turns camflow's setting off.
-        assert_eq!(resolve(Some(Path::new("/k")), Some(&work), None, Some(home), "n"), Setting::Folder("/k".into()));
+        // The environment variable overrides both (a relative folder from the working
+        // directory); `off` and its usual spellings turn camflow's setting off.
+        assert_eq!(resolve(Some(Path::new("/k")), Some(&work), None, Some(home), "n"), folder("/k"));
         assert_eq!(resolve(Some(Path::new("k")), Some(&work), None, Some(home), "n"), Setting::Folder(work.join("k")));
-        assert_eq!(resolve(Some(Path::new("off")), Some(&work), None, Some(home), "n"), Setting::Off);
+        for off in ["off", "OFF", " off ", "off/", "0", "false", "none", "No"] {
+            assert_eq!(resolve(Some(Path::new(off)), Some(&work), None, Some(home), "n"), Setting::Off, "{off:?}");
+        }
         assert_eq!(resolve(Some(Path::new("")), Some(&work), None, Some(home), "n"), Setting::UserFile(file));
+    }
+
+    #[test]
+    fn a_folder_that_cannot_be_written_is_not_writable() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("temp dir");
+        assert!(writable(tmp.path()));
+        assert!(!writable(&tmp.path().join("missing")));
+        // Read-only: checked where permissions bind (root ignores them).
+        let ro = tmp.path().join("ro");
+        std::fs::create_dir(&ro).expect("mkdir");
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+        if std::fs::write(ro.join("probe"), b"").is_err() {
+            assert!(!writable(&ro));
+        }
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
 
     #[test]

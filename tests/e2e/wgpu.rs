@@ -17,13 +17,14 @@ fn shared_tiny() -> String {
 }
 
 /// `camflow run --backend wgpu`, with a private XDG_RUNTIME_DIR (Vulkan loaders complain
-/// without one).
+/// without one) and the GPU kernel cache in it (not the user's).
 fn run_wgpu(p: &Project, runtime_dir: &std::path::Path) -> Run {
     let pipeline = p.pipeline();
     let cache = p.cache();
     let args =
         ["run", pipeline.to_str().unwrap(), "--backend", "wgpu", "--jobs", "2", "--gpus", "1", "--cache-dir", cache.to_str().unwrap()];
-    Run { out: p.cmd(&args).env("XDG_RUNTIME_DIR", runtime_dir).output().expect("camflow runs") }
+    let kernels = runtime_dir.join("kernels");
+    Run { out: p.cmd(&args).env("XDG_RUNTIME_DIR", runtime_dir).env("CAMFLOW_KERNEL_CACHE", kernels).output().expect("camflow runs") }
 }
 
 fn finite_unit(v: &serde_yaml::Value, what: &str) -> f64 {
