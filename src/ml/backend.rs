@@ -164,21 +164,22 @@ pub fn library_loads(names: &[&str]) -> bool {
 /// The libraries the CUDA backend loads at run time, checked before any device is made: burn
 /// would otherwise panic on a thread of its own, and the error that reaches the caller names
 /// only a closed channel. The driver's `libcuda`, and the CUDA toolkit's NVRTC, which compiles
-/// every kernel at run time.
+/// every kernel at run time. Checked once per process (every CUDA stage dispatches here).
 #[cfg(feature = "cuda")]
 fn cuda_libraries() -> Result<(), BackendError> {
-    let unavailable = |why: String| Err(BackendError::Unavailable { backend: "cuda", why });
-    if !library_loads(&["libcuda.so.1", "libcuda.so"]) {
-        return unavailable("no NVIDIA driver library (libcuda.so.1) on this machine's library path".into());
-    }
-    if !library_loads(&["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11", "libnvrtc.so"]) {
-        return unavailable(
-            "NVRTC (libnvrtc.so.<CUDA major version>, from the CUDA toolkit) not found: camflow compiles its GPU kernels \
-             at run time; add the toolkit's lib64 folder to LD_LIBRARY_PATH"
-                .into(),
-        );
-    }
-    Ok(())
+    static CHECKED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let checked = CHECKED.get_or_init(|| {
+        if !library_loads(&["libcuda.so.1", "libcuda.so"]) {
+            return Err("no NVIDIA driver library (libcuda.so.1) on this machine's library path".into());
+        }
+        if !library_loads(&["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11", "libnvrtc.so"]) {
+            return Err("NVRTC (libnvrtc.so.<CUDA major version>, from the CUDA toolkit) not found: camflow compiles its GPU \
+                        kernels at run time; add the toolkit's lib64 folder to LD_LIBRARY_PATH"
+                .into());
+        }
+        Ok(())
+    });
+    checked.clone().map_err(|why| BackendError::Unavailable { backend: "cuda", why })
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {

@@ -273,8 +273,9 @@ impl StageKind for Train {
             .map_err(StageError::new)??;
         finish(ctx, &cfg, out)
     }
-    /// Trainings of one model shape, batch size and epoch count. Every backend fuses: on the CPU a stack's members give their bytes alone, on a GPU the
-    /// stack is one grouped convolution per layer (not bitwise, as the GPU alone is not).
+    /// Trainings of one model shape, batch size and epoch count. Every backend fuses: on the
+    /// CPU a stack's members give their bytes alone, on a GPU the stack is one grouped
+    /// convolution per layer (not bitwise, as the GPU alone is not).
     fn fusion_key(&self, params: &Params, backend: &str) -> Option<String> {
         let shape: Params = ["arch", "widths", "batch_norm", "blocks", "batch_size", "epochs"]
             .iter()

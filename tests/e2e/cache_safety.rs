@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::support::{BIN, Project, TINY};
+use crate::support::{BIN, Project, TINY, files_under};
 
 /// The still-open stdout of a run: dropping it would end the run by a broken pipe.
 type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
@@ -232,18 +232,10 @@ fn a_group_shared_cache_respects_the_umask() {
         .expect("sh");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let modes = |dir: &str| -> Vec<(String, u32)> {
-        let mut v = Vec::new();
-        let mut stack = vec![cache.join(dir)];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).unwrap().flatten() {
-                let m = e.metadata().unwrap();
-                if m.is_dir() {
-                    stack.push(e.path());
-                } else {
-                    v.push((e.path().display().to_string(), m.permissions().mode() & 0o777));
-                }
-            }
-        }
+        let v: Vec<(String, u32)> = files_under(&cache.join(dir))
+            .into_iter()
+            .map(|f| (f.display().to_string(), std::fs::symlink_metadata(&f).unwrap().permissions().mode() & 0o777))
+            .collect();
         assert!(!v.is_empty(), "{dir} is empty");
         v
     };

@@ -204,6 +204,18 @@ pub fn write_folders(dir: &Path, classes: &[&str], per_class: usize) {
 }
 
 /// The lock file of the project's pipeline, parsed.
+/// Every file under `dir`, at any depth (links are listed, never followed).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) { stack.push(e.path()) } else { files.push(e.path()) }
+        }
+    }
+    files
+}
+
 pub fn lock_of(p: &Project) -> serde_yaml::Value {
     let text = std::fs::read_to_string(p.path().join("p.lock.yaml")).expect("lock file");
     serde_yaml::from_str(&text).expect("lock yaml")

@@ -5,7 +5,7 @@
 
 use camflow::ml::planes::Planes;
 
-use crate::support::{Project, Run, TINY, lock_of};
+use crate::support::{Project, Run, TINY, files_under, lock_of};
 
 /// TINY, with the two retrainings (one per filter mode) sharing the device: half a GPU each,
 /// one CPU slot each, so both run at once.
@@ -170,16 +170,7 @@ fn wgpu_fused_members_train_as_they_do_alone() {
     }
     // The convolutions' autotune results were written under CAMFLOW_KERNEL_CACHE, for the next
     // process (a Slurm job, a rerun) to skip the tuning.
-    let tuned: Vec<_> = walk(kernels.path()).into_iter().filter(|f| f.to_string_lossy().ends_with(".json.log")).collect();
+    let tuned: Vec<_> = files_under(kernels.path()).into_iter().filter(|f| f.to_string_lossy().ends_with(".json.log")).collect();
     assert!(tuned.iter().any(|f| f.to_string_lossy().contains("conv")), "no autotune results under CAMFLOW_KERNEL_CACHE: {tuned:?}");
 }
 
-/// Every file under `dir`.
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() { files.extend(walk(&p)) } else { files.push(p) }
-    }
-    files
-}
