@@ -380,10 +380,11 @@ pub trait StageKind: Send + Sync {
     /// Instances whose keys here are equal may run together as one group
     /// ([`StageKind::run_group`]); `None` (the default): this instance always runs alone.
     /// The key says what the group's work needs to be equal (for a training: model shape,
-    /// batch size, epochs, backend); it is never part of a cache key, and a member's result
-    /// must not depend on whether it ran in a group (on a bitwise-deterministic backend: the
-    /// same bytes).
-    fn fusion_key(&self, _params: &Params, _backend: &str) -> Option<String> {
+    /// batch size, epochs, backend; for heatmaps sharing one pass: the same upstream
+    /// instances, given in `inputs` as slot -> upstream instance index); it is never part of a
+    /// cache key, and a member's result must not depend on whether it ran in a group (on a
+    /// bitwise-deterministic backend: the same bytes).
+    fn fusion_key(&self, _params: &Params, _backend: &str, _inputs: &BTreeMap<String, usize>) -> Option<Fusion> {
         None
     }
     /// Runs several instances with equal [`StageKind::fusion_key`]s together, one result per
@@ -392,6 +393,27 @@ pub trait StageKind: Send + Sync {
     fn run_group(&self, ctxs: &mut [RunContext<'_>]) -> Vec<Result<Outcome, StageError>> {
         ctxs.iter_mut().map(|ctx| self.run(ctx)).collect()
     }
+}
+
+/// How instances run together ([`StageKind::fusion_key`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Fusion {
+    pub key: String,
+    pub how: FusionKind,
+}
+
+/// What a group saves, which decides when the executor forms it and what it asks of a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FusionKind {
+    /// The members' work runs side by side in one model (a stack of trainings): the group
+    /// costs what its members cost together and pays only where one member leaves a device
+    /// idle, so it is formed only when asked for (`run --fuse N`, at most N members), and on a
+    /// GPU it asks for its members' shares and memory together.
+    Stacked,
+    /// The members need one computation (heatmaps of one model, data set and layer by several
+    /// methods): the group costs about what one member costs, so it is formed unless fusion
+    /// is turned off (`run --fuse off`), with no size limit, and asks for what one member asks.
+    SharedWork,
 }
 
 /// Params a kind takes by default from an upstream instance of another kind: see

@@ -52,10 +52,12 @@ pub struct RunArgs {
     /// A YAML file with an `executor:` block; it wins over the pipeline's, field by field.
     #[arg(long, value_name = "FILE")]
     profile: Option<std::path::PathBuf>,
-    /// Fused training: `off` (the default), or the largest group of same-shaped trainings run
-    /// as one stacked model in one task (local executor). On the CPU a fused member's bytes
-    /// equal the member trained alone; it is off by default because a CPU whose cores one
-    /// training already fills gains little (README, "Fused training"); GPUs are where it pays.
+    /// Fusion (local executor). By default heatmaps of one model, data set and layer by
+    /// several methods share one pass (the same bytes as each alone), and every training runs
+    /// alone. N: also train up to N same-shaped trainings as one stacked model in one task (on
+    /// the CPU a member's bytes equal the member trained alone; a CPU whose cores one training
+    /// already fills gains little, GPUs are where it pays: README, "Fused training").
+    /// `off`: every instance alone.
     #[arg(long, value_name = "off|N", value_parser = parse_fuse)]
     fuse: Option<usize>,
 }
@@ -272,7 +274,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         backend: p.backend.name().to_string(),
         backend_class: p.backend.class(),
         bitwise_deterministic: p.backend.bitwise_deterministic(),
-        fuse: a.fuse.unwrap_or(0),
+        fuse: exec::FusionPolicy::from_flag(a.fuse),
     };
     let labels: Vec<String> = p.instances.iter().map(|i| i.label.clone()).collect();
     let stages: Vec<String> = p.instances.iter().map(|i| i.stage.clone()).collect();

@@ -2,9 +2,14 @@
 //! [`StageKind::fusion_key`](crate::stage_kind::StageKind::fusion_key)s run as one task,
 //! through [`StageKind::run_group`](crate::stage_kind::StageKind::run_group).
 //!
-//! The executor knows nothing of what a group does (for a training: `ml::fused`). It only
-//! forms groups (by key, in instance index order, at most `max` members, so the same plan
-//! gives the same groups), gives a group the CPU slots its largest member would hold, and
+//! Two kinds of group ([`FusionKind`]): a *stack* runs its members' work side by side (K
+//! trainings as one model: `ml::fused`), formed only with `--fuse N`; a *shared-work* group
+//! needs one computation for all its members (heatmaps of one model by several methods),
+//! formed unless `--fuse off` ([`Policy`]).
+//!
+//! The executor knows nothing of what a group does. It only forms groups (by key, in
+//! instance index order, at most `max` members, so the same plan gives the same groups),
+//! gives a group the CPU slots its largest member would hold, and
 //! runs each member through the same three phases as an instance alone (`job.rs`): every
 //! member is claimed under its own key lock (one found computed meanwhile is simply reused),
 //! and published under its own key with its own log. A member whose result in the group is
@@ -15,27 +20,68 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::job::{Claim, Claimed, Done, Job, JobError, StageRun};
-use crate::stage_kind::{Catalog, Progress, RunContext};
+use crate::stage_kind::{Catalog, FusionKind, Progress, RunContext};
 use crate::sweep::Instance;
 
-/// `instance`'s fusion key, or `None` when it runs alone (fusion off, or its kind never fuses).
-pub(crate) fn key(catalog: &Catalog, instance: &Instance, backend: &str, max_group: usize) -> Option<String> {
-    if max_group < 2 {
-        return None;
-    }
-    catalog.get(&instance.kind)?.fusion_key(&instance.params, backend)
+/// Which groups a run forms (`run --fuse`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Groups that share one computation ([`FusionKind::SharedWork`]): on unless `--fuse off`.
+    pub shared_work: bool,
+    /// The largest stack ([`FusionKind::Stacked`]); below 2: none (the default).
+    pub max_stack: usize,
 }
 
-/// Splits `candidates` (index, key) into groups of equal key, each at most `max` long, in
-/// index order (a group's place is its first member's).
-pub(crate) fn groups(candidates: &[(usize, String)], max: usize) -> Vec<Vec<usize>> {
-    let mut sorted = candidates.to_vec();
-    sorted.sort();
-    let mut by_key: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, k) in &sorted {
-        by_key.entry(k.as_str()).or_default().push(*i);
+impl Policy {
+    /// Every instance alone.
+    pub const OFF: Policy = Policy { shared_work: false, max_stack: 0 };
+    /// The default: shared work only.
+    pub const DEFAULT: Policy = Policy { shared_work: true, max_stack: 0 };
+
+    /// `--fuse`: none given, `off` (`Some(0)`, and 1 alike), or the largest stack.
+    pub fn from_flag(fuse: Option<usize>) -> Policy {
+        match fuse {
+            None => Policy::DEFAULT,
+            Some(n) if n < 2 => Policy::OFF,
+            Some(n) => Policy { shared_work: true, max_stack: n },
+        }
     }
-    let mut out: Vec<Vec<usize>> = by_key.values().flat_map(|v| v.chunks(max.max(1)).map(<[usize]>::to_vec)).collect();
+
+    /// The largest group of this kind, or `None` when this policy forms none.
+    fn max_group(self, how: FusionKind) -> Option<usize> {
+        match how {
+            FusionKind::Stacked => (self.max_stack >= 2).then_some(self.max_stack),
+            FusionKind::SharedWork => self.shared_work.then_some(usize::MAX),
+        }
+    }
+}
+
+/// How one instance joins a group: its kind's key, what the group saves, and its largest size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Grouping {
+    pub key: String,
+    pub how: FusionKind,
+    pub max: usize,
+}
+
+/// `instance`'s grouping, or `None` when it runs alone (its kind never fuses, or the policy
+/// forms no group of its kind).
+pub(crate) fn grouping(catalog: &Catalog, instance: &Instance, backend: &str, policy: Policy) -> Option<Grouping> {
+    let fusion = catalog.get(&instance.kind)?.fusion_key(&instance.params, backend, &instance.inputs)?;
+    let max = policy.max_group(fusion.how)?;
+    Some(Grouping { key: fusion.key, how: fusion.how, max })
+}
+
+/// Splits `candidates` (index, grouping) into groups of equal key, each at most its
+/// grouping's `max` long, in index order (a group's place is its first member's).
+pub(crate) fn groups(candidates: &[(usize, &Grouping)]) -> Vec<Vec<usize>> {
+    let mut sorted = candidates.to_vec();
+    sorted.sort_by_key(|(i, _)| *i);
+    let mut by_key: BTreeMap<&str, (usize, Vec<usize>)> = BTreeMap::new();
+    for (i, g) in &sorted {
+        by_key.entry(g.key.as_str()).or_insert_with(|| (g.max, Vec::new())).1.push(*i);
+    }
+    let mut out: Vec<Vec<usize>> = by_key.values().flat_map(|(max, v)| v.chunks((*max).max(1)).map(<[usize]>::to_vec)).collect();
     out.sort();
     out
 }
@@ -145,13 +191,36 @@ fn run_together(jobs: &[Job], mine: &[(usize, Claimed)]) -> Vec<Option<StageRun>
 mod tests {
     use super::*;
 
+    fn stacked(key: &str, max: usize) -> Grouping {
+        Grouping { key: key.to_string(), how: FusionKind::Stacked, max }
+    }
+
     #[test]
     fn groups_are_by_key_in_index_order_and_bounded() {
-        let c: Vec<(usize, String)> =
-            [(7, "a"), (2, "b"), (3, "a"), (9, "a"), (4, "b"), (5, "a")].iter().map(|(i, k)| (*i, k.to_string())).collect();
-        assert_eq!(groups(&c, 2), vec![vec![2, 4], vec![3, 5], vec![7, 9]]);
-        assert_eq!(groups(&c, 8), vec![vec![2, 4], vec![3, 5, 7, 9]]);
-        assert_eq!(groups(&c, 1), vec![vec![2], vec![3], vec![4], vec![5], vec![7], vec![9]]);
-        assert!(groups(&[], 4).is_empty());
+        let c = |max: usize| -> Vec<(usize, Grouping)> {
+            [(7, "a"), (2, "b"), (3, "a"), (9, "a"), (4, "b"), (5, "a")].iter().map(|(i, k)| (*i, stacked(k, max))).collect()
+        };
+        let refs = |v: &[(usize, Grouping)]| -> Vec<Vec<usize>> { groups(&v.iter().map(|(i, g)| (*i, g)).collect::<Vec<_>>()) };
+        assert_eq!(refs(&c(2)), vec![vec![2, 4], vec![3, 5], vec![7, 9]]);
+        assert_eq!(refs(&c(8)), vec![vec![2, 4], vec![3, 5, 7, 9]]);
+        assert_eq!(refs(&c(1)), vec![vec![2], vec![3], vec![4], vec![5], vec![7], vec![9]]);
+        assert!(groups(&[]).is_empty());
+        // Each key keeps its own bound: an unbounded shared-work key beside a stack of 2.
+        let shared = Grouping { key: "s".into(), how: FusionKind::SharedWork, max: usize::MAX };
+        let mixed = [(1, stacked("a", 2)), (2, shared.clone()), (3, stacked("a", 2)), (4, shared.clone()), (5, stacked("a", 2)), (6, shared)];
+        assert_eq!(refs(&mixed), vec![vec![1, 3], vec![2, 4, 6], vec![5]]);
+    }
+
+    #[test]
+    fn the_policy_forms_shared_work_by_default_and_stacks_only_when_asked() {
+        assert_eq!(Policy::from_flag(None), Policy::DEFAULT);
+        assert_eq!(Policy::DEFAULT.max_group(FusionKind::SharedWork), Some(usize::MAX));
+        assert_eq!(Policy::DEFAULT.max_group(FusionKind::Stacked), None);
+        for off in [Some(0), Some(1)] {
+            let p = Policy::from_flag(off);
+            assert_eq!((p.max_group(FusionKind::SharedWork), p.max_group(FusionKind::Stacked)), (None, None));
+        }
+        let p = Policy::from_flag(Some(16));
+        assert_eq!((p.max_group(FusionKind::SharedWork), p.max_group(FusionKind::Stacked)), (Some(usize::MAX), Some(16)));
     }
 }

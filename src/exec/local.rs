@@ -3,17 +3,19 @@
 //! packed by their memory estimates). A stage asking for more CPU slots than exist gets all of
 //! them (training asks for all by default: burn already uses every core).
 //!
-//! With `--fuse N`, instances whose kinds give a fusion key (`exec::fusion`) are not started
-//! one by one: `start` keeps them, and `flush` (after each dispatch pass) runs those of equal
-//! key as groups of at most N, each group in one blocking task holding the CPU slots of its
-//! largest member. A group that does not fit waits for a later pass.
+//! Instances that the run's fusion policy groups (`exec::fusion`: shared-work groups by
+//! default, stacks of at most N with `--fuse N`) are not started one by one: `start` keeps
+//! them, and `flush` (after each dispatch pass) runs those of equal key as groups, each group
+//! in one blocking task holding the CPU slots of its largest member. A group that does not
+//! fit waits for a later pass.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use super::gpu_slots::{Demand, GpuPool, Grant};
 use super::job::{Done, Job, JobError};
-use super::{Event, Finished, Room, Runner, fusion};
-use crate::stage_kind::{GpuShare, Resources};
+use super::fusion::{self, Grouping};
+use super::{Event, Finished, Room, Runner};
+use crate::stage_kind::{FusionKind, GpuShare, Resources};
 
 type Results = Vec<(usize, Result<Done, JobError>)>;
 
@@ -23,10 +25,8 @@ pub(crate) struct LocalRunner {
     gpus: GpuPool,
     /// What each instance asks of the GPUs, by instance index (none where absent).
     demands: Vec<Demand>,
-    /// Each instance's fusion key, by index (none where absent: it runs alone).
-    fusion_keys: Vec<Option<String>>,
-    /// The largest fused group.
-    fuse: usize,
+    /// How each instance joins a group, by index (none where absent: it runs alone).
+    groupings: Vec<Option<Grouping>>,
     /// Fusable instances started but not yet running: grouped by `flush`.
     waiting: Vec<(Job, Resources)>,
     /// Results of a finished group not yet handed to the loop.
@@ -44,8 +44,7 @@ impl LocalRunner {
             cpu_free: jobs,
             gpus,
             demands,
-            fusion_keys: Vec::new(),
-            fuse: 0,
+            groupings: Vec::new(),
             waiting: Vec::new(),
             finished: VecDeque::new(),
             set: tokio::task::JoinSet::new(),
@@ -59,10 +58,9 @@ impl LocalRunner {
         LocalRunner::new(jobs, gpus, super::gpu_slots::demands(&input.instances, &input.resources, catalog))
     }
 
-    /// Fuses instances with a fusion key into groups of at most `fuse` (see the module doc).
-    pub(crate) fn with_fusion(mut self, fusion_keys: Vec<Option<String>>, fuse: usize) -> LocalRunner {
-        self.fusion_keys = fusion_keys;
-        self.fuse = fuse;
+    /// Runs instances with a grouping in groups (see the module doc).
+    pub(crate) fn with_fusion(mut self, groupings: Vec<Option<Grouping>>) -> LocalRunner {
+        self.groupings = groupings;
         self
     }
 
@@ -70,12 +68,19 @@ impl LocalRunner {
         self.demands.get(idx).copied().unwrap_or_default()
     }
 
-    /// What a fused group asks of the GPUs (see `flush`).
+    /// What a fused group asks of the GPUs: a stack, its members' shares and memory
+    /// estimates together, at most one device (it is one model as large as its members
+    /// together); a shared-work group, what its largest member asks (it does one member's
+    /// work); a group of one, what its instance asks alone.
     fn group_demand(&self, group: &[usize]) -> Demand {
         if let [one] = group {
             return self.demand(*one);
         }
         let demands: Vec<Demand> = group.iter().map(|&i| self.demand(i)).collect();
+        let shared = group.iter().all(|&i| self.grouping(i).is_some_and(|g| g.how == FusionKind::SharedWork));
+        if shared {
+            return demands.into_iter().max_by_key(|d| (d.share.thousandths(), d.memory)).unwrap_or_default();
+        }
         let share: u32 = demands
             .iter()
             .map(|d| match d.share {
@@ -91,8 +96,8 @@ impl LocalRunner {
         }
     }
 
-    fn fusion_key(&self, idx: usize, _res: &Resources) -> Option<&String> {
-        self.fusion_keys.get(idx).and_then(Option::as_ref)
+    fn grouping(&self, idx: usize) -> Option<&Grouping> {
+        self.groupings.get(idx).and_then(Option::as_ref)
     }
 }
 
@@ -102,7 +107,7 @@ impl Runner for LocalRunner {
             return Room::Never("asks for a GPU, but --gpus is 0".into());
         }
         // A fusable instance waits in `waiting` for its group's slots.
-        if self.fusion_key(idx, res).is_some() {
+        if self.grouping(idx).is_some() {
             return Room::Now;
         }
         if res.cpu.clamp(1, self.jobs) > self.cpu_free || (!res.gpu.is_none() && self.gpus.place(&self.demand(idx)).is_none()) {
@@ -112,7 +117,7 @@ impl Runner for LocalRunner {
     }
 
     fn start(&mut self, mut job: Job, res: Resources) {
-        if self.fusion_key(job.idx, &res).is_some() {
+        if self.grouping(job.idx).is_some() {
             self.waiting.push((job, res));
             return;
         }
@@ -130,17 +135,14 @@ impl Runner for LocalRunner {
         if self.waiting.is_empty() {
             return;
         }
-        let candidates: Vec<(usize, String)> =
-            self.waiting.iter().filter_map(|(j, r)| self.fusion_key(j.idx, r).map(|k| (j.idx, k.clone()))).collect();
+        let candidates: Vec<(usize, &Grouping)> = self.waiting.iter().filter_map(|(j, _)| self.grouping(j.idx).map(|g| (j.idx, g))).collect();
+        let formed = fusion::groups(&candidates);
         let mut waiting: BTreeMap<usize, (Job, Resources)> = self.waiting.drain(..).map(|(j, r)| (j.idx, (j, r))).collect();
-        for group in fusion::groups(&candidates, self.fuse) {
+        for group in formed {
             let want_cpu = group.iter().filter_map(|i| waiting.get(i)).map(|(_, r)| r.cpu.clamp(1, self.jobs)).max().unwrap_or(1);
             if want_cpu > self.cpu_free {
                 continue;
             }
-            // A group on a GPU is one stacked model as large as its members together: it asks
-            // for the sum of their shares and memory estimates, at most one device (a group of
-            // one asks for what its instance asks alone).
             let on_gpu = group.iter().filter_map(|i| waiting.get(i)).any(|(_, r)| !r.gpu.is_none());
             let gpu = if on_gpu {
                 match self.gpus.acquire(&self.group_demand(&group)) {
@@ -233,6 +235,18 @@ mod tests {
         assert_eq!(r.group_demand(&[0, 1, 2, 3]), whole);
         assert_eq!(r.group_demand(&[0, 1, 2, 3, 4]), whole);
         assert_eq!(r.group_demand(&[0, 5]), whole);
+    }
+
+    /// A shared-work group does one member's work: it asks what its largest member asks.
+    #[test]
+    fn a_shared_work_group_asks_for_one_member() {
+        let quarter = |mb: u64| Demand { share: GpuShare::from_thousandths(250), memory: Some(mb << 20) };
+        let shared = Grouping { key: "g".into(), how: FusionKind::SharedWork, max: usize::MAX };
+        let r = LocalRunner::new(2, GpuPool::new(1, Some(8 << 30)), vec![quarter(100), quarter(300), quarter(200), quarter(100), quarter(100)])
+            .with_fusion(vec![Some(shared.clone()), Some(shared.clone()), Some(shared.clone()), Some(shared), None]);
+        assert_eq!(r.group_demand(&[0, 1, 2]), quarter(300));
+        // A group with a member that is not shared work is treated as a stack.
+        assert_eq!(r.group_demand(&[0, 4]), Demand { share: GpuShare::from_thousandths(500), memory: Some(200 << 20) });
     }
 
     #[test]

@@ -37,6 +37,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 mod fusion;
+pub use fusion::Policy as FusionPolicy;
 mod job;
 mod local;
 mod signals;
@@ -127,8 +128,8 @@ pub struct ExecOptions {
     pub backend: String,
     pub backend_class: String,
     pub bitwise_deterministic: bool,
-    /// The largest fused group (`exec::fusion`); 0 or 1: every instance runs alone.
-    pub fuse: usize,
+    /// Which fused groups to form (`exec::fusion`).
+    pub fuse: fusion::Policy,
 }
 
 pub struct ExecInput {
@@ -206,8 +207,8 @@ pub async fn execute(
     opts: ExecOptions,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) -> Outcome {
-    let fusion_keys = input.instances.iter().map(|inst| fusion::key(&catalog, inst, &opts.backend, opts.fuse)).collect();
-    let runner = LocalRunner::for_run(opts.jobs, &input, &catalog, &opts).with_fusion(fusion_keys, opts.fuse);
+    let groupings = input.instances.iter().map(|inst| fusion::grouping(&catalog, inst, &opts.backend, opts.fuse)).collect();
+    let runner = LocalRunner::for_run(opts.jobs, &input, &catalog, &opts).with_fusion(groupings);
     execute_with(input, catalog, store, opts, events, runner).await
 }
 

@@ -67,9 +67,29 @@ pub fn heatmaps_reporting<B: TrainBackend>(
     batch: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Vec<Vec<f32>> {
+    heatmaps_by_methods(model, ds, idx, layer, &[method], target, batch, progress).pop().unwrap_or_default()
+}
+
+/// The heatmaps of several methods from one pass: one list per entry of `methods`, each
+/// what [`heatmaps_reporting`] gives for that method alone, bit for bit. Why it is exact and
+/// cheap: the methods differ only in how they weigh the activations A by their gradients dA
+/// (`combine`), and A and dA depend on the model, images, layer, target and batching alone,
+/// so they are computed once per batch and every method reads the same values.
+#[allow(clippy::too_many_arguments)]
+pub fn heatmaps_by_methods<B: TrainBackend>(
+    model: &Classifier<B>,
+    ds: &Dataset,
+    idx: &[usize],
+    layer: usize,
+    methods: &[CamMethod],
+    target: CamTarget,
+    batch: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Vec<Vec<Vec<f32>>> {
     let inner = model.valid();
     let device = model.fc.weight.val().device();
-    let mut out = Vec::with_capacity(idx.len());
+    let mut out: Vec<Vec<Vec<f32>>> = methods.iter().map(|_| Vec::with_capacity(idx.len())).collect();
+    let mut done = 0;
     for chunk in idx.chunks(batch.max(1)) {
         let x = batch_tensor::<B::InnerBackend>(ds, chunk, &[], &device);
         let acts = inner.features(x, layer); // [n, K, h, w]
@@ -99,12 +119,15 @@ pub fn heatmaps_reporting<B: TrainBackend>(
         for i in 0..n {
             let ga = &g[i * k * hw..(i + 1) * k * hw];
             let aa = &av[i * k * hw..(i + 1) * k * hw];
-            let cam = combine(method, aa, ga, k, hw);
-            let cam: Vec<f32> = cam.into_iter().map(|v| v.max(0.0)).collect();
-            let up = resize::bilinear(&scale(&cam), w, h, ds.width, ds.height);
-            out.push(scale(&up));
+            for (maps, &method) in out.iter_mut().zip(methods) {
+                let cam = combine(method, aa, ga, k, hw);
+                let cam: Vec<f32> = cam.into_iter().map(|v| v.max(0.0)).collect();
+                let up = resize::bilinear(&scale(&cam), w, h, ds.width, ds.height);
+                maps.push(scale(&up));
+            }
         }
-        progress(out.len(), idx.len());
+        done += chunk.len();
+        progress(done, idx.len());
     }
     out
 }
@@ -174,5 +197,43 @@ mod tests {
         let s = scale(&[2.0, 4.0, 3.0]);
         assert!(s[0] == 0.0 && (s[1] - 1.0).abs() < 1e-6 && (s[2] - 0.5).abs() < 1e-6);
         assert_eq!(scale(&[0.0, 0.0]), vec![0.0, 0.0]);
+    }
+
+    /// What a shared pass gives each method is, bit for bit, what that method gives alone:
+    /// the invariant behind fusing a `gradcam` sweep over methods (`stages::gradcam`). Every
+    /// architecture, every layer, both targets, and a batch size that leaves a partial batch.
+    #[test]
+    fn methods_from_one_pass_equal_each_method_alone() {
+        use crate::ml::dataset::{SplitConfig, assign_splits};
+        use crate::ml::model::ArchConfig;
+        use crate::ml::synthetic::{SyntheticConfig, generate};
+        use crate::ml::train::seeded_init;
+        use burn::backend::{Autodiff, Flex};
+        type Ad = Autodiff<Flex>;
+
+        let dev = Default::default();
+        let mut ds = generate(&SyntheticConfig { count: 11, size: 16, tumor_fraction: 0.5, contrast: 0.6, noise: 0.05, slices_per_patient: 1, seed: 3 });
+        assign_splits(&mut ds.samples, SplitConfig { val: 0.2, test: 0.2, seed: 1 });
+        let idx: Vec<usize> = (0..ds.samples.len()).collect();
+        let methods = [CamMethod::GradCam, CamMethod::GradCamPlusPlus, CamMethod::HiResCam];
+        let bits = |maps: &[Vec<f32>]| -> Vec<u32> { maps.iter().flatten().map(|v| v.to_bits()).collect() };
+        let archs = [ArchConfig::vgg_small(1), ArchConfig::vgg(1, vec![4, 8, 8], true), ArchConfig::resnet(1, &[4, 8], 1)];
+        for arch in archs {
+            let model = seeded_init::<Ad>(&arch, 5, &dev);
+            for layer in 0..arch.units() {
+                for target in [CamTarget::Class(1), CamTarget::Predicted] {
+                    let shared = heatmaps_by_methods(&model, &ds, &idx, layer, &methods, target, 4, &mut |_, _| {});
+                    assert_eq!(shared.len(), methods.len());
+                    for (m, maps) in methods.iter().zip(&shared) {
+                        let alone = heatmaps(&model, &ds, &idx, layer, *m, target, 4);
+                        assert_eq!(maps.len(), ds.samples.len());
+                        assert!(bits(maps) == bits(&alone), "{} layer {layer} {target:?} {m:?}: the shared pass differs", arch.name);
+                    }
+                    // The methods really differ, or the comparison above proves little (HiResCAM
+                    // equals Grad-CAM at a layer followed by global pooling, so Grad-CAM++).
+                    assert!(bits(&shared[0]) != bits(&shared[1]), "{} layer {layer}: Grad-CAM equals Grad-CAM++", arch.name);
+                }
+            }
+        }
     }
 }

@@ -11,7 +11,7 @@ use crate::ml::memory::{self, Workload};
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::dataset::Dataset;
 use crate::ml::fast_ops::TrainBackend;
-use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps_reporting};
+use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps_by_methods};
 use crate::ml::planes::{PlaneKind, Planes};
 use crate::ml::{resize, rng::Rng};
 use crate::stage_kind::*;
@@ -40,18 +40,20 @@ fn layer_index(v: Option<&Json>, units: usize) -> Result<usize, StageError> {
     }
 }
 
+/// Heatmaps of one model over one data set by one or more methods, from one pass.
 struct CamJob<'a> {
     inputs: &'a BTreeMap<String, InputArtifact>,
     ds: &'a Dataset,
     layer: Json,
-    method: CamMethod,
+    methods: Vec<CamMethod>,
     target: CamTarget,
     batch: usize,
     progress: &'a mut dyn FnMut(Progress),
 }
 
 impl BackendJob for CamJob<'_> {
-    type Output = Result<(usize, Vec<Vec<f32>>), StageError>;
+    /// The layer index, and one heatmap list per method.
+    type Output = Result<(usize, Vec<Vec<Vec<f32>>>), StageError>;
     fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let (arch, model) = load_model::<B>(self.inputs, "model", &device)?;
         let layer = layer_index(Some(&self.layer), arch.units())?;
@@ -60,8 +62,46 @@ impl BackendJob for CamJob<'_> {
         let mut report = |done: usize, total: usize| {
             progress(Progress { unit: "image", done: done as u64, total: total as u64, epoch: None, epochs: None, loss: None })
         };
-        Ok((layer, heatmaps_reporting(&model, self.ds, &idx, layer, self.method, self.target, self.batch, &mut report)))
+        Ok((layer, heatmaps_by_methods(&model, self.ds, &idx, layer, &self.methods, self.target, self.batch, &mut report)))
     }
+}
+
+/// One instance's params, read: `method` is `None` for the random baseline.
+struct Settings<'a> {
+    method_name: &'a str,
+    method: Option<CamMethod>,
+    layer: Json,
+    target: CamTarget,
+    batch: usize,
+}
+
+fn settings(params: &Params) -> Result<Settings<'_>, StageError> {
+    let method_name = p::str(params, "method")?;
+    let method = match method_name {
+        "random" => None,
+        name => Some(CamMethod::parse(name).ok_or_else(|| StageError::new(format!("unknown method `{name}`")))?),
+    };
+    let target = match params.get("target") {
+        Some(Json::String(s)) if s == "predicted" => CamTarget::Predicted,
+        Some(Json::Number(n)) => CamTarget::Class(n.as_u64().unwrap_or(1) as usize),
+        _ => CamTarget::Class(1),
+    };
+    let layer = params.get("layer").cloned().unwrap_or(Json::Null);
+    Ok(Settings { method_name, method, layer, target, batch: p::usize(params, "batch_size")? })
+}
+
+/// Writes one instance's heatmaps and says what it wrote.
+fn publish(ctx: &mut RunContext<'_>, ds: &Dataset, method_name: &str, layer: Json, maps: Vec<Vec<f32>>) -> Result<Outcome, StageError> {
+    (ctx.log)(format!("{} heatmaps ({method_name}, layer {layer})", maps.len()));
+    let planes = Planes {
+        kind: PlaneKind::Heatmap,
+        height: ds.height,
+        width: ds.width,
+        ids: ds.samples.iter().map(|s| s.id.clone()).collect(),
+        data: maps,
+    };
+    let f = io::write(ctx.out_dir, io::HEATMAPS_FILE, &planes.encode())?;
+    Ok(Outcome { files: vec![f], metrics: json!({ "heatmaps": planes.ids.len(), "layer": layer, "method": method_name }) })
 }
 
 /// A smooth random heatmap per image: the baseline that Grad-CAM must beat.
@@ -160,41 +200,88 @@ impl StageKind for GradCam {
         Some(memory::estimate(&arch, size, p::usize(params, "batch_size").ok()?, Workload::GradCam).total)
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<Outcome, StageError> {
-        let params = ctx.params;
         let ds = io::dataset(io::file(ctx.inputs, "data", io::DATASET_FILE)?)?;
-        let method_name = p::str(params, "method")?;
-        let (layer, maps) = if method_name == "random" {
-            (Json::Null, random_maps(&ds, ctx.seed))
-        } else {
-            let target = match params.get("target") {
-                Some(Json::String(s)) if s == "predicted" => CamTarget::Predicted,
-                Some(Json::Number(n)) => CamTarget::Class(n.as_u64().unwrap_or(1) as usize),
-                _ => CamTarget::Class(1),
-            };
-            let method = CamMethod::parse(method_name).ok_or_else(|| StageError::new(format!("unknown method `{method_name}`")))?;
-            let (kind, device) = (backend(ctx)?, ctx.device);
-            let job = CamJob {
-                inputs: ctx.inputs,
-                ds: &ds,
-                layer: params.get("layer").cloned().unwrap_or(Json::Null),
-                method,
-                target,
-                batch: p::usize(params, "batch_size")?,
-                progress: &mut *ctx.progress,
-            };
-            let (l, m) = dispatch(kind, device, job).map_err(StageError::new)??;
-            (json!(l), m)
+        let set = settings(ctx.params)?;
+        let Some(method) = set.method else {
+            return publish(ctx, &ds, set.method_name, Json::Null, random_maps(&ds, ctx.seed));
         };
-        (ctx.log)(format!("{} heatmaps ({method_name}, layer {layer})", maps.len()));
-        let planes = Planes {
-            kind: PlaneKind::Heatmap,
-            height: ds.height,
-            width: ds.width,
-            ids: ds.samples.iter().map(|s| s.id.clone()).collect(),
-            data: maps,
+        let (kind, device) = (backend(ctx)?, ctx.device);
+        let job = CamJob {
+            inputs: ctx.inputs,
+            ds: &ds,
+            layer: set.layer.clone(),
+            methods: vec![method],
+            target: set.target,
+            batch: set.batch,
+            progress: &mut *ctx.progress,
         };
-        let f = io::write(ctx.out_dir, io::HEATMAPS_FILE, &planes.encode())?;
-        Ok(Outcome { files: vec![f], metrics: json!({ "heatmaps": planes.ids.len(), "layer": layer, "method": method_name }) })
+        let (layer, mut maps) = dispatch(kind, device, job).map_err(StageError::new)??;
+        publish(ctx, &ds, set.method_name, json!(layer), maps.pop().unwrap_or_default())
+    }
+    /// Instances that differ only in `method` (not the random baseline, which needs no
+    /// model) and read the same model and data: their heatmaps come from one pass.
+    fn fusion_key(&self, params: &Params, backend: &str, inputs: &BTreeMap<String, usize>) -> Option<Fusion> {
+        if p::str(params, "method").ok()? == "random" {
+            return None;
+        }
+        let rest: serde_json::Map<String, Json> = params.iter().filter(|(k, _)| k.as_str() != "method").map(|(k, v)| (k.clone(), v.clone())).collect();
+        Some(Fusion { key: format!("{} {backend} {} {}", self.name(), Json::Object(rest), json!(inputs)), how: FusionKind::SharedWork })
+    }
+    fn run_group(&self, ctxs: &mut [RunContext<'_>]) -> Vec<Result<Outcome, StageError>> {
+        let Some(first) = ctxs.first() else { return Vec::new() };
+        // The executor groups by key; checked again here, because a member that does not
+        // share the pass must not get another member's heatmaps: it gets an error instead,
+        // and the executor runs it alone.
+        let (inputs, params) = (first.inputs, first.params);
+        let same_files = |ctx: &RunContext<'_>| {
+            ["model", "data"].iter().all(|slot| ctx.inputs.get(*slot).map(|a| &a.files) == inputs.get(*slot).map(|a| &a.files))
+        };
+        let same_pass = |ctx: &RunContext<'_>| {
+            ctx.params.iter().filter(|(k, _)| k.as_str() != "method").eq(params.iter().filter(|(k, _)| k.as_str() != "method"))
+                && ctx.backend == first.backend
+                && ctx.device == first.device
+        };
+        let members: Vec<Result<CamMethod, StageError>> = ctxs
+            .iter()
+            .map(|ctx| match settings(ctx.params)?.method {
+                Some(m) if same_files(ctx) && same_pass(ctx) => Ok(m),
+                _ => Err(StageError::new("not part of this group's shared pass")),
+            })
+            .collect();
+        let methods: Vec<CamMethod> = members.iter().filter_map(|m| m.as_ref().ok().copied()).collect();
+        if methods.is_empty() {
+            // Nobody shares the pass (every member is an error already): nothing to compute.
+            return members.into_iter().map(|_| Err(StageError::new("not part of this group's shared pass"))).collect();
+        }
+        let (kind, device) = (backend(first), first.device);
+        let computed = (|| -> Result<(Dataset, usize, Vec<Vec<Vec<f32>>>), StageError> {
+            let ds = io::dataset(io::file(inputs, "data", io::DATASET_FILE)?)?;
+            let set = settings(params)?;
+            let mut sinks: Vec<&mut dyn FnMut(Progress)> = Vec::new();
+            for (ctx, m) in ctxs.iter_mut().zip(&members) {
+                if m.is_ok() {
+                    sinks.push(&mut *ctx.progress);
+                }
+            }
+            let mut progress = |p: Progress| sinks.iter_mut().for_each(|sink| sink(p.clone()));
+            let job = CamJob { inputs, ds: &ds, layer: set.layer, methods: methods.clone(), target: set.target, batch: set.batch, progress: &mut progress };
+            let (layer, maps) = dispatch(kind?, device, job).map_err(StageError::new)??;
+            Ok((ds, layer, maps))
+        })();
+        let (ds, layer, maps) = match computed {
+            Ok(c) => c,
+            Err(e) => return members.into_iter().map(|_| Err(StageError::new(e.to_string()))).collect(),
+        };
+        let mut maps = maps.into_iter();
+        ctxs.iter_mut()
+            .zip(members)
+            .map(|(ctx, member)| {
+                member?;
+                let mine = maps.next().ok_or_else(|| StageError::new("the shared pass gave no heatmaps for this member"))?;
+                (ctx.log)(format!("fused: heatmaps from one pass shared by {} methods", methods.len()));
+                publish(ctx, &ds, p::str(ctx.params, "method")?, json!(layer), mine)
+            })
+            .collect()
     }
 }
 

@@ -2,6 +2,8 @@
 //! val, scored on test. `retrain` is the same work on a heatmap-filtered dataset; it is its
 //! own kind so the DAG, the tables and the report can tell the two apart.
 
+use std::collections::BTreeMap;
+
 use serde_json::{Value as Json, json};
 
 use super::io;
@@ -276,12 +278,12 @@ impl StageKind for Train {
     /// Trainings of one model shape, batch size and epoch count. Every backend fuses: on the
     /// CPU a stack's members give their bytes alone, on a GPU the stack is one grouped
     /// convolution per layer (not bitwise, as the GPU alone is not).
-    fn fusion_key(&self, params: &Params, backend: &str) -> Option<String> {
+    fn fusion_key(&self, params: &Params, backend: &str, _inputs: &BTreeMap<String, usize>) -> Option<Fusion> {
         let shape: Params = ["arch", "widths", "batch_norm", "blocks", "batch_size", "epochs"]
             .iter()
             .filter_map(|&name| params.get(name).map(|v| (name.to_string(), v.clone())))
             .collect();
-        Some(format!("{} {backend} {}", self.name(), Json::Object(shape.into_iter().collect())))
+        Some(Fusion { key: format!("{} {backend} {}", self.name(), Json::Object(shape.into_iter().collect())), how: FusionKind::Stacked })
     }
     fn run_group(&self, ctxs: &mut [RunContext<'_>]) -> Vec<Result<Outcome, StageError>> {
         let prepared: Vec<Result<Prepared, StageError>> = ctxs.iter_mut().map(|ctx| prepare(ctx)).collect();

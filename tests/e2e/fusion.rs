@@ -76,3 +76,55 @@ fn fuse_under_slurm_says_it_does_not_apply() {
     let local = p.run(&["--fuse", "4", "--dry-run"]).ok();
     assert!(!local.stdout().contains("--fuse applies"), "{}", local.stdout());
 }
+
+/// One model explained by four methods at two layers: the three gradient methods of a layer
+/// share one pass; the random baseline needs no model and runs alone.
+const CAM_METHODS: &str = r#"name: cams
+seed: 3
+stages:
+  data:
+    kind: data
+    params: {source: synthetic, count: 24, image_size: 16, contrast: 0.8, slices_per_patient: 4}
+  train:
+    kind: train
+    inputs: {data: data}
+    params: {epochs: 1, batch_size: 8}
+  cams:
+    kind: gradcam
+    inputs: {model: train, data: data}
+    params: {batch_size: 5}
+    sweep:
+      grid:
+        layer: [last, conv1]
+        method: [gradcam, gradcam++, hirescam, random]
+  masks:
+    kind: threshold
+    inputs: {heatmaps: cams}
+  seg:
+    kind: score
+    inputs: {data: data, masks: masks}
+"#;
+
+/// Heatmaps from a shared pass are the bytes each method gives alone: by default the
+/// methods of one layer share it, `--fuse off` runs each alone, and the lock files (every
+/// output digest and metric) are identical.
+#[test]
+fn heatmap_methods_share_one_pass_by_default_with_the_bytes_they_give_alone() {
+    let (off, on) = (Project::new(CAM_METHODS), Project::new(CAM_METHODS));
+    let plain = off.run(&["--fuse", "off"]).ok();
+    assert!(!plain.stdout().contains("fused   "), "--fuse off fused:\n{}", plain.stdout());
+    let shared = on.run(&[]).ok();
+    let out = shared.stdout();
+    let groups: Vec<&str> = out.lines().filter(|l| l.starts_with("fused   ")).collect();
+    assert_eq!(groups.len(), 2, "expected one group per layer:\n{out}");
+    for g in &groups {
+        assert!(g.starts_with("fused   3 instances in one task: cams["), "{g}");
+        assert!(!g.contains("random"), "the random baseline joined a group: {g}");
+    }
+    assert_eq!(plain.summary("ran"), shared.summary("ran"));
+    let lock = |p: &Project| std::fs::read(p.path().join("p.lock.yaml")).expect("lock file");
+    assert!(lock(&off) == lock(&on), "the shared pass's lock file differs from the unshared run's");
+    // Each member was published under its own key: nothing is left to run, either way.
+    assert_eq!(on.run(&["--fuse", "off"]).ok().summary("ran"), 0);
+    assert_eq!(off.run(&[]).ok().summary("ran"), 0);
+}
