@@ -33,28 +33,35 @@ stages:
     inputs: {data: filtered, model: retrain}
 "#;
 
-#[test]
-fn fused_and_unfused_runs_write_identical_lock_files() {
-    let (off, on) = (Project::new(FUSABLE), Project::new(FUSABLE));
+/// Runs `yaml` in two projects, with `--fuse off` and with `fused_args`, and checks what
+/// fusion must never change: the instances run and the lock file, byte for byte. Gives both
+/// projects and the fused run's `fused   ...` lines.
+fn unfused_and_fused(yaml: &str, fused_args: &[&str]) -> (Project, Project, Vec<String>) {
+    let (off, on) = (Project::new(yaml), Project::new(yaml));
     let plain = off.run(&["--fuse", "off"]).ok();
     assert!(!plain.stdout().contains("fused   "), "--fuse off fused:\n{}", plain.stdout());
-    let fused = on.run(&["--fuse", "4"]).ok();
-    // Both trainings are ready at once (after the one data instance): they always fuse.
-    let out = fused.stdout();
-    let groups: Vec<&str> = out.lines().filter(|l| l.starts_with("fused   ")).collect();
-    assert!(groups.iter().any(|l| l.starts_with("fused   2 instances in one task: train")), "the trainings did not fuse:\n{out}");
+    let fused = on.run(fused_args).ok();
+    let groups = fused.stdout().lines().filter(|l| l.starts_with("fused   ")).map(str::to_string).collect();
     assert_eq!(plain.summary("ran"), fused.summary("ran"));
     let lock = |p: &Project| std::fs::read(p.path().join("p.lock.yaml")).expect("lock file");
     assert!(lock(&off) == lock(&on), "the fused run's lock file differs from the unfused run's");
+    (off, on, groups)
+}
+
+#[test]
+fn fused_and_unfused_runs_write_identical_lock_files() {
+    let (_, on, groups) = unfused_and_fused(FUSABLE, &["--fuse", "4"]);
+    // Both trainings are ready at once (after the one data instance): they always fuse.
+    assert!(groups.iter().any(|l| l.starts_with("fused   2 instances in one task: train")), "the trainings did not fuse:\n{groups:?}");
     // Each member was published under its own key: a second run finds all of them.
     assert_eq!(on.run(&["--fuse", "4"]).ok().summary("ran"), 0);
     // A member's log says it trained in a group.
-    let logs: Vec<String> = std::fs::read_dir(on.cache().join("logs"))
-        .expect("logs")
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .collect();
-    assert!(logs.iter().any(|l| l.contains("fused: trained in a group of")), "no member log mentions its group");
+    assert!(logs(&on).iter().any(|l| l.contains("fused: trained in a group of")), "no member log mentions its group");
+}
+
+/// Every instance log in a project's cache.
+fn logs(p: &Project) -> Vec<String> {
+    std::fs::read_dir(p.cache().join("logs")).expect("logs").flatten().filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect()
 }
 
 #[test]
@@ -110,20 +117,14 @@ stages:
 /// output digest and metric) are identical.
 #[test]
 fn heatmap_methods_share_one_pass_by_default_with_the_bytes_they_give_alone() {
-    let (off, on) = (Project::new(CAM_METHODS), Project::new(CAM_METHODS));
-    let plain = off.run(&["--fuse", "off"]).ok();
-    assert!(!plain.stdout().contains("fused   "), "--fuse off fused:\n{}", plain.stdout());
-    let shared = on.run(&[]).ok();
-    let out = shared.stdout();
-    let groups: Vec<&str> = out.lines().filter(|l| l.starts_with("fused   ")).collect();
-    assert_eq!(groups.len(), 2, "expected one group per layer:\n{out}");
+    let (off, on, groups) = unfused_and_fused(CAM_METHODS, &[]);
+    assert_eq!(groups.len(), 2, "expected one group per layer: {groups:?}");
     for g in &groups {
         assert!(g.starts_with("fused   3 instances in one task: cams["), "{g}");
         assert!(!g.contains("random"), "the random baseline joined a group: {g}");
     }
-    assert_eq!(plain.summary("ran"), shared.summary("ran"));
-    let lock = |p: &Project| std::fs::read(p.path().join("p.lock.yaml")).expect("lock file");
-    assert!(lock(&off) == lock(&on), "the shared pass's lock file differs from the unshared run's");
+    let shared_logs = logs(&on).into_iter().filter(|l| l.contains("fused: heatmaps from one pass shared by 3 methods")).count();
+    assert_eq!(shared_logs, 6, "each of the six members' logs says it shared a pass");
     // Each member was published under its own key: nothing is left to run, either way.
     assert_eq!(on.run(&["--fuse", "off"]).ok().summary("ran"), 0);
     assert_eq!(off.run(&[]).ok().summary("ran"), 0);
