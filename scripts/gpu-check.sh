@@ -37,7 +37,7 @@
 #   GPU_CHECK_PARTS    a subset of the parts above, space-separated
 #   GPU_CHECK_TIMEOUT_<PART>  seconds for one part (defaults below);
 #                      <PART> upper case, `-` as `_` (GPU_CHECK_TIMEOUT_CPU_LOCKED)
-#   GPU_CHECK_FUSE    the lgg part's `--fuse` (default 24; `off` runs every training alone)
+#   GPU_CHECK_FUSE    the lgg part's `--fuse` (default 24; 1: no stacks; `off`: every instance alone)
 #   GPU_CHECK_TINY=1   a smoke test of this script on any machine: tiny sizes, CPU backend
 #                      allowed (GPU_CHECK_BACKEND=cpu); its figures mean nothing
 set -uo pipefail   # no -e: a failing part is recorded, and the next one runs

@@ -396,14 +396,14 @@ pub trait StageKind: Send + Sync {
 }
 
 /// How instances run together ([`StageKind::fusion_key`]).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fusion {
     pub key: String,
     pub how: FusionKind,
 }
 
 /// What a group saves, which decides when the executor forms it and what it asks of a GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FusionKind {
     /// The members' work runs side by side in one model (a stack of trainings): the group
     /// costs what its members cost together and pays only where one member leaves a device
@@ -412,7 +412,8 @@ pub enum FusionKind {
     Stacked,
     /// The members need one computation (heatmaps of one model, data set and layer by several
     /// methods): the group costs about what one member costs, so it is formed unless fusion
-    /// is turned off (`run --fuse off`), with no size limit, and asks for what one member asks.
+    /// is turned off (`run --fuse off`), with no size limit, and asks for what one member asks
+    /// (the largest share and memory estimate among them).
     SharedWork,
 }
 

@@ -11,7 +11,8 @@
 //!   heatmap methods one pass each against one shared pass (the ratio, measured together).
 //! - `bench fuse`: groups of K vgg-small trainings (`ml::fused`), each model its own data and
 //!   seed: per-model and total images/s, as ratios to K = 1 in the same run; with
-//!   `--pipeline`, the pipeline run unfused and fused in two fresh caches.
+//!   `--pipeline`, the pipeline run with and without stacks (`--fuse 1` and `--fuse N`) in
+//!   two fresh caches.
 
 use std::path::Path;
 use std::process::Command;
@@ -79,7 +80,7 @@ enum BenchWhat {
     },
     /// Fused training (issue 10): per-model training throughput of groups of K vgg-small
     /// trainings, as ratios to K = 1 measured in the same run; with `--pipeline`, a pipeline's
-    /// wall time fused and unfused (fresh temporary caches, both in this run).
+    /// wall time with and without stacked trainings (fresh temporary caches, both in this run).
     Fuse {
         /// Group sizes, e.g. 1,2,4,8 (K = 1 is always measured, for the ratios).
         #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
@@ -96,7 +97,7 @@ enum BenchWhat {
         batch: usize,
         #[arg(long, default_value = "cpu", value_parser = clap::builder::PossibleValuesParser::new(crate::ml::backend::NAMES))]
         backend: String,
-        /// Also run this pipeline twice per setting (`--fuse off` and `--fuse N`, N the
+        /// Also run this pipeline twice per setting (`--fuse 1` and `--fuse N`, N the
         /// largest K) in fresh caches, and time the whole run and a forced rerun of `--stage`.
         #[arg(long)]
         pipeline: Option<std::path::PathBuf>,
@@ -599,13 +600,14 @@ fn fuse(mut b: FuseBench, backend: &str) -> Result<()> {
     dispatch(kind, 0, &b).map_err(|e| Error::Usage(e.to_string()))
 }
 
-/// The pipeline run in two fresh caches, `--fuse off` and `--fuse max`: the whole run's wall
-/// time, then a forced rerun of `stage` (its downstream stays cached: same bytes).
+/// The pipeline run in two fresh caches, `--fuse 1` (no stacks; shared heatmap passes on in
+/// both, so the ratio is the stacks' alone) and `--fuse max`: the whole run's wall time, then
+/// a forced rerun of `stage` (its downstream stays cached: same bytes).
 fn fuse_pipeline(pipeline: &Path, stage: &str, max: usize) -> Result<()> {
     let src = std::fs::read_to_string(pipeline).map_err(|e| Error::Usage(format!("{}: {e}", pipeline.display())))?;
     let tmp = tempfile::tempdir().map_err(|e| Error::Io(e.to_string()))?;
     let mut row = json!({ "pipeline": pipeline.display().to_string(), "stage": stage, "fuse": max });
-    for setting in ["off".to_string(), max.to_string()] {
+    for setting in ["1".to_string(), max.to_string()] {
         let dir = tmp.path().join(format!("fuse-{setting}"));
         std::fs::create_dir_all(&dir).map_err(|e| Error::Io(e.to_string()))?;
         std::fs::write(dir.join("p.yaml"), &src).map_err(|e| Error::Io(e.to_string()))?;
@@ -624,9 +626,9 @@ fn fuse_pipeline(pipeline: &Path, stage: &str, max: usize) -> Result<()> {
         let (x, y) = (row[a].as_f64().unwrap_or(f64::NAN), row[b].as_f64().unwrap_or(f64::NAN));
         json!(((x / y) * 100.0).round() / 100.0)
     };
-    row["run_speedup"] = ratio(&row, "run_s_fuse_off", &format!("run_s_fuse_{max}"));
-    row[format!("{stage}_speedup")] = ratio(&row, &format!("{stage}_s_fuse_off"), &format!("{stage}_s_fuse_{max}"));
-    row["locks_identical"] = json!(row["lock_sha256_fuse_off"] == row[format!("lock_sha256_fuse_{max}")]);
+    row["run_speedup"] = ratio(&row, "run_s_fuse_1", &format!("run_s_fuse_{max}"));
+    row[format!("{stage}_speedup")] = ratio(&row, &format!("{stage}_s_fuse_1"), &format!("{stage}_s_fuse_{max}"));
+    row["locks_identical"] = json!(row["lock_sha256_fuse_1"] == row[format!("lock_sha256_fuse_{max}")]);
     print_out(&format!("{row}\n"));
     Ok(())
 }

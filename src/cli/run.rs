@@ -52,17 +52,17 @@ pub struct RunArgs {
     /// A YAML file with an `executor:` block; it wins over the pipeline's, field by field.
     #[arg(long, value_name = "FILE")]
     profile: Option<std::path::PathBuf>,
-    /// Fusion (local executor). By default heatmaps of one model, data set and layer by
-    /// several methods share one pass (the same bytes as each alone), and every training runs
-    /// alone. N: also train up to N same-shaped trainings as one stacked model in one task (on
-    /// the CPU a member's bytes equal the member trained alone; a CPU whose cores one training
-    /// already fills gains little, GPUs are where it pays: README, "Fused training").
-    /// `off`: every instance alone.
+    /// Fusion (local executor). By default (and with 1) `gradcam` instances that differ only in
+    /// `method` (same model, data, layer, target, batch size) share one pass, the same
+    /// computation as each alone, and every training runs alone. N of 2 or more: also train up
+    /// to N same-shaped trainings as one stacked model in one task (on the CPU a member's bytes
+    /// equal the member trained alone; a CPU whose cores one training already fills gains
+    /// little, GPUs are where it pays: README, "Fused training"). `off`: every instance alone.
     #[arg(long, value_name = "off|N", value_parser = parse_fuse)]
     fuse: Option<usize>,
 }
 
-/// `--fuse off` (0) or a group size of at least 1 (1 also means off).
+/// `--fuse off` (0) or a group size of at least 1 (1: no stacks, as by default).
 fn parse_fuse(s: &str) -> std::result::Result<usize, String> {
     match s {
         "off" => Ok(0),

@@ -38,11 +38,12 @@ impl Policy {
     /// The default: shared work only.
     pub const DEFAULT: Policy = Policy { shared_work: true, max_stack: 0 };
 
-    /// `--fuse`: none given, `off` (`Some(0)`, and 1 alike), or the largest stack.
+    /// `--fuse`: none given or 1 (stacks of one: the default), `off` (`Some(0)`), or the
+    /// largest stack.
     pub fn from_flag(fuse: Option<usize>) -> Policy {
         match fuse {
-            None => Policy::DEFAULT,
-            Some(n) if n < 2 => Policy::OFF,
+            None | Some(1) => Policy::DEFAULT,
+            Some(0) => Policy::OFF,
             Some(n) => Policy { shared_work: true, max_stack: n },
         }
     }
@@ -67,9 +68,29 @@ pub(crate) struct Grouping {
 /// `instance`'s grouping, or `None` when it runs alone (its kind never fuses, or the policy
 /// forms no group of its kind).
 pub(crate) fn grouping(catalog: &Catalog, instance: &Instance, backend: &str, policy: Policy) -> Option<Grouping> {
+    if policy == Policy::OFF {
+        return None;
+    }
     let fusion = catalog.get(&instance.kind)?.fusion_key(&instance.params, backend, &instance.inputs)?;
     let max = policy.max_group(fusion.how)?;
     Some(Grouping { key: fusion.key, how: fusion.how, max })
+}
+
+/// Every instance's grouping, without those whose key no other instance of the plan shares:
+/// such an instance could only form a group of one, and a grouped instance waits for the
+/// end of a dispatch pass to start, which would let later instances take its slots first.
+pub(crate) fn groupings(catalog: &Catalog, instances: &[Instance], backend: &str, policy: Policy) -> Vec<Option<Grouping>> {
+    let mut all: Vec<Option<Grouping>> = instances.iter().map(|inst| grouping(catalog, inst, backend, policy)).collect();
+    let mut count: BTreeMap<String, usize> = BTreeMap::new();
+    for g in all.iter().flatten() {
+        *count.entry(g.key.clone()).or_default() += 1;
+    }
+    for g in &mut all {
+        if g.as_ref().is_some_and(|g| count.get(&g.key) == Some(&1)) {
+            *g = None;
+        }
+    }
+    all
 }
 
 /// Splits `candidates` (index, grouping) into groups of equal key, each at most its
@@ -211,15 +232,64 @@ mod tests {
         assert_eq!(refs(&mixed), vec![vec![1, 3], vec![2, 4, 6], vec![5]]);
     }
 
+    /// A kind whose instances share work when their `group` params are equal.
+    struct Sharing;
+    impl crate::stage_kind::StageKind for Sharing {
+        fn name(&self) -> &'static str {
+            "sharing"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn doc(&self) -> &'static str {
+            ""
+        }
+        fn inputs(&self) -> &'static [crate::stage_kind::InputSlot] {
+            &[]
+        }
+        fn output(&self) -> crate::stage_kind::ArtifactType {
+            crate::stage_kind::ArtifactType::Metrics
+        }
+        fn params(&self) -> Vec<crate::stage_kind::ParamSpec> {
+            Vec::new()
+        }
+        fn run(&self, _: &mut RunContext<'_>) -> Result<crate::stage_kind::Outcome, crate::stage_kind::StageError> {
+            Err(crate::stage_kind::StageError::new("not run"))
+        }
+        fn fusion_key(&self, params: &crate::stage_kind::Params, _: &str, _: &BTreeMap<String, usize>) -> Option<crate::stage_kind::Fusion> {
+            Some(crate::stage_kind::Fusion { key: params.get("group")?.to_string(), how: FusionKind::SharedWork })
+        }
+    }
+
+    /// A key no other instance shares forms no group (it would only wait for `flush`); `off`
+    /// forms none at all.
+    #[test]
+    fn a_key_of_one_instance_forms_no_group() {
+        let catalog = Catalog { kinds: vec![Box::new(Sharing)] };
+        let instance = |group: &str| Instance {
+            stage: "s".into(),
+            kind: "sharing".into(),
+            label: format!("s[{group}]"),
+            coords: BTreeMap::new(),
+            params: std::sync::Arc::new([("group".to_string(), serde_json::json!(group))].into()),
+            inputs: BTreeMap::new(),
+        };
+        let plan = [instance("a"), instance("b"), instance("a"), instance("c"), instance("a")];
+        let keys: Vec<Option<String>> = groupings(&catalog, &plan, "cpu", Policy::DEFAULT).into_iter().map(|g| g.map(|g| g.key)).collect();
+        let a = Some("\"a\"".to_string());
+        assert_eq!(keys, vec![a.clone(), None, a.clone(), None, a]);
+        assert!(groupings(&catalog, &plan, "cpu", Policy::OFF).iter().all(Option::is_none));
+    }
+
     #[test]
     fn the_policy_forms_shared_work_by_default_and_stacks_only_when_asked() {
         assert_eq!(Policy::from_flag(None), Policy::DEFAULT);
         assert_eq!(Policy::DEFAULT.max_group(FusionKind::SharedWork), Some(usize::MAX));
         assert_eq!(Policy::DEFAULT.max_group(FusionKind::Stacked), None);
-        for off in [Some(0), Some(1)] {
-            let p = Policy::from_flag(off);
-            assert_eq!((p.max_group(FusionKind::SharedWork), p.max_group(FusionKind::Stacked)), (None, None));
-        }
+        let off = Policy::from_flag(Some(0));
+        assert_eq!((off.max_group(FusionKind::SharedWork), off.max_group(FusionKind::Stacked)), (None, None));
+        // `--fuse 1`: stacks of one are no stacks; shared work stays on.
+        assert_eq!(Policy::from_flag(Some(1)), Policy::DEFAULT);
         let p = Policy::from_flag(Some(16));
         assert_eq!((p.max_group(FusionKind::SharedWork), p.max_group(FusionKind::Stacked)), (Some(usize::MAX), Some(16)));
     }

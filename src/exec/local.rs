@@ -79,7 +79,11 @@ impl LocalRunner {
         let demands: Vec<Demand> = group.iter().map(|&i| self.demand(i)).collect();
         let shared = group.iter().all(|&i| self.grouping(i).is_some_and(|g| g.how == FusionKind::SharedWork));
         if shared {
-            return demands.into_iter().max_by_key(|d| (d.share.thousandths(), d.memory)).unwrap_or_default();
+            // The largest share and the largest memory estimate, each on its own (members of
+            // different stages may ask differently).
+            let share = demands.iter().map(|d| d.share).max_by_key(|s| s.thousandths()).unwrap_or(GpuShare::NONE);
+            let memory = demands.iter().map(|d| d.memory).try_fold(0u64, |most, m| m.map(|m| most.max(m)));
+            return Demand { share, memory };
         }
         let share: u32 = demands
             .iter()
@@ -247,6 +251,12 @@ mod tests {
         assert_eq!(r.group_demand(&[0, 1, 2]), quarter(300));
         // A group with a member that is not shared work is treated as a stack.
         assert_eq!(r.group_demand(&[0, 4]), Demand { share: GpuShare::from_thousandths(500), memory: Some(200 << 20) });
+        // Share and memory are each the largest of the members', taken apart.
+        let half_small = Demand { share: GpuShare::from_thousandths(500), memory: Some(100 << 20) };
+        let shared = Grouping { key: "g".into(), how: FusionKind::SharedWork, max: usize::MAX };
+        let r = LocalRunner::new(2, GpuPool::new(1, Some(8 << 30)), vec![half_small, quarter(4000)])
+            .with_fusion(vec![Some(shared.clone()), Some(shared)]);
+        assert_eq!(r.group_demand(&[0, 1]), Demand { share: GpuShare::from_thousandths(500), memory: Some(4000 << 20) });
     }
 
     #[test]

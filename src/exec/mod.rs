@@ -207,7 +207,7 @@ pub async fn execute(
     opts: ExecOptions,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) -> Outcome {
-    let groupings = input.instances.iter().map(|inst| fusion::grouping(&catalog, inst, &opts.backend, opts.fuse)).collect();
+    let groupings = fusion::groupings(&catalog, &input.instances, &opts.backend, opts.fuse);
     let runner = LocalRunner::for_run(opts.jobs, &input, &catalog, &opts).with_fusion(groupings);
     execute_with(input, catalog, store, opts, events, runner).await
 }

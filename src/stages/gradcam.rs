@@ -234,7 +234,7 @@ impl StageKind for GradCam {
         // and the executor runs it alone.
         let (inputs, params) = (first.inputs, first.params);
         let same_files = |ctx: &RunContext<'_>| {
-            ["model", "data"].iter().all(|slot| ctx.inputs.get(*slot).map(|a| &a.files) == inputs.get(*slot).map(|a| &a.files))
+            ctx.inputs.iter().map(|(slot, a)| (slot, &a.files)).eq(inputs.iter().map(|(slot, a)| (slot, &a.files)))
         };
         let same_pass = |ctx: &RunContext<'_>| {
             ctx.params.iter().filter(|(k, _)| k.as_str() != "method").eq(params.iter().filter(|(k, _)| k.as_str() != "method"))
@@ -295,5 +295,135 @@ mod tests {
         assert_eq!(layer_index(Some(&json!("conv2")), 4).unwrap(), 1);
         assert_eq!(layer_index(Some(&json!(0)), 4).unwrap(), 0);
         assert!(layer_index(Some(&json!("conv9")), 4).unwrap_err().to_string().contains("not a layer"));
+    }
+
+    /// Writes a model's or a data set's files into `dir`, as the upstream stage would.
+    fn artifact(dir: &std::path::Path, files: &[(&str, Vec<u8>)]) -> InputArtifact {
+        std::fs::create_dir_all(dir).unwrap();
+        let files = files
+            .iter()
+            .map(|(name, bytes)| {
+                std::fs::write(dir.join(name), bytes).unwrap();
+                (name.to_string(), dir.join(name))
+            })
+            .collect();
+        InputArtifact { files, metrics: Json::Null, params: Params::new(), kind: String::new() }
+    }
+
+    fn params(method: &str, layer: Json) -> Params {
+        let mut p: Params = GradCam.params().into_iter().map(|s| (s.name.to_string(), (s.default)())).collect();
+        p.insert("method".into(), json!(method));
+        p.insert("layer".into(), layer);
+        p.insert("batch_size".into(), json!(3));
+        p
+    }
+
+    /// Each member's heatmap file, from `run_group` (members in order), or its error.
+    fn run_group(members: &[(Params, BTreeMap<String, InputArtifact>)], out: &std::path::Path) -> Vec<Result<Vec<u8>, String>> {
+        let dirs: Vec<std::path::PathBuf> = (0..members.len()).map(|i| out.join(format!("group-{i}"))).collect();
+        let (mut logs, mut sinks): (Vec<_>, Vec<_>) = members.iter().map(|_| (|_: String| {}, |_: Progress| {})).unzip();
+        let planned = BTreeMap::new();
+        let mut ctxs: Vec<RunContext<'_>> = members
+            .iter()
+            .zip(&dirs)
+            .zip(logs.iter_mut().zip(sinks.iter_mut()))
+            .map(|(((params, inputs), dir), (log, progress))| {
+                std::fs::create_dir_all(dir).unwrap();
+                RunContext {
+                    params,
+                    inputs,
+                    out_dir: dir,
+                    base_dir: std::path::Path::new("/"),
+                    seed: 1,
+                    backend: "cpu",
+                    device: 0,
+                    planned_data: &planned,
+                    log: log as &mut dyn FnMut(String),
+                    progress: progress as &mut dyn FnMut(Progress),
+                }
+            })
+            .collect();
+        let results = GradCam.run_group(&mut ctxs);
+        results
+            .into_iter()
+            .zip(&dirs)
+            .map(|(r, dir)| r.map(|_| std::fs::read(dir.join(io::HEATMAPS_FILE)).unwrap()).map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    /// The same instance run alone.
+    fn alone(params: &Params, inputs: &BTreeMap<String, InputArtifact>, out: &std::path::Path) -> Vec<u8> {
+        let (mut log, mut progress) = (|_: String| {}, |_: Progress| {});
+        let planned = BTreeMap::new();
+        std::fs::create_dir_all(out).unwrap();
+        let mut ctx = RunContext {
+            params,
+            inputs,
+            out_dir: out,
+            base_dir: std::path::Path::new("/"),
+            seed: 1,
+            backend: "cpu",
+            device: 0,
+            planned_data: &planned,
+            log: &mut log,
+            progress: &mut progress,
+        };
+        GradCam.run(&mut ctx).unwrap();
+        std::fs::read(out.join(io::HEATMAPS_FILE)).unwrap()
+    }
+
+    /// A group's members get the heatmaps they get alone; one that does not share the pass
+    /// (other data, another layer), wherever it sits in the group, gets an error and takes
+    /// no other member's heatmaps; a pass that fails fails every member.
+    #[test]
+    fn a_group_gives_each_member_its_own_heatmaps_and_refuses_strangers() {
+        use crate::ml::model::ArchConfig;
+        use crate::ml::synthetic::{SyntheticConfig, generate};
+        use burn::backend::{Autodiff, Flex};
+
+        let tmp = tempfile::tempdir().unwrap();
+        let arch = ArchConfig::vgg(1, vec![4, 8], true);
+        let model = crate::ml::train::seeded_init::<Autodiff<Flex>>(&arch, 2, &Default::default());
+        let model_files = vec![
+            (io::CONFIG_FILE, serde_json::to_vec(&arch).unwrap()),
+            (io::WEIGHTS_FILE, crate::ml::weights::to_safetensors(&arch, &model).unwrap()),
+        ];
+        let data = |seed: u64| {
+            let ds = generate(&SyntheticConfig { count: 7, size: 16, tumor_fraction: 0.5, contrast: 0.6, noise: 0.05, slices_per_patient: 1, seed });
+            vec![(io::DATASET_FILE, ds.encode())]
+        };
+        let inputs = |model: &[(&str, Vec<u8>)], data_seed: u64, name: &str| -> BTreeMap<String, InputArtifact> {
+            [
+                ("model".to_string(), artifact(&tmp.path().join(format!("{name}-model")), model)),
+                ("data".to_string(), artifact(&tmp.path().join(format!("{name}-data")), &data(data_seed))),
+            ]
+            .into()
+        };
+        let shared = inputs(&model_files, 1, "shared");
+        let other_data = inputs(&model_files, 2, "other");
+        let members = vec![
+            (params("gradcam", json!("last")), shared.clone()),
+            (params("hirescam", json!("last")), other_data.clone()),
+            (params("gradcam++", json!("last")), shared.clone()),
+            (params("hirescam", json!(0)), shared.clone()),
+            (params("hirescam", json!("last")), shared.clone()),
+        ];
+        let got = run_group(&members, &tmp.path().join("out"));
+        for (i, (r, (p, inp))) in got.iter().zip(&members).enumerate() {
+            match i {
+                1 | 3 => assert!(r.as_ref().is_err_and(|e| e.contains("not part of this group's shared pass")), "member {i}: {r:?}"),
+                _ => {
+                    let bytes = r.as_ref().unwrap_or_else(|e| panic!("member {i}: {e}"));
+                    assert!(*bytes == alone(p, inp, &tmp.path().join(format!("alone-{i}"))), "member {i} differs from its run alone");
+                }
+            }
+        }
+        // Members 0, 2 and 4 (three methods) really differ.
+        assert!(got[0].as_ref().ok() != got[2].as_ref().ok());
+
+        // A model file that cannot be read: every member fails (and is run alone by the executor).
+        let broken = inputs(&[(io::CONFIG_FILE, b"{}".to_vec()), (io::WEIGHTS_FILE, Vec::new())], 1, "broken");
+        let got = run_group(&[(params("gradcam", json!("last")), broken.clone()), (params("gradcam++", json!("last")), broken)], &tmp.path().join("out2"));
+        assert!(got.iter().all(|r| r.as_ref().is_err_and(|e| e.contains("model config"))), "{got:?}");
     }
 }
