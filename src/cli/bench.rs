@@ -7,8 +7,9 @@
 //!   peak memory. `--instances N` does the same on a generated study of N instances (the one
 //!   of scripts/plan-scale.sh) and prints PASS/MISS against issue 9's targets.
 //! - `bench ml`: vgg-small at a given size and batch: one training step (forward, backward,
-//!   Adam), inference images/s and Grad-CAM heatmaps/s on the chosen backend, and three
-//!   heatmap methods one pass each against one shared pass (the ratio, measured together).
+//!   Adam), inference images/s and Grad-CAM heatmaps/s on the chosen backend, and heatmaps of
+//!   three methods (at one layer, then at three layers) one pass each against one shared
+//!   pass (the ratio, measured together).
 //! - `bench fuse`: groups of K vgg-small trainings (`ml::fused`), each model its own data and
 //!   seed: per-model and total images/s, as ratios to K = 1 in the same run; with
 //!   `--pipeline`, the pipeline run with and without stacks (`--fuse 1` and `--fuse N`) in
@@ -29,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::ml::backend::{BackendJob, BackendKind, dispatch};
 use crate::ml::dataset::{Dataset, Sample, Split};
 use crate::ml::fast_ops::TrainBackend;
-use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps, heatmaps_by_methods};
+use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps, heatmaps_for};
 use crate::ml::model::{ArchConfig, Classifier};
 use crate::ml::rng::Rng;
 use crate::ml::train::seeded_init;
@@ -64,8 +65,8 @@ enum BenchWhat {
         #[arg(long, default_value_t = 20_000)]
         run_max: usize,
     },
-    /// Training step, inference and Grad-CAM throughput of vgg-small (and three heatmap methods
-    /// from one shared pass against one pass each).
+    /// Training step, inference and Grad-CAM throughput of vgg-small (and heatmaps of three
+    /// methods at one layer and at three layers, from one shared pass against one pass each).
     Ml {
         #[arg(long, default_value_t = 64)]
         size: usize,
@@ -440,23 +441,30 @@ impl BackendJob for MlJob {
             let _ = heatmaps(&model, &ds, &idx, 3, CamMethod::GradCam, CamTarget::Class(1), n);
         }
         let cams = (n * cam_reps) as f64 / t.elapsed().as_secs_f64();
-        // Three methods of one model and layer: one pass each (as `--fuse off` runs them)
-        // against one shared pass (the default: `stages::gradcam`), both in this run.
+        // Several (layer, method) requests of one model: one pass each (as `--fuse off` runs
+        // them) against one shared pass (the default: `stages::gradcam`), in this run.
         let methods = [CamMethod::GradCam, CamMethod::GradCamPlusPlus, CamMethod::HiResCam];
-        let t = Instant::now();
-        for _ in 0..cam_reps {
-            for m in methods {
-                let _ = heatmaps(&model, &ds, &idx, 3, m, CamTarget::Class(1), n);
+        let shared_vs_apart = |requests: &[(usize, CamMethod)]| {
+            let t = Instant::now();
+            for _ in 0..cam_reps {
+                for &(layer, m) in requests {
+                    let _ = heatmaps(&model, &ds, &idx, layer, m, CamTarget::Class(1), n);
+                }
             }
-        }
-        let apart = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for _ in 0..cam_reps {
-            let _ = heatmaps_by_methods(&model, &ds, &idx, 3, &methods, CamTarget::Class(1), n, &mut |_, _| {});
-        }
-        let shared = t.elapsed().as_secs_f64();
-        let three = |secs: f64| ((3 * n * cam_reps) as f64 / secs).round();
-        json!({ "size": s, "batch": n, "channels": c, "warmup_s": ((warm.iter().sum::<f64>()) * 100.0).round() / 100.0, "train_step_ms": (step_ms * 100.0).round() / 100.0, "forward_ms": part_ms(0), "backward_ms": part_ms(1), "optimizer_ms": part_ms(2), "infer_images_per_s": infer.round(), "gradcam_heatmaps_per_s": cams.round(), "three_methods_apart_heatmaps_per_s": three(apart), "three_methods_shared_heatmaps_per_s": three(shared), "three_methods_shared_speedup": (apart / shared * 100.0).round() / 100.0 })
+            let apart = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for _ in 0..cam_reps {
+                let _ = heatmaps_for(&model, &ds, &idx, requests, CamTarget::Class(1), n, &mut |_, _| {});
+            }
+            let shared = t.elapsed().as_secs_f64();
+            let per_s = |secs: f64| ((requests.len() * n * cam_reps) as f64 / secs).round();
+            (per_s(apart), per_s(shared), (apart / shared * 100.0).round() / 100.0)
+        };
+        let three: Vec<(usize, CamMethod)> = methods.iter().map(|&m| (3, m)).collect();
+        let nine: Vec<(usize, CamMethod)> = (1..=3).flat_map(|l| methods.iter().map(move |&m| (l, m))).collect();
+        let (three_apart, three_shared, three_speedup) = shared_vs_apart(&three);
+        let (nine_apart, nine_shared, nine_speedup) = shared_vs_apart(&nine);
+        json!({ "size": s, "batch": n, "channels": c, "warmup_s": ((warm.iter().sum::<f64>()) * 100.0).round() / 100.0, "train_step_ms": (step_ms * 100.0).round() / 100.0, "forward_ms": part_ms(0), "backward_ms": part_ms(1), "optimizer_ms": part_ms(2), "infer_images_per_s": infer.round(), "gradcam_heatmaps_per_s": cams.round(), "three_methods_apart_heatmaps_per_s": three_apart, "three_methods_shared_heatmaps_per_s": three_shared, "three_methods_shared_speedup": three_speedup, "three_layers_x_three_methods_apart_heatmaps_per_s": nine_apart, "three_layers_x_three_methods_shared_heatmaps_per_s": nine_shared, "three_layers_x_three_methods_shared_speedup": nine_speedup })
     }
 }
 

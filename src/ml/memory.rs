@@ -9,7 +9,8 @@
 //!   burn's generic (GPU) path computes it: a conv's output and its ReLU as two tensors, a batch
 //!   norm as the five elementwise tensors of its training formula, a pool's output and its
 //!   indices, a residual block's sum. Training counts them twice (their gradients exist at the
-//!   same time at worst); Grad-CAM once (inference, plus the explained unit's gradient);
+//!   same time at worst), and so does Grad-CAM (a shared pass keeps every explained unit's
+//!   activations and gradients; one alone, its unit's and the graph after it);
 //! - the largest convolution's im2col workspace (what a GEMM-based conv kernel allocates).
 //!
 //! The sum is multiplied by [`MARGIN`] and [`FIXED_BYTES`] is added, for what is not counted:
@@ -33,7 +34,7 @@ pub const FIXED_BYTES: u64 = 64 << 20;
 pub enum Workload {
     /// Training with an optimizer keeping `optimizer_states` values per parameter.
     Training { optimizer_states: u64 },
-    /// Grad-CAM heatmaps (inference and the gradient of one unit's activations).
+    /// Grad-CAM heatmaps (inference and the gradients of the explained units' activations).
     GradCam,
 }
 
@@ -129,7 +130,9 @@ pub fn estimate(arch: &ArchConfig, image_size: usize, batch_size: usize, workloa
     let batch = batch_size.max(1) as u64;
     let (gradient_bytes, optimizer_bytes, activation_copies) = match workload {
         Workload::Training { optimizer_states } => (parameters * BYTES, parameters * optimizer_states * BYTES, 2),
-        Workload::GradCam => (0, 0, 1),
+        // Twice too: a shared pass (`ml::gradcam::heatmaps_for`) keeps each requested layer's
+        // activations and their gradients, and one alone its unit's and the graph after it.
+        Workload::GradCam => (0, 0, 2),
     };
     let activation_bytes = kept * batch * BYTES * activation_copies;
     let workspace_bytes = workspace * batch * BYTES;
@@ -196,10 +199,11 @@ mod tests {
         // The input (4096) and the first conv's output and ReLU (16 x 4096 x 2) alone are kept
         // per image, twice (with their gradients), for 32 images.
         assert!(e.activation_bytes >= (4096 + 2 * 16 * 4096) * 32 * 4 * 2);
-        // Grad-CAM keeps no gradients or optimizer state and half the activations.
+        // Grad-CAM keeps no parameter gradients or optimizer state; activations and their
+        // gradients (of every layer a shared pass explains) as training does.
         let g = estimate(&arch, 64, 32, Workload::GradCam);
         assert_eq!((g.gradient_bytes, g.optimizer_bytes), (0, 0));
-        assert_eq!(g.activation_bytes * 2, e.activation_bytes);
+        assert_eq!(g.activation_bytes, e.activation_bytes);
         assert!(g.total < e.total);
     }
 

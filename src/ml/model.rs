@@ -119,17 +119,43 @@ fn conv<B: FastOps>(c: &Conv2d<B>, x: Tensor<B, 4>, with_relu: bool) -> Tensor<B
     }
 }
 
+/// Which statistics batch norm normalises with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Norm {
+    /// As burn does: with autodiff (training) the batch's own, updating the running
+    /// statistics; without autodiff the running ones.
+    Auto,
+    /// The running statistics, with autodiff too: the trained network as it classifies, so
+    /// that Grad-CAM's gradients are those of the network whose activations it weighs (and do
+    /// not depend on which images share a batch), and nothing is updated.
+    Running,
+}
+
 /// burn's `BatchNorm::forward` with the training-mode statistics through [`FastOps`] (their
-/// sums are reductions that must not depend on the CPU). Without autodiff it is burn's own
-/// inference path: elementwise with the running statistics, exact on any CPU.
-fn batch_norm<B: FastOps>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+/// sums are reductions that must not depend on the CPU). Without autodiff, or with
+/// [`Norm::Running`], burn's inference path: elementwise with the running statistics, exact on
+/// any CPU.
+fn batch_norm<B: FastOps>(bn: &BatchNorm<B>, x: Tensor<B, 4>, norm: Norm) -> Tensor<B, 4> {
     if !B::ad_enabled(&x.device()) {
         return bn.forward(x);
+    }
+    if norm == Norm::Running {
+        return batch_norm_running(bn, x);
     }
     let (y, mean, var) = B::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), bn.epsilon);
     update_running(&bn.running_mean, mean, bn.momentum);
     update_running(&bn.running_var, var, bn.momentum);
     y
+}
+
+/// burn's `BatchNorm` inference path (`forward_inference`, private there), op for op, so that
+/// on an autodiff backend it gives the bits the inner backend's `forward` gives.
+fn batch_norm_running<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let shape = [1, x.dims()[1], 1, 1];
+    let mean = bn.running_mean.value().to_device(&x.device()).reshape(shape);
+    let var = bn.running_var.value().to_device(&x.device()).reshape(shape);
+    let std = var.add_scalar(bn.epsilon).sqrt();
+    x.sub(mean).div(std).mul(bn.gamma.val().reshape(shape)).add(bn.beta.val().reshape(shape))
 }
 
 /// burn's `BatchNorm` update of a running statistic from a batch's, element-wise (so a stacked
@@ -149,10 +175,15 @@ impl<B: FastOps> Unit<B> {
     /// # Shapes
     /// [N, Cin, H, W] -> [N, Cout, H, W] (post-ReLU, before any pool)
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.forward_with(x, Norm::Auto)
+    }
+
+    /// [`Unit::forward`] with batch norm's statistics chosen.
+    pub fn forward_with(&self, x: Tensor<B, 4>, norm: Norm) -> Tensor<B, 4> {
         // Without batch norm the ReLU fuses into the conv.
         let mut y = conv(&self.conv1, x.clone(), self.bn1.is_none());
         if let Some(bn) = &self.bn1 {
-            y = relu(batch_norm(bn, y));
+            y = relu(batch_norm(bn, y, norm));
         }
         if !self.residual {
             return y;
@@ -161,7 +192,7 @@ impl<B: FastOps> Unit<B> {
             y = conv(c2, y, false);
         }
         if let Some(bn) = &self.bn2 {
-            y = batch_norm(bn, y);
+            y = batch_norm(bn, y, norm);
         }
         let skip = match &self.shortcut {
             Some(s) => shortcut(s, x),
@@ -183,7 +214,7 @@ impl<B: FastOps> Classifier<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         let last = self.units.len() - 1;
         let a = self.features(x, last);
-        self.forward_from(a, last)
+        self.forward_from(a, last, Norm::Auto)
     }
 
     /// Activations of unit `layer` (post-ReLU, pre-pool).
@@ -202,15 +233,29 @@ impl<B: FastOps> Classifier<B> {
         x
     }
 
+    /// Runs units `from + 1 ..= to` on the activations of unit `from` (its pooling first):
+    /// `segment(features(x, from), from, to, norm)` is `features(x, to)`, op for op.
+    /// # Shapes
+    /// [N, K, h, w] -> [N, K', h', w']
+    pub fn segment(&self, mut x: Tensor<B, 4>, from: usize, to: usize, norm: Norm) -> Tensor<B, 4> {
+        for i in from..to {
+            if self.units[i].pool_after {
+                x = B::max_pool2x2(x);
+            }
+            x = self.units[i + 1].forward_with(x, norm);
+        }
+        x
+    }
+
     /// Runs the rest of the network from the activations of unit `layer`.
     /// # Shapes
     /// [N, K, h, w] -> [N, 2]
-    pub fn forward_from(&self, mut x: Tensor<B, 4>, layer: usize) -> Tensor<B, 2> {
+    pub fn forward_from(&self, mut x: Tensor<B, 4>, layer: usize, norm: Norm) -> Tensor<B, 2> {
         if self.units[layer].pool_after {
             x = B::max_pool2x2(x);
         }
         for u in &self.units[layer + 1..] {
-            x = u.forward(x);
+            x = u.forward_with(x, norm);
             if u.pool_after {
                 x = B::max_pool2x2(x);
             }

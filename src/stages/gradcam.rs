@@ -11,7 +11,7 @@ use crate::ml::memory::{self, Workload};
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::dataset::Dataset;
 use crate::ml::fast_ops::TrainBackend;
-use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps_by_methods};
+use crate::ml::gradcam::{CamMethod, CamTarget, heatmaps_for};
 use crate::ml::planes::{PlaneKind, Planes};
 use crate::ml::{resize, rng::Rng};
 use crate::stage_kind::*;
@@ -40,29 +40,46 @@ fn layer_index(v: Option<&Json>, units: usize) -> Result<usize, StageError> {
     }
 }
 
-/// Heatmaps of one model over one data set by one or more methods, from one pass.
+/// Heatmaps of one model over one data set for one or more (layer, method) requests, from
+/// one pass.
 struct CamJob<'a> {
     inputs: &'a BTreeMap<String, InputArtifact>,
     ds: &'a Dataset,
-    layer: Json,
-    methods: Vec<CamMethod>,
+    /// Each request's `layer` param (resolved against the model here) and method.
+    requests: Vec<(Json, CamMethod)>,
     target: CamTarget,
     batch: usize,
     progress: &'a mut dyn FnMut(Progress),
 }
 
+/// A request's layer index and heatmaps, or why it has none (a layer the model lacks).
+type Answer = Result<(usize, Vec<Vec<f32>>), StageError>;
+
 impl BackendJob for CamJob<'_> {
-    /// The layer index, and one heatmap list per method.
-    type Output = Result<(usize, Vec<Vec<Vec<f32>>>), StageError>;
+    /// One answer per request; an error for all when the model cannot be read.
+    type Output = Result<Vec<Answer>, StageError>;
     fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let (arch, model) = load_model::<B>(self.inputs, "model", &device)?;
-        let layer = layer_index(Some(&self.layer), arch.units())?;
+        let layers: Vec<Result<usize, StageError>> = self.requests.iter().map(|(l, _)| layer_index(Some(l), arch.units())).collect();
+        let valid: Vec<(usize, CamMethod)> =
+            layers.iter().zip(&self.requests).filter_map(|(l, (_, m))| l.as_ref().ok().map(|&l| (l, *m))).collect();
         let idx: Vec<usize> = (0..self.ds.samples.len()).collect();
         let progress = self.progress;
         let mut report = |done: usize, total: usize| {
             progress(Progress { unit: "image", done: done as u64, total: total as u64, epoch: None, epochs: None, loss: None })
         };
-        Ok((layer, heatmaps_by_methods(&model, self.ds, &idx, layer, &self.methods, self.target, self.batch, &mut report)))
+        let mut maps = if valid.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            heatmaps_for(&model, self.ds, &idx, &valid, self.target, self.batch, &mut report).into_iter()
+        };
+        Ok(layers
+            .into_iter()
+            .map(|l| {
+                let l = l?;
+                Ok((l, maps.next().ok_or_else(|| StageError::new("the pass gave no heatmaps for this request"))?))
+            })
+            .collect())
     }
 }
 
@@ -126,7 +143,9 @@ impl StageKind for GradCam {
     fn version(&self) -> u32 {
         // 2: convolutions and pooling on the CPU run through `ml::fast_ops` (other rounding).
         // 3: the portable CPU profile (own GEMM, head, loss and softmax; libm).
-        3
+        // 4: batch norm after the explained layer uses the running statistics (it used the
+        //    batch's, so a batch-norm model's heatmaps depended on which images shared a batch).
+        4
     }
     fn doc(&self) -> &'static str {
         "Class-activation heatmaps (Grad-CAM, Grad-CAM++, HiResCAM, or a random baseline) for every image, upsampled to the input and min-max normalised per image."
@@ -209,22 +228,22 @@ impl StageKind for GradCam {
         let job = CamJob {
             inputs: ctx.inputs,
             ds: &ds,
-            layer: set.layer.clone(),
-            methods: vec![method],
+            requests: vec![(set.layer.clone(), method)],
             target: set.target,
             batch: set.batch,
             progress: &mut *ctx.progress,
         };
-        let (layer, mut maps) = dispatch(kind, device, job).map_err(StageError::new)??;
-        publish(ctx, &ds, set.method_name, json!(layer), maps.pop().unwrap_or_default())
+        let answer = dispatch(kind, device, job).map_err(StageError::new)??.pop();
+        let (layer, maps) = answer.ok_or_else(|| StageError::new("the pass gave no heatmaps"))??;
+        publish(ctx, &ds, set.method_name, json!(layer), maps)
     }
-    /// Instances that differ only in `method` (not the random baseline, which needs no
-    /// model) and read the same model and data: their heatmaps come from one pass.
+    /// Instances that differ only in `method` and `layer` (not the random baseline, which
+    /// needs no model) and read the same model and data: their heatmaps come from one pass.
     fn fusion_key(&self, params: &Params, backend: &str, inputs: &BTreeMap<String, usize>) -> Option<Fusion> {
         if p::str(params, "method").ok()? == "random" {
             return None;
         }
-        let rest: serde_json::Map<String, Json> = params.iter().filter(|(k, _)| k.as_str() != "method").map(|(k, v)| (k.clone(), v.clone())).collect();
+        let rest: serde_json::Map<String, Json> = shared_params(params).map(|(k, v)| (k.clone(), v.clone())).collect();
         Some(Fusion { key: format!("{} {backend} {} {}", self.name(), Json::Object(rest), json!(inputs)), how: FusionKind::SharedWork })
     }
     fn run_group(&self, ctxs: &mut [RunContext<'_>]) -> Vec<Result<Outcome, StageError>> {
@@ -237,24 +256,26 @@ impl StageKind for GradCam {
             ctx.inputs.iter().map(|(slot, a)| (slot, &a.files)).eq(inputs.iter().map(|(slot, a)| (slot, &a.files)))
         };
         let same_pass = |ctx: &RunContext<'_>| {
-            ctx.params.iter().filter(|(k, _)| k.as_str() != "method").eq(params.iter().filter(|(k, _)| k.as_str() != "method"))
-                && ctx.backend == first.backend
-                && ctx.device == first.device
+            shared_params(ctx.params).eq(shared_params(params)) && ctx.backend == first.backend && ctx.device == first.device
         };
-        let members: Vec<Result<CamMethod, StageError>> = ctxs
+        let members: Vec<Result<(Json, CamMethod), StageError>> = ctxs
             .iter()
-            .map(|ctx| match settings(ctx.params)?.method {
-                Some(m) if same_files(ctx) && same_pass(ctx) => Ok(m),
-                _ => Err(StageError::new("not part of this group's shared pass")),
+            .map(|ctx| {
+                let set = settings(ctx.params)?;
+                match set.method {
+                    Some(m) if same_files(ctx) && same_pass(ctx) => Ok((set.layer, m)),
+                    _ => Err(StageError::new("not part of this group's shared pass")),
+                }
             })
             .collect();
-        let methods: Vec<CamMethod> = members.iter().filter_map(|m| m.as_ref().ok().copied()).collect();
-        if methods.is_empty() {
+        let requests: Vec<(Json, CamMethod)> = members.iter().filter_map(|m| m.as_ref().ok().cloned()).collect();
+        if requests.is_empty() {
             // Nobody shares the pass (every member is an error already): nothing to compute.
             return members.into_iter().map(|_| Err(StageError::new("not part of this group's shared pass"))).collect();
         }
+        let shared_by = requests.len();
         let (kind, device) = (backend(first), first.device);
-        let computed = (|| -> Result<(Dataset, usize, Vec<Vec<Vec<f32>>>), StageError> {
+        let computed = (|| -> Result<(Dataset, Vec<Answer>), StageError> {
             let ds = io::dataset(io::file(inputs, "data", io::DATASET_FILE)?)?;
             let set = settings(params)?;
             let mut sinks: Vec<&mut dyn FnMut(Progress)> = Vec::new();
@@ -264,25 +285,31 @@ impl StageKind for GradCam {
                 }
             }
             let mut progress = |p: Progress| sinks.iter_mut().for_each(|sink| sink(p.clone()));
-            let job = CamJob { inputs, ds: &ds, layer: set.layer, methods: methods.clone(), target: set.target, batch: set.batch, progress: &mut progress };
-            let (layer, maps) = dispatch(kind?, device, job).map_err(StageError::new)??;
-            Ok((ds, layer, maps))
+            let job = CamJob { inputs, ds: &ds, requests, target: set.target, batch: set.batch, progress: &mut progress };
+            let answers = dispatch(kind?, device, job).map_err(StageError::new)??;
+            Ok((ds, answers))
         })();
-        let (ds, layer, maps) = match computed {
+        let (ds, answers) = match computed {
             Ok(c) => c,
             Err(e) => return members.into_iter().map(|_| Err(StageError::new(e.to_string()))).collect(),
         };
-        let mut maps = maps.into_iter();
+        let mut answers = answers.into_iter();
         ctxs.iter_mut()
             .zip(members)
             .map(|(ctx, member)| {
                 member?;
-                let mine = maps.next().ok_or_else(|| StageError::new("the shared pass gave no heatmaps for this member"))?;
-                (ctx.log)(format!("fused: heatmaps from one pass shared by {} methods", methods.len()));
-                publish(ctx, &ds, p::str(ctx.params, "method")?, json!(layer), mine)
+                let (layer, maps) = answers.next().ok_or_else(|| StageError::new("the shared pass gave no heatmaps for this member"))??;
+                (ctx.log)(format!("fused: heatmaps from one pass shared by {shared_by} instances"));
+                publish(ctx, &ds, p::str(ctx.params, "method")?, json!(layer), maps)
             })
             .collect()
     }
+}
+
+/// The params a shared pass needs equal: all but `method` and `layer`, which it serves
+/// several of.
+fn shared_params(params: &Params) -> impl Iterator<Item = (&String, &Json)> {
+    params.iter().filter(|(k, _)| k.as_str() != "method" && k.as_str() != "layer")
 }
 
 #[cfg(test)]
@@ -372,9 +399,10 @@ mod tests {
         std::fs::read(out.join(io::HEATMAPS_FILE)).unwrap()
     }
 
-    /// A group's members get the heatmaps they get alone; one that does not share the pass
-    /// (other data, another layer), wherever it sits in the group, gets an error and takes
-    /// no other member's heatmaps; a pass that fails fails every member.
+    /// A group's members (methods and layers) get the heatmaps they get alone; one that does
+    /// not share the pass (other data, another target), wherever it sits in the group, gets an
+    /// error and takes no other member's heatmaps, as does one asking for a layer the model
+    /// lacks; a pass that fails fails every member.
     #[test]
     fn a_group_gives_each_member_its_own_heatmaps_and_refuses_strangers() {
         use crate::ml::model::ArchConfig;
@@ -401,25 +429,32 @@ mod tests {
         };
         let shared = inputs(&model_files, 1, "shared");
         let other_data = inputs(&model_files, 2, "other");
+        let mut predicted = params("gradcam", json!("last"));
+        predicted.insert("target".into(), json!("predicted"));
         let members = vec![
             (params("gradcam", json!("last")), shared.clone()),
             (params("hirescam", json!("last")), other_data.clone()),
             (params("gradcam++", json!("last")), shared.clone()),
             (params("hirescam", json!(0)), shared.clone()),
+            (params("gradcam", json!("conv9")), shared.clone()),
+            (predicted, shared.clone()),
             (params("hirescam", json!("last")), shared.clone()),
+            (params("gradcam++", json!("conv1")), shared.clone()),
         ];
         let got = run_group(&members, &tmp.path().join("out"));
         for (i, (r, (p, inp))) in got.iter().zip(&members).enumerate() {
             match i {
-                1 | 3 => assert!(r.as_ref().is_err_and(|e| e.contains("not part of this group's shared pass")), "member {i}: {r:?}"),
+                1 | 5 => assert!(r.as_ref().is_err_and(|e| e.contains("not part of this group's shared pass")), "member {i}: {r:?}"),
+                4 => assert!(r.as_ref().is_err_and(|e| e.contains("is not a layer of this model")), "member {i}: {r:?}"),
                 _ => {
                     let bytes = r.as_ref().unwrap_or_else(|e| panic!("member {i}: {e}"));
                     assert!(*bytes == alone(p, inp, &tmp.path().join(format!("alone-{i}"))), "member {i} differs from its run alone");
                 }
             }
         }
-        // Members 0, 2 and 4 (three methods) really differ.
+        // Methods and layers really differ.
         assert!(got[0].as_ref().ok() != got[2].as_ref().ok());
+        assert!(got[2].as_ref().ok() != got[7].as_ref().ok());
 
         // A model file that cannot be read: every member fails (and is run alone by the executor).
         let broken = inputs(&[(io::CONFIG_FILE, b"{}".to_vec()), (io::WEIGHTS_FILE, Vec::new())], 1, "broken");

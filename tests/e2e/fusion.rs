@@ -84,8 +84,8 @@ fn fuse_under_slurm_says_it_does_not_apply() {
     assert!(!local.stdout().contains("--fuse applies"), "{}", local.stdout());
 }
 
-/// One model explained by four methods at two layers: the three gradient methods of a layer
-/// share one pass; the random baseline needs no model and runs alone.
+/// One model explained by four methods at two layers: the three gradient methods at both
+/// layers share one pass; the random baseline needs no model and runs alone.
 const CAM_METHODS: &str = r#"name: cams
 seed: 3
 stages:
@@ -112,18 +112,16 @@ stages:
     inputs: {data: data, masks: masks}
 "#;
 
-/// Heatmaps from a shared pass are the bytes each method gives alone: by default the
-/// methods of one layer share it, `--fuse off` runs each alone, and the lock files (every
-/// output digest and metric) are identical.
+/// Heatmaps from a shared pass are the bytes each layer and method give alone: by default
+/// they share it, `--fuse off` runs each alone, and the lock files (every output digest and
+/// metric) are identical.
 #[test]
 fn heatmap_methods_share_one_pass_by_default_with_the_bytes_they_give_alone() {
     let (off, on, groups) = unfused_and_fused(CAM_METHODS, &[]);
-    assert_eq!(groups.len(), 2, "expected one group per layer: {groups:?}");
-    for g in &groups {
-        assert!(g.starts_with("fused   3 instances in one task: cams["), "{g}");
-        assert!(!g.contains("random"), "the random baseline joined a group: {g}");
-    }
-    let shared_logs = logs(&on).into_iter().filter(|l| l.contains("fused: heatmaps from one pass shared by 3 methods")).count();
+    assert_eq!(groups.len(), 1, "expected one group for the model: {groups:?}");
+    assert!(groups[0].starts_with("fused   6 instances in one task: cams["), "{}", groups[0]);
+    assert!(!groups[0].contains("random"), "the random baseline joined the group: {}", groups[0]);
+    let shared_logs = logs(&on).into_iter().filter(|l| l.contains("fused: heatmaps from one pass shared by 6 instances")).count();
     assert_eq!(shared_logs, 6, "each of the six members' logs says it shared a pass");
     // Each member was published under its own key: nothing is left to run, either way.
     assert_eq!(on.run(&["--fuse", "off"]).ok().summary("ran"), 0);
