@@ -410,8 +410,8 @@ pub enum FusionKind {
     /// idle, so it is formed only when asked for (`run --fuse N`, at most N members), and on a
     /// GPU it asks for its members' shares and memory together.
     Stacked,
-    /// The members need one computation (heatmaps of one model, data set and layer by several
-    /// methods): the group costs about what one member costs, so it is formed unless fusion
+    /// The members need one computation (heatmaps of one model and data set at several layers
+    /// by several methods): the group costs about what one member costs, so it is formed unless fusion
     /// is turned off (`run --fuse off`), with no size limit, and asks for what one member asks
     /// (the largest share and memory estimate among them).
     SharedWork,

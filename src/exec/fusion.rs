@@ -4,7 +4,8 @@
 //!
 //! Two kinds of group ([`FusionKind`]): a *stack* runs its members' work side by side (K
 //! trainings as one model: `ml::fused`), formed only with `--fuse N`; a *shared-work* group
-//! needs one computation for all its members (heatmaps of one model by several methods),
+//! needs one computation for all its members (heatmaps of one model by several layers and
+//! methods),
 //! formed unless `--fuse off` ([`Policy`]).
 //!
 //! The executor knows nothing of what a group does. It only forms groups (by key, in

@@ -246,10 +246,17 @@ mod tests {
         let ds = generate(&SyntheticConfig { count: 6, size: 16, tumor_fraction: 0.5, contrast: 0.6, noise: 0.05, slices_per_patient: 1, seed: 4 });
         let idx: Vec<usize> = (0..ds.samples.len()).collect();
         for arch in [ArchConfig::resnet(1, &[4, 8], 1), ArchConfig::vgg(1, vec![4, 8], true)] {
-            let model = seeded_init::<Ad>(&arch, 9, &dev);
-            let stats = |m: &Classifier<Ad>| -> Vec<f32> {
-                let bn = m.units[0].bn1.as_ref().expect("batch norm");
-                bn.running_mean.value().into_data().convert::<f32>().to_vec::<f32>().unwrap()
+            let model = crate::ml::model::scramble_batch_norm(seeded_init::<Ad>(&arch, 9, &dev), 2);
+            // Every running statistic of every unit.
+            let stats = |m: &Classifier<Ad>| -> Vec<u32> {
+                let values = |t: Tensor<Ad, 1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+                m.units
+                    .iter()
+                    .flat_map(|u| [&u.bn1, &u.bn2])
+                    .flatten()
+                    .flat_map(|bn| [values(bn.running_mean.value()), values(bn.running_var.value())].concat())
+                    .map(f32::to_bits)
+                    .collect()
             };
             let before = stats(&model);
             for layer in 0..arch.units() {
@@ -285,7 +292,8 @@ mod tests {
         let bits = |maps: &[Vec<f32>]| -> Vec<u32> { maps.iter().flatten().map(|v| v.to_bits()).collect() };
         let archs = [ArchConfig::vgg_small(1), ArchConfig::vgg(1, vec![4, 8, 8], true), ArchConfig::resnet(1, &[4, 8], 1)];
         for arch in archs {
-            let model = seeded_init::<Ad>(&arch, 5, &dev);
+            // Batch norm with drawn statistics, scale and shift (a fresh model's hide mistakes).
+            let model = crate::ml::model::scramble_batch_norm(seeded_init::<Ad>(&arch, 5, &dev), 8);
             let units = arch.units();
             // Every layer, deepest first; and every other layer from the top.
             let all: Vec<usize> = (0..units).rev().collect();

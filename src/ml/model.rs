@@ -152,8 +152,10 @@ fn batch_norm<B: FastOps>(bn: &BatchNorm<B>, x: Tensor<B, 4>, norm: Norm) -> Ten
 /// on an autodiff backend it gives the bits the inner backend's `forward` gives.
 fn batch_norm_running<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     let shape = [1, x.dims()[1], 1, 1];
-    let mean = bn.running_mean.value().to_device(&x.device()).reshape(shape);
-    let var = bn.running_var.value().to_device(&x.device()).reshape(shape);
+    // `value_sync`: the statistics as the last training update left them (`value` may be one
+    // update behind in the thread that did not make it; `valid()` syncs the same way).
+    let mean = bn.running_mean.value_sync().to_device(&x.device()).reshape(shape);
+    let var = bn.running_var.value_sync().to_device(&x.device()).reshape(shape);
     let std = var.add_scalar(bn.epsilon).sqrt();
     x.sub(mean).div(std).mul(bn.gamma.val().reshape(shape)).add(bn.beta.val().reshape(shape))
 }
@@ -233,11 +235,13 @@ impl<B: FastOps> Classifier<B> {
         x
     }
 
-    /// Runs units `from + 1 ..= to` on the activations of unit `from` (its pooling first):
-    /// `segment(features(x, from), from, to, norm)` is `features(x, to)`, op for op.
+    /// Runs units `from + 1 ..= to` (`from <= to`) on the activations of unit `from` (its
+    /// pooling first): `segment(features(x, from), from, to, Norm::Auto)` is `features(x, to)`,
+    /// op for op; without autodiff, whatever `norm`.
     /// # Shapes
     /// [N, K, h, w] -> [N, K', h', w']
     pub fn segment(&self, mut x: Tensor<B, 4>, from: usize, to: usize, norm: Norm) -> Tensor<B, 4> {
+        debug_assert!(from <= to, "segment from unit {from} back to unit {to}");
         for i in from..to {
             if self.units[i].pool_after {
                 x = B::max_pool2x2(x);
@@ -269,10 +273,77 @@ impl<B: FastOps> Classifier<B> {
     }
 }
 
+/// `model` with every batch norm's scale, shift and running statistics drawn at random (a
+/// fresh model has 1, 0, 0 and 1, under which a wrong or missing term goes unseen).
+#[cfg(test)]
+pub(crate) fn scramble_batch_norm<B: Backend>(mut model: Classifier<B>, seed: u64) -> Classifier<B> {
+    let mut rng = super::rng::Rng::new(seed);
+    for unit in &mut model.units {
+        for bn in [&mut unit.bn1, &mut unit.bn2].into_iter().flatten() {
+            let device = bn.gamma.val().device();
+            let c = bn.gamma.val().dims()[0];
+            let mut draw = |lo: f32, hi: f32| {
+                let v: Vec<f32> = (0..c).map(|_| lo + (hi - lo) * rng.uniform()).collect();
+                Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(v, [c]), &device)
+            };
+            bn.gamma = burn::module::Param::from_tensor(draw(0.5, 1.5));
+            bn.beta = burn::module::Param::from_tensor(draw(-0.5, 0.5));
+            bn.running_mean = burn::module::RunningState::new(draw(-0.5, 0.5));
+            bn.running_var = burn::module::RunningState::new(draw(0.5, 2.0));
+        }
+    }
+    model
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Flex;
+    use burn::backend::{Autodiff, Flex};
+    use burn::module::AutodiffModule;
+    use burn::tensor::TensorData;
+
+    fn bits<const D: usize>(t: Tensor<Flex, D>) -> Vec<u32> {
+        t.into_data().convert::<f32>().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// `Norm::Running` on an autodiff backend computes burn's inference path bit for bit (the
+    /// activations the inner backend gives), not the training formula, and its gradient is
+    /// the affine map's: d/dx = gamma / sqrt(var + eps).
+    #[test]
+    fn running_batch_norm_with_autodiff_is_the_inference_path() {
+        type Ad = Autodiff<Flex>;
+        let dev = Default::default();
+        let arch = ArchConfig::resnet(1, &[4, 8], 1);
+        let model = scramble_batch_norm(crate::ml::train::seeded_init::<Ad>(&arch, 3, &dev), 11);
+        let inner = model.valid();
+        let mut rng = crate::ml::rng::Rng::new(5);
+        let x: Vec<f32> = (0..3 * 16 * 16).map(|_| rng.normal()).collect();
+        let a0 = inner.features(Tensor::<Flex, 4>::from_data(TensorData::new(x, [3, 1, 16, 16]), &dev), 0);
+        for to in 1..arch.units() {
+            let running = model.segment(Tensor::<Ad, 4>::from_inner(a0.clone()), 0, to, Norm::Running).inner();
+            assert!(bits(running) == bits(inner.segment(a0.clone(), 0, to, Norm::Auto)), "unit {to}: not the inference path");
+        }
+        // Training mode differs (it normalises with the batch's statistics), so the check above
+        // can tell them apart. Last: it updates the model's running statistics.
+        let last = arch.units() - 1;
+        let training = model.segment(Tensor::<Ad, 4>::from_inner(a0.clone()), 0, last, Norm::Auto).inner();
+        assert!(bits(training) != bits(inner.segment(a0.clone(), 0, last, Norm::Auto)), "batch statistics equal the running ones");
+        // The gradient through one batch norm.
+        let bn = model.units[2].bn1.as_ref().expect("batch norm"); // 8 channels
+        let xs: Vec<f32> = (0..2 * 8 * 9).map(|_| rng.normal()).collect();
+        let up: Vec<f32> = (0..2 * 8 * 9).map(|_| rng.normal()).collect();
+        let leaf = Tensor::<Ad, 4>::from_data(TensorData::new(xs, [2, 8, 3, 3]), &dev).require_grad();
+        let upstream = Tensor::<Ad, 4>::from_data(TensorData::new(up.clone(), [2, 8, 3, 3]), &dev);
+        let grads = (batch_norm_running(bn, leaf.clone()) * upstream).sum().backward();
+        let g = leaf.grad(&grads).expect("a gradient").into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let value = |t: Tensor<Flex, 1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let (gamma, var) = (value(bn.gamma.val().inner()), value(bn.running_var.value().inner()));
+        for (i, (gi, ui)) in g.iter().zip(&up).enumerate() {
+            let c = (i / 9) % 8;
+            let want = gamma[c] / (var[c] + bn.epsilon as f32).sqrt() * ui;
+            assert!((gi - want).abs() <= 1e-5 * want.abs().max(1.0), "element {i}: {gi} vs {want}");
+        }
+    }
 
     #[test]
     fn vgg_small_shapes() {

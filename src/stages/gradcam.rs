@@ -273,7 +273,6 @@ impl StageKind for GradCam {
             // Nobody shares the pass (every member is an error already): nothing to compute.
             return members.into_iter().map(|_| Err(StageError::new("not part of this group's shared pass"))).collect();
         }
-        let shared_by = requests.len();
         let (kind, device) = (backend(first), first.device);
         let computed = (|| -> Result<(Dataset, Vec<Answer>), StageError> {
             let ds = io::dataset(io::file(inputs, "data", io::DATASET_FILE)?)?;
@@ -293,6 +292,8 @@ impl StageKind for GradCam {
             Ok(c) => c,
             Err(e) => return members.into_iter().map(|_| Err(StageError::new(e.to_string()))).collect(),
         };
+        // Those with heatmaps (a member asking for a layer the model lacks has none).
+        let shared_by = answers.iter().filter(|a| a.is_ok()).count();
         let mut answers = answers.into_iter();
         ctxs.iter_mut()
             .zip(members)

@@ -84,8 +84,9 @@ fn fuse_under_slurm_says_it_does_not_apply() {
     assert!(!local.stdout().contains("--fuse applies"), "{}", local.stdout());
 }
 
-/// One model explained by four methods at two layers: the three gradient methods at both
-/// layers share one pass; the random baseline needs no model and runs alone.
+/// Two models (one with batch norm) each explained by four methods at two layers: per model,
+/// the three gradient methods at both layers share one pass; the random baseline needs no
+/// model and runs alone.
 const CAM_METHODS: &str = r#"name: cams
 seed: 3
 stages:
@@ -95,7 +96,10 @@ stages:
   train:
     kind: train
     inputs: {data: data}
-    params: {epochs: 1, batch_size: 8}
+    params: {epochs: 1, batch_size: 8, widths: [4, 8]}
+    sweep:
+      grid:
+        arch: [vgg-small, resnet]
   cams:
     kind: gradcam
     inputs: {model: train, data: data}
@@ -118,11 +122,13 @@ stages:
 #[test]
 fn heatmap_methods_share_one_pass_by_default_with_the_bytes_they_give_alone() {
     let (off, on, groups) = unfused_and_fused(CAM_METHODS, &[]);
-    assert_eq!(groups.len(), 1, "expected one group for the model: {groups:?}");
-    assert!(groups[0].starts_with("fused   6 instances in one task: cams["), "{}", groups[0]);
-    assert!(!groups[0].contains("random"), "the random baseline joined the group: {}", groups[0]);
+    assert_eq!(groups.len(), 2, "expected one group per model: {groups:?}");
+    for (g, arch) in groups.iter().zip(["vgg-small", "resnet"]) {
+        assert!(g.starts_with(&format!("fused   6 instances in one task: cams[arch={arch},")), "{g}");
+        assert!(!g.contains("random"), "the random baseline joined the group: {g}");
+    }
     let shared_logs = logs(&on).into_iter().filter(|l| l.contains("fused: heatmaps from one pass shared by 6 instances")).count();
-    assert_eq!(shared_logs, 6, "each of the six members' logs says it shared a pass");
+    assert_eq!(shared_logs, 12, "each of the twelve members' logs says it shared a pass");
     // Each member was published under its own key: nothing is left to run, either way.
     assert_eq!(on.run(&["--fuse", "off"]).ok().summary("ran"), 0);
     assert_eq!(off.run(&[]).ok().summary("ran"), 0);

@@ -19,10 +19,16 @@ fn shared_tiny() -> String {
 /// `camflow run --backend wgpu`, with a private XDG_RUNTIME_DIR (Vulkan loaders complain
 /// without one) and the GPU kernel cache in it (not the user's).
 fn run_wgpu(p: &Project, runtime_dir: &std::path::Path) -> Run {
+    run_wgpu_with(p, runtime_dir, &[])
+}
+
+/// [`run_wgpu`] with more arguments.
+fn run_wgpu_with(p: &Project, runtime_dir: &std::path::Path, extra: &[&str]) -> Run {
     let pipeline = p.pipeline();
     let cache = p.cache();
-    let args =
-        ["run", pipeline.to_str().unwrap(), "--backend", "wgpu", "--jobs", "2", "--gpus", "1", "--cache-dir", cache.to_str().unwrap()];
+    let mut args =
+        vec!["run", pipeline.to_str().unwrap(), "--backend", "wgpu", "--jobs", "2", "--gpus", "1", "--cache-dir", cache.to_str().unwrap()];
+    args.extend_from_slice(extra);
     let kernels = runtime_dir.join("kernels");
     Run { out: p.cmd(&args).env("XDG_RUNTIME_DIR", runtime_dir).env("CAMFLOW_KERNEL_CACHE", kernels).output().expect("camflow runs") }
 }
@@ -174,3 +180,59 @@ fn wgpu_fused_members_train_as_they_do_alone() {
     assert!(tuned.iter().any(|f| f.to_string_lossy().contains("conv")), "no autotune results under CAMFLOW_KERNEL_CACHE: {tuned:?}");
 }
 
+
+/// One model explained at two layers by two methods.
+const FOUR_CAMS: &str = r#"name: cams-wgpu
+seed: 5
+stages:
+  data:
+    kind: data
+    params: {source: synthetic, count: 24, image_size: 16, contrast: 0.8, slices_per_patient: 4}
+  train:
+    kind: train
+    inputs: {data: data}
+    params: {epochs: 1, batch_size: 8}
+  cams:
+    kind: gradcam
+    inputs: {model: train, data: data}
+    params: {batch_size: 5}
+    sweep:
+      grid:
+        layer: [last, conv2]
+        method: [gradcam, gradcam++]
+"#;
+
+/// A shared heatmap pass on a GPU-style backend (the segment-by-segment backward on cubecl
+/// kernels): by default the four instances share one pass; forced again one by one, each
+/// gives the same heatmaps up to the device's rounding, for the same trained model.
+#[test]
+fn wgpu_heatmaps_from_a_shared_pass_match_each_alone() {
+    let runtime_dir = tempfile::tempdir().expect("temp dir");
+    let p = Project::new(FOUR_CAMS);
+    let shared = run_wgpu(&p, runtime_dir.path());
+    assert!(shared.out.status.success(), "stdout:\n{}\nstderr:\n{}", shared.stdout(), shared.stderr());
+    assert!(shared.stdout().lines().any(|l| l.starts_with("fused   4 instances in one task: cams")), "{}", shared.stdout());
+    let labels: Vec<String> = ["last", "conv2"]
+        .iter()
+        .flat_map(|l| ["gradcam", "gradcam++"].map(|m| format!("cams[layer={l},method={m}]")))
+        .collect();
+    let maps = |p: &Project| -> Vec<Vec<f32>> {
+        labels
+            .iter()
+            .map(|l| Planes::decode(&std::fs::read(p.object_of(l, "heatmaps.bin")).unwrap()).expect("heatmaps").data.concat())
+            .collect()
+    };
+    let from_shared = maps(&p);
+    let alone = run_wgpu_with(&p, runtime_dir.path(), &["--force", "cams", "--fuse", "off"]);
+    assert!(alone.out.status.success(), "stdout:\n{}\nstderr:\n{}", alone.stdout(), alone.stderr());
+    assert!(!alone.stdout().contains("fused   "), "{}", alone.stdout());
+    assert_eq!(alone.summary("ran"), 4, "{}", alone.stdout());
+    for ((label, a), b) in labels.iter().zip(&from_shared).zip(maps(&p)) {
+        assert_eq!(a.len(), 24 * 16 * 16, "{label}");
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-3, "{label}: shared and alone differ by up to {worst}");
+    }
+    // Grad-CAM++ (weights never negative, so its maps are not all 0) at the two layers.
+    assert!(from_shared[1] != from_shared[3], "two layers gave the same heatmaps");
+    assert!(from_shared[1].iter().any(|&v| v > 0.5), "every Grad-CAM++ heatmap is flat");
+}
