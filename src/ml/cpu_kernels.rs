@@ -193,15 +193,29 @@ pub struct Conv3x3Grads {
 }
 
 /// Backward pass of [`conv3x3_forward`]. `out` is the forward output (post-ReLU when `relu`),
-/// which is all the ReLU's gradient needs; `grad` is d loss / d out.
-pub fn conv3x3_backward(s: Conv3x3Shape, x: &[f32], weight: &[f32], out: &[f32], relu: bool, grad: &[f32], want_x: bool) -> Conv3x3Grads {
+/// which is all the ReLU's gradient needs; `grad` is d loss / d out. The weight and bias
+/// gradients are empty unless `want_params` (Grad-CAM needs only d x: skipping them leaves
+/// d x's bits as they are).
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_backward(
+    s: Conv3x3Shape,
+    x: &[f32],
+    weight: &[f32],
+    out: &[f32],
+    relu: bool,
+    grad: &[f32],
+    want_x: bool,
+    want_params: bool,
+) -> Conv3x3Grads {
     let mut dx = if want_x { vec![0f32; x.len()] } else { Vec::new() };
-    let (weight, bias) = conv3x3_backward_into(s, x, weight, out, relu, grad, want_x.then_some(&mut dx[..]));
+    let (weight, bias) = conv3x3_backward_into(s, x, weight, out, relu, grad, want_x.then_some(&mut dx[..]), want_params);
     Conv3x3Grads { x: want_x.then_some(dx), weight, bias }
 }
 
 /// [`conv3x3_backward`] writing d loss / d x into `dx` when given (which must hold zeros: the
-/// input gradient is accumulated into it), returning the weight and bias gradients.
+/// input gradient is accumulated into it), returning the weight and bias gradients (empty
+/// unless `want_params`).
+#[allow(clippy::too_many_arguments)]
 pub fn conv3x3_backward_into(
     s: Conv3x3Shape,
     x: &[f32],
@@ -210,6 +224,7 @@ pub fn conv3x3_backward_into(
     relu: bool,
     grad: &[f32],
     dx: Option<&mut [f32]>,
+    want_params: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     let (plane, k, in_len, out_len) = (s.plane(), s.k(), s.input_len(), s.output_len());
     assert!(x.len() == s.batch * in_len && out.len() == s.batch * out_len && grad.len() == out.len());
@@ -227,9 +242,11 @@ pub fn conv3x3_backward_into(
         .into_par_iter()
         .enumerate()
         .map(|(c, mut dx_chunk)| {
-            let mut dw = vec![0f32; s.out_channels * k];
-            let mut db = vec![0f32; s.out_channels];
-            let mut col = vec![0f32; k * plane];
+            let (mut dw, mut db, mut col) = if want_params {
+                (vec![0f32; s.out_channels * k], vec![0f32; s.out_channels], vec![0f32; k * plane])
+            } else {
+                (Vec::new(), Vec::new(), Vec::new())
+            };
             let mut g = vec![0f32; out_len];
             let mut dcol = if want_x { vec![0f32; k * plane] } else { Vec::new() };
             let images = (c * per_chunk)..((c + 1) * per_chunk).min(s.batch);
@@ -243,13 +260,15 @@ pub fn conv3x3_backward_into(
                 } else {
                     g.copy_from_slice(grad_n);
                 }
-                for (b, row) in db.iter_mut().zip(g.chunks(plane)) {
-                    *b += row.iter().sum::<f32>();
-                }
-                im2col(&x[n * in_len..(n + 1) * in_len], s.in_channels, s.height, s.width, &mut col);
                 let g_mat = MatRef { data: &g, rows: s.out_channels, cols: plane, row_stride: plane, col_stride: 1 };
-                let col_t = MatRef { data: &col, rows: plane, cols: k, row_stride: 1, col_stride: plane };
-                gemm(&mut dw, g_mat, col_t, true);
+                if want_params {
+                    for (b, row) in db.iter_mut().zip(g.chunks(plane)) {
+                        *b += row.iter().sum::<f32>();
+                    }
+                    im2col(&x[n * in_len..(n + 1) * in_len], s.in_channels, s.height, s.width, &mut col);
+                    let col_t = MatRef { data: &col, rows: plane, cols: k, row_stride: 1, col_stride: plane };
+                    gemm(&mut dw, g_mat, col_t, true);
+                }
                 if let (Some(dx_chunk), Some(w_t)) = (dx_chunk.as_deref_mut(), &w_t) {
                     gemm_packed(&mut dcol, w_t, g_mat, false);
                     // `dx` starts zeroed and each image's slice is written by this call only.
@@ -259,6 +278,9 @@ pub fn conv3x3_backward_into(
             (dw, db)
         })
         .collect();
+    if !want_params {
+        return (Vec::new(), Vec::new());
+    }
     let mut weight_grad = vec![0f32; s.out_channels * k];
     let mut bias_grad = vec![0f32; s.out_channels];
     for (dw, db) in &partials {
@@ -618,7 +640,10 @@ mod tests {
                 conv3x3_forward(s, x, wt, b, relu).iter().zip(&probe).map(|(o, p)| (*o as f64) * (*p as f64)).sum()
             };
             let out = conv3x3_forward(s, &x, &wt, &b, relu);
-            let g = conv3x3_backward(s, &x, &wt, &out, relu, &probe, true);
+            let g = conv3x3_backward(s, &x, &wt, &out, relu, &probe, true, true);
+            // Without the parameters' gradients, d x is the same bits.
+            let only_x = conv3x3_backward(s, &x, &wt, &out, relu, &probe, true, false);
+            assert!(only_x.x == g.x && only_x.weight.is_empty() && only_x.bias.is_empty());
             // Central differences of `f` around `v`, one coordinate at a time, against `analytic`.
             let check = |what: &str, v: &[f32], analytic: &[f32], f: &dyn Fn(&[f32]) -> f64| {
                 let eps = 1e-2f32;
@@ -644,7 +669,7 @@ mod tests {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
             pool.install(|| {
                 let out = conv3x3_forward(s, &x, &wt, &b, true);
-                let gr = conv3x3_backward(s, &x, &wt, &out, true, &g, true);
+                let gr = conv3x3_backward(s, &x, &wt, &out, true, &g, true, true);
                 (out, gr.x, gr.weight, gr.bias)
             })
         };

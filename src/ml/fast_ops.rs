@@ -235,8 +235,18 @@ impl Backward<Flex, 3> for Conv3x3Backward {
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         let st = ops.state;
         let s = st.shape;
-        let g =
-            kernels::conv3x3_backward(s, values(&st.x), values(&st.weight), values(&st.out), st.with_relu, values(&grad), node_x.is_some());
+        // Parameters that are not tracked (Grad-CAM's model) need no gradient: skip its work.
+        let want_params = node_weight.is_some() || node_bias.is_some();
+        let g = kernels::conv3x3_backward(
+            s,
+            values(&st.x),
+            values(&st.weight),
+            values(&st.out),
+            st.with_relu,
+            values(&grad),
+            node_x.is_some(),
+            want_params,
+        );
         if let (Some(node), Some(dx)) = (node_x, g.x) {
             grads.register::<Flex>(node.id, flex_from(dx, &[s.batch, s.in_channels, s.height, s.width]));
         }

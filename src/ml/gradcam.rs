@@ -10,7 +10,7 @@
 //! ReLU -> per-image `(x - min) / (max + 1e-7)` -> bilinear (half-pixel) resize to the input
 //! -> the same min-max again. The reference test in `tests/` holds us to 1e-4 of it.
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +93,9 @@ pub fn heatmaps_for<B: TrainBackend>(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Vec<Vec<Vec<f32>>> {
     let inner = model.valid();
+    // Only the activations' gradients are needed: with the parameters untracked, the backward
+    // skips their gradients (d A is the same bits either way).
+    let model = &model.clone().no_grad();
     let device = model.fc.weight.val().device();
     let mut layers: Vec<usize> = requests.iter().map(|r| r.0).collect();
     layers.sort_unstable();

@@ -391,7 +391,7 @@ impl Backward<Flex, 3> for StackedConv3x3Backward {
         let (s, k) = (st.shape, st.members);
         let member = |m: usize, dx: Option<&mut [f32]>| {
             let (x, w, out) = (part(values(&st.x), k, m), part(values(&st.weight), k, m), part(values(&st.out), k, m));
-            kernels::conv3x3_backward_into(s, x, w, out, st.with_relu, part(values(&grad), k, m), dx)
+            kernels::conv3x3_backward_into(s, x, w, out, st.with_relu, part(values(&grad), k, m), dx, true)
         };
         let (dx, parts) = if node_x.is_some() {
             per_member_into(k, values(&st.x).len(), |m, dst| member(m, Some(dst)))
