@@ -44,7 +44,8 @@ pub enum CamTarget {
     Predicted,
 }
 
-/// One heatmap per sample of `idx`, each `height * width` values in [0, 1].
+/// One heatmap per sample of `idx`, each `height * width` values in [0, 1]: the heatmaps of
+/// one layer and method alone ([`heatmaps_for`] with one request).
 pub fn heatmaps<B: TrainBackend>(
     model: &Classifier<B>,
     ds: &Dataset,
@@ -54,26 +55,12 @@ pub fn heatmaps<B: TrainBackend>(
     target: CamTarget,
     batch: usize,
 ) -> Vec<Vec<f32>> {
-    heatmaps_reporting(model, ds, idx, layer, method, target, batch, &mut |_, _| {})
-}
-
-/// [`heatmaps`], calling `progress(done, total)` in images after every batch.
-#[allow(clippy::too_many_arguments)]
-pub fn heatmaps_reporting<B: TrainBackend>(
-    model: &Classifier<B>,
-    ds: &Dataset,
-    idx: &[usize],
-    layer: usize,
-    method: CamMethod,
-    target: CamTarget,
-    batch: usize,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Vec<Vec<f32>> {
-    heatmaps_for(model, ds, idx, &[(layer, method)], target, batch, progress).pop().unwrap_or_default()
+    heatmaps_for(model, ds, idx, &[(layer, method)], target, batch, &mut |_, _| {}).pop().unwrap_or_default()
 }
 
 /// The heatmaps of several (layer, method) requests from one pass: one list per request, each
-/// what [`heatmaps_reporting`] gives for that layer and method alone, bit for bit.
+/// what [`heatmaps`] gives for that layer and method alone, bit for bit. `progress(done,
+/// total)` is called in images after every batch.
 ///
 /// Why it is exact and cheap. The methods differ only in how they weigh a layer's activations
 /// A by their gradients dA (`combine`). A and dA depend on the model, images, layer, target and

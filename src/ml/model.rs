@@ -219,20 +219,11 @@ impl<B: FastOps> Classifier<B> {
         self.forward_from(a, last, Norm::Auto)
     }
 
-    /// Activations of unit `layer` (post-ReLU, pre-pool).
+    /// Activations of unit `layer` (post-ReLU, pre-pool; `layer` < the number of units).
     /// # Shapes
     /// [N, C, H, W] -> [N, K, h, w]
-    pub fn features(&self, mut x: Tensor<B, 4>, layer: usize) -> Tensor<B, 4> {
-        for (i, u) in self.units.iter().enumerate() {
-            x = u.forward(x);
-            if i == layer {
-                return x;
-            }
-            if u.pool_after {
-                x = B::max_pool2x2(x);
-            }
-        }
-        x
+    pub fn features(&self, x: Tensor<B, 4>, layer: usize) -> Tensor<B, 4> {
+        self.segment(self.units[0].forward(x), 0, layer, Norm::Auto)
     }
 
     /// Runs units `from + 1 ..= to` (`from <= to`) on the activations of unit `from` (its
@@ -254,15 +245,11 @@ impl<B: FastOps> Classifier<B> {
     /// Runs the rest of the network from the activations of unit `layer`.
     /// # Shapes
     /// [N, K, h, w] -> [N, 2]
-    pub fn forward_from(&self, mut x: Tensor<B, 4>, layer: usize, norm: Norm) -> Tensor<B, 2> {
-        if self.units[layer].pool_after {
+    pub fn forward_from(&self, x: Tensor<B, 4>, layer: usize, norm: Norm) -> Tensor<B, 2> {
+        let last = self.units.len() - 1;
+        let mut x = self.segment(x, layer, last, norm);
+        if self.units[last].pool_after {
             x = B::max_pool2x2(x);
-        }
-        for u in &self.units[layer + 1..] {
-            x = u.forward_with(x, norm);
-            if u.pool_after {
-                x = B::max_pool2x2(x);
-            }
         }
         // Global average pooling + the linear layer in one op, whose sums run in a fixed order.
         let bias = match &self.fc.bias {
