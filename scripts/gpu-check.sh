@@ -18,7 +18,9 @@
 #               again with it warm, then with cubecl's defaults (no compiled-kernel cache),
 #               each with an empty driver cache and its own time limit. Every later part
 #               shares that kernel cache (CAMFLOW_KERNEL_CACHE), so its figures are a second
-#               run's, not a first's
+#               run's, not a first's. Each process's count of kernels compiled and shapes
+#               autotuned (CAMFLOW_KERNEL_LOG), every 10 s and at its end: many compilations
+#               or slow ones? Every other part reports its own counts too
 #   fuse        fused vs unfused training throughput, K = 1, 2, 4, 8, 16, 24 at 64x64
 #               (`bench fuse`, a row per K as it is measured, kernel warm-up timed apart)
 #   ml          `bench ml` at 64 and 128 on the GPU backend (and the CPU's figure at 64)
@@ -120,6 +122,13 @@ run_pipeline() {
   return $rc
 }
 
+# "N kernels compiled, M shapes autotuned" from a CAMFLOW_KERNEL_LOG file.
+kernel_counts() {
+  local c t
+  c=$(grep -c '^\[Compiling kernel\]' "$1" 2> /dev/null); t=$(grep -c '^Fastest result' "$1" 2> /dev/null)
+  echo "${c:-0} kernels compiled, ${t:-0} shapes autotuned"
+}
+
 part_device() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi not found"
   "$BIN" --version
@@ -154,15 +163,27 @@ part_kernels() {
       cache-warm) limit=40 ;;
       *) limit=40 ;;
     esac
+    # Lines cubecl appends as it compiles a kernel or settles an autotuned shape
+    # (CAMFLOW_KERNEL_LOG), counted every 10 s: whether the cold start is many compilations or
+    # slow ones. A kernel found in the compiled-kernel cache is not compiled, so not counted.
+    local klog="$WORK/kernels-$mode.log"
+    : > "$klog"
+    local sampler=
+    if [ "$mode" != cubecl-defaults ]; then
+      ( t=0; while sleep 10; do t=$((t + 10)); echo "  ${t}s: $(kernel_counts "$klog")"; done ) &
+      sampler=$!
+    fi
     if [ "$mode" = cubecl-defaults ]; then
       # cubecl's defaults: autotune results in ~/.cache/cubecl (an empty XDG cache here, in a
       # folder of no Cargo project), no compiled-kernel cache.
       (cd "$WORK/nocache-cwd" && CAMFLOW_KERNEL_CACHE=off XDG_CACHE_HOME="$WORK/xdg-empty" CUDA_CACHE_PATH="$WORK/nv-defaults" \
         timeout -k 5 "$limit" "$BIN" "${args[@]}") || rc=1
     else
-      timeout -k 5 "$limit" "$BIN" "${args[@]}" || rc=1
+      CAMFLOW_KERNEL_LOG="$klog" timeout -k 5 "$limit" "$BIN" "${args[@]}" || rc=1
     fi
     end=$(date +%s.%N)
+    [ -z "$sampler" ] || { kill "$sampler" 2> /dev/null; wait "$sampler" 2> /dev/null; }
+    [ "$mode" = cubecl-defaults ] || echo "$mode: $(kernel_counts "$klog")"
     echo "$mode: process wall $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')s (limit ${limit}s)"
   done
   return $rc
@@ -246,7 +267,10 @@ for part in $PARTS; do
   var="GPU_CHECK_TIMEOUT_$(echo "${part//-/_}" | tr '[:lower:]' '[:upper:]')"
   limit=${!var:-$(default_timeout "$part")}
   echo "== $part (at most ${limit}s)"
-  export -f "$fn" run_pipeline per_stage
+  export -f "$fn" run_pipeline per_stage kernel_counts
+  # Each part's own compile log (the kernels part sets its own per process).
+  export CAMFLOW_KERNEL_LOG="$WORK/$part.kernels.log"
+  : > "$CAMFLOW_KERNEL_LOG"
   export BIN ROOT BACKEND WORK ML_SIZES ML_REPS FUSE_K KERNELS_SIZE
   start=$(date +%s)
   # Arrays do not cross `bash -c`: pass them as one quoted string each.
@@ -272,6 +296,7 @@ for part in $PARTS; do
       echo "-- last lines of the run:"
       tail -n 15 "$WORK/$part/run.log"
     fi
+    [ "$part" = kernels ] || [ "$BACKEND" = cpu ] || echo "-- GPU kernels in this part: $(kernel_counts "$CAMFLOW_KERNEL_LOG")"
     printf '```\n'
   } >> "$SUMMARY"
 done

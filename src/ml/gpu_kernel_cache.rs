@@ -25,6 +25,12 @@ use std::path::{Path, PathBuf};
 
 /// The environment variable that sets (or, with `off`, turns off) the kernel cache folder.
 pub const ENV: &str = "CAMFLOW_KERNEL_CACHE";
+/// A file to which cubecl appends a line per kernel it compiles (`[Compiling kernel] name`) and
+/// per shape it autotunes (`Fastest result ...`), flushed line by line. A slow first use is
+/// either many compilations or slow ones, and only such a log on the GPU machine tells which
+/// (`scripts/gpu-check.sh` counts its lines as a process runs). Applies with camflow's kernel
+/// cache on; a kernel found in the compiled-kernel cache is not compiled, so not logged.
+pub const LOG_ENV: &str = "CAMFLOW_KERNEL_LOG";
 
 /// cubecl's own configuration files, searched for in the working directory and its ancestors.
 const CUBECL_FILES: &[&str] = &["cubecl.toml", "CubeCL.toml"];
@@ -137,6 +143,18 @@ pub fn configure() -> &'static Setting {
         let mut config = CubeClRuntimeConfig::default();
         config.autotune.cache = CacheConfig::File(dir.clone());
         config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+        if let Some(log) = std::env::var_os(LOG_ENV).filter(|v| !v.is_empty()) {
+            use burn::cubecl::config::autotune::AutotuneLogLevel;
+            use burn::cubecl::config::compilation::CompilationLogLevel;
+            let log = PathBuf::from(log);
+            // cubecl panics on a log it cannot write: a log that cannot be opened is no log.
+            if std::fs::OpenOptions::new().create(true).append(true).open(&log).is_ok() {
+                config.compilation.logger.file = Some(log.clone());
+                config.compilation.logger.level = CompilationLogLevel::Basic;
+                config.autotune.logger.file = Some(log);
+                config.autotune.logger.level = AutotuneLogLevel::Minimal;
+            }
+        }
         // CUBECL_AUTOTUNE_LEVEL and CUBECL_DEBUG_* still apply, as without this file.
         let config = config.override_from_env();
         // Set only if nothing read cubecl's configuration yet (it cannot be replaced then).

@@ -142,6 +142,7 @@ fn wgpu_fused_members_train_as_they_do_alone() {
                 .cmd(&args)
                 .env("XDG_RUNTIME_DIR", runtime_dir.path())
                 .env("CAMFLOW_KERNEL_CACHE", kernels.path())
+                .env("CAMFLOW_KERNEL_LOG", runtime_dir.path().join("kernels.log"))
                 .output()
                 .expect("camflow runs"),
         };
@@ -178,6 +179,11 @@ fn wgpu_fused_members_train_as_they_do_alone() {
     // process (a Slurm job, a rerun) to skip the tuning.
     let tuned: Vec<_> = files_under(kernels.path()).into_iter().filter(|f| f.to_string_lossy().ends_with(".json.log")).collect();
     assert!(tuned.iter().any(|f| f.to_string_lossy().contains("conv")), "no autotune results under CAMFLOW_KERNEL_CACHE: {tuned:?}");
+    // CAMFLOW_KERNEL_LOG got a line per kernel compiled and per shape tuned (gpu-check.sh counts
+    // them to tell many compilations from slow ones).
+    let log = std::fs::read_to_string(runtime_dir.path().join("kernels.log")).expect("CAMFLOW_KERNEL_LOG written");
+    let count = |prefix: &str| log.lines().filter(|l| l.starts_with(prefix)).count();
+    assert!(count("[Compiling kernel]") > 10 && count("Fastest result") > 0, "{log}");
 }
 
 
