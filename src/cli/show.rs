@@ -90,14 +90,19 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
         }
     };
     // The original classifier's score beside a retrained one's: walk up from the retrained
-    // model to its `train` instance, then find a score of that model.
+    // model to its `train` instance, then find a score of that model on the same split (a
+    // validation-split score of the original is no baseline for a test-split one).
+    let split_of = |i: usize| prep.instances[i].params.get("split").and_then(|s| s.as_str()).unwrap_or("test");
     let original_of = |i: usize| -> Option<BTreeMap<String, Json>> {
         let model = *prep.instances[i].inputs.get("model")?;
         if prep.instances[model].kind != "retrain" {
             return None;
         }
         let train = find_upstream(&prep.instances, &prep.instances[model].inputs, |x| x.kind == "train")?;
-        let score = prep.instances.iter().position(|x| x.kind == "score" && x.inputs.get("model") == Some(&train))?;
+        let score = (0..prep.instances.len()).find(|&j| {
+            let x = &prep.instances[j];
+            x.kind == "score" && x.inputs.get("model") == Some(&train) && split_of(j) == split_of(i)
+        })?;
         metrics_of(score)
     };
     // The same point with the random heatmap method: same stage and coordinates except the
@@ -124,10 +129,12 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
         (Some(x), Some(y)) => serde_json::Number::from_f64(x - y).map_or(Json::Null, Json::Number),
         _ => Json::Null,
     };
-    // The guards' flags (`warnings: [{flag, ..}]` in a record's metrics) of an instance and
-    // of the model it scores, so a score row shows what is wrong with its classifier.
+    // The guards' flags (`warnings: [{flag, ..}]` in a record's metrics) of an instance, of
+    // the model it scores and of the data it reads, so a row shows what is wrong with its
+    // classifier or its data (a retrained classifier's row: the filter's `label-leak`).
     let flags_of = |i: usize| -> Vec<String> {
-        let own = std::iter::once(i).chain(prep.instances[i].inputs.get("model").copied());
+        let inputs = &prep.instances[i].inputs;
+        let own = std::iter::once(i).chain(inputs.get("model").copied()).chain(inputs.get("data").copied());
         let mut v: Vec<String> = Vec::new();
         for j in own {
             let Decision::Cached { key, .. } = &decisions[j] else { continue };

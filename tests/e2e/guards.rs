@@ -144,3 +144,72 @@ stages:
     assert!(warns.iter().any(|l| l.contains("train") && l.contains("empty-split") && l.contains("split `test` holds no images")), "{out}");
     assert!(show_flags(&p, "train").contains("empty-split"));
 }
+
+/// A study whose Grad-CAM maps are all zero on most tumor-free images (the ReLU of the tumor
+/// class's evidence), so the `multiply` filter blanks them: the filtering alone tells the
+/// classes apart, and the guard says so where the retrained classifier's numbers are read.
+const LEAK: &str = r#"name: leak
+seed: 42
+stages:
+  data:
+    kind: data
+    params: {source: synthetic, count: 200, image_size: 16, contrast: 0.5, noise: 0.1, normalize: zscore}
+  train:
+    kind: train
+    inputs: {data: data}
+    params: {epochs: 6, lr: 0.002}
+  cams:
+    kind: gradcam
+    inputs: {model: train, data: data}
+    sweep:
+      grid:
+        method: [gradcam, random]
+  filtered:
+    kind: filter
+    inputs: {data: data, heatmaps: cams}
+    params: {mode: multiply}
+  retrain:
+    kind: retrain
+    inputs: {data: filtered}
+  retrained:
+    kind: score
+    inputs: {data: filtered, model: retrain}
+"#;
+
+#[test]
+fn a_filter_that_gives_the_class_away_is_flagged_up_to_the_retrained_scores() {
+    let p = Project::new(LEAK);
+    let out = p.run(&[]).ok().stdout();
+    let warns = warn_lines(&out);
+    let leak = |l: &&str| l.contains("label-leak: the filtering gives the class away: it blanks (every factor 0)");
+    assert!(warns.iter().any(|l| l.starts_with("warn    filtered[method=gradcam]") && leak(l)), "{out}");
+    // Random maps are never all zero: nothing to read the class off.
+    assert!(!warns.iter().any(|l| l.starts_with("warn    filtered[method=random]")), "{out}");
+
+    // The metrics behind it: per class counts of the test split, and the rule's accuracy
+    // clearly above the majority's.
+    let lock = crate::support::lock_of(&p);
+    let m = &lock["instances"]["filtered[method=gradcam]"]["metrics"];
+    let count = |effect: &str, class: &str| m["whole_images"][effect][class].as_u64().expect("a count");
+    let test: u64 = ["blanked", "untouched", "partly"].iter().flat_map(|e| [count(e, "negative"), count(e, "positive")]).sum();
+    let split = &lock["instances"]["data"]["metrics"]["test"];
+    assert_eq!(test, split["negative"].as_u64().unwrap() + split["positive"].as_u64().unwrap());
+    assert!(count("blanked", "negative") > count("blanked", "positive"), "{m:?}");
+    let (rule, base) = (m["leak_accuracy"].as_f64().unwrap(), m["leak_baseline"].as_f64().unwrap());
+    assert!(rule >= base + 0.05, "{rule} vs {base}");
+    let r = &lock["instances"]["filtered[method=random]"]["metrics"];
+    assert_eq!((count_of(r, "blanked"), count_of(r, "untouched")), (0, 0), "{r:?}");
+
+    // `show` carries the filter's flag to the retrained classifier's rows (its data input).
+    let pl = p.pipeline();
+    let show = p.camflow(&["show", pl.to_str().unwrap(), "--stage", "retrained", "--format", "csv"]).ok().stdout();
+    let row = |method: &str| show.lines().find(|l| l.contains(&format!(",{method},"))).unwrap_or_else(|| panic!("{show}")).to_string();
+    assert!(row("gradcam").contains("label-leak"), "{show}");
+    assert!(!row("random").contains("label-leak"), "{show}");
+    assert!(report_html(&p).contains("label-leak"));
+}
+
+/// Blanked plus untouched test images of both classes in a filter's metrics.
+fn count_of(m: &serde_yaml::Value, effect: &str) -> u64 {
+    ["negative", "positive"].iter().map(|c| m["whole_images"][effect][*c].as_u64().expect("a count")).sum()
+}

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::support::Project;
 
-/// 3 seeds x {gradcam, random}: 43 instances, 9 tiny trainings.
+/// 3 seeds x {gradcam, random}: 46 instances, 9 tiny trainings.
 const SEEDS: &str = r#"name: seeds
 seed: 7
 stages:
@@ -18,6 +18,11 @@ stages:
     inputs: {data: data}
     params: {epochs: 1, batch_size: 16}
     seeds: 3
+  # Listed first, so a baseline taken without matching the split would be this one.
+  original_val:
+    kind: score
+    inputs: {data: data, model: train}
+    params: {split: val}
   original:
     kind: score
     inputs: {data: data, model: train}
@@ -91,8 +96,8 @@ fn show_aggregates_three_seeds_with_intervals_and_paired_differences() {
     // A retrain takes the seed of its own training.
     let plan: Value =
         serde_json::from_str(&p.camflow(&["plan", p.pipeline().to_str().unwrap(), "--json"]).ok().stdout()).expect("plan json");
-    assert_eq!(plan["instances"].as_array().unwrap().len(), 43);
-    assert_eq!(plan["cached"], 43);
+    assert_eq!(plan["instances"].as_array().unwrap().len(), 46);
+    assert_eq!(plan["cached"], 46);
     let retrains: Vec<&Value> = plan["instances"].as_array().unwrap().iter().filter(|i| i["kind"] == "retrain").collect();
     assert_eq!(retrains.len(), 6);
     for r in retrains {
@@ -141,6 +146,9 @@ fn show_aggregates_three_seeds_with_intervals_and_paired_differences() {
         assert_eq!(r["original_accuracy"], o["accuracy"], "{r}");
         assert_close(f(&r["accuracy_vs_original"]), f(&r["accuracy"]) - f(&o["accuracy"]), "accuracy_vs_original");
     }
+    // The validation-split score of the original, listed first, was passed over: it differs.
+    let val = json_rows(&p, &["--stage", "original_val", "--per-seed"]);
+    assert!(val.iter().any(|v| orig.iter().any(|o| o["seed"] == v["seed"] && o["accuracy"] != v["accuracy"])), "{val:?}");
     // The seeds differ somewhere, so the intervals above were not all of width zero.
     let widths: Vec<f64> = json_rows(&p, &["--stage", "original"])
         .iter()
