@@ -62,10 +62,12 @@ pub fn status(cache: &std::path::Path, a: PipelineArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct GcArgs {
-    /// Keep what these pipelines reference; everything else is removed.
+    /// Keep what these pipelines reference; everything else is removed (with --max-size, only
+    /// as much of it as needed).
     pipelines: Vec<std::path::PathBuf>,
-    /// Without pipelines: remove the oldest entries until the cache is at most this many bytes
-    /// (suffixes K, M, G accepted).
+    /// Remove the oldest entries until the cache is at most this many bytes (suffixes K, M, G
+    /// accepted). With pipelines, only entries they do not reference are removed: theirs are
+    /// always kept, even when they alone are larger.
     #[arg(long, value_name = "SIZE")]
     max_size: Option<String>,
     /// Say what would be removed, remove nothing.
@@ -139,7 +141,11 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
     // Records to drop, with the objects they name (those go with them, however young).
     let mut drop: BTreeSet<std::path::PathBuf> = BTreeSet::new();
     let mut dropped_refs: BTreeSet<String> = BTreeSet::new();
-    let mut live: Vec<(u64, std::path::PathBuf, ActionRecord)> = Vec::new();
+    // Records the named pipelines reference: never removed, not even to meet --max-size.
+    let mut pinned: Vec<(u64, std::path::PathBuf, ActionRecord)> = Vec::new();
+    // Records --max-size may remove, oldest first: every record without pipelines; with them,
+    // the ones they do not reference (removed outright when there is no --max-size).
+    let mut trimmable: Vec<(u64, std::path::PathBuf, ActionRecord)> = Vec::new();
     for (path, r) in records {
         match r {
             // A record this user cannot read is not garbage: stop before removing anything.
@@ -147,30 +153,37 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
             Err(RecordError::Invalid { .. }) => {
                 drop.insert(path);
             }
-            Ok(rec) => {
-                if keep_keys.as_ref().is_some_and(|k| !k.contains(&rec.key)) {
+            Ok(rec) => match &keep_keys {
+                Some(k) if k.contains(&rec.key) => pinned.push((rec.created, path, rec)),
+                Some(_) if max.is_none() => {
                     dropped_refs.extend(rec.outputs.values().map(|o| o.digest.clone()));
                     drop.insert(path);
-                } else {
-                    live.push((rec.created, path, rec));
                 }
-            }
+                _ => trimmable.push((rec.created, path, rec)),
+            },
         }
     }
     let objects = store.objects();
     let size_of: BTreeMap<&str, u64> = objects.iter().map(|(d, _, s)| (d.as_str(), *s)).collect();
+    let mut over = false;
     if let Some(max) = max {
-        live.sort_by_key(|x| x.0);
-        let total = |live: &[(u64, std::path::PathBuf, ActionRecord)]| -> u64 {
-            let refs: BTreeSet<&str> = live.iter().flat_map(|(_, _, r)| r.outputs.values().map(|o| o.digest.as_str())).collect();
+        trimmable.sort_by_key(|x| x.0);
+        // Objects are shared between records: the size is that of every object a kept record
+        // names, each counted once.
+        let total = |trimmable: &[(u64, std::path::PathBuf, ActionRecord)]| -> u64 {
+            let refs: BTreeSet<&str> =
+                pinned.iter().chain(trimmable).flat_map(|(_, _, r)| r.outputs.values().map(|o| o.digest.as_str())).collect();
             refs.iter().map(|d| size_of.get(d).copied().unwrap_or(0)).sum()
         };
-        while !live.is_empty() && total(&live) > max {
-            let (_, p, rec) = live.remove(0);
+        while !trimmable.is_empty() && total(&trimmable) > max {
+            let (_, p, rec) = trimmable.remove(0);
             dropped_refs.extend(rec.outputs.values().map(|o| o.digest.clone()));
             drop.insert(p);
         }
+        over = total(&trimmable) > max;
     }
+    let mut live = pinned;
+    live.append(&mut trimmable);
     let referenced: BTreeSet<String> = live.iter().flat_map(|(_, _, r)| r.outputs.values().map(|o| o.digest.clone())).collect();
     let now = std::time::SystemTime::now();
     let (mut freed, mut n_obj, mut young) = (0u64, 0usize, 0usize);
@@ -216,8 +229,9 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
     let young =
         if young > 0 { format!("; {young} unreferenced objects younger than {} min kept", GRACE.as_secs() / 60) } else { String::new() };
     let scratch = if scratch > 0 { format!("; {scratch} abandoned temporary entries removed") } else { String::new() };
+    let over = if over { "; what the pipelines reference alone exceeds --max-size and is kept" } else { "" };
     print_out(&format!(
-        "gc: {} {} records and {} objects, {} freed; {} records kept{young}{scratch}\n",
+        "gc: {} {} records and {} objects, {} freed; {} records kept{young}{scratch}{over}\n",
         if a.dry_run { "would remove" } else { "removed" },
         n_rec,
         n_obj,

@@ -151,6 +151,24 @@ fn gc_keeps_what_the_pipeline_references() {
 }
 
 #[test]
+fn gc_max_size_with_pipelines_trims_only_what_they_do_not_reference() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // Two entries the pipeline does not reference: masks and seg at value 0.9.
+    p.run(&["--set", "stages.masks.sweep.grid.value=[0.9]"]).ok();
+    let pl = p.pipeline();
+    let pl = pl.to_str().unwrap();
+    // Room for everything: nothing goes, not even the unreferenced entries.
+    let g = p.camflow(&["gc", pl, "--max-size", "1G"]).ok().stdout();
+    assert!(g.starts_with("gc: removed 0 records and 0 objects") && g.contains("15 records kept"), "{g}");
+    // Room for less than the pipeline's own results: the others go, the pipeline's stay.
+    let g = p.camflow(&["gc", pl, "--max-size", "1K"]).ok().stdout();
+    assert!(g.starts_with("gc: removed 2 records and") && g.contains("13 records kept"), "{g}");
+    assert!(g.contains("exceeds --max-size and is kept"), "{g}");
+    assert_eq!(p.run(&[]).ok().summary("cached"), 13);
+}
+
+#[test]
 fn training_gives_the_same_weight_bytes_in_two_processes() {
     // Two separate caches, two separate processes: the trained model's file is the same
     // object, byte for byte (burn's own record formats are not byte-stable; ours are).
