@@ -130,9 +130,20 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
         for p in &a.pipelines {
             let args = PipelineArgs { pipeline: p.clone(), sets: vec![], backend: None, rehash: false, max_instances: None };
             let prep = prepare(&args, &store)?;
-            for d in make_plan(&prep, &store, false, &|_| false)? {
-                if let Decision::Cached { key, .. } | Decision::Run { key, .. } = d {
-                    keep.insert(key);
+            for (inst, d) in prep.instances.iter().zip(make_plan(&prep, &store, false, &|_| false)?) {
+                match d {
+                    Decision::Cached { key, .. } | Decision::Run { key, .. } => {
+                        keep.insert(key);
+                    }
+                    // Its key is not known until an upstream instance runs again (that one's
+                    // record was removed by `verify`, or lost in a crash). Rerun, the upstream
+                    // most likely gives the same bytes and early cutoff reuses the key this
+                    // label had last (its sidecar): that record is still referenced.
+                    Decision::After { .. } => {
+                        if let Some(s) = store.read_sidecar(&prep.pipeline.name, &inst.label) {
+                            keep.insert(s.key);
+                        }
+                    }
                 }
             }
         }

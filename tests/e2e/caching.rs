@@ -169,6 +169,28 @@ fn gc_max_size_with_pipelines_trims_only_what_they_do_not_reference() {
 }
 
 #[test]
+fn gc_keeps_the_entries_below_a_missing_record_that_a_rerun_reuses() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // The data record is gone (`verify` removed it as corrupt, or a crash lost it): every other
+    // instance waits on data and has no key yet.
+    let data_rec = std::fs::read_dir(p.cache().join("actions"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|f| serde_json::from_slice::<serde_json::Value>(&std::fs::read(f).unwrap()).unwrap()["label"] == "data")
+        .expect("data's record");
+    std::fs::remove_file(&data_rec).unwrap();
+    let pl = p.pipeline();
+    let g = p.camflow(&["gc", pl.to_str().unwrap()]).ok().stdout();
+    assert!(g.starts_with("gc: removed 0 records") && g.contains("12 records kept"), "{g}");
+    // data gives the same bytes again, and early cutoff reuses everything below it.
+    let r = p.run(&[]).ok();
+    assert_eq!(r.ran(), ["data"], "{}", r.stdout());
+    assert_eq!(r.summary("ran"), 1);
+}
+
+#[test]
 fn training_gives_the_same_weight_bytes_in_two_processes() {
     // Two separate caches, two separate processes: the trained model's file is the same
     // object, byte for byte (burn's own record formats are not byte-stable; ours are).
