@@ -418,6 +418,15 @@ fn check_names(path: &Path, rec: &ActionRecord, expected_key: &str) -> Result<()
     Ok(())
 }
 
+/// What [`Store::existing_object`] found at an object's path.
+enum Existing {
+    Absent,
+    /// The object, checked; the metadata of the file that was hashed.
+    Sound(fs::Metadata),
+    /// Something else under the object's name: other bytes, a link, a FIFO.
+    Damaged,
+}
+
 /// A problem with one object of a record.
 enum ObjectProblem {
     /// Missing, corrupt or not a file: the entry is stale.
@@ -565,35 +574,101 @@ impl Store {
     }
 
     /// Moves a finished output file into the store; returns its reference. An object that
-    /// already exists is never written again, nor replaced (see [`publish_no_replace`]). A
-    /// file on another filesystem (node-local scratch) is first copied into the cache's
-    /// `tmp/`, hashed as it is copied: a copy cut short is never an object.
+    /// already exists is kept, never written again (see [`publish_no_replace`]), but only once
+    /// checked: its size, then its bytes against the digest just computed. One that fails
+    /// (damaged in place with its mtime put back, which the cheap check of a lookup cannot
+    /// see) or is not a regular file (a link: the link itself goes, never its target) is
+    /// replaced atomically by the new bytes: a record never trusts the stat of an object
+    /// nobody checked. A file on another filesystem (node-local scratch) is first copied into
+    /// the cache's `tmp/`, hashed as it is copied: a copy cut short is never an object.
     pub fn put_file(&self, src: &Path) -> StoreResult<ObjectRef> {
         let digest = hash_file(src)?;
+        let size = fs::metadata(src).map_err(io(src))?.len();
         let dest = self.object_file(&digest)?;
-        if fs::symlink_metadata(&dest).is_err() {
-            make_read_only(src)?;
-            if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent).map_err(io(parent))?;
-            }
-            match publish_no_replace(src, &dest) {
-                Ok(_) => {}
-                Err(e) if is_cross_device(&e) => self.copy_in(src, &digest, &dest)?,
-                Err(e) => return Err(StoreError::Io { path: dest, source: e }),
+        // Another writer may publish between the look and the link: look again (bounded).
+        let mut found = None;
+        for _ in 0..8 {
+            let published = match self.existing_object(&dest, &digest, size)? {
+                Existing::Sound(meta) => {
+                    found = Some(meta);
+                    break;
+                }
+                Existing::Absent => {
+                    make_read_only(src)?;
+                    if let Some(parent) = dest.parent() {
+                        fs::create_dir_all(parent).map_err(io(parent))?;
+                    }
+                    match publish_no_replace(src, &dest) {
+                        Ok(published) => published,
+                        Err(e) if is_cross_device(&e) => self.copy_in(src, &digest, &dest, false)?,
+                        Err(e) => return Err(StoreError::Io { path: dest, source: e }),
+                    }
+                }
+                // rename() replaces the entry itself (a link is never followed), atomically: a
+                // reader sees the damaged object or the good one, never a missing or partial one.
+                Existing::Damaged => {
+                    make_read_only(src)?;
+                    match fs::rename(src, &dest) {
+                        Ok(()) => true,
+                        Err(e) if is_cross_device(&e) => self.copy_in(src, &digest, &dest, true)?,
+                        Err(e) => return Err(StoreError::Io { path: dest, source: e }),
+                    }
+                }
+            };
+            if published {
+                // The file just published is the one hashed above.
+                let meta = fs::symlink_metadata(&dest).map_err(io(&dest))?;
+                if !meta.is_file() {
+                    return Err(StoreError::NotAFile(format!("{digest} ({})", dest.display())));
+                }
+                found = Some(meta);
+                break;
             }
         }
+        let Some(meta) = found else {
+            return Err(StoreError::Io { path: dest, source: std::io::Error::other("kept changing while the object was stored") });
+        };
         // Moved, not copied: the caller's file is gone (its scratch folder goes anyway).
         let _ = fs::remove_file(src);
-        let meta = fs::symlink_metadata(&dest).map_err(io(&dest))?;
-        if !meta.is_file() {
-            return Err(StoreError::NotAFile(digest));
-        }
         Ok(ObjectRef { digest, size: meta.len(), mtime_ns: mtime_ns(&meta) })
     }
 
+    /// What stands at the path of object `digest` of `size` bytes: `Sound` only when it is a
+    /// regular file of that size whose bytes hash to `digest` (with the metadata of the file
+    /// that was hashed); a folder is an error naming it (a tree is never removed to store a
+    /// file).
+    fn existing_object(&self, dest: &Path, digest: &str, size: u64) -> StoreResult<Existing> {
+        match fs::symlink_metadata(dest) {
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Existing::Absent),
+            Err(e) => return Err(StoreError::Io { path: dest.to_path_buf(), source: e }),
+            Ok(m) if m.is_dir() => return Err(StoreError::NotAFile(format!("{digest} ({} is a folder)", dest.display()))),
+            Ok(m) if !m.is_file() || m.len() != size => return Ok(Existing::Damaged),
+            Ok(_) => {}
+        }
+        let mut opts = fs::OpenOptions::new();
+        opts.read(true);
+        // Replaced by a link or a FIFO since the look above: never followed or waited on.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut opts, libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        let f = match opts.open(dest) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Existing::Absent),
+            // ELOOP: it became a link meanwhile.
+            Err(_) if fs::symlink_metadata(dest).is_ok_and(|m| !m.is_file() && !m.is_dir()) => return Ok(Existing::Damaged),
+            Err(e) => return Err(StoreError::Io { path: dest.to_path_buf(), source: e }),
+        };
+        let meta = f.metadata().map_err(io(dest))?;
+        if !meta.is_file() || meta.len() != size {
+            return Ok(Existing::Damaged);
+        }
+        let actual = hash_stream(&f, |_| Ok(())).map_err(io(dest))?;
+        Ok(if actual == digest { Existing::Sound(meta) } else { Existing::Damaged })
+    }
+
     /// Copies `src` (on another filesystem) into `tmp/`, checks it hashes to `digest`, then
-    /// publishes it as `dest`.
-    fn copy_in(&self, src: &Path, digest: &str, dest: &Path) -> StoreResult<()> {
+    /// publishes it as `dest`: over whatever is there when `replace` (a damaged object), else
+    /// only where nothing is. Returns whether it was published.
+    fn copy_in(&self, src: &Path, digest: &str, dest: &Path, replace: bool) -> StoreResult<bool> {
         let mut tmp = self.new_tmp_file()?;
         let from = fs::File::open(src).map_err(io(src))?;
         let copied = hash_stream(from, |chunk| tmp.write_all(chunk)).map_err(io(src))?;
@@ -604,8 +679,11 @@ impl Store {
             });
         }
         make_read_only(tmp.path())?;
-        publish_no_replace(tmp.path(), dest).map_err(io(dest))?;
-        Ok(())
+        if replace {
+            tmp.persist(dest).map_err(|e| StoreError::Io { path: dest.to_path_buf(), source: e.error })?;
+            return Ok(true);
+        }
+        publish_no_replace(tmp.path(), dest).map_err(io(dest))
     }
 
     /// Path of a verified object: its bytes are hashed; a mismatch removes it.
@@ -1057,6 +1135,35 @@ mod tests {
         assert!(!p.exists());
     }
 
+    #[test]
+    fn an_object_damaged_in_place_is_replaced_by_the_next_put() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let src = s.tmp_dir().join("a");
+        fs::write(&src, b"hello").unwrap();
+        let r = s.put_file(&src).unwrap();
+        let p = s.object_path(&r.digest).unwrap();
+        // One byte changed, size and mtime put back: a lookup's cheap check cannot see it.
+        let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+        let mut perm = fs::metadata(&p).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        fs::set_permissions(&p, perm).unwrap();
+        fs::write(&p, b"jello").unwrap();
+        fs::File::options().write(true).open(&p).unwrap().set_modified(mtime).unwrap();
+        fs::write(&src, b"hello").unwrap();
+        let again = s.put_file(&src).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"hello");
+        assert!(fs::metadata(&p).unwrap().permissions().readonly());
+        assert!(s.verified_object(&again).is_ok());
+        // A sound object is kept as it is, never written twice.
+        use std::os::unix::fs::MetadataExt;
+        let ino = fs::metadata(&p).unwrap().ino();
+        fs::write(&src, b"hello").unwrap();
+        assert_eq!(s.put_file(&src).unwrap(), again);
+        assert_eq!(fs::metadata(&p).unwrap().ino(), ino);
+    }
+
     fn sample(s: &Store) -> ActionRecord {
         let src = s.tmp_dir().join("out");
         fs::write(&src, b"output bytes").unwrap();
@@ -1416,7 +1523,7 @@ mod tests {
         fs::write(&src, b"changed bytes").unwrap();
         let claimed = super::super::key::sha256_hex(b"original bytes");
         let dest = s.object_path(&claimed).unwrap();
-        let e = s.copy_in(&src, &claimed, &dest).unwrap_err().to_string();
+        let e = s.copy_in(&src, &claimed, &dest, false).unwrap_err().to_string();
         assert!(e.contains("changed while it was stored"), "{e}");
         assert!(!dest.exists() && s.objects().is_empty());
         assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0);

@@ -191,6 +191,17 @@ fn gc_keeps_the_entries_below_a_missing_record_that_a_rerun_reuses() {
 }
 
 #[test]
+fn a_forced_rerun_replaces_an_object_damaged_in_place() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // Size and mtime kept: only hashing tells.
+    flip_byte(&p.object_of("train", "model.safetensors"), true);
+    p.run(&["--force", "train"]).ok();
+    let v = p.camflow(&["verify"]).ok().stdout();
+    assert!(v.contains(", 0 problems"), "{v}");
+}
+
+#[test]
 fn training_gives_the_same_weight_bytes_in_two_processes() {
     // Two separate caches, two separate processes: the trained model's file is the same
     // object, byte for byte (burn's own record formats are not byte-stable; ours are).
