@@ -698,7 +698,7 @@ impl Store {
                 if !m.is_dir() {
                     let _ = fs::remove_file(&p);
                 }
-                return Err(StoreError::NotAFile(r.digest.clone()));
+                return Err(StoreError::NotAFile(format!("{} ({})", r.digest, p.display())));
             }
             Ok(_) => {}
         }
@@ -973,6 +973,15 @@ impl Store {
         self.scan_objects().1
     }
 
+    /// Removes what stands in `objects/` that is neither a file nor a folder (a link, a FIFO,
+    /// a socket): never an object, and it would stand in the way of the object of its name. The
+    /// entry itself goes, never what a link points to; folders and files with wrong names are
+    /// left alone (harmless, never read). Returns what was removed (with `dry_run`: what would be).
+    pub fn remove_special_strays(&self, dry_run: bool) -> Vec<PathBuf> {
+        let special = |p: &PathBuf| fs::symlink_metadata(p).is_ok_and(|m| !m.is_file() && !m.is_dir());
+        self.strays().into_iter().filter(special).filter(|p| dry_run || fs::remove_file(p).is_ok()).collect()
+    }
+
     fn scan_objects(&self) -> (Vec<(String, PathBuf, u64)>, Vec<PathBuf>) {
         let (mut out, mut strays) = (Vec::new(), Vec::new());
         let dir = self.root.join("objects");
@@ -1162,6 +1171,40 @@ mod tests {
         fs::write(&src, b"hello").unwrap();
         assert_eq!(s.put_file(&src).unwrap(), again);
         assert_eq!(fs::metadata(&p).unwrap().ino(), ino);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_at_an_objects_path_is_replaced_never_followed() {
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let p = s.object_path(&super::super::key::sha256_hex(b"hello")).unwrap();
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        let src = s.tmp_dir().join("a");
+        fs::write(&src, b"hello").unwrap();
+        let r = s.put_file(&src).unwrap();
+        assert!(fs::symlink_metadata(&p).unwrap().is_file());
+        assert_eq!(fs::read(&p).unwrap(), b"hello");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(s.verified_object(&r).is_ok());
+        // A folder in its place is never removed: an error naming it.
+        fs::remove_file(&p).unwrap();
+        fs::create_dir(&p).unwrap();
+        fs::write(&src, b"hello").unwrap();
+        let e = s.put_file(&src).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()), "{e}");
+        // A link no record names: removed by remove_special_strays, its target kept.
+        let stray = p.with_file_name("0".repeat(62));
+        std::os::unix::fs::symlink(&victim, &stray).unwrap();
+        assert_eq!(s.remove_special_strays(true), [stray.clone()]);
+        assert!(fs::symlink_metadata(&stray).is_ok());
+        assert_eq!(s.remove_special_strays(false), [stray.clone()]);
+        assert!(fs::symlink_metadata(&stray).is_err() && victim.exists());
+        assert_eq!(s.strays(), [p]);
     }
 
     fn sample(s: &Store) -> ActionRecord {

@@ -237,12 +237,18 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
         // Scratch folders of runs that were killed, and old temporary files.
         scratch = store.clean_tmp(GRACE);
     }
+    // Links and FIFOs under objects' names: never objects (the link itself goes, not its target).
+    let special = store.remove_special_strays(a.dry_run).len();
     let young =
         if young > 0 { format!("; {young} unreferenced objects younger than {} min kept", GRACE.as_secs() / 60) } else { String::new() };
     let scratch = if scratch > 0 { format!("; {scratch} abandoned temporary entries removed") } else { String::new() };
+    let special = match special {
+        0 => String::new(),
+        n => format!("; {n} links or special files in objects/ {}", if a.dry_run { "would be removed" } else { "removed" }),
+    };
     let over = if over { "; what the pipelines reference alone exceeds --max-size and is kept" } else { "" };
     print_out(&format!(
-        "gc: {} {} records and {} objects, {} freed; {} records kept{young}{scratch}{over}\n",
+        "gc: {} {} records and {} objects, {} freed; {} records kept{young}{scratch}{special}{over}\n",
         if a.dry_run { "would remove" } else { "removed" },
         n_rec,
         n_obj,
@@ -332,8 +338,12 @@ pub fn verify(cache: &std::path::Path) -> Result<()> {
             Err(e) => problems.push(format!("object {digest}: {e}")),
         }
     }
+    // A link or FIFO under an object's name is never an object and would be in its way.
+    for p in store.remove_special_strays(false) {
+        problems.push(format!("{}: a link or special file where objects are stored (never followed); removed", p.display()));
+    }
     for p in store.strays() {
-        problems.push(format!("{}: not an object (a wrong name, a link or a folder); left alone", p.display()));
+        problems.push(format!("{}: not an object (a wrong name or a folder); left alone", p.display()));
     }
     let mut s = String::new();
     for p in &problems {

@@ -501,3 +501,34 @@ fn gc_on_a_read_only_cache_reports_only_what_it_removed() {
     assert!(err.contains("could not remove"), "{err}");
     assert_eq!(std::fs::read_dir(p.cache().join("actions")).unwrap().count(), before);
 }
+
+#[cfg(unix)]
+#[test]
+fn a_link_in_place_of_an_object_is_replaced_by_a_run_and_removed_by_verify_and_gc() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    let victim = tempfile::tempdir().unwrap();
+    let target = victim.path().join("model");
+    std::fs::write(&target, "precious").unwrap();
+    let obj = p.object_of("train", "model.safetensors");
+    std::fs::remove_file(&obj).unwrap();
+    std::os::unix::fs::symlink(&target, &obj).unwrap();
+    // The rerun stores the model in the link's place: the link goes, never its target.
+    p.run(&["--force", "train"]).ok();
+    assert!(std::fs::symlink_metadata(&obj).unwrap().is_file());
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+    // A link no record names: verify removes it and names it.
+    let stray = obj.with_file_name("0".repeat(62));
+    std::os::unix::fs::symlink(&target, &stray).unwrap();
+    let v = p.camflow(&["verify"]);
+    assert_eq!(v.code(), 3, "{}", v.stdout());
+    assert!(v.stdout().contains(&format!("{}: a link or special file", stray.display())), "{}", v.stdout());
+    assert!(std::fs::symlink_metadata(&stray).is_err());
+    // And gc.
+    std::os::unix::fs::symlink(&target, &stray).unwrap();
+    let g = p.camflow(&["gc"]).ok().stdout();
+    assert!(g.contains("; 1 links or special files in objects/ removed"), "{g}");
+    assert!(std::fs::symlink_metadata(&stray).is_err());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}
