@@ -911,15 +911,28 @@ impl Store {
         self.root.join("names").join(sanitize(pipeline))
     }
 
-    pub fn sidecar_path(&self, pipeline: &str, label: &str) -> PathBuf {
+    /// [`Store::names_dir`] when what is in it may be read: a real folder, or absent. A link
+    /// there (only `names/` itself is checked when the store opens) would have sidecars and the
+    /// lock state read from outside the cache, since [`read_regular`] checks only the last
+    /// component; writes through it are refused by [`Store::write_atomic`].
+    pub fn readable_names_dir(&self, pipeline: &str) -> Option<PathBuf> {
+        let d = self.names_dir(pipeline);
+        real_dir_or_absent(&d).ok().map(|_| d)
+    }
+
+    fn sidecar_name(label: &str) -> String {
         let h = super::key::sha256_hex(label.as_bytes());
-        self.names_dir(pipeline).join(format!("{}.json", &h[..32]))
+        format!("{}.json", &h[..32])
+    }
+
+    pub fn sidecar_path(&self, pipeline: &str, label: &str) -> PathBuf {
+        self.names_dir(pipeline).join(Self::sidecar_name(label))
     }
 
     /// The key inputs of the last run of `label` in `pipeline`.
     pub fn read_sidecar(&self, pipeline: &str, label: &str) -> Option<Sidecar> {
         // Only an explanation: anything but a readable regular file is simply no sidecar.
-        let bytes = read_regular(&self.sidecar_path(pipeline, label)).ok()??;
+        let bytes = read_regular(&self.readable_names_dir(pipeline)?.join(Self::sidecar_name(label))).ok()??;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -1205,6 +1218,24 @@ mod tests {
         assert_eq!(s.remove_special_strays(false), [stray.clone()]);
         assert!(fs::symlink_metadata(&stray).is_err() && victim.exists());
         assert_eq!(s.strays(), [p]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_linked_names_folder_is_never_read_nor_written() {
+        let outside = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let side = Sidecar { label: "l".into(), key: "a".repeat(64), key_inputs: sample(&s).key_inputs };
+        s.write_sidecar("p", &side).unwrap();
+        assert_eq!(s.read_sidecar("p", "l").as_ref(), Some(&side));
+        // names/p moved outside the cache and linked back: its sidecar is no longer seen.
+        fs::rename(s.names_dir("p"), outside.path().join("p")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("p"), s.names_dir("p")).unwrap();
+        assert!(s.readable_names_dir("p").is_none() && s.readable_names_dir("q").is_some());
+        assert!(s.read_sidecar("p", "l").is_none());
+        assert!(s.write_sidecar("p", &Sidecar { label: "m".into(), ..side }).is_err());
+        assert_eq!(fs::read_dir(outside.path().join("p")).unwrap().count(), 1);
     }
 
     fn sample(s: &Store) -> ActionRecord {

@@ -532,3 +532,31 @@ fn a_link_in_place_of_an_object_is_replaced_by_a_run_and_removed_by_verify_and_g
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
     assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
 }
+
+#[cfg(unix)]
+#[test]
+fn a_linked_names_folder_is_never_read_nor_written() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // names/tiny (sidecars, lock state) moved outside the cache and linked back.
+    let outside = tempfile::tempdir().unwrap();
+    let names = p.cache().join("names").join("tiny");
+    let moved = outside.path().join("tiny");
+    std::fs::rename(&names, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &names).unwrap();
+    let contents = || {
+        let mut v: Vec<(PathBuf, Vec<u8>)> = files_under(&moved).into_iter().map(|f| (f.clone(), std::fs::read(f).unwrap())).collect();
+        v.sort();
+        v
+    };
+    let before = contents();
+    assert!(!before.is_empty());
+    let pl = p.pipeline();
+    let pl = pl.to_str().unwrap();
+    // The sidecar outside would explain the change: it is not read.
+    let plan = p.camflow(&["plan", pl, "--set", "stages.train.params.epochs=2"]).ok().stdout();
+    assert!(plan.contains("run     train") && !plan.contains("params changed"), "{plan}");
+    p.run(&["--set", "stages.train.params.epochs=2"]).ok();
+    p.run(&[]).ok();
+    assert_eq!(contents(), before, "files outside the cache were written");
+}
