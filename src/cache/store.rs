@@ -386,6 +386,14 @@ fn parse_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<(Action
     }
     let rec: ActionRecord = serde_json::from_value(v).map_err(|e| bad(format!("unreadable: {e}")))?;
     check_names(path, &rec, expected_key)?;
+    // A record whose key inputs are not those of its key (forged, resealed) would hand `plan`'s
+    // reasons and the lock file inputs that were never computed. Checked here, with the full
+    // check only: a record the stamp index holds passed it when it was entered, so a no-op
+    // rerun hashes nothing more.
+    let actual = rec.key_inputs.digest();
+    if actual != rec.key {
+        return Err(bad(format!("its key inputs hash to {}, not to its key {}", short(&actual), short(&rec.key))));
+    }
     Ok((rec, stated))
 }
 
@@ -1236,6 +1244,23 @@ mod tests {
         assert!(s.read_sidecar("p", "l").is_none());
         assert!(s.write_sidecar("p", &Sidecar { label: "m".into(), ..side }).is_err());
         assert_eq!(fs::read_dir(outside.path().join("p")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_record_whose_key_inputs_are_not_its_keys_is_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let rec = sample(&s);
+        s.write_record(&rec).unwrap();
+        // Resealed: the record digest holds, the key inputs are another key's.
+        edit_record(&s, &rec.key, true, |v| v["key_inputs"]["seed"] = Json::from(2));
+        for full in [false, true] {
+            match s.lookup(&rec.key, full) {
+                Lookup::Corrupt(m) => assert!(m.contains("key inputs hash to"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(s.records()[0].1, Err(RecordError::Invalid { .. })));
     }
 
     fn sample(s: &Store) -> ActionRecord {

@@ -560,3 +560,19 @@ fn a_linked_names_folder_is_never_read_nor_written() {
     p.run(&[]).ok();
     assert_eq!(contents(), before, "files outside the cache were written");
 }
+
+#[test]
+fn a_record_whose_key_inputs_are_not_its_keys_is_corrupt_to_run() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // Resealed, so its record digest holds: only the key inputs give it away.
+    let (path, mut v) = record_of(&p, "cams");
+    v["key_inputs"]["seed"] = Value::from(99);
+    reseal(&mut v);
+    write_json(&path, &v);
+    let plan = p.camflow(&["plan", p.pipeline().to_str().unwrap()]).ok().stdout();
+    assert!(plan.contains("cache entry corrupt") && plan.contains("key inputs hash to"), "{plan}");
+    let r = p.run(&[]).ok();
+    assert_eq!(r.ran(), ["cams"], "{}", r.stdout());
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}
