@@ -75,9 +75,11 @@ struct LockState {
     settled: bool,
 }
 
-fn read_state(p: &Path) -> Option<LockState> {
-    // Never follows a link nor opens a FIFO; anything unexpected is simply no state.
-    let b = crate::cache::store::read_regular(p).ok()??;
+/// The lock state of `pipeline`: never read through a linked `names/<pipeline>` folder, never
+/// through a link nor from a FIFO; anything unexpected is simply no state.
+fn read_state(store: &Store, pipeline: &str) -> Option<LockState> {
+    let p = store.readable_names_dir(pipeline)?.join(LOCK_STATE_FILE);
+    let b = crate::cache::store::read_regular(&p).ok()??;
     serde_json::from_slice::<LockState>(&b).ok().filter(|s| s.format == 1 && s.stamp.usable())
 }
 
@@ -224,7 +226,7 @@ impl LockFile {
     /// `cache::verified`) mean equal bytes. `false` whenever anything is not known.
     pub fn unchanged(store: &Store, path: &Path, header: &LockHeader<'_>, items: &[LockItem<'_>]) -> bool {
         let Some(fp) = fingerprint(store, header, items) else { return false };
-        let Some(st) = read_state(&store.names_dir(header.pipeline).join(LOCK_STATE_FILE)) else { return false };
+        let Some(st) = read_state(store, header.pipeline) else { return false };
         st.settled
             && st.fingerprint == fp
             && file_stamp(path).is_some_and(|s| s == st.stamp)
@@ -260,7 +262,7 @@ impl LockFile {
         {
             let state_path = store.names_dir(header.pipeline).join(LOCK_STATE_FILE);
             let state = LockState { format: 1, path: p, fingerprint: fp, stamp, settled: true };
-            if read_state(&state_path).as_ref() != Some(&state)
+            if read_state(store, header.pipeline).as_ref() != Some(&state)
                 && let Ok(bytes) = serde_json::to_vec(&state)
             {
                 let _ = store.write_atomic(&state_path, &bytes);

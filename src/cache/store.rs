@@ -386,6 +386,14 @@ fn parse_record(path: &Path, bytes: &[u8], expected_key: &str) -> Result<(Action
     }
     let rec: ActionRecord = serde_json::from_value(v).map_err(|e| bad(format!("unreadable: {e}")))?;
     check_names(path, &rec, expected_key)?;
+    // A record whose key inputs are not those of its key (forged, resealed) would hand `plan`'s
+    // reasons and the lock file inputs that were never computed. Checked here, with the full
+    // check only: a record the stamp index holds passed it when it was entered, so a no-op
+    // rerun hashes nothing more.
+    let actual = rec.key_inputs.digest();
+    if actual != rec.key {
+        return Err(bad(format!("its key inputs hash to {}, not to its key {}", short(&actual), short(&rec.key))));
+    }
     Ok((rec, stated))
 }
 
@@ -416,6 +424,15 @@ fn check_names(path: &Path, rec: &ActionRecord, expected_key: &str) -> Result<()
         checked("object digest", &o.digest).map_err(|e| bad(format!("output `{name}`: {e}")))?;
     }
     Ok(())
+}
+
+/// What [`Store::existing_object`] found at an object's path.
+enum Existing {
+    Absent,
+    /// The object, checked; the metadata of the file that was hashed.
+    Sound(fs::Metadata),
+    /// Something else under the object's name: other bytes, a link, a FIFO.
+    Damaged,
 }
 
 /// A problem with one object of a record.
@@ -565,35 +582,101 @@ impl Store {
     }
 
     /// Moves a finished output file into the store; returns its reference. An object that
-    /// already exists is never written again, nor replaced (see [`publish_no_replace`]). A
-    /// file on another filesystem (node-local scratch) is first copied into the cache's
-    /// `tmp/`, hashed as it is copied: a copy cut short is never an object.
+    /// already exists is kept, never written again (see [`publish_no_replace`]), but only once
+    /// checked: its size, then its bytes against the digest just computed. One that fails
+    /// (damaged in place with its mtime put back, which the cheap check of a lookup cannot
+    /// see) or is not a regular file (a link: the link itself goes, never its target) is
+    /// replaced atomically by the new bytes: a record never trusts the stat of an object
+    /// nobody checked. A file on another filesystem (node-local scratch) is first copied into
+    /// the cache's `tmp/`, hashed as it is copied: a copy cut short is never an object.
     pub fn put_file(&self, src: &Path) -> StoreResult<ObjectRef> {
         let digest = hash_file(src)?;
+        let size = fs::metadata(src).map_err(io(src))?.len();
         let dest = self.object_file(&digest)?;
-        if fs::symlink_metadata(&dest).is_err() {
-            make_read_only(src)?;
-            if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent).map_err(io(parent))?;
-            }
-            match publish_no_replace(src, &dest) {
-                Ok(_) => {}
-                Err(e) if is_cross_device(&e) => self.copy_in(src, &digest, &dest)?,
-                Err(e) => return Err(StoreError::Io { path: dest, source: e }),
+        // Another writer may publish between the look and the link: look again (bounded).
+        let mut found = None;
+        for _ in 0..8 {
+            let published = match self.existing_object(&dest, &digest, size)? {
+                Existing::Sound(meta) => {
+                    found = Some(meta);
+                    break;
+                }
+                Existing::Absent => {
+                    make_read_only(src)?;
+                    if let Some(parent) = dest.parent() {
+                        fs::create_dir_all(parent).map_err(io(parent))?;
+                    }
+                    match publish_no_replace(src, &dest) {
+                        Ok(published) => published,
+                        Err(e) if is_cross_device(&e) => self.copy_in(src, &digest, &dest, false)?,
+                        Err(e) => return Err(StoreError::Io { path: dest, source: e }),
+                    }
+                }
+                // rename() replaces the entry itself (a link is never followed), atomically: a
+                // reader sees the damaged object or the good one, never a missing or partial one.
+                Existing::Damaged => {
+                    make_read_only(src)?;
+                    match fs::rename(src, &dest) {
+                        Ok(()) => true,
+                        Err(e) if is_cross_device(&e) => self.copy_in(src, &digest, &dest, true)?,
+                        Err(e) => return Err(StoreError::Io { path: dest, source: e }),
+                    }
+                }
+            };
+            if published {
+                // The file just published is the one hashed above.
+                let meta = fs::symlink_metadata(&dest).map_err(io(&dest))?;
+                if !meta.is_file() {
+                    return Err(StoreError::NotAFile(format!("{digest} ({})", dest.display())));
+                }
+                found = Some(meta);
+                break;
             }
         }
+        let Some(meta) = found else {
+            return Err(StoreError::Io { path: dest, source: std::io::Error::other("kept changing while the object was stored") });
+        };
         // Moved, not copied: the caller's file is gone (its scratch folder goes anyway).
         let _ = fs::remove_file(src);
-        let meta = fs::symlink_metadata(&dest).map_err(io(&dest))?;
-        if !meta.is_file() {
-            return Err(StoreError::NotAFile(digest));
-        }
         Ok(ObjectRef { digest, size: meta.len(), mtime_ns: mtime_ns(&meta) })
     }
 
+    /// What stands at the path of object `digest` of `size` bytes: `Sound` only when it is a
+    /// regular file of that size whose bytes hash to `digest` (with the metadata of the file
+    /// that was hashed); a folder is an error naming it (a tree is never removed to store a
+    /// file).
+    fn existing_object(&self, dest: &Path, digest: &str, size: u64) -> StoreResult<Existing> {
+        match fs::symlink_metadata(dest) {
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Existing::Absent),
+            Err(e) => return Err(StoreError::Io { path: dest.to_path_buf(), source: e }),
+            Ok(m) if m.is_dir() => return Err(StoreError::NotAFile(format!("{digest} ({} is a folder)", dest.display()))),
+            Ok(m) if !m.is_file() || m.len() != size => return Ok(Existing::Damaged),
+            Ok(_) => {}
+        }
+        let mut opts = fs::OpenOptions::new();
+        opts.read(true);
+        // Replaced by a link or a FIFO since the look above: never followed or waited on.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut opts, libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        let f = match opts.open(dest) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Existing::Absent),
+            // ELOOP: it became a link meanwhile.
+            Err(_) if fs::symlink_metadata(dest).is_ok_and(|m| !m.is_file() && !m.is_dir()) => return Ok(Existing::Damaged),
+            Err(e) => return Err(StoreError::Io { path: dest.to_path_buf(), source: e }),
+        };
+        let meta = f.metadata().map_err(io(dest))?;
+        if !meta.is_file() || meta.len() != size {
+            return Ok(Existing::Damaged);
+        }
+        let actual = hash_stream(&f, |_| Ok(())).map_err(io(dest))?;
+        Ok(if actual == digest { Existing::Sound(meta) } else { Existing::Damaged })
+    }
+
     /// Copies `src` (on another filesystem) into `tmp/`, checks it hashes to `digest`, then
-    /// publishes it as `dest`.
-    fn copy_in(&self, src: &Path, digest: &str, dest: &Path) -> StoreResult<()> {
+    /// publishes it as `dest`: over whatever is there when `replace` (a damaged object), else
+    /// only where nothing is. Returns whether it was published.
+    fn copy_in(&self, src: &Path, digest: &str, dest: &Path, replace: bool) -> StoreResult<bool> {
         let mut tmp = self.new_tmp_file()?;
         let from = fs::File::open(src).map_err(io(src))?;
         let copied = hash_stream(from, |chunk| tmp.write_all(chunk)).map_err(io(src))?;
@@ -604,8 +687,11 @@ impl Store {
             });
         }
         make_read_only(tmp.path())?;
-        publish_no_replace(tmp.path(), dest).map_err(io(dest))?;
-        Ok(())
+        if replace {
+            tmp.persist(dest).map_err(|e| StoreError::Io { path: dest.to_path_buf(), source: e.error })?;
+            return Ok(true);
+        }
+        publish_no_replace(tmp.path(), dest).map_err(io(dest))
     }
 
     /// Path of a verified object: its bytes are hashed; a mismatch removes it.
@@ -620,7 +706,7 @@ impl Store {
                 if !m.is_dir() {
                     let _ = fs::remove_file(&p);
                 }
-                return Err(StoreError::NotAFile(r.digest.clone()));
+                return Err(StoreError::NotAFile(format!("{} ({})", r.digest, p.display())));
             }
             Ok(_) => {}
         }
@@ -833,15 +919,28 @@ impl Store {
         self.root.join("names").join(sanitize(pipeline))
     }
 
-    pub fn sidecar_path(&self, pipeline: &str, label: &str) -> PathBuf {
+    /// [`Store::names_dir`] when what is in it may be read: a real folder, or absent. A link
+    /// there (only `names/` itself is checked when the store opens) would have sidecars and the
+    /// lock state read from outside the cache, since [`read_regular`] checks only the last
+    /// component; writes through it are refused by [`Store::write_atomic`].
+    pub fn readable_names_dir(&self, pipeline: &str) -> Option<PathBuf> {
+        let d = self.names_dir(pipeline);
+        real_dir_or_absent(&d).ok().map(|_| d)
+    }
+
+    fn sidecar_name(label: &str) -> String {
         let h = super::key::sha256_hex(label.as_bytes());
-        self.names_dir(pipeline).join(format!("{}.json", &h[..32]))
+        format!("{}.json", &h[..32])
+    }
+
+    pub fn sidecar_path(&self, pipeline: &str, label: &str) -> PathBuf {
+        self.names_dir(pipeline).join(Self::sidecar_name(label))
     }
 
     /// The key inputs of the last run of `label` in `pipeline`.
     pub fn read_sidecar(&self, pipeline: &str, label: &str) -> Option<Sidecar> {
         // Only an explanation: anything but a readable regular file is simply no sidecar.
-        let bytes = read_regular(&self.sidecar_path(pipeline, label)).ok()??;
+        let bytes = read_regular(&self.readable_names_dir(pipeline)?.join(Self::sidecar_name(label))).ok()??;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -893,6 +992,15 @@ impl Store {
     /// they vanish by themselves.
     pub fn strays(&self) -> Vec<PathBuf> {
         self.scan_objects().1
+    }
+
+    /// Removes what stands in `objects/` that is neither a file nor a folder (a link, a FIFO,
+    /// a socket): never an object, and it would stand in the way of the object of its name. The
+    /// entry itself goes, never what a link points to; folders and files with wrong names are
+    /// left alone (harmless, never read). Returns what was removed (with `dry_run`: what would be).
+    pub fn remove_special_strays(&self, dry_run: bool) -> Vec<PathBuf> {
+        let special = |p: &PathBuf| fs::symlink_metadata(p).is_ok_and(|m| !m.is_file() && !m.is_dir());
+        self.strays().into_iter().filter(special).filter(|p| dry_run || fs::remove_file(p).is_ok()).collect()
     }
 
     fn scan_objects(&self) -> (Vec<(String, PathBuf, u64)>, Vec<PathBuf>) {
@@ -1055,6 +1163,104 @@ mod tests {
         fs::write(&p, b"jello").unwrap();
         assert!(matches!(s.verified_object(&r), Err(StoreError::Corrupt { .. })));
         assert!(!p.exists());
+    }
+
+    #[test]
+    fn an_object_damaged_in_place_is_replaced_by_the_next_put() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let src = s.tmp_dir().join("a");
+        fs::write(&src, b"hello").unwrap();
+        let r = s.put_file(&src).unwrap();
+        let p = s.object_path(&r.digest).unwrap();
+        // One byte changed, size and mtime put back: a lookup's cheap check cannot see it.
+        let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+        let mut perm = fs::metadata(&p).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        fs::set_permissions(&p, perm).unwrap();
+        fs::write(&p, b"jello").unwrap();
+        fs::File::options().write(true).open(&p).unwrap().set_modified(mtime).unwrap();
+        fs::write(&src, b"hello").unwrap();
+        let again = s.put_file(&src).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"hello");
+        assert!(fs::metadata(&p).unwrap().permissions().readonly());
+        assert!(s.verified_object(&again).is_ok());
+        // A sound object is kept as it is, never written twice.
+        use std::os::unix::fs::MetadataExt;
+        let ino = fs::metadata(&p).unwrap().ino();
+        fs::write(&src, b"hello").unwrap();
+        assert_eq!(s.put_file(&src).unwrap(), again);
+        assert_eq!(fs::metadata(&p).unwrap().ino(), ino);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_at_an_objects_path_is_replaced_never_followed() {
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let p = s.object_path(&super::super::key::sha256_hex(b"hello")).unwrap();
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        let src = s.tmp_dir().join("a");
+        fs::write(&src, b"hello").unwrap();
+        let r = s.put_file(&src).unwrap();
+        assert!(fs::symlink_metadata(&p).unwrap().is_file());
+        assert_eq!(fs::read(&p).unwrap(), b"hello");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(s.verified_object(&r).is_ok());
+        // A folder in its place is never removed: an error naming it.
+        fs::remove_file(&p).unwrap();
+        fs::create_dir(&p).unwrap();
+        fs::write(&src, b"hello").unwrap();
+        let e = s.put_file(&src).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()), "{e}");
+        // A link no record names: removed by remove_special_strays, its target kept.
+        let stray = p.with_file_name("0".repeat(62));
+        std::os::unix::fs::symlink(&victim, &stray).unwrap();
+        assert_eq!(s.remove_special_strays(true), [stray.clone()]);
+        assert!(fs::symlink_metadata(&stray).is_ok());
+        assert_eq!(s.remove_special_strays(false), [stray.clone()]);
+        assert!(fs::symlink_metadata(&stray).is_err() && victim.exists());
+        assert_eq!(s.strays(), [p]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_linked_names_folder_is_never_read_nor_written() {
+        let outside = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let side = Sidecar { label: "l".into(), key: "a".repeat(64), key_inputs: sample(&s).key_inputs };
+        s.write_sidecar("p", &side).unwrap();
+        assert_eq!(s.read_sidecar("p", "l").as_ref(), Some(&side));
+        // names/p moved outside the cache and linked back: its sidecar is no longer seen.
+        fs::rename(s.names_dir("p"), outside.path().join("p")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("p"), s.names_dir("p")).unwrap();
+        assert!(s.readable_names_dir("p").is_none() && s.readable_names_dir("q").is_some());
+        assert!(s.read_sidecar("p", "l").is_none());
+        assert!(s.write_sidecar("p", &Sidecar { label: "m".into(), ..side }).is_err());
+        assert_eq!(fs::read_dir(outside.path().join("p")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_record_whose_key_inputs_are_not_its_keys_is_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let rec = sample(&s);
+        s.write_record(&rec).unwrap();
+        // Resealed: the record digest holds, the key inputs are another key's.
+        edit_record(&s, &rec.key, true, |v| v["key_inputs"]["seed"] = Json::from(2));
+        for full in [false, true] {
+            match s.lookup(&rec.key, full) {
+                Lookup::Corrupt(m) => assert!(m.contains("key inputs hash to"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(s.records()[0].1, Err(RecordError::Invalid { .. })));
     }
 
     fn sample(s: &Store) -> ActionRecord {
@@ -1416,7 +1622,7 @@ mod tests {
         fs::write(&src, b"changed bytes").unwrap();
         let claimed = super::super::key::sha256_hex(b"original bytes");
         let dest = s.object_path(&claimed).unwrap();
-        let e = s.copy_in(&src, &claimed, &dest).unwrap_err().to_string();
+        let e = s.copy_in(&src, &claimed, &dest, false).unwrap_err().to_string();
         assert!(e.contains("changed while it was stored"), "{e}");
         assert!(!dest.exists() && s.objects().is_empty());
         assert_eq!(fs::read_dir(s.tmp_dir()).unwrap().count(), 0);

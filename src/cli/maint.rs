@@ -62,10 +62,12 @@ pub fn status(cache: &std::path::Path, a: PipelineArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct GcArgs {
-    /// Keep what these pipelines reference; everything else is removed.
+    /// Keep what these pipelines reference; everything else is removed (with --max-size, only
+    /// as much of it as needed).
     pipelines: Vec<std::path::PathBuf>,
-    /// Without pipelines: remove the oldest entries until the cache is at most this many bytes
-    /// (suffixes K, M, G accepted).
+    /// Remove the oldest entries until the cache is at most this many bytes (suffixes K, M, G
+    /// accepted). With pipelines, only entries they do not reference are removed: theirs are
+    /// always kept, even when they alone are larger.
     #[arg(long, value_name = "SIZE")]
     max_size: Option<String>,
     /// Say what would be removed, remove nothing.
@@ -128,9 +130,20 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
         for p in &a.pipelines {
             let args = PipelineArgs { pipeline: p.clone(), sets: vec![], backend: None, rehash: false, max_instances: None };
             let prep = prepare(&args, &store)?;
-            for d in make_plan(&prep, &store, false, &|_| false)? {
-                if let Decision::Cached { key, .. } | Decision::Run { key, .. } = d {
-                    keep.insert(key);
+            for (inst, d) in prep.instances.iter().zip(make_plan(&prep, &store, false, &|_| false)?) {
+                match d {
+                    Decision::Cached { key, .. } | Decision::Run { key, .. } => {
+                        keep.insert(key);
+                    }
+                    // Its key is not known until an upstream instance runs again (that one's
+                    // record was removed by `verify`, or lost in a crash). Rerun, the upstream
+                    // most likely gives the same bytes and early cutoff reuses the key this
+                    // label had last (its sidecar): that record is still referenced.
+                    Decision::After { .. } => {
+                        if let Some(s) = store.read_sidecar(&prep.pipeline.name, &inst.label) {
+                            keep.insert(s.key);
+                        }
+                    }
                 }
             }
         }
@@ -139,7 +152,11 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
     // Records to drop, with the objects they name (those go with them, however young).
     let mut drop: BTreeSet<std::path::PathBuf> = BTreeSet::new();
     let mut dropped_refs: BTreeSet<String> = BTreeSet::new();
-    let mut live: Vec<(u64, std::path::PathBuf, ActionRecord)> = Vec::new();
+    // Records the named pipelines reference: never removed, not even to meet --max-size.
+    let mut pinned: Vec<(u64, std::path::PathBuf, ActionRecord)> = Vec::new();
+    // Records --max-size may remove, oldest first: every record without pipelines; with them,
+    // the ones they do not reference (removed outright when there is no --max-size).
+    let mut trimmable: Vec<(u64, std::path::PathBuf, ActionRecord)> = Vec::new();
     for (path, r) in records {
         match r {
             // A record this user cannot read is not garbage: stop before removing anything.
@@ -147,30 +164,37 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
             Err(RecordError::Invalid { .. }) => {
                 drop.insert(path);
             }
-            Ok(rec) => {
-                if keep_keys.as_ref().is_some_and(|k| !k.contains(&rec.key)) {
+            Ok(rec) => match &keep_keys {
+                Some(k) if k.contains(&rec.key) => pinned.push((rec.created, path, rec)),
+                Some(_) if max.is_none() => {
                     dropped_refs.extend(rec.outputs.values().map(|o| o.digest.clone()));
                     drop.insert(path);
-                } else {
-                    live.push((rec.created, path, rec));
                 }
-            }
+                _ => trimmable.push((rec.created, path, rec)),
+            },
         }
     }
     let objects = store.objects();
     let size_of: BTreeMap<&str, u64> = objects.iter().map(|(d, _, s)| (d.as_str(), *s)).collect();
+    let mut over = false;
     if let Some(max) = max {
-        live.sort_by_key(|x| x.0);
-        let total = |live: &[(u64, std::path::PathBuf, ActionRecord)]| -> u64 {
-            let refs: BTreeSet<&str> = live.iter().flat_map(|(_, _, r)| r.outputs.values().map(|o| o.digest.as_str())).collect();
+        trimmable.sort_by_key(|x| x.0);
+        // Objects are shared between records: the size is that of every object a kept record
+        // names, each counted once.
+        let total = |trimmable: &[(u64, std::path::PathBuf, ActionRecord)]| -> u64 {
+            let refs: BTreeSet<&str> =
+                pinned.iter().chain(trimmable).flat_map(|(_, _, r)| r.outputs.values().map(|o| o.digest.as_str())).collect();
             refs.iter().map(|d| size_of.get(d).copied().unwrap_or(0)).sum()
         };
-        while !live.is_empty() && total(&live) > max {
-            let (_, p, rec) = live.remove(0);
+        while !trimmable.is_empty() && total(&trimmable) > max {
+            let (_, p, rec) = trimmable.remove(0);
             dropped_refs.extend(rec.outputs.values().map(|o| o.digest.clone()));
             drop.insert(p);
         }
+        over = total(&trimmable) > max;
     }
+    let mut live = pinned;
+    live.append(&mut trimmable);
     let referenced: BTreeSet<String> = live.iter().flat_map(|(_, _, r)| r.outputs.values().map(|o| o.digest.clone())).collect();
     let now = std::time::SystemTime::now();
     let (mut freed, mut n_obj, mut young) = (0u64, 0usize, 0usize);
@@ -213,11 +237,18 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
         // Scratch folders of runs that were killed, and old temporary files.
         scratch = store.clean_tmp(GRACE);
     }
+    // Links and FIFOs under objects' names: never objects (the link itself goes, not its target).
+    let special = store.remove_special_strays(a.dry_run).len();
     let young =
         if young > 0 { format!("; {young} unreferenced objects younger than {} min kept", GRACE.as_secs() / 60) } else { String::new() };
     let scratch = if scratch > 0 { format!("; {scratch} abandoned temporary entries removed") } else { String::new() };
+    let special = match special {
+        0 => String::new(),
+        n => format!("; {n} links or special files in objects/ {}", if a.dry_run { "would be removed" } else { "removed" }),
+    };
+    let over = if over { "; what the pipelines reference alone exceeds --max-size and is kept" } else { "" };
     print_out(&format!(
-        "gc: {} {} records and {} objects, {} freed; {} records kept{young}{scratch}\n",
+        "gc: {} {} records and {} objects, {} freed; {} records kept{young}{scratch}{special}{over}\n",
         if a.dry_run { "would remove" } else { "removed" },
         n_rec,
         n_obj,
@@ -275,10 +306,8 @@ pub fn verify(cache: &std::path::Path) -> Result<()> {
                 let done = remove_corrupt_record(&store, path);
                 problems.push(format!("{e}; {done}"));
             }
+            // Key inputs that do not hash to the key make a record invalid (`load_record`).
             Ok(rec) => {
-                if rec.key_inputs.digest() != rec.key {
-                    problems.push(format!("record {} ({}): key inputs hash to {}", rec.key, rec.label, rec.key_inputs.digest()));
-                }
                 for (name, o) in &rec.outputs {
                     if checked.contains(&o.digest) {
                         continue;
@@ -307,8 +336,12 @@ pub fn verify(cache: &std::path::Path) -> Result<()> {
             Err(e) => problems.push(format!("object {digest}: {e}")),
         }
     }
+    // A link or FIFO under an object's name is never an object and would be in its way.
+    for p in store.remove_special_strays(false) {
+        problems.push(format!("{}: a link or special file where objects are stored (never followed); removed", p.display()));
+    }
     for p in store.strays() {
-        problems.push(format!("{}: not an object (a wrong name, a link or a folder); left alone", p.display()));
+        problems.push(format!("{}: not an object (a wrong name or a folder); left alone", p.display()));
     }
     let mut s = String::new();
     for p in &problems {

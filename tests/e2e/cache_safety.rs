@@ -501,3 +501,78 @@ fn gc_on_a_read_only_cache_reports_only_what_it_removed() {
     assert!(err.contains("could not remove"), "{err}");
     assert_eq!(std::fs::read_dir(p.cache().join("actions")).unwrap().count(), before);
 }
+
+#[cfg(unix)]
+#[test]
+fn a_link_in_place_of_an_object_is_replaced_by_a_run_and_removed_by_verify_and_gc() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    let victim = tempfile::tempdir().unwrap();
+    let target = victim.path().join("model");
+    std::fs::write(&target, "precious").unwrap();
+    let obj = p.object_of("train", "model.safetensors");
+    std::fs::remove_file(&obj).unwrap();
+    std::os::unix::fs::symlink(&target, &obj).unwrap();
+    // The rerun stores the model in the link's place: the link goes, never its target.
+    p.run(&["--force", "train"]).ok();
+    assert!(std::fs::symlink_metadata(&obj).unwrap().is_file());
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+    // A link no record names: verify removes it and names it.
+    let stray = obj.with_file_name("0".repeat(62));
+    std::os::unix::fs::symlink(&target, &stray).unwrap();
+    let v = p.camflow(&["verify"]);
+    assert_eq!(v.code(), 3, "{}", v.stdout());
+    assert!(v.stdout().contains(&format!("{}: a link or special file", stray.display())), "{}", v.stdout());
+    assert!(std::fs::symlink_metadata(&stray).is_err());
+    // And gc.
+    std::os::unix::fs::symlink(&target, &stray).unwrap();
+    let g = p.camflow(&["gc"]).ok().stdout();
+    assert!(g.contains("; 1 links or special files in objects/ removed"), "{g}");
+    assert!(std::fs::symlink_metadata(&stray).is_err());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}
+
+#[cfg(unix)]
+#[test]
+fn a_linked_names_folder_is_never_read_nor_written() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // names/tiny (sidecars, lock state) moved outside the cache and linked back.
+    let outside = tempfile::tempdir().unwrap();
+    let names = p.cache().join("names").join("tiny");
+    let moved = outside.path().join("tiny");
+    std::fs::rename(&names, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &names).unwrap();
+    let contents = || {
+        let mut v: Vec<(PathBuf, Vec<u8>)> = files_under(&moved).into_iter().map(|f| (f.clone(), std::fs::read(f).unwrap())).collect();
+        v.sort();
+        v
+    };
+    let before = contents();
+    assert!(!before.is_empty());
+    let pl = p.pipeline();
+    let pl = pl.to_str().unwrap();
+    // The sidecar outside would explain the change: it is not read.
+    let plan = p.camflow(&["plan", pl, "--set", "stages.train.params.epochs=2"]).ok().stdout();
+    assert!(plan.contains("run     train") && !plan.contains("params changed"), "{plan}");
+    p.run(&["--set", "stages.train.params.epochs=2"]).ok();
+    p.run(&[]).ok();
+    assert_eq!(contents(), before, "files outside the cache were written");
+}
+
+#[test]
+fn a_record_whose_key_inputs_are_not_its_keys_is_corrupt_to_run() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // Resealed, so its record digest holds: only the key inputs give it away.
+    let (path, mut v) = record_of(&p, "cams");
+    v["key_inputs"]["seed"] = Value::from(99);
+    reseal(&mut v);
+    write_json(&path, &v);
+    let plan = p.camflow(&["plan", p.pipeline().to_str().unwrap()]).ok().stdout();
+    assert!(plan.contains("cache entry corrupt") && plan.contains("key inputs hash to"), "{plan}");
+    let r = p.run(&[]).ok();
+    assert_eq!(r.ran(), ["cams"], "{}", r.stdout());
+    assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
+}

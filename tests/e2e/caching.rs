@@ -151,6 +151,57 @@ fn gc_keeps_what_the_pipeline_references() {
 }
 
 #[test]
+fn gc_max_size_with_pipelines_trims_only_what_they_do_not_reference() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // Two entries the pipeline does not reference: masks and seg at value 0.9.
+    p.run(&["--set", "stages.masks.sweep.grid.value=[0.9]"]).ok();
+    let pl = p.pipeline();
+    let pl = pl.to_str().unwrap();
+    // Room for everything: nothing goes, not even the unreferenced entries.
+    let g = p.camflow(&["gc", pl, "--max-size", "1G"]).ok().stdout();
+    assert!(g.starts_with("gc: removed 0 records and 0 objects") && g.contains("15 records kept"), "{g}");
+    // Room for less than the pipeline's own results: the others go, the pipeline's stay.
+    let g = p.camflow(&["gc", pl, "--max-size", "1K"]).ok().stdout();
+    assert!(g.starts_with("gc: removed 2 records and") && g.contains("13 records kept"), "{g}");
+    assert!(g.contains("exceeds --max-size and is kept"), "{g}");
+    assert_eq!(p.run(&[]).ok().summary("cached"), 13);
+}
+
+#[test]
+fn gc_keeps_the_entries_below_a_missing_record_that_a_rerun_reuses() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // The data record is gone (`verify` removed it as corrupt, or a crash lost it): every other
+    // instance waits on data and has no key yet.
+    let data_rec = std::fs::read_dir(p.cache().join("actions"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|f| serde_json::from_slice::<serde_json::Value>(&std::fs::read(f).unwrap()).unwrap()["label"] == "data")
+        .expect("data's record");
+    std::fs::remove_file(&data_rec).unwrap();
+    let pl = p.pipeline();
+    let g = p.camflow(&["gc", pl.to_str().unwrap()]).ok().stdout();
+    assert!(g.starts_with("gc: removed 0 records") && g.contains("12 records kept"), "{g}");
+    // data gives the same bytes again, and early cutoff reuses everything below it.
+    let r = p.run(&[]).ok();
+    assert_eq!(r.ran(), ["data"], "{}", r.stdout());
+    assert_eq!(r.summary("ran"), 1);
+}
+
+#[test]
+fn a_forced_rerun_replaces_an_object_damaged_in_place() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    // Size and mtime kept: only hashing tells.
+    flip_byte(&p.object_of("train", "model.safetensors"), true);
+    p.run(&["--force", "train"]).ok();
+    let v = p.camflow(&["verify"]).ok().stdout();
+    assert!(v.contains(", 0 problems"), "{v}");
+}
+
+#[test]
 fn training_gives_the_same_weight_bytes_in_two_processes() {
     // Two separate caches, two separate processes: the trained model's file is the same
     // object, byte for byte (burn's own record formats are not byte-stable; ours are).
