@@ -100,6 +100,11 @@ pub struct LoadReport {
     errors: Vec<LoadError>,
     /// Ids of positive images kept without a mask ([`MissingMasks::Exclude`]).
     pub without_mask: Vec<String>,
+    /// Images whose mask has tumor at full resolution but none once resized (a tumor under
+    /// half a pixel at `image_size`). They keep their label (an LGG slice is positive): their
+    /// truth at this size is empty, so they are out of mean-Dice and an empty truth in
+    /// Dice-all.
+    pub vanished: Vec<PathBuf>,
     /// Every file the loader tried to read: the SHA-256 (hex) of the bytes it got, or `None`
     /// when it could not be read.
     pub read: BTreeMap<PathBuf, Option<String>>,
@@ -185,14 +190,17 @@ fn read_image(path: &Path, opts: &LoadOptions, report: &mut LoadReport) -> Resul
     Ok((out, w, h))
 }
 
-/// Reads and OR-merges masks; each must match the image size (`iw` x `ih`).
+/// Reads and OR-merges masks; each must match the image size (`iw` x `ih`). Returns the mask
+/// resized to `size` x `size`, and whether the full-resolution mask has a tumor pixel: a label
+/// taken from a mask comes from the full-resolution one, since a small tumor can vanish from
+/// a shrunk mask.
 fn read_masks(
     image: &Path,
     (iw, ih): (usize, usize),
     masks: &[PathBuf],
     size: usize,
     report: &mut LoadReport,
-) -> Result<Vec<u8>, LoadError> {
+) -> Result<(Vec<u8>, bool), LoadError> {
     let mut merged = vec![0u8; iw * ih];
     for m in masks {
         let l = decode(m, &report.read(m)?, "mask")?.to_luma8();
@@ -204,7 +212,12 @@ fn read_masks(
             *a |= (*b > 0) as u8;
         }
     }
-    Ok(resize::nearest(&merged, iw, ih, size, size))
+    let tumor = merged.iter().any(|&m| m > 0);
+    let small = resize::nearest(&merged, iw, ih, size, size);
+    if tumor && !small.iter().any(|&m| m > 0) {
+        report.vanished.push(image.to_path_buf());
+    }
+    Ok((small, tumor))
 }
 
 fn sample(id: String, group: String, label: u8, image: Vec<f32>, mask: Vec<u8>) -> Sample {
@@ -325,7 +338,8 @@ pub fn lgg_files(root: &Path) -> Result<Vec<(String, PathBuf)>, LoadError> {
 }
 
 /// The Kaggle LGG layout: `<root>/<patient>/<patient>_<n>.tif` with `<patient>_<n>_mask.tif`.
-/// `root` may be the `kaggle_3m` folder or its parent. Label = mask non-empty; group = patient.
+/// `root` may be the `kaggle_3m` folder or its parent. Label = the full-resolution mask is
+/// non-empty; group = patient.
 pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
     let root = lgg_root(root)?;
     let mut report = LoadReport::default();
@@ -338,8 +352,9 @@ pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadRep
                     return Err(err(&file, format!("missing mask {}", masks[0].display())));
                 }
                 let (image, w, h) = read_image(&file, opts, &mut report)?;
-                let mask = read_masks(&file, (w, h), &masks, opts.size, &mut report)?;
-                let label = mask.iter().any(|&m| m > 0) as u8;
+                // The label is the full-resolution mask's: any tumor pixel (GUIDE.md).
+                let (mask, tumor) = read_masks(&file, (w, h), &masks, opts.size, &mut report)?;
+                let label = tumor as u8;
                 Ok(sample(s.clone(), pname.clone(), label, image, mask))
             })();
             match res {
@@ -445,7 +460,7 @@ pub fn load_folders(root: &Path, positive: &[String], opts: &LoadOptions) -> Res
                 ids.insert(id.clone(), img.clone());
                 let (image, w, h) = read_image(&img, opts, &mut report)?;
                 let mask = if !masks.is_empty() {
-                    read_masks(&img, (w, h), &masks, opts.size, &mut report)?
+                    read_masks(&img, (w, h), &masks, opts.size, &mut report)?.0
                 } else if label == 1 {
                     let m = no_mask(&img, &format!("`{}_mask.png` beside it", stem(&img)), opts)?;
                     report.without_mask.push(id.clone());
@@ -580,7 +595,7 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
                     if !mp.is_file() {
                         return Err(err(csv_path, format!("line {line}: mask `{m}` does not exist")));
                     }
-                    read_masks(&img, (w, h), &[mp], opts.size, &mut report)?
+                    read_masks(&img, (w, h), &[mp], opts.size, &mut report)?.0
                 }
                 None if label == 1 => {
                     let m = no_mask(&img, &format!("a `mask` on line {line} of {}", csv_path.display()), opts)?;
@@ -736,6 +751,27 @@ mod tests {
         std::fs::write(c.join("bad.png"), b"\x89PNG\r\n\x1a\nshort").unwrap();
         let e = load_folders(d.path(), &[], &opts()).unwrap_err().to_string();
         assert!(e.contains("bad.png: cannot read image"), "{e}");
+    }
+
+    #[test]
+    fn lgg_label_comes_from_the_full_resolution_mask() {
+        // A 64x64 slice shrunk to 8x8: its tumor, one pixel (under half of an 8x8 block and
+        // off the pixels corner sampling reads), vanishes from the mask, not from the label.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kaggle_3m/P1");
+        std::fs::create_dir_all(&p).unwrap();
+        for n in 1..=2 {
+            let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 3) as u8, (y * 3) as u8, 9]));
+            img.save(p.join(format!("P1_{n}.tif"))).unwrap();
+            let tumor = |x: u32, y: u32| n == 1 && (x, y) == (3, 5);
+            image::GrayImage::from_fn(64, 64, |x, y| image::Luma([if tumor(x, y) { 255 } else { 0 }]))
+                .save(p.join(format!("P1_{n}_mask.tif")))
+                .unwrap();
+        }
+        let (s, r) = load_lgg(d.path(), &opts()).unwrap();
+        let got: Vec<(&str, u8, usize)> = s.iter().map(|x| (x.id.as_str(), x.label, x.mask.iter().filter(|&&v| v > 0).count())).collect();
+        assert_eq!(got, [("P1_1", 1, 0), ("P1_2", 0, 0)]);
+        assert_eq!(r.vanished, [p.join("P1_1.tif")]);
     }
 
     #[test]
