@@ -213,7 +213,8 @@ fn read_masks(
         }
     }
     let tumor = merged.iter().any(|&m| m > 0);
-    let small = resize::nearest(&merged, iw, ih, size, size);
+    // By area, centred as the image is: an output pixel is tumor when at least half of it is.
+    let small = resize::mask(&merged, iw, ih, size, size);
     if tumor && !small.iter().any(|&m| m > 0) {
         report.vanished.push(image.to_path_buf());
     }
@@ -646,8 +647,8 @@ mod tests {
         let mut m1 = image::GrayImage::new(10, 12);
         m1.put_pixel(0, 0, image::Luma([255]));
         m1.save(c.join("a_mask.png")).unwrap();
-        let mut m2 = image::GrayImage::new(10, 12);
-        m2.put_pixel(8, 10, image::Luma([255]));
+        // The bottom-right 2x2 corner: all of what the last 8x8 pixel covers.
+        let m2 = image::GrayImage::from_fn(10, 12, |x, y| image::Luma([if x >= 8 && y >= 10 { 255 } else { 0 }]));
         m2.save(c.join("a_mask_1.png")).unwrap();
         let n = d.path().join("normal");
         std::fs::create_dir_all(&n).unwrap();
