@@ -184,7 +184,8 @@ fn read_image(path: &Path, opts: &LoadOptions, report: &mut LoadReport) -> Resul
     };
     let mut out = Vec::with_capacity(planes.len() * opts.size * opts.size);
     for p in planes {
-        out.extend(resize::bilinear(&p, w, h, opts.size, opts.size));
+        // By area when shrinking (no aliasing), bilinear when enlarging; centred like the mask.
+        out.extend(resize::image(&p, w, h, opts.size, opts.size));
     }
     normalize_image(&mut out, opts.channels(), opts.normalize);
     Ok((out, w, h))

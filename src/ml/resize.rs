@@ -4,10 +4,11 @@
 //! `align_corners=False`), which is what pytorch-grad-cam uses to upsample heatmaps; the
 //! Grad-CAM reference test depends on this exact convention.
 //!
-//! Loaded masks go through [`mask`], which treats a pixel as a square of area, centred like
-//! the half-pixel bilinear images: output pixel `x` of `dw` covers source
-//! `[x*sw/dw, (x+1)*sw/dw)`. Overlaps are exact integers (in units of `1/dw` of a source
-//! pixel); the arithmetic is integer, so the bytes are the same on every CPU.
+//! Loaded images and masks go through [`image`] and [`mask`], which treat a pixel as a square
+//! of area, so both stay centred on each other at any ratio: output pixel `x` of `dw` covers
+//! source `[x*sw/dw, (x+1)*sw/dw)`. Overlaps are exact integers (in units of `1/dw` of a source
+//! pixel); the arithmetic is plain f64 adds and multiplies in a fixed order (no fused
+//! multiply-add, no platform maths), so the bytes are the same on every CPU.
 
 pub fn bilinear(src: &[f32], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<f32> {
     if sw == dw && sh == dh {
@@ -53,12 +54,62 @@ fn coverage(s: usize, d: usize) -> Vec<Vec<(usize, u64)>> {
         .collect()
 }
 
+/// Per output pixel along one axis: the source pixels and weights (adding up to 1) that make
+/// it. Reducing (`d < s`): the area average of the source span it covers (OpenCV's
+/// `INTER_AREA`). Enlarging or equal: linear interpolation between the two nearest source
+/// centres, half-pixel centres (as [`bilinear`]), which at equal size is the pixel itself.
+fn weights(s: usize, d: usize) -> Vec<Vec<(usize, f64)>> {
+    if d < s {
+        return coverage(s, d).into_iter().map(|v| v.into_iter().map(|(j, ov)| (j, ov as f64 / s as f64)).collect()).collect();
+    }
+    (0..d)
+        .map(|o| {
+            let f = (((2 * o + 1) * s) as f64 / (2 * d) as f64 - 0.5).max(0.0);
+            let j0 = (f.floor() as usize).min(s - 1);
+            let j1 = (j0 + 1).min(s - 1);
+            let w = f - j0 as f64;
+            if w == 0.0 || j0 == j1 { vec![(j0, 1.0)] } else { vec![(j0, 1.0 - w), (j1, w)] }
+        })
+        .collect()
+}
+
+/// Resamples an image plane `sw` x `sh` to `dw` x `dh`: by area averaging along an axis that
+/// shrinks, bilinear (half-pixel centres) along one that grows. Separable: rows first, then
+/// columns, each a sum in source order.
+pub fn image(src: &[f32], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<f32> {
+    if sw == dw && sh == dh {
+        return src.to_vec();
+    }
+    let (wx, wy) = (weights(sw, dw), weights(sh, dh));
+    let mut rows = vec![0f64; sh * dw];
+    for y in 0..sh {
+        for (x, taps) in wx.iter().enumerate() {
+            let mut acc = 0f64;
+            for &(j, w) in taps {
+                acc += src[y * sw + j] as f64 * w;
+            }
+            rows[y * dw + x] = acc;
+        }
+    }
+    let mut out = vec![0f32; dw * dh];
+    for (y, taps) in wy.iter().enumerate() {
+        for x in 0..dw {
+            let mut acc = 0f64;
+            for &(i, w) in taps {
+                acc += rows[i * dw + x] * w;
+            }
+            out[y * dw + x] = acc as f32;
+        }
+    }
+    out
+}
+
 /// Resamples a binary mask (0 = background, anything else = tumor) `sw` x `sh` to `dw` x `dh`
 /// by area: an output pixel is tumor (1) when tumor covers at least half of the source area
 /// under it, counted exactly (whole and partial source pixels alike). Shrinking by an integer
 /// factor `k` is "at least half of the `k` x `k` block"; enlarging gives each output pixel the
 /// value of the source pixel under its centre (a tie between two: tumor). Centred like
-/// [`bilinear`], so mask and image stay on each other.
+/// [`image`], so mask and image stay on each other.
 pub fn mask(src: &[u8], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<u8> {
     if sw == dw && sh == dh {
         return src.iter().map(|&v| (v > 0) as u8).collect();
@@ -95,6 +146,40 @@ mod tests {
         assert!((out[1] - 0.25).abs() < 1e-6);
         assert!((out[5] - 0.75).abs() < 1e-6);
         assert_eq!(out[15], 3.0);
+    }
+
+    #[test]
+    fn image_shrink_averages_areas() {
+        // 4x4 -> 2x2: each output is the mean of its 2x2 block.
+        let src: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        assert_eq!(image(&src, 4, 4, 2, 2), [2.5, 4.5, 10.5, 12.5]);
+        // Thin stripes (columns 3 and 4 of every 8) shrunk 8x: a quarter of the area is bright.
+        // Bilinear reads only columns 3 and 4 of each 8 and sees nothing but stripe.
+        let stripes: Vec<f32> = (0..64 * 64).map(|i| matches!(i % 8, 3 | 4) as u8 as f32).collect();
+        assert!(image(&stripes, 64, 64, 8, 8).iter().all(|&v| v == 0.25));
+        assert!(bilinear(&stripes, 64, 64, 8, 8).iter().all(|&v| v == 1.0), "bilinear aliases");
+    }
+
+    #[test]
+    fn image_shrink_by_an_odd_ratio_uses_exact_areas() {
+        // 3 -> 2: output 0 covers source [0, 1.5), output 1 covers [1.5, 3).
+        let out = image(&[0.0, 1.0, 2.0], 3, 1, 2, 1);
+        assert!((out[0] - 1.0 / 3.0).abs() < 1e-6 && (out[1] - 5.0 / 3.0).abs() < 1e-6, "{out:?}");
+        // Every output pixel covers the same area: the mean is kept at any ratio.
+        let src: Vec<f32> = (0..7 * 5).map(|i| ((i * 37) % 11) as f32).collect();
+        let out = image(&src, 7, 5, 3, 2);
+        let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        assert!((mean(&out) - mean(&src)).abs() < 1e-5, "{} vs {}", mean(&out), mean(&src));
+    }
+
+    #[test]
+    fn image_enlarge_is_half_pixel_bilinear() {
+        let src = [0.0, 1.0, 2.0, 3.0];
+        for (a, b) in image(&src, 2, 2, 4, 4).iter().zip(bilinear(&src, 2, 2, 4, 4)) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        // Shrinking one axis and enlarging the other.
+        assert_eq!(image(&[0.0, 2.0, 4.0, 6.0], 4, 1, 2, 2), [1.0, 5.0, 1.0, 5.0]);
     }
 
     #[test]
@@ -140,6 +225,11 @@ mod tests {
         mirrored.reverse();
         assert_eq!(small, mirrored, "symmetric under a half turn");
         assert_eq!(small.iter().filter(|&&v| v > 0).count(), 6 * 6);
+        // The image of the same square shrinks onto the same place.
+        let img: Vec<f32> = m.iter().map(|&v| v as f32).collect();
+        let small_img = image(&img, 256, 256, 32, 32);
+        let bin: Vec<u8> = small_img.iter().map(|&v| (v >= 0.5) as u8).collect();
+        assert_eq!(bin, small);
         // Odd ratios and enlarging keep the centre too.
         for (n, side, d) in [(256, 52, 24), (256, 52, 40), (100, 30, 64), (9, 3, 32), (5, 3, 4)] {
             let out = mask(&centred_square(n, side), n, n, d, d);
