@@ -571,13 +571,17 @@ pub fn manifest_files(csv_path: &Path) -> Result<Vec<(String, PathBuf)>, LoadErr
 }
 
 /// A CSV with columns `image`, `label`, and optionally `mask` and `group`; paths relative
-/// to the CSV's folder. A missing group defaults to the image path.
+/// to the CSV's folder. A missing group defaults to the image path. An image file listed on
+/// two rows (by any path that resolves to it) is a bad file at the second row.
 pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
     let base = csv_path.parent().unwrap_or(Path::new("."));
     let mut report = LoadReport::default();
     let bytes = report.read(csv_path).map_err(|e| err(csv_path, format!("cannot read CSV: {}", e.reason)))?;
     let rows = manifest_rows(csv_path, &bytes)?;
     let mut out = Vec::new();
+    // Each image file by its resolved path (links followed, `./` and `..` gone): the line and
+    // the name of the row that listed it first.
+    let mut listed: BTreeMap<PathBuf, (usize, String)> = BTreeMap::new();
     for row in rows {
         let res = (|| {
             let Row { line, image: img_rel, label, mask, group } = row?;
@@ -585,6 +589,15 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
             if !img.is_file() {
                 return Err(err(csv_path, format!("line {line}: image `{img_rel}` does not exist")));
             }
+            // One file on two rows could land in train and in test: a silent leak.
+            let real = std::fs::canonicalize(&img).unwrap_or_else(|_| img.clone());
+            if let Some((first, name)) = listed.get(&real) {
+                return Err(err(
+                    csv_path,
+                    format!("line {line}: image `{img_rel}` is the same file as `{name}` on line {first} (list each image once)"),
+                ));
+            }
+            listed.insert(real, (line, img_rel.clone()));
             let label: u8 = match label.as_str() {
                 "1" | "true" | "yes" | "positive" => 1,
                 "0" | "false" | "no" | "negative" => 0,
@@ -774,6 +787,29 @@ mod tests {
         let got: Vec<(&str, u8, usize)> = s.iter().map(|x| (x.id.as_str(), x.label, x.mask.iter().filter(|&&v| v > 0).count())).collect();
         assert_eq!(got, [("P1_1", 1, 0), ("P1_2", 0, 0)]);
         assert_eq!(r.vanished, [p.join("P1_1.tif")]);
+    }
+
+    #[test]
+    fn manifest_lists_each_image_once() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a")).unwrap();
+        write_png(&d.path().join("a/b.png"), 8, 8, 10);
+        write_png(&d.path().join("c.png"), 8, 8, 20);
+        write_png(&d.path().join("e.png"), 8, 8, 30);
+        let csv = d.path().join("m.csv");
+        let rows = "a/b.png,0,p1\nc.png,0,p2\n./a/b.png,0,p3\nc.png,0,p2\ne.png,0,p4\na/../c.png,0,p5\n";
+        std::fs::write(&csv, format!("image,label,group\n{rows}")).unwrap();
+        let e = load_manifest(&csv, &opts()).unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.problems.len(), 3, "{text}");
+        assert!(text.contains("m.csv: line 4: image `./a/b.png` is the same file as `a/b.png` on line 2"), "{text}");
+        assert!(text.contains("m.csv: line 5: image `c.png` is the same file as `c.png` on line 3"), "{text}");
+        assert!(text.contains("m.csv: line 7: image `a/../c.png` is the same file as `c.png` on line 3"), "{text}");
+        let mut o = opts();
+        o.skip_errors = true;
+        let (s, r) = load_manifest(&csv, &o).unwrap();
+        assert_eq!(s.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(), ["a/b.png", "c.png", "e.png"]);
+        assert_eq!(r.skipped.len(), 3);
     }
 
     #[test]
