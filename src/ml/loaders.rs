@@ -440,14 +440,40 @@ fn folder_id(class: &Path, cname: &str, img: &Path) -> (String, String) {
     (id, group)
 }
 
+/// `positive` must name at least one class folder, and only class folders that exist: a typo
+/// (`tumour`) or an empty list would quietly make every image negative.
+fn check_positive(root: &Path, positive: &[String], classes: &[String]) -> Result<(), LoadError> {
+    let found = classes.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
+    if positive.is_empty() {
+        return Err(err(
+            root,
+            format!("`positive` lists no class, so every image would be negative; list the positive class folders (found: {found})"),
+        ));
+    }
+    let unknown: Vec<String> = positive
+        .iter()
+        .filter(|p| !classes.contains(p))
+        .map(|p| match crate::suggest::did_you_mean(p, classes.iter().map(String::as_str)) {
+            Some(s) => format!("`{p}` (did you mean `{s}`?)"),
+            None => format!("`{p}`"),
+        })
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(err(root, format!("`positive` names no class folder {}; class folders found: {found}", unknown.join(", "))))
+}
+
 /// Class folders: `<root>/<class>/[<group>/...]<name>.png` with optional `<name>_mask*.png`
-/// beside it (OR-merged: the union). The label is 1 when the class is in `positive`; see
-/// [`folder_id`] for ids and groups.
+/// beside it (OR-merged: the union). The label is 1 when the class is in `positive`, which
+/// must name existing class folders; see [`folder_id`] for ids and groups.
 pub fn load_folders(root: &Path, positive: &[String], opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
     let mut report = LoadReport::default();
     let mut out = Vec::new();
     let mut ids: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for (class, items) in folder_items(root)? {
+    let classes = folder_items(root)?;
+    check_positive(root, positive, &classes.iter().map(|(c, _)| stem(c)).collect::<Vec<_>>())?;
+    for (class, items) in classes {
         let cname = stem(&class);
         let label = positive.iter().any(|p| p == &cname) as u8;
         if items.is_empty() {
@@ -715,15 +741,17 @@ mod tests {
         for n in 0..25 {
             std::fs::write(c.join(format!("bad{n:02}.png")), b"not a png").unwrap();
         }
-        let e = load_folders(d.path(), &[], &opts()).unwrap_err();
+        let x = ["x".to_string()];
+        let mut o = opts();
+        o.missing_masks = MissingMasks::Exclude;
+        let e = load_folders(d.path(), &x, &o).unwrap_err();
         assert_eq!(e.problems.len(), 25);
         let text = e.to_string();
         assert!(text.contains("25 bad files"), "{text}");
         assert!(text.contains("bad00.png: cannot read image") && text.contains("bad19.png: cannot read image"), "{text}");
         assert!(!text.contains("bad20.png") && text.contains("... and 5 more"), "{text}");
-        let mut o = opts();
         o.skip_errors = true;
-        let (s, r) = load_folders(d.path(), &[], &o).unwrap();
+        let (s, r) = load_folders(d.path(), &x, &o).unwrap();
         assert_eq!((s.len(), r.skipped.len()), (1, 25));
     }
 
@@ -764,7 +792,7 @@ mod tests {
         let c = d.path().join("x");
         std::fs::create_dir_all(&c).unwrap();
         std::fs::write(c.join("bad.png"), b"\x89PNG\r\n\x1a\nshort").unwrap();
-        let e = load_folders(d.path(), &[], &opts()).unwrap_err().to_string();
+        let e = load_folders(d.path(), &["x".into()], &opts()).unwrap_err().to_string();
         assert!(e.contains("bad.png: cannot read image"), "{e}");
     }
 
@@ -787,6 +815,29 @@ mod tests {
         let got: Vec<(&str, u8, usize)> = s.iter().map(|x| (x.id.as_str(), x.label, x.mask.iter().filter(|&&v| v > 0).count())).collect();
         assert_eq!(got, [("P1_1", 1, 0), ("P1_2", 0, 0)]);
         assert_eq!(r.vanished, [p.join("P1_1.tif")]);
+    }
+
+    #[test]
+    fn positive_must_name_existing_class_folders() {
+        let d = tempfile::tempdir().unwrap();
+        for c in ["normal", "tumor"] {
+            std::fs::create_dir_all(d.path().join(c)).unwrap();
+            write_png(&d.path().join(c).join("a.png"), 8, 8, 40);
+            write_png(&d.path().join(c).join("a_mask.png"), 8, 8, 255);
+        }
+        let e = load_folders(d.path(), &["tumour".into()], &opts()).unwrap_err().to_string();
+        let want = "`positive` names no class folder `tumour` (did you mean `tumor`?); class folders found: `normal`, `tumor`";
+        assert!(e.contains(want), "{e}");
+        let e = load_folders(d.path(), &["tumor".into(), "cancer".into()], &opts()).unwrap_err().to_string();
+        assert!(e.contains("`positive` names no class folder `cancer`; class folders found"), "{e}");
+        let e = load_folders(d.path(), &[], &opts()).unwrap_err().to_string();
+        assert!(e.contains("`positive` lists no class, so every image would be negative") && e.contains("`normal`, `tumor`"), "{e}");
+        // Not a bad file to skip: the whole load is misconfigured.
+        let mut o = opts();
+        o.skip_errors = true;
+        assert!(load_folders(d.path(), &["tumour".into()], &o).is_err());
+        let (s, _) = load_folders(d.path(), &["tumor".into()], &opts()).unwrap();
+        assert_eq!(s.iter().map(|x| x.label).collect::<Vec<_>>(), [0, 1]);
     }
 
     #[test]

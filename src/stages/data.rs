@@ -415,6 +415,9 @@ mod tests {
         p.insert("source".into(), json!("folders"));
         p.insert("root".into(), json!(root.to_str().unwrap()));
         p.insert("image_size".into(), json!(8));
+        // Class `b` is positive; its images have no masks.
+        p.insert("positive".into(), json!(["b"]));
+        p.insert("missing_masks".into(), json!("exclude"));
         p
     }
 
