@@ -91,7 +91,11 @@ impl StageKind for Data {
         // 3: a positive without a mask is an error (or, opted in, kept without truth); every
         //    bad file is reported at once; images in sub-folders of a class folder get their
         //    path in their id and the sub-folder as their group.
-        3
+        // 4: an LGG label comes from the full-resolution mask; masks are resized by area and
+        //    images by area averaging (bilinear when enlarging), centred on each other; a
+        //    manifest listing one image twice and a `positive` naming no class folder are
+        //    errors. Synthetic phantoms are made at image_size and are unchanged.
+        4
     }
     fn doc(&self) -> &'static str {
         "Loads or generates labelled images with ground-truth masks, resized and normalised, split into train/val/test by group (patient)."
@@ -137,7 +141,7 @@ impl StageKind for Data {
                 ty: ParamType::Int { min: 8, max: 1024 },
                 default: || json!(32),
                 optional: false,
-                doc: "images are resized to image_size x image_size (bilinear; masks nearest)",
+                doc: "images are resized to image_size x image_size (area average when shrinking, bilinear when enlarging; masks by area)",
             },
             ParamSpec {
                 name: "channel",
