@@ -100,6 +100,11 @@ pub struct LoadReport {
     errors: Vec<LoadError>,
     /// Ids of positive images kept without a mask ([`MissingMasks::Exclude`]).
     pub without_mask: Vec<String>,
+    /// Images whose mask has tumor at full resolution but none once resized (a tumor under
+    /// half a pixel at `image_size`). They keep their label (an LGG slice is positive): their
+    /// truth at this size is empty, so they are out of mean-Dice and an empty truth in
+    /// Dice-all.
+    pub vanished: Vec<PathBuf>,
     /// Every file the loader tried to read: the SHA-256 (hex) of the bytes it got, or `None`
     /// when it could not be read.
     pub read: BTreeMap<PathBuf, Option<String>>,
@@ -179,20 +184,24 @@ fn read_image(path: &Path, opts: &LoadOptions, report: &mut LoadReport) -> Resul
     };
     let mut out = Vec::with_capacity(planes.len() * opts.size * opts.size);
     for p in planes {
-        out.extend(resize::bilinear(&p, w, h, opts.size, opts.size));
+        // By area when shrinking (no aliasing), bilinear when enlarging; centred like the mask.
+        out.extend(resize::image(&p, w, h, opts.size, opts.size));
     }
     normalize_image(&mut out, opts.channels(), opts.normalize);
     Ok((out, w, h))
 }
 
-/// Reads and OR-merges masks; each must match the image size (`iw` x `ih`).
+/// Reads and OR-merges masks; each must match the image size (`iw` x `ih`). Returns the mask
+/// resized to `size` x `size`, and whether the full-resolution mask has a tumor pixel: a label
+/// taken from a mask comes from the full-resolution one, since a small tumor can vanish from
+/// a shrunk mask.
 fn read_masks(
     image: &Path,
     (iw, ih): (usize, usize),
     masks: &[PathBuf],
     size: usize,
     report: &mut LoadReport,
-) -> Result<Vec<u8>, LoadError> {
+) -> Result<(Vec<u8>, bool), LoadError> {
     let mut merged = vec![0u8; iw * ih];
     for m in masks {
         let l = decode(m, &report.read(m)?, "mask")?.to_luma8();
@@ -204,7 +213,13 @@ fn read_masks(
             *a |= (*b > 0) as u8;
         }
     }
-    Ok(resize::nearest(&merged, iw, ih, size, size))
+    let tumor = merged.iter().any(|&m| m > 0);
+    // By area, centred as the image is: an output pixel is tumor when at least half of it is.
+    let small = resize::mask(&merged, iw, ih, size, size);
+    if tumor && !small.iter().any(|&m| m > 0) {
+        report.vanished.push(image.to_path_buf());
+    }
+    Ok((small, tumor))
 }
 
 fn sample(id: String, group: String, label: u8, image: Vec<f32>, mask: Vec<u8>) -> Sample {
@@ -325,7 +340,8 @@ pub fn lgg_files(root: &Path) -> Result<Vec<(String, PathBuf)>, LoadError> {
 }
 
 /// The Kaggle LGG layout: `<root>/<patient>/<patient>_<n>.tif` with `<patient>_<n>_mask.tif`.
-/// `root` may be the `kaggle_3m` folder or its parent. Label = mask non-empty; group = patient.
+/// `root` may be the `kaggle_3m` folder or its parent. Label = the full-resolution mask is
+/// non-empty; group = patient.
 pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
     let root = lgg_root(root)?;
     let mut report = LoadReport::default();
@@ -338,8 +354,9 @@ pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadRep
                     return Err(err(&file, format!("missing mask {}", masks[0].display())));
                 }
                 let (image, w, h) = read_image(&file, opts, &mut report)?;
-                let mask = read_masks(&file, (w, h), &masks, opts.size, &mut report)?;
-                let label = mask.iter().any(|&m| m > 0) as u8;
+                // The label is the full-resolution mask's: any tumor pixel (GUIDE.md).
+                let (mask, tumor) = read_masks(&file, (w, h), &masks, opts.size, &mut report)?;
+                let label = tumor as u8;
                 Ok(sample(s.clone(), pname.clone(), label, image, mask))
             })();
             match res {
@@ -423,14 +440,40 @@ fn folder_id(class: &Path, cname: &str, img: &Path) -> (String, String) {
     (id, group)
 }
 
+/// `positive` must name at least one class folder, and only class folders that exist: a typo
+/// (`tumour`) or an empty list would quietly make every image negative.
+fn check_positive(root: &Path, positive: &[String], classes: &[String]) -> Result<(), LoadError> {
+    let found = classes.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
+    if positive.is_empty() {
+        return Err(err(
+            root,
+            format!("`positive` lists no class, so every image would be negative; list the positive class folders (found: {found})"),
+        ));
+    }
+    let unknown: Vec<String> = positive
+        .iter()
+        .filter(|p| !classes.contains(p))
+        .map(|p| match crate::suggest::did_you_mean(p, classes.iter().map(String::as_str)) {
+            Some(s) => format!("`{p}` (did you mean `{s}`?)"),
+            None => format!("`{p}`"),
+        })
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(err(root, format!("`positive` names no class folder {}; class folders found: {found}", unknown.join(", "))))
+}
+
 /// Class folders: `<root>/<class>/[<group>/...]<name>.png` with optional `<name>_mask*.png`
-/// beside it (OR-merged: the union). The label is 1 when the class is in `positive`; see
-/// [`folder_id`] for ids and groups.
+/// beside it (OR-merged: the union). The label is 1 when the class is in `positive`, which
+/// must name existing class folders; see [`folder_id`] for ids and groups.
 pub fn load_folders(root: &Path, positive: &[String], opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
     let mut report = LoadReport::default();
     let mut out = Vec::new();
     let mut ids: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for (class, items) in folder_items(root)? {
+    let classes = folder_items(root)?;
+    check_positive(root, positive, &classes.iter().map(|(c, _)| stem(c)).collect::<Vec<_>>())?;
+    for (class, items) in classes {
         let cname = stem(&class);
         let label = positive.iter().any(|p| p == &cname) as u8;
         if items.is_empty() {
@@ -445,7 +488,7 @@ pub fn load_folders(root: &Path, positive: &[String], opts: &LoadOptions) -> Res
                 ids.insert(id.clone(), img.clone());
                 let (image, w, h) = read_image(&img, opts, &mut report)?;
                 let mask = if !masks.is_empty() {
-                    read_masks(&img, (w, h), &masks, opts.size, &mut report)?
+                    read_masks(&img, (w, h), &masks, opts.size, &mut report)?.0
                 } else if label == 1 {
                     let m = no_mask(&img, &format!("`{}_mask.png` beside it", stem(&img)), opts)?;
                     report.without_mask.push(id.clone());
@@ -554,13 +597,17 @@ pub fn manifest_files(csv_path: &Path) -> Result<Vec<(String, PathBuf)>, LoadErr
 }
 
 /// A CSV with columns `image`, `label`, and optionally `mask` and `group`; paths relative
-/// to the CSV's folder. A missing group defaults to the image path.
+/// to the CSV's folder. A missing group defaults to the image path. An image file listed on
+/// two rows (by any path that resolves to it) is a bad file at the second row.
 pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadReport), LoadError> {
     let base = csv_path.parent().unwrap_or(Path::new("."));
     let mut report = LoadReport::default();
     let bytes = report.read(csv_path).map_err(|e| err(csv_path, format!("cannot read CSV: {}", e.reason)))?;
     let rows = manifest_rows(csv_path, &bytes)?;
     let mut out = Vec::new();
+    // Each image file by its resolved path (links followed, `./` and `..` gone): the line and
+    // the name of the row that listed it first.
+    let mut listed: BTreeMap<PathBuf, (usize, String)> = BTreeMap::new();
     for row in rows {
         let res = (|| {
             let Row { line, image: img_rel, label, mask, group } = row?;
@@ -568,6 +615,15 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
             if !img.is_file() {
                 return Err(err(csv_path, format!("line {line}: image `{img_rel}` does not exist")));
             }
+            // One file on two rows could land in train and in test: a silent leak.
+            let real = std::fs::canonicalize(&img).unwrap_or_else(|_| img.clone());
+            if let Some((first, name)) = listed.get(&real) {
+                return Err(err(
+                    csv_path,
+                    format!("line {line}: image `{img_rel}` is the same file as `{name}` on line {first} (list each image once)"),
+                ));
+            }
+            listed.insert(real, (line, img_rel.clone()));
             let label: u8 = match label.as_str() {
                 "1" | "true" | "yes" | "positive" => 1,
                 "0" | "false" | "no" | "negative" => 0,
@@ -580,7 +636,7 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
                     if !mp.is_file() {
                         return Err(err(csv_path, format!("line {line}: mask `{m}` does not exist")));
                     }
-                    read_masks(&img, (w, h), &[mp], opts.size, &mut report)?
+                    read_masks(&img, (w, h), &[mp], opts.size, &mut report)?.0
                 }
                 None if label == 1 => {
                     let m = no_mask(&img, &format!("a `mask` on line {line} of {}", csv_path.display()), opts)?;
@@ -631,8 +687,8 @@ mod tests {
         let mut m1 = image::GrayImage::new(10, 12);
         m1.put_pixel(0, 0, image::Luma([255]));
         m1.save(c.join("a_mask.png")).unwrap();
-        let mut m2 = image::GrayImage::new(10, 12);
-        m2.put_pixel(8, 10, image::Luma([255]));
+        // The bottom-right 2x2 corner: all of what the last 8x8 pixel covers.
+        let m2 = image::GrayImage::from_fn(10, 12, |x, y| image::Luma([if x >= 8 && y >= 10 { 255 } else { 0 }]));
         m2.save(c.join("a_mask_1.png")).unwrap();
         let n = d.path().join("normal");
         std::fs::create_dir_all(&n).unwrap();
@@ -685,15 +741,17 @@ mod tests {
         for n in 0..25 {
             std::fs::write(c.join(format!("bad{n:02}.png")), b"not a png").unwrap();
         }
-        let e = load_folders(d.path(), &[], &opts()).unwrap_err();
+        let x = ["x".to_string()];
+        let mut o = opts();
+        o.missing_masks = MissingMasks::Exclude;
+        let e = load_folders(d.path(), &x, &o).unwrap_err();
         assert_eq!(e.problems.len(), 25);
         let text = e.to_string();
         assert!(text.contains("25 bad files"), "{text}");
         assert!(text.contains("bad00.png: cannot read image") && text.contains("bad19.png: cannot read image"), "{text}");
         assert!(!text.contains("bad20.png") && text.contains("... and 5 more"), "{text}");
-        let mut o = opts();
         o.skip_errors = true;
-        let (s, r) = load_folders(d.path(), &[], &o).unwrap();
+        let (s, r) = load_folders(d.path(), &x, &o).unwrap();
         assert_eq!((s.len(), r.skipped.len()), (1, 25));
     }
 
@@ -734,8 +792,75 @@ mod tests {
         let c = d.path().join("x");
         std::fs::create_dir_all(&c).unwrap();
         std::fs::write(c.join("bad.png"), b"\x89PNG\r\n\x1a\nshort").unwrap();
-        let e = load_folders(d.path(), &[], &opts()).unwrap_err().to_string();
+        let e = load_folders(d.path(), &["x".into()], &opts()).unwrap_err().to_string();
         assert!(e.contains("bad.png: cannot read image"), "{e}");
+    }
+
+    #[test]
+    fn lgg_label_comes_from_the_full_resolution_mask() {
+        // A 64x64 slice shrunk to 8x8: its tumor, one pixel (under half of an 8x8 block and
+        // off the pixels corner sampling reads), vanishes from the mask, not from the label.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kaggle_3m/P1");
+        std::fs::create_dir_all(&p).unwrap();
+        for n in 1..=2 {
+            let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 3) as u8, (y * 3) as u8, 9]));
+            img.save(p.join(format!("P1_{n}.tif"))).unwrap();
+            let tumor = |x: u32, y: u32| n == 1 && (x, y) == (3, 5);
+            image::GrayImage::from_fn(64, 64, |x, y| image::Luma([if tumor(x, y) { 255 } else { 0 }]))
+                .save(p.join(format!("P1_{n}_mask.tif")))
+                .unwrap();
+        }
+        let (s, r) = load_lgg(d.path(), &opts()).unwrap();
+        let got: Vec<(&str, u8, usize)> = s.iter().map(|x| (x.id.as_str(), x.label, x.mask.iter().filter(|&&v| v > 0).count())).collect();
+        assert_eq!(got, [("P1_1", 1, 0), ("P1_2", 0, 0)]);
+        assert_eq!(r.vanished, [p.join("P1_1.tif")]);
+    }
+
+    #[test]
+    fn positive_must_name_existing_class_folders() {
+        let d = tempfile::tempdir().unwrap();
+        for c in ["normal", "tumor"] {
+            std::fs::create_dir_all(d.path().join(c)).unwrap();
+            write_png(&d.path().join(c).join("a.png"), 8, 8, 40);
+            write_png(&d.path().join(c).join("a_mask.png"), 8, 8, 255);
+        }
+        let e = load_folders(d.path(), &["tumour".into()], &opts()).unwrap_err().to_string();
+        let want = "`positive` names no class folder `tumour` (did you mean `tumor`?); class folders found: `normal`, `tumor`";
+        assert!(e.contains(want), "{e}");
+        let e = load_folders(d.path(), &["tumor".into(), "cancer".into()], &opts()).unwrap_err().to_string();
+        assert!(e.contains("`positive` names no class folder `cancer`; class folders found"), "{e}");
+        let e = load_folders(d.path(), &[], &opts()).unwrap_err().to_string();
+        assert!(e.contains("`positive` lists no class, so every image would be negative") && e.contains("`normal`, `tumor`"), "{e}");
+        // Not a bad file to skip: the whole load is misconfigured.
+        let mut o = opts();
+        o.skip_errors = true;
+        assert!(load_folders(d.path(), &["tumour".into()], &o).is_err());
+        let (s, _) = load_folders(d.path(), &["tumor".into()], &opts()).unwrap();
+        assert_eq!(s.iter().map(|x| x.label).collect::<Vec<_>>(), [0, 1]);
+    }
+
+    #[test]
+    fn manifest_lists_each_image_once() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a")).unwrap();
+        write_png(&d.path().join("a/b.png"), 8, 8, 10);
+        write_png(&d.path().join("c.png"), 8, 8, 20);
+        write_png(&d.path().join("e.png"), 8, 8, 30);
+        let csv = d.path().join("m.csv");
+        let rows = "a/b.png,0,p1\nc.png,0,p2\n./a/b.png,0,p3\nc.png,0,p2\ne.png,0,p4\na/../c.png,0,p5\n";
+        std::fs::write(&csv, format!("image,label,group\n{rows}")).unwrap();
+        let e = load_manifest(&csv, &opts()).unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.problems.len(), 3, "{text}");
+        assert!(text.contains("m.csv: line 4: image `./a/b.png` is the same file as `a/b.png` on line 2"), "{text}");
+        assert!(text.contains("m.csv: line 5: image `c.png` is the same file as `c.png` on line 3"), "{text}");
+        assert!(text.contains("m.csv: line 7: image `a/../c.png` is the same file as `c.png` on line 3"), "{text}");
+        let mut o = opts();
+        o.skip_errors = true;
+        let (s, r) = load_manifest(&csv, &o).unwrap();
+        assert_eq!(s.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(), ["a/b.png", "c.png", "e.png"]);
+        assert_eq!(r.skipped.len(), 3);
     }
 
     #[test]

@@ -91,7 +91,11 @@ impl StageKind for Data {
         // 3: a positive without a mask is an error (or, opted in, kept without truth); every
         //    bad file is reported at once; images in sub-folders of a class folder get their
         //    path in their id and the sub-folder as their group.
-        3
+        // 4: an LGG label comes from the full-resolution mask; masks are resized by area and
+        //    images by area averaging (bilinear when enlarging), centred on each other; a
+        //    manifest listing one image twice and a `positive` naming no class folder are
+        //    errors. Synthetic phantoms are made at image_size and are unchanged.
+        4
     }
     fn doc(&self) -> &'static str {
         "Loads or generates labelled images with ground-truth masks, resized and normalised, split into train/val/test by group (patient)."
@@ -137,7 +141,7 @@ impl StageKind for Data {
                 ty: ParamType::Int { min: 8, max: 1024 },
                 default: || json!(32),
                 optional: false,
-                doc: "images are resized to image_size x image_size (bilinear; masks nearest)",
+                doc: "images are resized to image_size x image_size (area average when shrinking, bilinear when enlarging; masks by area)",
             },
             ParamSpec {
                 name: "channel",
@@ -285,7 +289,7 @@ impl StageKind for Data {
             _ => resolve(ctx.base_dir, p::str(params, "root")?),
         };
         let data_dir = if source == "manifest" { location.parent().map(Path::to_path_buf).unwrap_or_default() } else { location.clone() };
-        let (mut samples, channels, skipped, read, without_mask) = match source {
+        let (mut samples, channels, skipped, read, without_mask, vanished) = match source {
             "synthetic" => {
                 let mut ds = synthetic::generate(&SyntheticConfig {
                     count: p::usize(params, "count")?,
@@ -299,24 +303,36 @@ impl StageKind for Data {
                 for s in &mut ds.samples {
                     crate::ml::dataset::normalize_image(&mut s.image, 1, normalize);
                 }
-                (ds.samples, 1, Vec::new(), Default::default(), Vec::new())
+                (ds.samples, 1, Vec::new(), Default::default(), Vec::new(), Vec::new())
             }
             "lgg" => {
                 let (s, r) = loaders::load_lgg(&location, &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped, r.read, r.without_mask)
+                (s, opts.channels(), r.skipped, r.read, r.without_mask, r.vanished)
             }
             "folders" => {
                 let (s, r) = loaders::load_folders(&location, &p::str_list(params, "positive"), &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped, r.read, r.without_mask)
+                (s, opts.channels(), r.skipped, r.read, r.without_mask, r.vanished)
             }
             _ => {
                 let (s, r) = loaders::load_manifest(&location, &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped, r.read, r.without_mask)
+                (s, opts.channels(), r.skipped, r.read, r.without_mask, r.vanished)
             }
         };
         check_read(ctx, &read)?;
         for s in &skipped {
             (ctx.log)(format!("skipped: {s}"));
+        }
+        // A tumor under half a pixel at this size: the image keeps its label, its truth here is
+        // empty (out of mean-Dice, an empty truth in Dice-all).
+        if !vanished.is_empty() {
+            let names: Vec<String> = vanished.iter().map(|v| relative_to(&data_dir, &v.display().to_string())).collect();
+            (ctx.log)(format!(
+                "{} image{} with tumor at full resolution ha{} an empty mask at {size}x{size}: {}",
+                names.len(),
+                if names.len() == 1 { "" } else { "s" },
+                if names.len() == 1 { "s" } else { "ve" },
+                first_few(&names)
+            ));
         }
         let skipped: Vec<String> = skipped.iter().map(|s| relative_to(&data_dir, s)).collect();
         let warnings = data_warnings(&skipped, &without_mask);
@@ -403,6 +419,9 @@ mod tests {
         p.insert("source".into(), json!("folders"));
         p.insert("root".into(), json!(root.to_str().unwrap()));
         p.insert("image_size".into(), json!(8));
+        // Class `b` is positive; its images have no masks.
+        p.insert("positive".into(), json!(["b"]));
+        p.insert("missing_masks".into(), json!("exclude"));
         p
     }
 
