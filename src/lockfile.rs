@@ -191,6 +191,14 @@ impl LockFile {
         serde_yaml::from_str(&text).map_err(|e| format!("{}: not a camflow lock file: {e}", path.display()))
     }
 
+    /// Lock entries that none of `labels` (the instances the spec produces now) has: a sweep
+    /// point or stage removed or renamed since the lock was written, or an entry added by
+    /// hand. `run --locked` refuses them, since checking only what the spec still produces
+    /// would pass a lock of which part was never reproduced.
+    pub fn entries_not_in<'a>(&'a self, labels: &BTreeSet<&str>) -> Vec<&'a str> {
+        self.instances.keys().map(String::as_str).filter(|l| !labels.contains(l)).collect()
+    }
+
     pub fn write(&self, path: &Path) -> Result<(), String> {
         let text = serde_yaml::to_string(self).map_err(|e| e.to_string())?;
         self.write_text(path, &text)

@@ -243,6 +243,23 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     }
     let lock_path = lockfile::path_for(&a.p.pipeline);
     let locked = if a.locked { Some(LockFile::read(&lock_path).map_err(Error::Usage)?) } else { None };
+    if let Some(lock) = &locked {
+        // The executor checks what the spec produces against the lock; what the lock holds
+        // beyond that is refused here, before anything runs.
+        let labels: BTreeSet<&str> = p.instances.iter().map(|i| i.label.as_str()).collect();
+        let extra = lock.entries_not_in(&labels);
+        if !extra.is_empty() {
+            const SHOWN: usize = 10;
+            let more = if extra.len() > SHOWN { format!(" and {} more", extra.len() - SHOWN) } else { String::new() };
+            return Err(Error::LockMismatch(format!(
+                "{}: {} locked instance(s) that the spec does not produce: {}{more} (a sweep point or stage was removed or renamed \
+                 since the lock was written, or the entry was added by hand); the spec does not reproduce this lock",
+                lock_path.display(),
+                extra.len(),
+                extra.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
     if !p.backend.bitwise_deterministic() {
         print_out(&format!(
             "note: backend `{}` is not bitwise deterministic: reruns may give slightly different numbers\n",

@@ -1,0 +1,49 @@
+//! `run --locked` against lock files that the spec no longer matches, or that were edited:
+//! every entry of the lock must be produced by the spec, and every field the run computes
+//! must agree with it.
+
+use crate::support::{Project, lock_of};
+
+/// Three cheap instances of one stage, by a sweep.
+const SWEEP: &str = r#"name: sweep
+seed: 3
+stages:
+  d:
+    kind: data
+    params: {source: synthetic, image_size: 8, slices_per_patient: 2}
+    sweep:
+      grid:
+        count: [8, 10, 12]
+"#;
+
+fn labels(p: &Project) -> Vec<String> {
+    lock_of(p)["instances"].as_mapping().expect("instances").keys().map(|k| k.as_str().expect("label").to_string()).collect()
+}
+
+#[test]
+fn locked_refuses_lock_entries_the_spec_no_longer_produces() {
+    let p = Project::new(SWEEP);
+    p.run(&[]).ok();
+    let all = labels(&p);
+    assert_eq!(all.len(), 3, "{all:?}");
+    // One sweep point dropped: the two left are reproduced, the third never is.
+    p.write(&SWEEP.replace("[8, 10, 12]", "[8, 10]"));
+    let r = p.run(&["--locked"]);
+    assert_eq!(r.code(), 4, "{}\n{}", r.stdout(), r.stderr());
+    let dropped = all.iter().find(|l| l.contains("12")).expect("the count=12 entry");
+    assert!(r.stderr().contains("1 locked instance(s) that the spec does not produce") && r.stderr().contains(dropped.as_str()), "{}", r.stderr());
+    assert!(!r.stdout().contains("done "), "refused before running anything: {}", r.stdout());
+    // A ghost entry: a copy of a real one under a label no instance has.
+    p.write(SWEEP);
+    let path = p.path().join("p.lock.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lock = lock_of(&p);
+    let entry = lock["instances"][all[0].as_str()].clone();
+    lock["instances"].as_mapping_mut().unwrap().insert("ghost".into(), entry);
+    std::fs::write(&path, serde_yaml::to_string(&lock).unwrap()).unwrap();
+    let r = p.run(&["--locked"]);
+    assert_eq!(r.code(), 4, "{}", r.stderr());
+    assert!(r.stderr().contains("does not produce: ghost"), "{}", r.stderr());
+    std::fs::write(&path, text).unwrap();
+    p.run(&["--locked"]).ok();
+}
