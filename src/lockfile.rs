@@ -21,7 +21,34 @@ pub struct LockFile {
     pub backend: String,
     /// Whether the backend gives the same bytes run after run (CPU: yes; CUDA: not promised).
     pub bitwise_deterministic: bool,
+    #[serde(deserialize_with = "unique_labels")]
     pub instances: BTreeMap<String, LockedInstance>,
+}
+
+/// The entries of a lock by label, refusing a label given twice: read into a map, the last
+/// one would silently win, and a lock edited or merged by hand could hide an entry that way.
+fn unique_labels<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, LockedInstance>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = BTreeMap<String, LockedInstance>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map from instance label to its entry")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(label) = m.next_key::<String>()? {
+                let entry: LockedInstance = m.next_value()?;
+                if out.insert(label.clone(), entry).is_some() {
+                    return Err(serde::de::Error::custom(format!(
+                        "instance `{label}` has two entries in `instances` (a lock names each instance once: it was edited or \
+                         merged by hand; keep one, or run without --locked to write a new lock)"
+                    )));
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Visit)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -47,3 +47,22 @@ fn locked_refuses_lock_entries_the_spec_no_longer_produces() {
     std::fs::write(&path, text).unwrap();
     p.run(&["--locked"]).ok();
 }
+
+#[test]
+fn a_lock_with_an_instance_twice_is_refused_naming_the_file_and_the_label() {
+    let p = Project::new(SWEEP);
+    p.run(&[]).ok();
+    let path = p.path().join("p.lock.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // The last entry again, with another key: read into a map, it would silently win.
+    let label = labels(&p).pop().unwrap();
+    let start = text.find(&format!("  {label}:\n")).expect("entry in the lock");
+    let entry = text[start..].to_string();
+    let key = lock_of(&p)["instances"][label.as_str()]["key"].as_str().unwrap().to_string();
+    std::fs::write(&path, format!("{text}{}", entry.replace(&key, &"0".repeat(64)))).unwrap();
+    let r = p.run(&["--locked"]);
+    assert_eq!(r.code(), 2, "{}\n{}", r.stdout(), r.stderr());
+    let err = r.stderr();
+    assert!(err.contains(&format!("{}: not a camflow lock file", path.display())), "{err}");
+    assert!(err.contains(&format!("instance `{label}` has two entries")), "{err}");
+}
