@@ -326,8 +326,36 @@ impl LockFile {
                 short(&l.key),
                 key_cause(l, key, params)
             )),
-            Some(_) => Ok(()),
+            Some(l) => match entry_differs(l, key, params) {
+                None => Ok(()),
+                Some(why) => Err(format!(
+                    "{label}: the lock entry's {why}, although its key matches: the lock file was edited (its fields no longer \
+                     describe its key)"
+                )),
+            },
         }
+    }
+
+    /// The header fields this run determines (pipeline name, backend and whether it is
+    /// bitwise deterministic), against the lock's: a lock that claims another backend or
+    /// determinism than the run that checks it must not pass as reproduced.
+    pub fn check_header(&self, h: &LockHeader<'_>) -> Result<(), String> {
+        let mut why = Vec::new();
+        if self.pipeline != h.pipeline {
+            why.push(format!("`pipeline` is `{}`, this spec is named `{}`", self.pipeline, h.pipeline));
+        }
+        if self.backend != h.backend {
+            why.push(format!("`backend` is `{}`, this run uses `{}`", self.backend, h.backend));
+        }
+        if self.bitwise_deterministic != h.deterministic {
+            why.push(format!(
+                "`bitwise_deterministic` is {}, backend `{}` is {}",
+                self.bitwise_deterministic,
+                h.backend,
+                if h.deterministic { "bitwise deterministic" } else { "not bitwise deterministic" }
+            ));
+        }
+        if why.is_empty() { Ok(()) } else { Err(format!("the lock's {}", why.join("; its "))) }
     }
 
     /// Whether the result of `label` (its record) equals the locked one: output digests, then
@@ -367,6 +395,38 @@ impl LockFile {
         }
         Ok(())
     }
+}
+
+/// The first field of a lock entry that its key determines (kind, kind version, params in the
+/// key, input and data digests, numeric class) and that differs from what this run computed;
+/// `None` when all agree. Location params are not in the key and may differ.
+fn entry_differs(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>) -> Option<String> {
+    let show = |v: Option<&String>| v.map_or_else(|| "absent".to_string(), |d| format!("`{d}`"));
+    if l.kind != key.kind {
+        return Some(format!("`kind` is `{}`, the run computed `{}`", l.kind, key.kind));
+    }
+    if let Some(v) = l.kind_version
+        && v != key.kind_version
+    {
+        return Some(format!("`kind_version` is {v}, the run computed {}", key.kind_version));
+    }
+    let names: BTreeSet<&String> = l.params.keys().chain(params.keys()).collect();
+    for n in names {
+        if l.params.get(n) != params.get(n) && (key.params.contains_key(n) || !params.contains_key(n)) {
+            let show = |v: Option<&Json>| v.map_or_else(|| "absent".to_string(), |v| v.to_string());
+            return Some(format!("param `{n}` is {}, the run resolved {}", show(l.params.get(n)), show(params.get(n))));
+        }
+    }
+    for (what, locked, now) in [("inputs", &l.inputs, &key.inputs), ("data", &l.data, &key.files)] {
+        let names: BTreeSet<&String> = locked.keys().chain(now.keys()).collect();
+        if let Some(n) = names.into_iter().find(|n| locked.get(*n) != now.get(*n)) {
+            return Some(format!("`{what}.{n}` is {}, the run computed {}", show(locked.get(n)), show(now.get(n))));
+        }
+    }
+    if l.numeric != key.backend {
+        return Some(format!("`numeric` is {}, the run computed {}", show(l.numeric.as_ref()), show(key.backend.as_ref())));
+    }
+    None
 }
 
 /// Why a key differs from the locked one, from what the lock remembers of its inputs.

@@ -244,6 +244,12 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let lock_path = lockfile::path_for(&a.p.pipeline);
     let locked = if a.locked { Some(LockFile::read(&lock_path).map_err(Error::Usage)?) } else { None };
     if let Some(lock) = &locked {
+        let header = lockfile::LockHeader {
+            pipeline: &p.pipeline.name,
+            backend: p.backend.name(),
+            deterministic: p.backend.bitwise_deterministic(),
+        };
+        lock.check_header(&header).map_err(|m| Error::LockMismatch(format!("{}: {m}", lock_path.display())))?;
         // The executor checks what the spec produces against the lock; what the lock holds
         // beyond that is refused here, before anything runs.
         let labels: BTreeSet<&str> = p.instances.iter().map(|i| i.label.as_str()).collect();

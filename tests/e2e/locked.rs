@@ -66,3 +66,44 @@ fn a_lock_with_an_instance_twice_is_refused_naming_the_file_and_the_label() {
     assert!(err.contains(&format!("{}: not a camflow lock file", path.display())), "{err}");
     assert!(err.contains(&format!("instance `{label}` has two entries")), "{err}");
 }
+
+/// A data stage and a training on it: an entry with an input and a numeric class.
+const TRAINED: &str = r#"name: trained
+seed: 5
+stages:
+  d:
+    kind: data
+    params: {source: synthetic, count: 16, image_size: 16, slices_per_patient: 2}
+  t:
+    kind: train
+    inputs: {data: d}
+    params: {epochs: 1, batch_size: 8}
+"#;
+
+#[test]
+fn locked_checks_every_lock_field_the_run_computes() {
+    let p = Project::new(TRAINED);
+    p.run(&[]).ok();
+    let path = p.path().join("p.lock.yaml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    type Edit = fn(&mut serde_yaml::Value);
+    let edits: Vec<(&str, Edit, &str)> = vec![
+        ("a param", |l| l["instances"]["t"]["params"]["epochs"] = 2.into(), "t: the lock entry's param `epochs` is 2, the run resolved 1"),
+        ("an input digest", |l| l["instances"]["t"]["inputs"]["data"] = "0".repeat(64).into(), "t: the lock entry's `inputs.data` is `000"),
+        ("the numeric class", |l| l["instances"]["t"]["numeric"] = "other".into(), "t: the lock entry's `numeric` is `other`"),
+        ("the kind version", |l| l["instances"]["t"]["kind_version"] = 99.into(), "t: the lock entry's `kind_version` is 99"),
+        ("the backend", |l| l["backend"] = "cuda".into(), "the lock's `backend` is `cuda`, this run uses `cpu`"),
+        ("determinism", |l| l["bitwise_deterministic"] = false.into(), "the lock's `bitwise_deterministic` is false"),
+        ("the pipeline", |l| l["pipeline"] = "other".into(), "the lock's `pipeline` is `other`, this spec is named `trained`"),
+    ];
+    for (what, edit, expected) in edits {
+        let mut lock = lock_of(&p);
+        edit(&mut lock);
+        std::fs::write(&path, serde_yaml::to_string(&lock).unwrap()).unwrap();
+        let r = p.run(&["--locked"]);
+        assert_eq!(r.code(), 4, "{what}: {}\n{}", r.stdout(), r.stderr());
+        assert!(r.stderr().contains(expected), "{what}: expected `{expected}` in:\n{}", r.stderr());
+        std::fs::write(&path, &good).unwrap();
+    }
+    p.run(&["--locked"]).ok();
+}
