@@ -176,6 +176,14 @@ fn short(d: &str) -> &str {
     &d[..12.min(d.len())]
 }
 
+/// Two digests cut to as many characters as show where they differ (at least 12): cut to a
+/// fixed length, digests that differ only further on would read as equal.
+fn distinct<'a>(a: &'a str, b: &'a str) -> (&'a str, &'a str) {
+    let common = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    let n = (common + 4).max(12);
+    (&a[..n.min(a.len())], &b[..n.min(b.len())])
+}
+
 fn output_digests(r: &ActionRecord) -> BTreeMap<String, String> {
     r.outputs.iter().map(|(k, v)| (k.clone(), v.digest.clone())).collect()
 }
@@ -374,12 +382,11 @@ impl LockFile {
         for name in names {
             let (a, b) = (l.outputs.get(name), now.get(name));
             if a != b {
-                return Err(format!(
-                    "{label}: output `{name}` is {} where the lock has {} (same key: {})",
-                    b.map(|d| short(d)).unwrap_or("absent"),
-                    a.map(|d| short(d)).unwrap_or("absent"),
-                    result_cause(l, rec)
-                ));
+                let (locked, here) = match (a, b) {
+                    (Some(a), Some(b)) => distinct(a, b),
+                    (a, b) => (a.map_or("absent", |d| short(d)), b.map_or("absent", |d| short(d))),
+                };
+                return Err(format!("{label}: output `{name}` is {here} where the lock has {locked} (same key: {})", result_cause(l, rec)));
             }
         }
         if l.metrics != rec.metrics {
@@ -468,7 +475,16 @@ fn key_cause(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>
             key.backend.as_deref().unwrap_or("none")
         ));
     }
-    if why.is_empty() { "the seed or the key format differs".into() } else { why.join("; ") }
+    if why.is_empty() {
+        format!(
+            "nothing the lock records about the inputs differs: the lock's key was edited, the lock was written by a camflow \
+             with another key format (locked by {}, this is {}), or the pipeline seed differs",
+            l.camflow_version,
+            env!("CARGO_PKG_VERSION")
+        )
+    } else {
+        why.join("; ")
+    }
 }
 
 /// The likely cause of equal keys giving other bytes.
@@ -481,8 +497,11 @@ fn result_cause(l: &LockedInstance, rec: &ActionRecord) -> String {
             l.camflow_version, rec.camflow_version
         )
     } else {
+        // Same camflow, backend and key: a deterministic backend gives these bytes on any CPU
+        // of the key's numeric class, so an edited lock comes first.
         format!(
-            "the numbers differ on this machine with backend `{}`: the CPU numeric profile (CPU model or SIMD level) or a non-deterministic stage",
+            "the lock file's digest was edited, or this machine computed other bytes with backend `{}` and the same camflow \
+             (a cache object altered outside camflow: `camflow verify`; or a non-deterministic stage: a bug to report)",
             rec.backend
         )
     }
@@ -557,5 +576,16 @@ mod tests {
         assert_eq!(c[1].to_string(), "test.positive 3 -> 4");
         assert_eq!(metric_changes(&a, &b, 0.0).len(), 3);
         assert!(metric_changes(&a, &a, 0.0).is_empty());
+    }
+
+    #[test]
+    fn digests_are_shown_far_enough_to_differ() {
+        let a = format!("9b7d394bbce2{}", "0".repeat(52));
+        let b = format!("9b7d394bbce2ab{}", "1".repeat(50));
+        let (x, y) = distinct(&a, &b);
+        assert_ne!(x, y);
+        assert_eq!((x, y), ("9b7d394bbce20000", "9b7d394bbce2ab11"));
+        assert_eq!(distinct("abcdef0123456789", "bbcdef0123456789"), ("abcdef012345", "bbcdef012345"));
+        assert_eq!(distinct("abc", "abd"), ("abc", "abd"));
     }
 }

@@ -107,3 +107,30 @@ fn locked_checks_every_lock_field_the_run_computes() {
     }
     p.run(&["--locked"]).ok();
 }
+
+#[test]
+fn a_changed_digest_is_shown_far_enough_to_differ_and_a_changed_key_names_tampering() {
+    let p = Project::new(SWEEP);
+    p.run(&[]).ok();
+    let path = p.path().join("p.lock.yaml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let label = labels(&p).remove(0);
+    let entry = &lock_of(&p)["instances"][label.as_str()];
+    let digest = entry["outputs"]["dataset.bin"].as_str().unwrap().to_string();
+    // The same first 12 characters: cut there, both would read alike.
+    let flipped = if digest.as_bytes()[12] == b'0' { '1' } else { '0' };
+    let forged = format!("{}{flipped}{}", &digest[..12], &digest[13..]);
+    std::fs::write(&path, good.replace(&digest, &forged)).unwrap();
+    let r = p.run(&["--locked"]);
+    assert_eq!(r.code(), 4, "{}", r.stderr());
+    let (here, locked) = (&digest[..16], &forged[..16]);
+    assert!(r.stderr().contains(&format!("output `dataset.bin` is {here} where the lock has {locked}")), "{}", r.stderr());
+    assert!(r.stderr().contains("the lock file's digest was edited"), "{}", r.stderr());
+    assert!(!r.stderr().contains("CPU numeric profile"), "{}", r.stderr());
+    // A key edited by hand: nothing else in the entry differs.
+    let key = entry["key"].as_str().unwrap().to_string();
+    std::fs::write(&path, good.replace(&key, &"e".repeat(64))).unwrap();
+    let r = p.run(&["--locked"]);
+    assert_eq!(r.code(), 4, "{}", r.stderr());
+    assert!(r.stderr().contains("the lock's key was edited, the lock was written by a camflow with another key format"), "{}", r.stderr());
+}
