@@ -158,6 +158,46 @@ fn fingerprint(store: &Store, h: &LockHeader<'_>, entries: &[LockItem<'_>]) -> O
     Some(hex::encode(hasher.finalize()))
 }
 
+const TMP_SUFFIX: &str = ".tmp";
+/// How old a lock's temporary file must be before any writer removes it (its own writer
+/// being alive or on another host): no lock takes an hour to write.
+pub const TMP_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn host_name() -> String {
+    // Dots separate the fields of the temporary name; a host name is one field.
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
+    let h: String = h.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    if h.is_empty() { "unknown".into() } else { h }
+}
+
+/// Removes the temporary files of lock `name` in `dir` that their writer left behind: older
+/// than `grace`, or written from this host by a process that is gone (a kill -9 during the
+/// write). Returns how many it removed. Anything else in the folder is left alone.
+pub fn clean_stale_tmp(dir: &Path, name: &str, grace: std::time::Duration) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let prefix = format!(".{name}.");
+    let (host, now) = (host_name(), std::time::SystemTime::now());
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(middle) = file.strip_prefix(&prefix).and_then(|r| r.strip_suffix(TMP_SUFFIX)) else { continue };
+        // `<host>.<pid>.<random>`
+        let fields: Vec<&str> = middle.split('.').collect();
+        let [h, pid, _random] = fields.as_slice() else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let Ok(meta) = e.path().symlink_metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let old = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).is_some_and(|age| age >= grace);
+        let dead = *h == host && pid != std::process::id() && cfg!(target_os = "linux") && !Path::new("/proc").join(pid.to_string()).exists();
+        if (old || dead) && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// The lock file beside `pipeline`: `paper.yaml` -> `paper.lock.yaml`.
 pub fn path_for(pipeline: &Path) -> PathBuf {
     let stem = pipeline.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into());
@@ -239,11 +279,24 @@ impl LockFile {
         self.write_text(path, &text)
     }
 
-    /// Writes `text` (this lock, serialised) at `path`, atomically.
+    /// Writes `text` (this lock, serialised) at `path`, atomically: a temporary file beside
+    /// it, flushed to disk, renamed over it. The temporary file is in the user's pipeline
+    /// folder, so it is named after the lock (`.P.lock.yaml.<host>.<pid>.<random>.tmp`) and one
+    /// left by a killed writer is removed by the next write (see [`clean_stale_tmp`]).
     fn write_text(&self, path: &Path, text: &str) -> Result<(), String> {
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        clean_stale_tmp(dir, &name, TMP_GRACE);
+        let prefix = format!(".{name}.{}.{}.", host_name(), std::process::id());
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(TMP_SUFFIX)
+            .tempfile_in(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+        // On disk before the rename: after a crash the lock is the old one or the new one,
+        // never a renamed file whose blocks were not written yet.
+        tmp.as_file().sync_all().map_err(|e| format!("{}: {e}", path.display()))?;
         // A lock file is shared like the spec: readable by all, as a normal file would be.
         #[cfg(unix)]
         {
@@ -251,6 +304,11 @@ impl LockFile {
             tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(|e| format!("{}: {e}", path.display()))?;
         }
         tmp.persist(path).map_err(|e| format!("{}: {}", path.display(), e.error))?;
+        // The rename itself, durable; a folder that cannot be opened or synced loses nothing
+        // more than without this.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
         Ok(())
     }
 
@@ -576,6 +634,41 @@ mod tests {
         assert_eq!(c[1].to_string(), "test.positive 3 -> 4");
         assert_eq!(metric_changes(&a, &b, 0.0).len(), 3);
         assert!(metric_changes(&a, &a, 0.0).is_empty());
+    }
+
+    #[test]
+    fn a_lock_is_written_through_a_named_temporary_file_and_stale_ones_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("p.lock.yaml");
+        let host = host_name();
+        let me = std::process::id();
+        // A writer killed mid-write on this host (no such pid), one of a live process (this
+        // one, young), one of another host (young), one of another host an hour old, and
+        // files that are not a lock's temporary files.
+        let dead = format!(".p.lock.yaml.{host}.{}.abc123.tmp", u32::MAX - 1);
+        let live = format!(".p.lock.yaml.{host}.{me}.abc123.tmp");
+        let remote = ".p.lock.yaml.elsewhere.12.abc123.tmp".to_string();
+        let remote_old = ".p.lock.yaml.elsewhere.13.abc123.tmp".to_string();
+        let others = [".q.lock.yaml.x.1.a.tmp", "p.lock.yaml.tmp", ".tmpABC", "notes.txt"];
+        for f in [&dead, &live, &remote, &remote_old].into_iter().map(String::as_str).chain(others) {
+            std::fs::write(d.path().join(f), "partial").unwrap();
+        }
+        let hour_ago = std::time::SystemTime::now() - TMP_GRACE - std::time::Duration::from_secs(5);
+        std::fs::File::options().write(true).open(d.path().join(&remote_old)).unwrap().set_modified(hour_ago).unwrap();
+        let lock = LockFile::from_run("p", "cpu", true, &[]);
+        lock.write(&path).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        let mut expected: Vec<String> = [live, remote, "p.lock.yaml".into()].into_iter().chain(others.map(String::from)).collect();
+        expected.sort();
+        assert_eq!(left, expected);
+        assert_eq!(LockFile::read(&path).unwrap(), lock);
+        // The writer's own temporary name: recognisable as this lock's, with host and pid.
+        let tmp = tempfile::Builder::new().prefix(&format!(".p.lock.yaml.{host}.{me}.")).suffix(TMP_SUFFIX).tempfile_in(d.path()).unwrap();
+        let n = tmp.path().file_name().unwrap().to_string_lossy().into_owned();
+        drop(tmp);
+        std::fs::write(d.path().join(&n), "x").unwrap();
+        assert_eq!(clean_stale_tmp(d.path(), "p.lock.yaml", std::time::Duration::ZERO), 3, "{n}: any age counts with no grace");
     }
 
     #[test]

@@ -134,3 +134,20 @@ fn a_changed_digest_is_shown_far_enough_to_differ_and_a_changed_key_names_tamper
     assert_eq!(r.code(), 4, "{}", r.stderr());
     assert!(r.stderr().contains("the lock's key was edited, the lock was written by a camflow with another key format"), "{}", r.stderr());
 }
+
+#[test]
+fn a_lock_write_removes_temporary_files_a_killed_writer_left_in_the_pipeline_folder() {
+    let p = Project::new(SWEEP);
+    // What a writer killed mid-write left: a partial lock under the lock's temporary name.
+    let stale = p.path().join(".p.lock.yaml.otherhost.4242.Ab12Cd.tmp");
+    std::fs::write(&stale, "pipeline: sweep\ninstances:\n  d[co").unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options().write(true).open(&stale).unwrap().set_modified(two_hours_ago).unwrap();
+    let mine = p.path().join("notes.tmp");
+    std::fs::write(&mine, "the user's").unwrap();
+    p.run(&[]).ok();
+    assert!(!stale.exists(), "the stale temporary file is removed by the next lock write");
+    assert!(mine.exists(), "other files are the user's");
+    let left: Vec<String> = std::fs::read_dir(p.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!left.iter().any(|f| f.starts_with(".p.lock.yaml.")), "the writer's own temporary file is renamed: {left:?}");
+}
