@@ -204,6 +204,53 @@ pub fn path_for(pipeline: &Path) -> PathBuf {
     pipeline.with_file_name(format!("{stem}.lock.yaml"))
 }
 
+/// Whether a run of the spec `spec` (pipeline `name`) may write its lock at `lock`: refused
+/// when another spec file beside it has the same lock (`P.yml` and `P.yaml` both lock to
+/// `P.lock.yaml`; each run would overwrite the other's lock), or when the lock there names
+/// another pipeline. Checked before anything runs; the error says what to do.
+pub fn check_lock_target(spec: &Path, name: &str, lock: &Path) -> Result<(), String> {
+    let dir = spec.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let own = spec.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(stem) = spec.file_stem().map(|s| s.to_string_lossy().into_owned()) {
+        for ext in ["yaml", "yml"] {
+            let other = format!("{stem}.{ext}");
+            if other != own && dir.join(&other).is_file() && path_for(&dir.join(&other)) == lock {
+                return Err(format!(
+                    "{}: both {own} and {other} would write this lock file, each overwriting the other's; rename one of \
+                     them (a lock is named after its spec file without the extension)",
+                    lock.display()
+                ));
+            }
+        }
+    }
+    let owner = lock_pipeline(lock);
+    match owner {
+        Some(o) if o != name => Err(format!(
+            "{}: holds the lock of pipeline `{o}`, and {} is pipeline `{name}`: refusing to overwrite it. If the pipeline \
+             was renamed, move or delete the old lock file; if it belongs to another spec file, give the specs different \
+             file names",
+            lock.display(),
+            spec.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The `pipeline:` of the lock file at `path` (a regular file), from its head only: camflow
+/// writes it first, and parsing a lock of 10,000 instances on every run would cost more than
+/// the run of a cached study.
+fn lock_pipeline(path: &Path) -> Option<String> {
+    use std::io::Read;
+    if !std::fs::symlink_metadata(path).ok()?.is_file() {
+        return None;
+    }
+    let mut head = Vec::new();
+    std::fs::File::open(path).ok()?.take(64 * 1024).read_to_end(&mut head).ok()?;
+    let head = String::from_utf8_lossy(&head);
+    let line = head.lines().find(|l| l.starts_with("pipeline:"))?;
+    serde_yaml::from_str::<BTreeMap<String, String>>(line).ok()?.remove("pipeline")
+}
+
 /// One instance of a run, as the lock sees it: its own label and params, and the record of
 /// its key (possibly written by another instance with the same key).
 pub struct RunEntry<'a> {

@@ -242,6 +242,10 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         return Ok(());
     }
     let lock_path = lockfile::path_for(&a.p.pipeline);
+    if !a.locked && a.p.sets.is_empty() {
+        // Before anything runs: a lock that cannot be written should not cost a run.
+        lockfile::check_lock_target(&a.p.pipeline, &p.pipeline.name, &lock_path).map_err(Error::Usage)?;
+    }
     let locked = if a.locked { Some(LockFile::read(&lock_path).map_err(Error::Usage)?) } else { None };
     if let Some(lock) = &locked {
         let header = lockfile::LockHeader {

@@ -151,3 +151,27 @@ fn a_lock_write_removes_temporary_files_a_killed_writer_left_in_the_pipeline_fol
     let left: Vec<String> = std::fs::read_dir(p.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(!left.iter().any(|f| f.starts_with(".p.lock.yaml.")), "the writer's own temporary file is renamed: {left:?}");
 }
+
+#[test]
+fn two_spec_files_with_one_lock_name_are_refused_before_running() {
+    let p = Project::new(SWEEP);
+    p.run(&[]).ok();
+    let lock = std::fs::read_to_string(p.path().join("p.lock.yaml")).unwrap();
+    // `p.yml` beside `p.yaml`: both would write `p.lock.yaml`.
+    let other = SWEEP.replace("name: sweep", "name: other").replace("[8, 10, 12]", "[9]");
+    std::fs::write(p.path().join("p.yml"), &other).unwrap();
+    let r = p.camflow(&["run", p.path().join("p.yml").to_str().unwrap()]);
+    assert_eq!(r.code(), 2, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains("p.lock.yaml: both p.yml and p.yaml would write this lock file"), "{}", r.stderr());
+    assert!(!r.stdout().contains("done "), "nothing ran: {}", r.stdout());
+    assert_eq!(std::fs::read_to_string(p.path().join("p.lock.yaml")).unwrap(), lock, "the lock is untouched");
+    // Alone, a spec whose lock file names another pipeline does not overwrite it either.
+    std::fs::remove_file(p.path().join("p.yml")).unwrap();
+    p.write(&other);
+    let r = p.run(&[]);
+    assert_eq!(r.code(), 2, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains("p.lock.yaml: holds the lock of pipeline `sweep`") && r.stderr().contains("refusing to overwrite it"), "{}", r.stderr());
+    assert_eq!(std::fs::read_to_string(p.path().join("p.lock.yaml")).unwrap(), lock, "the lock is untouched");
+    std::fs::remove_file(p.path().join("p.lock.yaml")).unwrap();
+    p.run(&[]).ok();
+}
