@@ -82,6 +82,21 @@ pub struct PlanArgs {
     force: Vec<String>,
 }
 
+/// Every `--force` value must name a stage or an instance of the pipeline: a misspelt one
+/// would otherwise force nothing, and the run would reuse what the user meant to recompute.
+fn check_force(p: &Prepared, force: &[String]) -> Result<()> {
+    for f in force {
+        if p.pipeline.stages.contains_key(f) || p.instances.iter().any(|i| &i.label == f) {
+            continue;
+        }
+        let stages: Vec<&str> = p.pipeline.stages.keys().map(String::as_str).collect();
+        let labels = p.instances.iter().map(|i| i.label.as_str());
+        let hint = crate::suggest::did_you_mean(f, stages.iter().copied().chain(labels)).map(|m| format!("; did you mean `{m}`?")).unwrap_or_default();
+        return Err(Error::Usage(format!("--force {f}: no such stage or instance{hint} (stages: {})", stages.join(", "))));
+    }
+    Ok(())
+}
+
 fn forced_fn(force: &[String]) -> impl Fn(&Instance) -> bool + '_ {
     move |i: &Instance| force.iter().any(|f| f == &i.stage || f == &i.label)
 }
@@ -154,6 +169,7 @@ fn plan_rows(p: &Prepared, decisions: &[Decision], json: bool) -> String {
 pub fn plan(cache: &std::path::Path, a: PlanArgs) -> Result<()> {
     let store = open_store(cache)?;
     let p = prepare(&a.p, &store)?;
+    check_force(&p, &a.force)?;
     let decisions = make_plan(&p, &store, false, &forced_fn(&a.force))?;
     print_out(&plan_rows(&p, &decisions, a.json));
     Ok(())
@@ -208,6 +224,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let started = Instant::now();
     let store = open_store(cache)?;
     let p = prepare(&a.p, &store)?;
+    check_force(&p, &a.force)?;
     let executor = executor_config(&a, &p)?;
     let slurm = executor.kind == ExecutorKind::Slurm;
     if slurm {

@@ -62,6 +62,10 @@ fn malformed_pipelines() {
          "error: p.yaml: stages.data.params.count: expected an integer in 2..=1000000, found `lots` (value from --set)"),
         ("several errors at once", "name: bad\nseed: -1\nstages:\n  d:\n    kind: data\n    params: {imagesize: 3}\n  t:\n    kind: train\n    inputs: {data: nope}\n".into(), vec![],
          "error: p.yaml:2:1: seed: expected a non-negative integer, found a number\nerror: p.yaml:6:14: stages.d.params.imagesize: unknown key `imagesize`; did you mean `image_size`?\nerror: p.yaml:9:14: stages.t.inputs.data: unknown stage `nope` (stages: d, t)\n3 errors in p.yaml"),
+        ("misspelt --force", HEAD.into(), vec!["--force", "dta"],
+         "error: --force dta: no such stage or instance; did you mean `data`? (stages: data)"),
+        ("unknown --force", HEAD.into(), vec!["--force", "nope"],
+         "error: --force nope: no such stage or instance (stages: data)"),
     ];
     assert!(cases.len() >= 15);
     let mut failures = Vec::new();
@@ -72,4 +76,16 @@ fn malformed_pipelines() {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+#[test]
+fn run_force_with_an_unknown_stage_is_refused_before_running() {
+    let p = Project::new(HEAD);
+    let r = p.run(&["--force", "daat"]);
+    assert_eq!(r.code(), 2, "{}\n{}", r.stdout(), r.stderr());
+    assert_eq!(r.stderr().trim_end(), "error: --force daat: no such stage or instance; did you mean `data`? (stages: data)");
+    assert!(!p.path().join("p.lock.yaml").exists(), "nothing ran");
+    // A stage name and an instance label are both accepted.
+    p.run(&[]).ok();
+    assert_eq!(p.run(&["--force", "data"]).ok().summary("ran"), 1);
 }
