@@ -72,6 +72,21 @@ pub struct ParamRef {
     pub upstream_param: String,
 }
 
+/// Why `name` cannot name a stage, if it cannot: `${stage.param}` and `--set stages.NAME.…`
+/// split at the first `.`, and instance labels put `[`, `=` and `,` after the name, so a name
+/// with any of those (or none at all) could never be referred to.
+pub fn bad_stage_name(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("a stage name must not be empty; use letters, digits, `_` and `-`".into());
+    }
+    let bad: String = name.chars().filter(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')).collect();
+    (!bad.is_empty()).then(|| {
+        let mut shown: Vec<String> = bad.chars().map(|c| format!("`{}`", c.escape_default())).collect();
+        shown.dedup();
+        format!("stage name `{name}` contains {}: a stage name may use only letters, digits, `_` and `-`", shown.join(", "))
+    })
+}
+
 /// Parses `${stage.param}`.
 fn as_ref(v: &Yaml) -> Option<(String, String)> {
     let s = v.as_str()?.trim();
@@ -319,6 +334,9 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
             let names: Vec<String> = m.keys().map(key_str).collect();
             for (k, v) in m {
                 let sname = key_str(k);
+                if let Some(why) = bad_stage_name(&sname) {
+                    cx.err(&["stages", &sname], why);
+                }
                 if let Some(s) = stage(&mut cx, &sname, v, &names, m, catalog, seed) {
                     stages.insert(sname, s);
                 }
@@ -793,6 +811,18 @@ mod seeds_tests {
 
     fn json(n: u64) -> Json {
         Json::from(n)
+    }
+
+    #[test]
+    fn stage_names_that_references_cannot_reach_are_errors() {
+        for bad in ["a.b", "", "x y", "t[1]", "a=b"] {
+            let yaml = format!("name: s\nstages:\n  d:\n    kind: data\n    params: {{source: synthetic}}\n  {bad:?}:\n    kind: train\n    inputs: {{data: d}}\n");
+            let e = parse_str(&yaml).unwrap_err();
+            assert!(e.errors.iter().any(|x| x.field == format!("stages.{bad}") && x.message.contains("stage name")), "{bad:?}: {e}");
+        }
+        for good in ["train_2", "retrain-vgg", "A1"] {
+            assert_eq!(bad_stage_name(good), None);
+        }
     }
 
     #[test]
