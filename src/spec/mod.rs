@@ -602,6 +602,11 @@ fn stage(
             );
         }
     }
+    if !cx.errors.iter().any(|e| e.field.starts_with(&format!("stages.{sname}.inputs")))
+        && let Some(m) = kind.check_inputs(&inputs.keys().map(String::as_str).collect::<Vec<_>>())
+    {
+        cx.err(&["stages", sname, "inputs"], m);
+    }
     // Sweep axes.
     let (mut grid, mut zip) = (Vec::new(), Vec::new());
     match m.get("sweep") {

@@ -66,6 +66,8 @@ fn malformed_pipelines() {
          "error: p.yaml:6:3: stages.a.b: stage name `a.b` contains `.`: a stage name may use only letters, digits, `_` and `-`"),
         ("empty stage name", format!("{HEAD}  \"\":\n    kind: train\n    inputs: {{data: data}}\n"), vec![],
          "error: p.yaml:6:3: stages.: a stage name must not be empty; use letters, digits, `_` and `-`"),
+        ("score with nothing to score", format!("{HEAD}  s:\n    kind: score\n    inputs: {{data: data}}\n"), vec![],
+         "error: p.yaml:8:5: stages.s.inputs: score needs a `masks` input (masks to score against the ground truth), a `model` input (a classifier), or both"),
         ("misspelt --force", HEAD.into(), vec!["--force", "dta"],
          "error: --force dta: no such stage or instance; did you mean `data`? (stages: data)"),
         ("unknown --force", HEAD.into(), vec!["--force", "nope"],
