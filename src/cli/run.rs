@@ -271,20 +271,32 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
             deterministic: p.backend.bitwise_deterministic(),
         };
         lock.check_header(&header).map_err(|m| Error::LockMismatch(format!("{}: {m}", lock_path.display())))?;
-        // The executor checks what the spec produces against the lock; what the lock holds
-        // beyond that is refused here, before anything runs.
+        // Both ways, before anything runs: an instance the lock lacks would stop the run at
+        // its turn, and a lock entry the spec does not produce would never be checked (a lock
+        // only partly reproduced must not pass).
+        const SHOWN: usize = 10;
         let labels: BTreeSet<&str> = p.instances.iter().map(|i| i.label.as_str()).collect();
+        let new: Vec<&str> = labels.iter().copied().filter(|l| !lock.instances.contains_key(*l)).collect();
         let extra = lock.entries_not_in(&labels);
+        let mut why: Vec<String> =
+            new.iter().take(SHOWN).map(|l| format!("{l}: not in the lock file (the spec has changed since it was locked)")).collect();
+        if let Some(w) = why.last_mut()
+            && new.len() > SHOWN
+        {
+            w.push_str(&format!("\n  and {} more", new.len() - SHOWN));
+        }
         if !extra.is_empty() {
-            const SHOWN: usize = 10;
-            let more = if extra.len() > SHOWN { format!(" and {} more", extra.len() - SHOWN) } else { String::new() };
-            return Err(Error::LockMismatch(format!(
-                "{}: {} locked instance(s) that the spec does not produce: {}{more} (a sweep point or stage was removed or renamed \
+            why.push(format!(
+                "{}: {} locked instance(s) that the spec does not produce: {}{} (a sweep point or stage was removed or renamed \
                  since the lock was written, or the entry was added by hand); the spec does not reproduce this lock",
                 lock_path.display(),
                 extra.len(),
-                extra.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ")
-            )));
+                extra.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", "),
+                if extra.len() > SHOWN { format!(" and {} more", extra.len() - SHOWN) } else { String::new() }
+            ));
+        }
+        if !why.is_empty() {
+            return Err(Error::LockMismatch(why.join("\n  ")));
         }
     }
     if !p.backend.bitwise_deterministic() {

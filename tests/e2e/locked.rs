@@ -175,3 +175,17 @@ fn two_spec_files_with_one_lock_name_are_refused_before_running() {
     std::fs::remove_file(p.path().join("p.lock.yaml")).unwrap();
     p.run(&[]).ok();
 }
+
+#[test]
+fn locked_names_both_new_instances_and_dropped_entries_before_running() {
+    let p = Project::new(SWEEP);
+    p.run(&[]).ok();
+    // A changed sweep value: one new instance the lock lacks, one entry the spec lost.
+    p.write(&SWEEP.replace("[8, 10, 12]", "[8, 10, 14]"));
+    let r = p.run(&["--locked"]);
+    assert_eq!(r.code(), 4, "{}\n{}", r.stdout(), r.stderr());
+    let err = r.stderr();
+    assert!(err.contains("d[count=14]: not in the lock file"), "{err}");
+    assert!(err.contains("1 locked instance(s) that the spec does not produce: d[count=12]"), "{err}");
+    assert!(!r.stdout().contains("done "), "nothing ran: {}", r.stdout());
+}
