@@ -184,11 +184,25 @@ fn yaml_syntax_error(source: &str, e: &serde_yaml::Error) -> SpecError {
             locate::first_alias(source).unwrap_or_else(|| locate::first_content(source)),
             "YAML aliases expand to too many repetitions (an alias bomb?); write the values out or use fewer aliases".to_string(),
         )
+    } else if let Some(m) = too_large_number(&msg) {
+        (e.location().map(|l| (l.line(), l.column())).unwrap_or_else(|| locate::first_content(source)), m)
     } else {
         let at = e.location().map(|l| (l.line(), l.column())).unwrap_or_else(|| locate::first_content(source));
         (at, format!("YAML syntax error: {msg}"))
     };
     SpecError { field: String::new(), location: Some(location), message }
+}
+
+/// serde_yaml's words for an integer beyond 64 bits ("invalid type: integer `N` as u128,
+/// expected any YAML value", with the field path before them), said for people.
+pub fn too_large_number(msg: &str) -> Option<String> {
+    let i = msg.find("invalid type: integer `")?;
+    let rest = &msg[i + "invalid type: integer `".len()..];
+    let (n, tail) = rest.split_once('`')?;
+    if !(tail.starts_with(" as u128") || tail.starts_with(" as i128")) {
+        return None;
+    }
+    Some(format!("{}the number {n} is too large: numbers must lie between -2^63 and 2^64 - 1", &msg[..i]))
 }
 
 fn type_name(v: &Yaml) -> &'static str {
@@ -461,6 +475,27 @@ fn show_yaml(v: &Yaml) -> String {
     }
 }
 
+/// `ty.check` of a YAML value, saying what it found where JSON cannot: NaN and infinities
+/// (`.nan`, `.inf`) have no JSON form and would be reported as "nothing".
+fn check_value(ty: &crate::stage_kind::ParamType, v: &Yaml) -> Result<Json, String> {
+    fn non_finite(v: &Yaml) -> Option<f64> {
+        match v {
+            Yaml::Number(n) => n.as_f64().filter(|f| !f.is_finite()),
+            Yaml::Sequence(s) => s.iter().find_map(non_finite),
+            Yaml::Tagged(t) => non_finite(&t.value),
+            _ => None,
+        }
+    }
+    match non_finite(v) {
+        Some(f) => {
+            let what = if f.is_nan() { "NaN (`.nan`)" } else { "an infinity (`.inf`)" };
+            let inside = if v.is_sequence() { "a list holding " } else { "" };
+            Err(format!("expected {}, found {inside}{what}: params must be finite numbers", ty.describe()))
+        }
+        None => ty.check(&to_json(v)),
+    }
+}
+
 fn check_param(
     cx: &mut Ctx<'_>,
     path: &[&str],
@@ -474,7 +509,7 @@ fn check_param(
         cx.unknown_key(&path[..path.len() - 1], name, &names);
         return;
     };
-    match spec.ty.check(&to_json(v)) {
+    match check_value(&spec.ty, v) {
         Ok(j) => {
             out.insert(name.to_string(), j);
         }
@@ -644,7 +679,7 @@ fn stage(
                     }
                     let mut checked = Vec::new();
                     for (i, v) in vals.iter().enumerate() {
-                        match spec.ty.check(&to_json(v)) {
+                        match check_value(&spec.ty, v) {
                             Ok(j) => checked.push(j),
                             Err(msg) => cx.err(&path, format!("value {}: {msg}", i + 1)),
                         }
@@ -816,6 +851,17 @@ mod seeds_tests {
 
     fn json(n: u64) -> Json {
         Json::from(n)
+    }
+
+    #[test]
+    fn non_finite_and_too_large_numbers_say_what_they_are() {
+        let e = parse_str(&format!("{BASE}    params: {{lr: .nan}}\n")).unwrap_err().to_string();
+        assert!(e.contains("stages.t.params.lr: expected a number in") && e.contains("found NaN (`.nan`)"), "{e}");
+        let e = parse_str(&format!("{BASE}    sweep: {{grid: {{lr: [0.1, -.inf]}}}}\n")).unwrap_err().to_string();
+        assert!(e.contains("value 2: expected a number in") && e.contains("found an infinity (`.inf`)"), "{e}");
+        let e = parse_str(&format!("{BASE}    params: {{epochs: 99999999999999999999999999}}\n")).unwrap_err().to_string();
+        assert!(e.contains("p.yaml:10:") && e.contains("stages.t.params.epochs: the number 99999999999999999999999999 is too large"), "{e}");
+        assert!(!e.contains("u128") && !e.contains("YAML syntax error"), "{e}");
     }
 
     #[test]
