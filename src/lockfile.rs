@@ -21,7 +21,34 @@ pub struct LockFile {
     pub backend: String,
     /// Whether the backend gives the same bytes run after run (CPU: yes; CUDA: not promised).
     pub bitwise_deterministic: bool,
+    #[serde(deserialize_with = "unique_labels")]
     pub instances: BTreeMap<String, LockedInstance>,
+}
+
+/// The entries of a lock by label, refusing a label given twice: read into a map, the last
+/// one would silently win, and a lock edited or merged by hand could hide an entry that way.
+fn unique_labels<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, LockedInstance>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = BTreeMap<String, LockedInstance>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map from instance label to its entry")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(label) = m.next_key::<String>()? {
+                let entry: LockedInstance = m.next_value()?;
+                if out.insert(label.clone(), entry).is_some() {
+                    return Err(serde::de::Error::custom(format!(
+                        "instance `{label}` has two entries in `instances` (a lock names each instance once: it was edited or \
+                         merged by hand; keep one, or run without --locked to write a new lock)"
+                    )));
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Visit)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -133,10 +160,97 @@ fn fingerprint(store: &Store, h: &LockHeader<'_>, entries: &[LockItem<'_>]) -> O
     Some(hex::encode(hasher.finalize()))
 }
 
+const TMP_SUFFIX: &str = ".tmp";
+/// How old a lock's temporary file must be before any writer removes it (its own writer
+/// being alive or on another host): no lock takes an hour to write.
+pub const TMP_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn host_name() -> String {
+    // Dots separate the fields of the temporary name; a host name is one field.
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
+    let h: String = h.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    if h.is_empty() { "unknown".into() } else { h }
+}
+
+/// Removes the temporary files of lock `name` in `dir` that their writer left behind: older
+/// than `grace`, or written from this host by a process that is gone (a kill -9 during the
+/// write). Returns how many it removed. Anything else in the folder is left alone.
+pub fn clean_stale_tmp(dir: &Path, name: &str, grace: std::time::Duration) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let prefix = format!(".{name}.");
+    let (host, now) = (host_name(), std::time::SystemTime::now());
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(middle) = file.strip_prefix(&prefix).and_then(|r| r.strip_suffix(TMP_SUFFIX)) else { continue };
+        // `<host>.<pid>.<random>`
+        let fields: Vec<&str> = middle.split('.').collect();
+        let [h, pid, _random] = fields.as_slice() else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let Ok(meta) = e.path().symlink_metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let old = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).is_some_and(|age| age >= grace);
+        let dead = *h == host && pid != std::process::id() && cfg!(target_os = "linux") && !Path::new("/proc").join(pid.to_string()).exists();
+        if (old || dead) && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// The lock file beside `pipeline`: `paper.yaml` -> `paper.lock.yaml`.
 pub fn path_for(pipeline: &Path) -> PathBuf {
     let stem = pipeline.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into());
     pipeline.with_file_name(format!("{stem}.lock.yaml"))
+}
+
+/// Whether a run of the spec `spec` (pipeline `name`) may write its lock at `lock`: refused
+/// when another spec file beside it has the same lock (`P.yml` and `P.yaml` both lock to
+/// `P.lock.yaml`; each run would overwrite the other's lock), or when the lock there names
+/// another pipeline. Checked before anything runs; the error says what to do.
+pub fn check_lock_target(spec: &Path, name: &str, lock: &Path) -> Result<(), String> {
+    let dir = spec.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let own = spec.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(stem) = spec.file_stem().map(|s| s.to_string_lossy().into_owned()) {
+        for ext in ["yaml", "yml"] {
+            let other = format!("{stem}.{ext}");
+            if other != own && dir.join(&other).is_file() && path_for(&dir.join(&other)) == lock {
+                return Err(format!(
+                    "{}: both {own} and {other} would write this lock file, each overwriting the other's; rename one of \
+                     them (a lock is named after its spec file without the extension)",
+                    lock.display()
+                ));
+            }
+        }
+    }
+    let owner = lock_pipeline(lock);
+    match owner {
+        Some(o) if o != name => Err(format!(
+            "{}: holds the lock of pipeline `{o}`, and {} is pipeline `{name}`: refusing to overwrite it. If the pipeline \
+             was renamed, move or delete the old lock file; if it belongs to another spec file, give the specs different \
+             file names",
+            lock.display(),
+            spec.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The `pipeline:` of the lock file at `path` (a regular file), from its head only: camflow
+/// writes it first, and parsing a lock of 10,000 instances on every run would cost more than
+/// the run of a cached study.
+fn lock_pipeline(path: &Path) -> Option<String> {
+    use std::io::Read;
+    if !std::fs::symlink_metadata(path).ok()?.is_file() {
+        return None;
+    }
+    let mut head = Vec::new();
+    std::fs::File::open(path).ok()?.take(64 * 1024).read_to_end(&mut head).ok()?;
+    let head = String::from_utf8_lossy(&head);
+    let line = head.lines().find(|l| l.starts_with("pipeline:"))?;
+    serde_yaml::from_str::<BTreeMap<String, String>>(line).ok()?.remove("pipeline")
 }
 
 /// One instance of a run, as the lock sees it: its own label and params, and the record of
@@ -149,6 +263,14 @@ pub struct RunEntry<'a> {
 
 fn short(d: &str) -> &str {
     &d[..12.min(d.len())]
+}
+
+/// Two digests cut to as many characters as show where they differ (at least 12): cut to a
+/// fixed length, digests that differ only further on would read as equal.
+fn distinct<'a>(a: &'a str, b: &'a str) -> (&'a str, &'a str) {
+    let common = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    let n = (common + 4).max(12);
+    (&a[..n.min(a.len())], &b[..n.min(b.len())])
 }
 
 fn output_digests(r: &ActionRecord) -> BTreeMap<String, String> {
@@ -193,16 +315,37 @@ impl LockFile {
         serde_yaml::from_str(&text).map_err(|e| format!("{}: not a camflow lock file: {e}", path.display()))
     }
 
+    /// Lock entries that none of `labels` (the instances the spec produces now) has: a sweep
+    /// point or stage removed or renamed since the lock was written, or an entry added by
+    /// hand. `run --locked` refuses them, since checking only what the spec still produces
+    /// would pass a lock of which part was never reproduced.
+    pub fn entries_not_in<'a>(&'a self, labels: &BTreeSet<&str>) -> Vec<&'a str> {
+        self.instances.keys().map(String::as_str).filter(|l| !labels.contains(l)).collect()
+    }
+
     pub fn write(&self, path: &Path) -> Result<(), String> {
         let text = serde_yaml::to_string(self).map_err(|e| e.to_string())?;
         self.write_text(path, &text)
     }
 
-    /// Writes `text` (this lock, serialised) at `path`, atomically.
+    /// Writes `text` (this lock, serialised) at `path`, atomically: a temporary file beside
+    /// it, flushed to disk, renamed over it. The temporary file is in the user's pipeline
+    /// folder, so it is named after the lock (`.P.lock.yaml.<host>.<pid>.<random>.tmp`) and one
+    /// left by a killed writer is removed by the next write (see [`clean_stale_tmp`]).
     fn write_text(&self, path: &Path, text: &str) -> Result<(), String> {
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        clean_stale_tmp(dir, &name, TMP_GRACE);
+        let prefix = format!(".{name}.{}.{}.", host_name(), std::process::id());
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(TMP_SUFFIX)
+            .tempfile_in(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+        // On disk before the rename: after a crash the lock is the old one or the new one,
+        // never a renamed file whose blocks were not written yet.
+        tmp.as_file().sync_all().map_err(|e| format!("{}: {e}", path.display()))?;
         // A lock file is shared like the spec: readable by all, as a normal file would be.
         #[cfg(unix)]
         {
@@ -210,6 +353,11 @@ impl LockFile {
             tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(|e| format!("{}: {e}", path.display()))?;
         }
         tmp.persist(path).map_err(|e| format!("{}: {}", path.display(), e.error))?;
+        // The rename itself, durable; a folder that cannot be opened or synced loses nothing
+        // more than without this.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
         Ok(())
     }
 
@@ -293,8 +441,36 @@ impl LockFile {
                 short(&l.key),
                 key_cause(l, key, params)
             )),
-            Some(_) => Ok(()),
+            Some(l) => match entry_differs(l, key, params) {
+                None => Ok(()),
+                Some(why) => Err(format!(
+                    "{label}: the lock entry's {why}, although its key matches: the lock file was edited (its fields no longer \
+                     describe its key)"
+                )),
+            },
         }
+    }
+
+    /// The header fields this run determines (pipeline name, backend and whether it is
+    /// bitwise deterministic), against the lock's: a lock that claims another backend or
+    /// determinism than the run that checks it must not pass as reproduced.
+    pub fn check_header(&self, h: &LockHeader<'_>) -> Result<(), String> {
+        let mut why = Vec::new();
+        if self.pipeline != h.pipeline {
+            why.push(format!("`pipeline` is `{}`, this spec is named `{}`", self.pipeline, h.pipeline));
+        }
+        if self.backend != h.backend {
+            why.push(format!("`backend` is `{}`, this run uses `{}`", self.backend, h.backend));
+        }
+        if self.bitwise_deterministic != h.deterministic {
+            why.push(format!(
+                "`bitwise_deterministic` is {}, backend `{}` is {}",
+                self.bitwise_deterministic,
+                h.backend,
+                if h.deterministic { "bitwise deterministic" } else { "not bitwise deterministic" }
+            ));
+        }
+        if why.is_empty() { Ok(()) } else { Err(format!("the lock's {}", why.join("; its "))) }
     }
 
     /// Whether the result of `label` (its record) equals the locked one: output digests, then
@@ -313,12 +489,11 @@ impl LockFile {
         for name in names {
             let (a, b) = (l.outputs.get(name), now.get(name));
             if a != b {
-                return Err(format!(
-                    "{label}: output `{name}` is {} where the lock has {} (same key: {})",
-                    b.map(|d| short(d)).unwrap_or("absent"),
-                    a.map(|d| short(d)).unwrap_or("absent"),
-                    result_cause(l, rec)
-                ));
+                let (locked, here) = match (a, b) {
+                    (Some(a), Some(b)) => distinct(a, b),
+                    (a, b) => (a.map_or("absent", |d| short(d)), b.map_or("absent", |d| short(d))),
+                };
+                return Err(format!("{label}: output `{name}` is {here} where the lock has {locked} (same key: {})", result_cause(l, rec)));
             }
         }
         if l.metrics != rec.metrics {
@@ -334,6 +509,38 @@ impl LockFile {
         }
         Ok(())
     }
+}
+
+/// The first field of a lock entry that its key determines (kind, kind version, params in the
+/// key, input and data digests, numeric class) and that differs from what this run computed;
+/// `None` when all agree. Location params are not in the key and may differ.
+fn entry_differs(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>) -> Option<String> {
+    let show = |v: Option<&String>| v.map_or_else(|| "absent".to_string(), |d| format!("`{d}`"));
+    if l.kind != key.kind {
+        return Some(format!("`kind` is `{}`, the run computed `{}`", l.kind, key.kind));
+    }
+    if let Some(v) = l.kind_version
+        && v != key.kind_version
+    {
+        return Some(format!("`kind_version` is {v}, the run computed {}", key.kind_version));
+    }
+    let names: BTreeSet<&String> = l.params.keys().chain(params.keys()).collect();
+    for n in names {
+        if l.params.get(n) != params.get(n) && (key.params.contains_key(n) || !params.contains_key(n)) {
+            let show = |v: Option<&Json>| v.map_or_else(|| "absent".to_string(), |v| v.to_string());
+            return Some(format!("param `{n}` is {}, the run resolved {}", show(l.params.get(n)), show(params.get(n))));
+        }
+    }
+    for (what, locked, now) in [("inputs", &l.inputs, &key.inputs), ("data", &l.data, &key.files)] {
+        let names: BTreeSet<&String> = locked.keys().chain(now.keys()).collect();
+        if let Some(n) = names.into_iter().find(|n| locked.get(*n) != now.get(*n)) {
+            return Some(format!("`{what}.{n}` is {}, the run computed {}", show(locked.get(n)), show(now.get(n))));
+        }
+    }
+    if l.numeric != key.backend {
+        return Some(format!("`numeric` is {}, the run computed {}", show(l.numeric.as_ref()), show(key.backend.as_ref())));
+    }
+    None
 }
 
 /// Why a key differs from the locked one, from what the lock remembers of its inputs.
@@ -375,7 +582,16 @@ fn key_cause(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>
             key.backend.as_deref().unwrap_or("none")
         ));
     }
-    if why.is_empty() { "the seed or the key format differs".into() } else { why.join("; ") }
+    if why.is_empty() {
+        format!(
+            "nothing the lock records about the inputs differs: the lock's key was edited, the lock was written by a camflow \
+             with another key format (locked by {}, this is {}), or the pipeline seed differs",
+            l.camflow_version,
+            env!("CARGO_PKG_VERSION")
+        )
+    } else {
+        why.join("; ")
+    }
 }
 
 /// The likely cause of equal keys giving other bytes.
@@ -388,8 +604,11 @@ fn result_cause(l: &LockedInstance, rec: &ActionRecord) -> String {
             l.camflow_version, rec.camflow_version
         )
     } else {
+        // Same camflow, backend and key: a deterministic backend gives these bytes on any CPU
+        // of the key's numeric class, so an edited lock comes first.
         format!(
-            "the numbers differ on this machine with backend `{}`: the CPU numeric profile (CPU model or SIMD level) or a non-deterministic stage",
+            "the lock file's digest was edited, or this machine computed other bytes with backend `{}` and the same camflow \
+             (a cache object altered outside camflow: `camflow verify`; or a non-deterministic stage: a bug to report)",
             rec.backend
         )
     }
@@ -464,5 +683,51 @@ mod tests {
         assert_eq!(c[1].to_string(), "test.positive 3 -> 4");
         assert_eq!(metric_changes(&a, &b, 0.0).len(), 3);
         assert!(metric_changes(&a, &a, 0.0).is_empty());
+    }
+
+    #[test]
+    fn a_lock_is_written_through_a_named_temporary_file_and_stale_ones_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("p.lock.yaml");
+        let host = host_name();
+        let me = std::process::id();
+        // A writer killed mid-write on this host (no such pid), one of a live process (this
+        // one, young), one of another host (young), one of another host an hour old, and
+        // files that are not a lock's temporary files.
+        let dead = format!(".p.lock.yaml.{host}.{}.abc123.tmp", u32::MAX - 1);
+        let live = format!(".p.lock.yaml.{host}.{me}.abc123.tmp");
+        let remote = ".p.lock.yaml.elsewhere.12.abc123.tmp".to_string();
+        let remote_old = ".p.lock.yaml.elsewhere.13.abc123.tmp".to_string();
+        let others = [".q.lock.yaml.x.1.a.tmp", "p.lock.yaml.tmp", ".tmpABC", "notes.txt"];
+        for f in [&dead, &live, &remote, &remote_old].into_iter().map(String::as_str).chain(others) {
+            std::fs::write(d.path().join(f), "partial").unwrap();
+        }
+        let hour_ago = std::time::SystemTime::now() - TMP_GRACE - std::time::Duration::from_secs(5);
+        std::fs::File::options().write(true).open(d.path().join(&remote_old)).unwrap().set_modified(hour_ago).unwrap();
+        let lock = LockFile::from_run("p", "cpu", true, &[]);
+        lock.write(&path).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        let mut expected: Vec<String> = [live, remote, "p.lock.yaml".into()].into_iter().chain(others.map(String::from)).collect();
+        expected.sort();
+        assert_eq!(left, expected);
+        assert_eq!(LockFile::read(&path).unwrap(), lock);
+        // The writer's own temporary name: recognisable as this lock's, with host and pid.
+        let tmp = tempfile::Builder::new().prefix(&format!(".p.lock.yaml.{host}.{me}.")).suffix(TMP_SUFFIX).tempfile_in(d.path()).unwrap();
+        let n = tmp.path().file_name().unwrap().to_string_lossy().into_owned();
+        drop(tmp);
+        std::fs::write(d.path().join(&n), "x").unwrap();
+        assert_eq!(clean_stale_tmp(d.path(), "p.lock.yaml", std::time::Duration::ZERO), 3, "{n}: any age counts with no grace");
+    }
+
+    #[test]
+    fn digests_are_shown_far_enough_to_differ() {
+        let a = format!("9b7d394bbce2{}", "0".repeat(52));
+        let b = format!("9b7d394bbce2ab{}", "1".repeat(50));
+        let (x, y) = distinct(&a, &b);
+        assert_ne!(x, y);
+        assert_eq!((x, y), ("9b7d394bbce20000", "9b7d394bbce2ab11"));
+        assert_eq!(distinct("abcdef0123456789", "bbcdef0123456789"), ("abcdef012345", "bbcdef012345"));
+        assert_eq!(distinct("abc", "abd"), ("abc", "abd"));
     }
 }

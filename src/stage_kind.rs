@@ -330,6 +330,13 @@ pub trait StageKind: Send + Sync {
     fn check(&self, _params: &Params) -> Vec<(String, String)> {
         Vec::new()
     }
+    /// Checks across inputs after each was type-checked and the required ones are given
+    /// (`given`: the input names of the stage): a message about the stage's `inputs`, such as
+    /// a kind that needs at least one of two optional inputs. Spec time, so `plan` reports it
+    /// at the line instead of a run failing later.
+    fn check_inputs(&self, _given: &[&str]) -> Option<String> {
+        None
+    }
     /// Whether results depend on the numeric backend (then the backend class is in the key).
     fn backend_dependent(&self) -> bool {
         false

@@ -28,38 +28,45 @@ pub struct DiffArgs {
     json: bool,
 }
 
-/// A lock file as is, or the lock a pipeline's cached instances would give now.
-fn side(cache: &Path, path: &Path) -> Result<LockFile> {
+/// A lock file as is, or the lock a pipeline's cached instances would give now, with the
+/// labels of the pipeline's instances that have no cached result (never run, or stale): a
+/// comparison that left them out would claim a reproduction they are not part of.
+fn side(cache: &Path, path: &Path) -> Result<(LockFile, Vec<String>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
     // A lock file has `instances` and no `stages`; anything else is read as a pipeline (whose
     // errors then name the file and line).
     let v: Option<serde_yaml::Value> = serde_yaml::from_str(&text).ok();
     let is_lock = v.as_ref().is_some_and(|v| v.get("instances").is_some_and(|i| i.is_mapping()) && v.get("stages").is_none());
     if is_lock {
-        return LockFile::read(path).map_err(Error::Usage);
+        return Ok((LockFile::read(path).map_err(Error::Usage)?, Vec::new()));
     }
     let store = open_store(cache)?;
     let args = PipelineArgs { pipeline: path.to_path_buf(), sets: Vec::new(), backend: None, rehash: false, max_instances: None };
     let p = prepare(&args, &store)?;
     let decisions = make_plan(&p, &store, false, &|_| false)?;
-    let mut records = Vec::new();
+    let (mut records, mut missing) = (Vec::new(), Vec::new());
     for (inst, d) in p.instances.iter().zip(&decisions) {
         if let Decision::Cached { key, .. } = d
             && let crate::cache::Lookup::Fresh(rec) = store.lookup(key, false)
         {
             records.push((inst, *rec));
+        } else {
+            missing.push(inst.label.clone());
         }
     }
     let entries: Vec<lockfile::RunEntry<'_>> =
         records.iter().map(|(i, r)| lockfile::RunEntry { label: &i.label, params: &i.params, record: r }).collect();
-    Ok(LockFile::from_run(&p.pipeline.name, p.backend.name(), p.backend.bitwise_deterministic(), &entries))
+    Ok((LockFile::from_run(&p.pipeline.name, p.backend.name(), p.backend.bitwise_deterministic(), &entries), missing))
 }
 
 pub fn diff(cache: &Path, a: DiffArgs) -> Result<()> {
     if !(a.tol >= 0.0 && a.tol.is_finite()) {
         return Err(Error::Usage(format!("--tol must be a number >= 0, found {}", a.tol)));
     }
-    let (la, lb) = (side(cache, &a.a)?, side(cache, &a.b)?);
+    let ((la, missing_a), (lb, missing_b)) = (side(cache, &a.a)?, side(cache, &a.b)?);
+    // An uncomputed instance the other side has is already `only in` that side.
+    let missing_a: Vec<String> = missing_a.into_iter().filter(|l| !lb.instances.contains_key(l)).collect();
+    let missing_b: Vec<String> = missing_b.into_iter().filter(|l| !la.instances.contains_key(l)).collect();
     let mut diverged: Vec<(String, Vec<MetricChange>)> = Vec::new();
     let mut bytes_differ = Vec::new();
     let mut same = 0usize;
@@ -80,13 +87,14 @@ pub fn diff(cache: &Path, a: DiffArgs) -> Result<()> {
         }
     }
     only_b.extend(lb.instances.keys().filter(|l| !la.instances.contains_key(*l)).cloned());
-    let ok = diverged.is_empty() && only_a.is_empty() && only_b.is_empty();
+    let ok = diverged.is_empty() && only_a.is_empty() && only_b.is_empty() && missing_a.is_empty() && missing_b.is_empty();
     if a.json {
         let js = json!({
             "a": a.a, "b": a.b, "tol": a.tol, "reproduced": ok, "within_tolerance": same,
             "outputs_differ": bytes_differ,
             "diverged": diverged.iter().map(|(l, c)| json!({"instance": l, "metrics": c})).collect::<Vec<_>>(),
             "only_in_a": only_a, "only_in_b": only_b,
+            "not_computed_in_a": missing_a, "not_computed_in_b": missing_b,
         });
         print_out(&(serde_json::to_string_pretty(&js).unwrap_or_default() + "\n"));
     } else {
@@ -100,17 +108,28 @@ pub fn diff(cache: &Path, a: DiffArgs) -> Result<()> {
         for l in &only_b {
             text.push_str(&format!("only in {}: {l}\n", a.b.display()));
         }
-        text.push_str(&format!("reproduced within {} ({same} instances)", a.tol));
+        for (side, missing) in [(&a.a, &missing_a), (&a.b, &missing_b)] {
+            for l in missing {
+                text.push_str(&format!("not computed in {}: {l} (no cached result: run the pipeline first)\n", side.display()));
+            }
+        }
+        // Never "reproduced" alone while something is missing or diverged.
+        if ok {
+            text.push_str(&format!("reproduced within {} ({same} instances)", a.tol));
+        } else {
+            text.push_str(&format!("{same} instance(s) reproduced within {}", a.tol));
+        }
         if !bytes_differ.is_empty() {
             text.push_str(&format!("; output bytes differ in {} of them", bytes_differ.len()));
         }
         text.push('\n');
         if !ok {
             text.push_str(&format!(
-                "diverged: {} instance(s) beyond the tolerance, {} only in A, {} only in B\n",
+                "diverged: {} instance(s) beyond the tolerance, {} only in A, {} only in B, {} not computed\n",
                 diverged.len(),
                 only_a.len(),
-                only_b.len()
+                only_b.len(),
+                missing_a.len() + missing_b.len()
             ));
         }
         print_out(&text);

@@ -227,8 +227,10 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
+/// `--cache-dir`, else `CAMFLOW_CACHE`, else `./cache`. An empty `CAMFLOW_CACHE=` counts as
+/// unset: as a path it would make the current folder the cache.
 fn cache_root(flag: Option<PathBuf>) -> PathBuf {
-    flag.or_else(|| std::env::var_os("CAMFLOW_CACHE").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("cache"))
+    flag.or_else(|| std::env::var_os("CAMFLOW_CACHE").filter(|v| !v.is_empty()).map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("cache"))
 }
 
 /// Prints to stdout; a closed pipe (`| head`) ends the program quietly with 0.

@@ -82,6 +82,21 @@ pub struct PlanArgs {
     force: Vec<String>,
 }
 
+/// Every `--force` value must name a stage or an instance of the pipeline: a misspelt one
+/// would otherwise force nothing, and the run would reuse what the user meant to recompute.
+fn check_force(p: &Prepared, force: &[String]) -> Result<()> {
+    for f in force {
+        if p.pipeline.stages.contains_key(f) || p.instances.iter().any(|i| &i.label == f) {
+            continue;
+        }
+        let stages: Vec<&str> = p.pipeline.stages.keys().map(String::as_str).collect();
+        let labels = p.instances.iter().map(|i| i.label.as_str());
+        let hint = crate::suggest::did_you_mean(f, stages.iter().copied().chain(labels)).map(|m| format!("; did you mean `{m}`?")).unwrap_or_default();
+        return Err(Error::Usage(format!("--force {f}: no such stage or instance{hint} (stages: {})", stages.join(", "))));
+    }
+    Ok(())
+}
+
 fn forced_fn(force: &[String]) -> impl Fn(&Instance) -> bool + '_ {
     move |i: &Instance| force.iter().any(|f| f == &i.stage || f == &i.label)
 }
@@ -154,6 +169,7 @@ fn plan_rows(p: &Prepared, decisions: &[Decision], json: bool) -> String {
 pub fn plan(cache: &std::path::Path, a: PlanArgs) -> Result<()> {
     let store = open_store(cache)?;
     let p = prepare(&a.p, &store)?;
+    check_force(&p, &a.force)?;
     let decisions = make_plan(&p, &store, false, &forced_fn(&a.force))?;
     print_out(&plan_rows(&p, &decisions, a.json));
     Ok(())
@@ -208,6 +224,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     let started = Instant::now();
     let store = open_store(cache)?;
     let p = prepare(&a.p, &store)?;
+    check_force(&p, &a.force)?;
     let executor = executor_config(&a, &p)?;
     let slurm = executor.kind == ExecutorKind::Slurm;
     if slurm {
@@ -242,7 +259,46 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         return Ok(());
     }
     let lock_path = lockfile::path_for(&a.p.pipeline);
+    if !a.locked && a.p.sets.is_empty() {
+        // Before anything runs: a lock that cannot be written should not cost a run.
+        lockfile::check_lock_target(&a.p.pipeline, &p.pipeline.name, &lock_path).map_err(Error::Usage)?;
+    }
     let locked = if a.locked { Some(LockFile::read(&lock_path).map_err(Error::Usage)?) } else { None };
+    if let Some(lock) = &locked {
+        let header = lockfile::LockHeader {
+            pipeline: &p.pipeline.name,
+            backend: p.backend.name(),
+            deterministic: p.backend.bitwise_deterministic(),
+        };
+        lock.check_header(&header).map_err(|m| Error::LockMismatch(format!("{}: {m}", lock_path.display())))?;
+        // Both ways, before anything runs: an instance the lock lacks would stop the run at
+        // its turn, and a lock entry the spec does not produce would never be checked (a lock
+        // only partly reproduced must not pass).
+        const SHOWN: usize = 10;
+        let labels: BTreeSet<&str> = p.instances.iter().map(|i| i.label.as_str()).collect();
+        let new: Vec<&str> = labels.iter().copied().filter(|l| !lock.instances.contains_key(*l)).collect();
+        let extra = lock.entries_not_in(&labels);
+        let mut why: Vec<String> =
+            new.iter().take(SHOWN).map(|l| format!("{l}: not in the lock file (the spec has changed since it was locked)")).collect();
+        if let Some(w) = why.last_mut()
+            && new.len() > SHOWN
+        {
+            w.push_str(&format!("\n  and {} more", new.len() - SHOWN));
+        }
+        if !extra.is_empty() {
+            why.push(format!(
+                "{}: {} locked instance(s) that the spec does not produce: {}{} (a sweep point or stage was removed or renamed \
+                 since the lock was written, or the entry was added by hand); the spec does not reproduce this lock",
+                lock_path.display(),
+                extra.len(),
+                extra.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", "),
+                if extra.len() > SHOWN { format!(" and {} more", extra.len() - SHOWN) } else { String::new() }
+            ));
+        }
+        if !why.is_empty() {
+            return Err(Error::LockMismatch(why.join("\n  ")));
+        }
+    }
     if !p.backend.bitwise_deterministic() {
         print_out(&format!(
             "note: backend `{}` is not bitwise deterministic: reruns may give slightly different numbers\n",

@@ -72,6 +72,21 @@ pub struct ParamRef {
     pub upstream_param: String,
 }
 
+/// Why `name` cannot name a stage, if it cannot: `${stage.param}` and `--set stages.NAME.…`
+/// split at the first `.`, and instance labels put `[`, `=` and `,` after the name, so a name
+/// with any of those (or none at all) could never be referred to.
+pub fn bad_stage_name(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("a stage name must not be empty; use letters, digits, `_` and `-`".into());
+    }
+    let bad: String = name.chars().filter(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')).collect();
+    (!bad.is_empty()).then(|| {
+        let mut shown: Vec<String> = bad.chars().map(|c| format!("`{}`", c.escape_default())).collect();
+        shown.dedup();
+        format!("stage name `{name}` contains {}: a stage name may use only letters, digits, `_` and `-`", shown.join(", "))
+    })
+}
+
 /// Parses `${stage.param}`.
 fn as_ref(v: &Yaml) -> Option<(String, String)> {
     let s = v.as_str()?.trim();
@@ -169,11 +184,25 @@ fn yaml_syntax_error(source: &str, e: &serde_yaml::Error) -> SpecError {
             locate::first_alias(source).unwrap_or_else(|| locate::first_content(source)),
             "YAML aliases expand to too many repetitions (an alias bomb?); write the values out or use fewer aliases".to_string(),
         )
+    } else if let Some(m) = too_large_number(&msg) {
+        (e.location().map(|l| (l.line(), l.column())).unwrap_or_else(|| locate::first_content(source)), m)
     } else {
         let at = e.location().map(|l| (l.line(), l.column())).unwrap_or_else(|| locate::first_content(source));
         (at, format!("YAML syntax error: {msg}"))
     };
     SpecError { field: String::new(), location: Some(location), message }
+}
+
+/// serde_yaml's words for an integer beyond 64 bits ("invalid type: integer `N` as u128,
+/// expected any YAML value", with the field path before them), said for people.
+pub fn too_large_number(msg: &str) -> Option<String> {
+    let i = msg.find("invalid type: integer `")?;
+    let rest = &msg[i + "invalid type: integer `".len()..];
+    let (n, tail) = rest.split_once('`')?;
+    if !(tail.starts_with(" as u128") || tail.starts_with(" as i128")) {
+        return None;
+    }
+    Some(format!("{}the number {n} is too large: numbers must lie between -2^63 and 2^64 - 1", &msg[..i]))
 }
 
 fn type_name(v: &Yaml) -> &'static str {
@@ -319,6 +348,9 @@ pub fn parse(file: &Path, source: &str, overrides: &[Override], catalog: &Catalo
             let names: Vec<String> = m.keys().map(key_str).collect();
             for (k, v) in m {
                 let sname = key_str(k);
+                if let Some(why) = bad_stage_name(&sname) {
+                    cx.err(&["stages", &sname], why);
+                }
                 if let Some(s) = stage(&mut cx, &sname, v, &names, m, catalog, seed) {
                     stages.insert(sname, s);
                 }
@@ -443,6 +475,27 @@ fn show_yaml(v: &Yaml) -> String {
     }
 }
 
+/// `ty.check` of a YAML value, saying what it found where JSON cannot: NaN and infinities
+/// (`.nan`, `.inf`) have no JSON form and would be reported as "nothing".
+fn check_value(ty: &crate::stage_kind::ParamType, v: &Yaml) -> Result<Json, String> {
+    fn non_finite(v: &Yaml) -> Option<f64> {
+        match v {
+            Yaml::Number(n) => n.as_f64().filter(|f| !f.is_finite()),
+            Yaml::Sequence(s) => s.iter().find_map(non_finite),
+            Yaml::Tagged(t) => non_finite(&t.value),
+            _ => None,
+        }
+    }
+    match non_finite(v) {
+        Some(f) => {
+            let what = if f.is_nan() { "NaN (`.nan`)" } else { "an infinity (`.inf`)" };
+            let inside = if v.is_sequence() { "a list holding " } else { "" };
+            Err(format!("expected {}, found {inside}{what}: params must be finite numbers", ty.describe()))
+        }
+        None => ty.check(&to_json(v)),
+    }
+}
+
 fn check_param(
     cx: &mut Ctx<'_>,
     path: &[&str],
@@ -456,7 +509,7 @@ fn check_param(
         cx.unknown_key(&path[..path.len() - 1], name, &names);
         return;
     };
-    match spec.ty.check(&to_json(v)) {
+    match check_value(&spec.ty, v) {
         Ok(j) => {
             out.insert(name.to_string(), j);
         }
@@ -584,6 +637,11 @@ fn stage(
             );
         }
     }
+    if !cx.errors.iter().any(|e| e.field.starts_with(&format!("stages.{sname}.inputs")))
+        && let Some(m) = kind.check_inputs(&inputs.keys().map(String::as_str).collect::<Vec<_>>())
+    {
+        cx.err(&["stages", sname, "inputs"], m);
+    }
     // Sweep axes.
     let (mut grid, mut zip) = (Vec::new(), Vec::new());
     match m.get("sweep") {
@@ -621,7 +679,7 @@ fn stage(
                     }
                     let mut checked = Vec::new();
                     for (i, v) in vals.iter().enumerate() {
-                        match spec.ty.check(&to_json(v)) {
+                        match check_value(&spec.ty, v) {
                             Ok(j) => checked.push(j),
                             Err(msg) => cx.err(&path, format!("value {}: {msg}", i + 1)),
                         }
@@ -793,6 +851,29 @@ mod seeds_tests {
 
     fn json(n: u64) -> Json {
         Json::from(n)
+    }
+
+    #[test]
+    fn non_finite_and_too_large_numbers_say_what_they_are() {
+        let e = parse_str(&format!("{BASE}    params: {{lr: .nan}}\n")).unwrap_err().to_string();
+        assert!(e.contains("stages.t.params.lr: expected a number in") && e.contains("found NaN (`.nan`)"), "{e}");
+        let e = parse_str(&format!("{BASE}    sweep: {{grid: {{lr: [0.1, -.inf]}}}}\n")).unwrap_err().to_string();
+        assert!(e.contains("value 2: expected a number in") && e.contains("found an infinity (`.inf`)"), "{e}");
+        let e = parse_str(&format!("{BASE}    params: {{epochs: 99999999999999999999999999}}\n")).unwrap_err().to_string();
+        assert!(e.contains("p.yaml:10:") && e.contains("stages.t.params.epochs: the number 99999999999999999999999999 is too large"), "{e}");
+        assert!(!e.contains("u128") && !e.contains("YAML syntax error"), "{e}");
+    }
+
+    #[test]
+    fn stage_names_that_references_cannot_reach_are_errors() {
+        for bad in ["a.b", "", "x y", "t[1]", "a=b"] {
+            let yaml = format!("name: s\nstages:\n  d:\n    kind: data\n    params: {{source: synthetic}}\n  {bad:?}:\n    kind: train\n    inputs: {{data: d}}\n");
+            let e = parse_str(&yaml).unwrap_err();
+            assert!(e.errors.iter().any(|x| x.field == format!("stages.{bad}") && x.message.contains("stage name")), "{bad:?}: {e}");
+        }
+        for good in ["train_2", "retrain-vgg", "A1"] {
+            assert_eq!(bad_stage_name(good), None);
+        }
     }
 
     #[test]

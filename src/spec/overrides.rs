@@ -15,7 +15,10 @@ impl std::str::FromStr for Override {
         if path.trim().is_empty() {
             return Err(format!("`{s}`: empty path"));
         }
-        let value: Yaml = serde_yaml::from_str(value).map_err(|e| format!("`{s}`: value is not valid YAML: {e}"))?;
+        let value: Yaml = serde_yaml::from_str(value).map_err(|e| match super::too_large_number(&e.to_string()) {
+            Some(m) => format!("`{s}`: {m}"),
+            None => format!("`{s}`: value is not valid YAML: {e}"),
+        })?;
         Ok(Override { path: path.trim().to_string(), value })
     }
 }

@@ -70,6 +70,11 @@ impl StageKind for Score {
             doc: "which images are scored",
         }]
     }
+    fn check_inputs(&self, given: &[&str]) -> Option<String> {
+        // Both inputs are optional, but with neither there is nothing to score.
+        (!given.contains(&"masks") && !given.contains(&"model"))
+            .then(|| "score needs a `masks` input (masks to score against the ground truth), a `model` input (a classifier), or both".into())
+    }
     fn backend_dependent(&self) -> bool {
         // Only through a model input; harmless to key on it always.
         true
@@ -177,4 +182,17 @@ fn empty_split(inputs: &BTreeMap<String, InputArtifact>, split: &str) -> String 
 
 fn quote(s: &str) -> String {
     if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_score_needs_masks_or_a_model() {
+        assert!(Score.check_inputs(&["data"]).is_some_and(|m| m.contains("`masks`") && m.contains("`model`")));
+        for given in [&["data", "masks"][..], &["data", "model"], &["data", "masks", "model"]] {
+            assert_eq!(Score.check_inputs(given), None, "{given:?}");
+        }
+    }
 }

@@ -323,3 +323,12 @@ fn a_threshold_that_a_filter_mode_ignores_reruns_nothing() {
     assert_eq!(show(&["--where", "stage=seg", "--where", "value=0.30"]).len(), 1);
     assert_eq!(show(&["--where", "stage=original", "--where", "value=0.3"]).len(), 0);
 }
+
+#[test]
+fn an_empty_camflow_cache_is_unset_not_the_current_folder() {
+    let p = Project::new("name: e\nstages:\n  d:\n    kind: data\n    params: {source: synthetic, count: 8, image_size: 8, slices_per_patient: 2}\n");
+    let out = p.cmd(&["run", "p.yaml"]).env("CAMFLOW_CACHE", "").output().expect("camflow runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(p.path().join("cache").join("actions").is_dir(), "the default ./cache is used");
+    assert!(!p.path().join("actions").exists() && !p.path().join("objects").exists(), "the project folder is not a cache");
+}

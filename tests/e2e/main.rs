@@ -13,6 +13,7 @@ mod gpu_share;
 mod guards;
 mod kill_loop;
 mod leases;
+mod locked;
 mod pipelines;
 mod readme_examples;
 mod reference;

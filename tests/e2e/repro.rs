@@ -318,3 +318,28 @@ fn an_instance_that_found_its_key_computed_by_another_is_explained_like_it() {
         assert!(line.contains("params changed: count 8 -> 10"), "{line}\n{out}");
     }
 }
+
+#[test]
+fn diff_against_a_pipeline_names_its_instances_not_computed_yet() {
+    let p = Project::new(SHARED);
+    p.run(&[]).ok();
+    // The lock as it was before the new stage (the next run rewrites p.lock.yaml).
+    let a = p.path().join("old.lock.yaml");
+    std::fs::copy(p.path().join("p.lock.yaml"), &a).unwrap();
+    // A new stage that has not run: neither side has its result.
+    p.write(&format!("{SHARED}  third:\n    kind: data\n    params: {{source: synthetic, count: 10, image_size: 8, slices_per_patient: 2}}\n"));
+    let r = p.camflow(&["diff", a.to_str().unwrap(), p.pipeline().to_str().unwrap()]);
+    assert_eq!(r.code(), 4, "{}\n{}", r.stdout(), r.stderr());
+    let out = r.stdout();
+    assert!(out.contains(&format!("not computed in {}: third", p.pipeline().display())), "{out}");
+    assert!(!out.contains("reproduced within 0.001 (2 instances)"), "no claim of a full reproduction: {out}");
+    assert!(out.contains("2 instance(s) reproduced within 0.001") && out.contains("1 not computed"), "{out}");
+    let r = p.camflow(&["diff", a.to_str().unwrap(), p.pipeline().to_str().unwrap(), "--json"]);
+    let js: serde_json::Value = serde_json::from_str(&r.stdout()).expect("json");
+    assert_eq!(js["reproduced"], false);
+    assert_eq!(js["not_computed_in_b"][0], "third");
+    // Once run, the lock and the cache agree on what both have, and the lock lacks `third`.
+    p.run(&[]).ok();
+    let r = p.camflow(&["diff", a.to_str().unwrap(), p.pipeline().to_str().unwrap()]);
+    assert!(r.stdout().contains(&format!("only in {}: third", p.pipeline().display())), "{}", r.stdout());
+}

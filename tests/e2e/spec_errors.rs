@@ -62,6 +62,20 @@ fn malformed_pipelines() {
          "error: p.yaml: stages.data.params.count: expected an integer in 2..=1000000, found `lots` (value from --set)"),
         ("several errors at once", "name: bad\nseed: -1\nstages:\n  d:\n    kind: data\n    params: {imagesize: 3}\n  t:\n    kind: train\n    inputs: {data: nope}\n".into(), vec![],
          "error: p.yaml:2:1: seed: expected a non-negative integer, found a number\nerror: p.yaml:6:14: stages.d.params.imagesize: unknown key `imagesize`; did you mean `image_size`?\nerror: p.yaml:9:14: stages.t.inputs.data: unknown stage `nope` (stages: d, t)\n3 errors in p.yaml"),
+        ("stage name with a dot", format!("{HEAD}  a.b:\n    kind: train\n    inputs: {{data: data}}\n"), vec![],
+         "error: p.yaml:6:3: stages.a.b: stage name `a.b` contains `.`: a stage name may use only letters, digits, `_` and `-`"),
+        ("empty stage name", format!("{HEAD}  \"\":\n    kind: train\n    inputs: {{data: data}}\n"), vec![],
+         "error: p.yaml:6:3: stages.: a stage name must not be empty; use letters, digits, `_` and `-`"),
+        ("score with nothing to score", format!("{HEAD}  s:\n    kind: score\n    inputs: {{data: data}}\n"), vec![],
+         "error: p.yaml:8:5: stages.s.inputs: score needs a `masks` input (masks to score against the ground truth), a `model` input (a classifier), or both"),
+        ("NaN param", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    params: {{lr: .nan}}\n"), vec![],
+         "error: p.yaml:9:14: stages.t.params.lr: expected a number in [0, 10], found NaN (`.nan`): params must be finite numbers"),
+        ("integer beyond 64 bits", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    params: {{epochs: 99999999999999999999999999}}\n"), vec![],
+         "error: p.yaml:9:22: stages.t.params.epochs: the number 99999999999999999999999999 is too large: numbers must lie between -2^63 and 2^64 - 1"),
+        ("misspelt --force", HEAD.into(), vec!["--force", "dta"],
+         "error: --force dta: no such stage or instance; did you mean `data`? (stages: data)"),
+        ("unknown --force", HEAD.into(), vec!["--force", "nope"],
+         "error: --force nope: no such stage or instance (stages: data)"),
     ];
     assert!(cases.len() >= 15);
     let mut failures = Vec::new();
@@ -72,4 +86,16 @@ fn malformed_pipelines() {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+#[test]
+fn run_force_with_an_unknown_stage_is_refused_before_running() {
+    let p = Project::new(HEAD);
+    let r = p.run(&["--force", "daat"]);
+    assert_eq!(r.code(), 2, "{}\n{}", r.stdout(), r.stderr());
+    assert_eq!(r.stderr().trim_end(), "error: --force daat: no such stage or instance; did you mean `data`? (stages: data)");
+    assert!(!p.path().join("p.lock.yaml").exists(), "nothing ran");
+    // A stage name and an instance label are both accepted.
+    p.run(&[]).ok();
+    assert_eq!(p.run(&["--force", "data"]).ok().summary("ran"), 1);
 }
