@@ -216,7 +216,9 @@ pub fn check_lock_target(spec: &Path, name: &str, lock: &Path) -> Result<(), Str
     if let Some(stem) = spec.file_stem().map(|s| s.to_string_lossy().into_owned()) {
         for ext in ["yaml", "yml"] {
             let other = format!("{stem}.{ext}");
-            if other != own && dir.join(&other).is_file() && path_for(&dir.join(&other)) == lock {
+            // Same folder, same stem: the same lock file, however the spec's path was written
+            // (`p.yml` and `./p.yaml` name one lock but compare unequal as paths).
+            if other != own && dir.join(&other).is_file() {
                 return Err(format!(
                     "{}: both {own} and {other} would write this lock file, each overwriting the other's; rename one of \
                      them (a lock is named after its spec file without the extension)",
@@ -262,15 +264,21 @@ pub struct RunEntry<'a> {
 }
 
 fn short(d: &str) -> &str {
-    &d[..12.min(d.len())]
+    cut(d, 12)
+}
+
+/// The first `n` characters of `d` (all of it if shorter): a digest read from an edited lock
+/// may hold any text, so never a byte index that could fall inside a character.
+fn cut(d: &str, n: usize) -> &str {
+    d.char_indices().nth(n).map_or(d, |(i, _)| &d[..i])
 }
 
 /// Two digests cut to as many characters as show where they differ (at least 12): cut to a
 /// fixed length, digests that differ only further on would read as equal.
 fn distinct<'a>(a: &'a str, b: &'a str) -> (&'a str, &'a str) {
-    let common = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    let common = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
     let n = (common + 4).max(12);
-    (&a[..n.min(a.len())], &b[..n.min(b.len())])
+    (cut(a, n), cut(b, n))
 }
 
 fn output_digests(r: &ActionRecord) -> BTreeMap<String, String> {
@@ -729,5 +737,8 @@ mod tests {
         assert_eq!((x, y), ("9b7d394bbce20000", "9b7d394bbce2ab11"));
         assert_eq!(distinct("abcdef0123456789", "bbcdef0123456789"), ("abcdef012345", "bbcdef012345"));
         assert_eq!(distinct("abc", "abd"), ("abc", "abd"));
+        // An edited lock's "digest" may hold any text: cut by characters, never mid-character.
+        assert_eq!(distinct("ééééééééééééééé", "éééééééééééééééx"), ("ééééééééééééééé", "éééééééééééééééx"));
+        assert_eq!(short("日本語のダイジェストです、長い"), "日本語のダイジェストです");
     }
 }

@@ -663,6 +663,10 @@ impl Store {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Existing::Absent),
             // ELOOP: it became a link meanwhile.
             Err(_) if fs::symlink_metadata(dest).is_ok_and(|m| !m.is_file() && !m.is_dir()) => return Ok(Existing::Damaged),
+            // Unreadable to us (another user's object in a shared cache with odd permissions):
+            // unverifiable, so replaced by the bytes we just made, as a damaged one is (a
+            // rename needs rights on the folder, not on the file).
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(Existing::Damaged),
             Err(e) => return Err(StoreError::Io { path: dest.to_path_buf(), source: e }),
         };
         let meta = f.metadata().map_err(io(dest))?;

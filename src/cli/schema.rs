@@ -262,8 +262,8 @@ pub fn schema(catalog: &Catalog) -> Json {
             "stages": {
                 "type": "object",
                 "minProperties": 1,
-                "description": "the stages, by name (letters, digits, `_` and `-`)",
-                "propertyNames": { "pattern": "^[A-Za-z0-9_-]+$" },
+                "description": "the stages, by name (no `.`, `[`, `]`, `=`, `,`, `$`, `{`, `}` or blanks)",
+                "propertyNames": { "pattern": "^[^.\\[\\]=,${}\\s]+$" },
                 "additionalProperties": { "$ref": "#/$defs/stage" },
             },
         },

@@ -100,10 +100,10 @@ pub struct LoadReport {
     errors: Vec<LoadError>,
     /// Ids of positive images kept without a mask ([`MissingMasks::Exclude`]).
     pub without_mask: Vec<String>,
-    /// Images whose mask has tumor at full resolution but none once resized (a tumor under
-    /// half a pixel at `image_size`). They keep their label (an LGG slice is positive): their
-    /// truth at this size is empty, so they are out of mean-Dice and an empty truth in
-    /// Dice-all.
+    /// Images whose mask has tumor at full resolution but none once resized: no output pixel
+    /// is at least half tumor (a small tumor, or one straddling pixel corners, at
+    /// `image_size`). They keep their label (an LGG slice is positive): their truth at this
+    /// size is empty, so they are out of mean-Dice and an empty truth in Dice-all.
     pub vanished: Vec<PathBuf>,
     /// Every file the loader tried to read: the SHA-256 (hex) of the bytes it got, or `None`
     /// when it could not be read.
@@ -623,7 +623,6 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
                     format!("line {line}: image `{img_rel}` is the same file as `{name}` on line {first} (list each image once)"),
                 ));
             }
-            listed.insert(real, (line, img_rel.clone()));
             let label: u8 = match label.as_str() {
                 "1" | "true" | "yes" | "positive" => 1,
                 "0" | "false" | "no" | "negative" => 0,
@@ -646,10 +645,15 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
                 None => vec![0u8; opts.size * opts.size],
             };
             let group = group.unwrap_or_else(|| img_rel.clone());
-            Ok(sample(img_rel.clone(), group, label, image, mask))
+            Ok((sample(img_rel.clone(), group, label, image, mask), real, line))
         })();
         match res {
-            Ok(x) => out.push(x),
+            // Listed only once accepted: a row rejected for itself (a bad label, a missing
+            // mask) is no first listing for a later, good row to be a duplicate of.
+            Ok((x, real, line)) => {
+                listed.insert(real, (line, x.id.clone()));
+                out.push(x)
+            }
             Err(e) => handle(&mut report, opts, e),
         }
     }

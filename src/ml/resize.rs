@@ -107,9 +107,10 @@ pub fn image(src: &[f32], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<f32
 /// Resamples a binary mask (0 = background, anything else = tumor) `sw` x `sh` to `dw` x `dh`
 /// by area: an output pixel is tumor (1) when tumor covers at least half of the source area
 /// under it, counted exactly (whole and partial source pixels alike). Shrinking by an integer
-/// factor `k` is "at least half of the `k` x `k` block"; enlarging gives each output pixel the
-/// value of the source pixel under its centre (a tie between two: tumor). Centred like
-/// [`image`], so mask and image stay on each other.
+/// factor `k` is "at least half of the `k` x `k` block". Enlarging by an integer factor gives
+/// each output pixel its source pixel's value; at other ratios an output pixel straddling a
+/// tumor edge is tumor when at least half of it lies on tumor (not necessarily the pixel under
+/// its centre). Centred like [`image`], so mask and image stay on each other.
 pub fn mask(src: &[u8], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<u8> {
     if sw == dw && sh == dh {
         return src.iter().map(|&v| (v > 0) as u8).collect();

@@ -72,18 +72,28 @@ pub struct ParamRef {
     pub upstream_param: String,
 }
 
-/// Why `name` cannot name a stage, if it cannot: `${stage.param}` and `--set stages.NAME.…`
-/// split at the first `.`, and instance labels put `[`, `=` and `,` after the name, so a name
-/// with any of those (or none at all) could never be referred to.
+/// The characters a stage name cannot hold: `${stage.param}` and `--set stages.NAME.…` split
+/// at the first `.`, `${…}` ends at `}`, and instance labels put `[`, `=`, `,` and `]` after the
+/// name. Anything else (any language's letters, `/`, `+`) is fine and is kept, so that specs
+/// written before this rule still parse.
+pub const STAGE_NAME_FORBIDDEN: &[char] = &['.', '[', ']', '=', ',', '$', '{', '}'];
+
+/// Why `name` cannot name a stage, if it cannot (see [`STAGE_NAME_FORBIDDEN`]; also blanks and
+/// control characters, which no one can type back, and the empty name).
 pub fn bad_stage_name(name: &str) -> Option<String> {
     if name.is_empty() {
-        return Some("a stage name must not be empty; use letters, digits, `_` and `-`".into());
+        return Some("a stage name must not be empty".into());
     }
-    let bad: String = name.chars().filter(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')).collect();
+    let bad: String = name.chars().filter(|c| STAGE_NAME_FORBIDDEN.contains(c) || c.is_whitespace() || c.is_control()).collect();
     (!bad.is_empty()).then(|| {
         let mut shown: Vec<String> = bad.chars().map(|c| format!("`{}`", c.escape_default())).collect();
         shown.dedup();
-        format!("stage name `{name}` contains {}: a stage name may use only letters, digits, `_` and `-`", shown.join(", "))
+        format!(
+            "stage name `{}` contains {}, which `${{stage.param}}`, `--set stages.…` or instance labels could not tell apart; \
+             a stage name may not hold `.`, `[`, `]`, `=`, `,`, `$`, `{{`, `}}` or blanks",
+            name.escape_default(),
+            shown.join(", ")
+        )
     })
 }
 
@@ -871,7 +881,10 @@ mod seeds_tests {
             let e = parse_str(&yaml).unwrap_err();
             assert!(e.errors.iter().any(|x| x.field == format!("stages.{bad}") && x.message.contains("stage name")), "{bad:?}: {e}");
         }
-        for good in ["train_2", "retrain-vgg", "A1"] {
+        for bad in ["a}b", "t\u{7}", "x\ty", "$x", "a,b"] {
+            assert!(bad_stage_name(bad).is_some(), "{bad:?}");
+        }
+        for good in ["train_2", "retrain-vgg", "A1", "données", "训练", "a/b", "x+y"] {
             assert_eq!(bad_stage_name(good), None);
         }
     }

@@ -165,6 +165,11 @@ fn two_spec_files_with_one_lock_name_are_refused_before_running() {
     assert!(r.stderr().contains("p.lock.yaml: both p.yml and p.yaml would write this lock file"), "{}", r.stderr());
     assert!(!r.stdout().contains("done "), "nothing ran: {}", r.stdout());
     assert_eq!(std::fs::read_to_string(p.path().join("p.lock.yaml")).unwrap(), lock, "the lock is untouched");
+    // The same, named as most users type it: relative, from the spec's own folder.
+    let r = p.camflow(&["run", "p.yml"]);
+    assert_eq!(r.code(), 2, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains("both p.yml and p.yaml would write this lock file"), "{}", r.stderr());
+    assert_eq!(std::fs::read_to_string(p.path().join("p.lock.yaml")).unwrap(), lock, "the lock is untouched");
     // Alone, a spec whose lock file names another pipeline does not overwrite it either.
     std::fs::remove_file(p.path().join("p.yml")).unwrap();
     p.write(&other);

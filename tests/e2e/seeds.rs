@@ -18,8 +18,9 @@ stages:
     inputs: {data: data}
     params: {epochs: 1, batch_size: 16}
     seeds: 3
-  # Listed first, so a baseline taken without matching the split would be this one.
-  original_val:
+  # Sorts before `original` (stages at one depth run in name order), so a baseline taken
+  # without matching the split would be this one.
+  baseline_val:
     kind: score
     inputs: {data: data, model: train}
     params: {split: val}
@@ -146,8 +147,8 @@ fn show_aggregates_three_seeds_with_intervals_and_paired_differences() {
         assert_eq!(r["original_accuracy"], o["accuracy"], "{r}");
         assert_close(f(&r["accuracy_vs_original"]), f(&r["accuracy"]) - f(&o["accuracy"]), "accuracy_vs_original");
     }
-    // The validation-split score of the original, listed first, was passed over: it differs.
-    let val = json_rows(&p, &["--stage", "original_val", "--per-seed"]);
+    // The validation-split score of the original, first in order, was passed over: it differs.
+    let val = json_rows(&p, &["--stage", "baseline_val", "--per-seed"]);
     assert!(val.iter().any(|v| orig.iter().any(|o| o["seed"] == v["seed"] && o["accuracy"] != v["accuracy"])), "{val:?}");
     // The seeds differ somewhere, so the intervals above were not all of width zero.
     let widths: Vec<f64> = json_rows(&p, &["--stage", "original"])
