@@ -180,18 +180,32 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
     if let Some(max) = max {
         trimmable.sort_by_key(|x| x.0);
         // Objects are shared between records: the size is that of every object a kept record
-        // names, each counted once.
-        let total = |trimmable: &[(u64, std::path::PathBuf, ActionRecord)]| -> u64 {
-            let refs: BTreeSet<&str> =
-                pinned.iter().chain(trimmable).flat_map(|(_, _, r)| r.outputs.values().map(|o| o.digest.as_str())).collect();
-            refs.iter().map(|d| size_of.get(d).copied().unwrap_or(0)).sum()
-        };
-        while !trimmable.is_empty() && total(&trimmable) > max {
-            let (_, p, rec) = trimmable.remove(0);
-            dropped_refs.extend(rec.outputs.values().map(|o| o.digest.clone()));
-            drop.insert(p);
+        // names, each counted once. Kept as a running total over reference counts, so trimming
+        // N records costs N record updates, not N recounts of the whole cache.
+        let mut refs: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for (_, _, r) in pinned.iter().chain(&trimmable) {
+            for o in r.outputs.values() {
+                *refs.entry(o.digest.clone()).or_default() += 1;
+            }
         }
-        over = total(&trimmable) > max;
+        let mut total: u64 = refs.keys().map(|d| size_of.get(d.as_str()).copied().unwrap_or(0)).sum();
+        let mut removed = 0;
+        while removed < trimmable.len() && total > max {
+            let (_, p, rec) = &trimmable[removed];
+            for o in rec.outputs.values() {
+                if let Some(n) = refs.get_mut(&o.digest) {
+                    *n -= 1;
+                    if *n == 0 {
+                        total -= size_of.get(o.digest.as_str()).copied().unwrap_or(0);
+                    }
+                }
+                dropped_refs.insert(o.digest.clone());
+            }
+            drop.insert(p.clone());
+            removed += 1;
+        }
+        trimmable.drain(..removed);
+        over = total > max;
     }
     let mut live = pinned;
     live.append(&mut trimmable);
