@@ -132,16 +132,23 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
     // The guards' flags (`warnings: [{flag, ..}]` in a record's metrics) of an instance, of
     // the model it scores and of the data it reads, so a row shows what is wrong with its
     // classifier or its data (a retrained classifier's row: the filter's `label-leak`).
+    // One instance's own flags, read once: many rows share one model or one data input.
+    let own_flags: std::cell::RefCell<std::collections::HashMap<usize, Vec<String>>> = Default::default();
     let flags_of = |i: usize| -> Vec<String> {
         let inputs = &prep.instances[i].inputs;
         let own = std::iter::once(i).chain(inputs.get("model").copied()).chain(inputs.get("data").copied());
         let mut v: Vec<String> = Vec::new();
         for j in own {
-            let Decision::Cached { key, .. } = &decisions[j] else { continue };
-            let Some(Ok(r)) = store.read_record(key) else { continue };
-            for w in r.metrics.get("warnings").and_then(|w| w.as_array()).into_iter().flatten() {
-                if let Some(f) = w.get("flag").and_then(|f| f.as_str()).filter(|f| !v.iter().any(|x| x == f)) {
-                    v.push(f.to_string());
+            let mut memo = own_flags.borrow_mut();
+            let flags = memo.entry(j).or_insert_with(|| {
+                let Decision::Cached { key, .. } = &decisions[j] else { return Vec::new() };
+                let Some(Ok(r)) = store.read_record(key) else { return Vec::new() };
+                let warnings = r.metrics.get("warnings").and_then(|w| w.as_array()).cloned().unwrap_or_default();
+                warnings.iter().filter_map(|w| w.get("flag").and_then(|f| f.as_str()).map(String::from)).collect()
+            });
+            for f in flags.iter() {
+                if !v.contains(f) {
+                    v.push(f.clone());
                 }
             }
         }
