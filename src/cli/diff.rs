@@ -36,7 +36,15 @@ fn side(cache: &Path, path: &Path) -> Result<(LockFile, Vec<String>)> {
     // A lock file has `instances` and no `stages`; anything else is read as a pipeline (whose
     // errors then name the file and line).
     let v: Option<serde_yaml::Value> = serde_yaml::from_str(&text).ok();
-    let is_lock = v.as_ref().is_some_and(|v| v.get("instances").is_some_and(|i| i.is_mapping()) && v.get("stages").is_none());
+    let is_lock = match &v {
+        Some(v) => v.get("instances").is_some_and(|i| i.is_mapping()) && v.get("stages").is_none(),
+        // Unparsable as YAML (a label twice, say): a lock if it has a top-level `instances:`
+        // and no `stages:`, so the lock reader's message names the problem, not a spec's.
+        None => {
+            let top = |k: &str| text.lines().any(|l| l.starts_with(k));
+            top("instances:") && !top("stages:")
+        }
+    };
     if is_lock {
         return Ok((LockFile::read(path).map_err(Error::Usage)?, Vec::new()));
     }

@@ -65,6 +65,11 @@ fn a_lock_with_an_instance_twice_is_refused_naming_the_file_and_the_label() {
     let err = r.stderr();
     assert!(err.contains(&format!("{}: not a camflow lock file", path.display())), "{err}");
     assert!(err.contains(&format!("instance `{label}` has two entries")), "{err}");
+    // `diff` given that lock says the same, not a pipeline spec's complaint.
+    let pl = p.pipeline();
+    let r = p.camflow(&["diff", path.to_str().unwrap(), pl.to_str().unwrap()]);
+    assert_eq!(r.code(), 2, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains(&format!("instance `{label}` has two entries")), "{}", r.stderr());
 }
 
 /// A data stage and a training on it: an entry with an input and a numeric class.
