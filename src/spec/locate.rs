@@ -104,6 +104,53 @@ pub fn first_alias(source: &str) -> Option<(usize, usize)> {
     None
 }
 
+/// Where `key` is set the second time in the mapping that starts at `map` (line, column, from
+/// 1; serde_yaml reports a duplicate key there): block style, the second line at the map's
+/// indentation that starts with `key:`, before the map ends; flow style (`{...}` on one line),
+/// the second `key:` on that line. Plain, `"` and `'` keys.
+pub fn duplicate_key(source: &str, map: (usize, usize), key: &str) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = source.lines().collect();
+    let first = *lines.get(map.0.checked_sub(1)?)?;
+    let indent = map.1.checked_sub(1)?;
+    let start: String = first.chars().skip(indent).collect();
+    if start.starts_with('{') {
+        let chars: Vec<char> = first.chars().collect();
+        let mut seen = 0;
+        for c in indent..chars.len() {
+            let before = if c == 0 { ' ' } else { chars[c - 1] };
+            let rest: String = chars[c..].iter().collect();
+            if (before == '{' || before == ',' || before.is_whitespace()) && key_matches(&rest, key) {
+                seen += 1;
+                if seen == 2 {
+                    return Some((map.0, c + 1));
+                }
+            }
+        }
+        return None;
+    }
+    let mut seen = 0;
+    for (i, line) in lines.iter().enumerate().skip(map.0 - 1) {
+        let body = line.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let at = line.chars().count() - body.chars().count();
+        // The map's first line may hold a `- ` before its first key.
+        let at = if i == map.0 - 1 { indent.max(at) } else { at };
+        if at < indent {
+            return None;
+        }
+        let here: String = line.chars().skip(at).collect();
+        if at == indent && key_matches(&here, key) {
+            seen += 1;
+            if seen == 2 {
+                return Some((i + 1, at + 1));
+            }
+        }
+    }
+    None
+}
+
 fn key_matches(body: &str, seg: &str) -> bool {
     for quote in ["", "\"", "'"] {
         let k = format!("{quote}{seg}{quote}:");

@@ -194,6 +194,10 @@ fn yaml_syntax_error(source: &str, e: &serde_yaml::Error) -> SpecError {
             locate::first_alias(source).unwrap_or_else(|| locate::first_content(source)),
             "YAML aliases expand to too many repetitions (an alias bomb?); write the values out or use fewer aliases".to_string(),
         )
+    } else if let Some((field, key)) = duplicate_key_of(&msg) {
+        let map = e.location().map(|l| (l.line(), l.column())).unwrap_or_else(|| locate::first_content(source));
+        let at = locate::duplicate_key(source, map, &key).unwrap_or(map);
+        (at, format!("{field}`{key}` is set twice in one mapping; keep one of them"))
     } else if let Some(m) = too_large_number(&msg) {
         (e.location().map(|l| (l.line(), l.column())).unwrap_or_else(|| locate::first_content(source)), m)
     } else {
@@ -201,6 +205,13 @@ fn yaml_syntax_error(source: &str, e: &serde_yaml::Error) -> SpecError {
         (at, format!("YAML syntax error: {msg}"))
     };
     SpecError { field: String::new(), location: Some(location), message }
+}
+
+/// The field path and the key of serde_yaml's "<path>: duplicate entry with key \"K\"".
+fn duplicate_key_of(msg: &str) -> Option<(String, String)> {
+    let i = msg.find("duplicate entry with key \"")?;
+    let key = msg[i + "duplicate entry with key \"".len()..].strip_suffix('"')?;
+    Some((msg[..i].to_string(), key.to_string()))
 }
 
 /// serde_yaml's words for an integer beyond 64 bits ("invalid type: integer `N` as u128,
