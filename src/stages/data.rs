@@ -289,7 +289,8 @@ impl StageKind for Data {
             _ => resolve(ctx.base_dir, p::str(params, "root")?),
         };
         let data_dir = if source == "manifest" { location.parent().map(Path::to_path_buf).unwrap_or_default() } else { location.clone() };
-        let (mut samples, channels, skipped, read, without_mask, vanished) = match source {
+        // Synthetic phantoms read no file and skip nothing: an empty report.
+        let (mut samples, channels, report) = match source {
             "synthetic" => {
                 let mut ds = synthetic::generate(&SyntheticConfig {
                     count: p::usize(params, "count")?,
@@ -303,27 +304,28 @@ impl StageKind for Data {
                 for s in &mut ds.samples {
                     crate::ml::dataset::normalize_image(&mut s.image, 1, normalize);
                 }
-                (ds.samples, 1, Vec::new(), Default::default(), Vec::new(), Vec::new())
+                (ds.samples, 1, loaders::LoadReport::default())
             }
             "lgg" => {
                 let (s, r) = loaders::load_lgg(&location, &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped, r.read, r.without_mask, r.vanished)
+                (s, opts.channels(), r)
             }
             "folders" => {
                 let (s, r) = loaders::load_folders(&location, &p::str_list(params, "positive"), &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped, r.read, r.without_mask, r.vanished)
+                (s, opts.channels(), r)
             }
             _ => {
                 let (s, r) = loaders::load_manifest(&location, &opts).map_err(err)?;
-                (s, opts.channels(), r.skipped, r.read, r.without_mask, r.vanished)
+                (s, opts.channels(), r)
             }
         };
+        let loaders::LoadReport { skipped, read, without_mask, vanished, .. } = report;
         check_read(ctx, &read)?;
         for s in &skipped {
             (ctx.log)(format!("skipped: {s}"));
         }
-        // A tumor under half a pixel at this size: the image keeps its label, its truth here is
-        // empty (out of mean-Dice, an empty truth in Dice-all).
+        // A tumor that covers no pixel at this size by half: the image keeps its label, its
+        // truth here is empty (out of mean-Dice, an empty truth in Dice-all).
         if !vanished.is_empty() {
             let names: Vec<String> = vanished.iter().map(|v| relative_to(&data_dir, &v.display().to_string())).collect();
             (ctx.log)(format!(

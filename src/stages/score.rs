@@ -87,8 +87,9 @@ impl StageKind for Score {
             "train" => ds.indices(Split::Train),
             _ => ds.indices(Split::Test),
         };
-        if !ctx.inputs.contains_key("masks") && !ctx.inputs.contains_key("model") {
-            return Err(StageError::new("score needs a `masks` input, a `model` input, or both"));
+        // The spec refuses this already; a job file built by hand could still ask for it.
+        if let Some(m) = self.check_inputs(&ctx.inputs.keys().map(String::as_str).collect::<Vec<_>>()) {
+            return Err(StageError::new(m));
         }
         if idx.is_empty() {
             return Err(StageError::new(empty_split(ctx.inputs, p::str(ctx.params, "split")?)));
