@@ -6,6 +6,7 @@ pub mod cli;
 pub mod dag;
 pub mod error;
 pub mod exec;
+pub mod host;
 pub mod lockfile;
 pub mod malloc_tuning;
 pub mod ml;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::cache::verified::Stamp;
+use crate::host::{self, Process};
 use crate::cache::{ActionRecord, CacheKey, Store};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -165,34 +166,44 @@ const TMP_SUFFIX: &str = ".tmp";
 /// being alive or on another host): no lock takes an hour to write.
 pub const TMP_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
 
-fn host_name() -> String {
-    // Dots separate the fields of the temporary name; a host name is one field.
-    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
-    let h: String = h.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    if h.is_empty() { "unknown".into() } else { h }
+/// The middle of this process's temporary names, `<host>.<boot>.<pid>-<start>`: what
+/// [`clean_stale_tmp`] needs to tell whether their writer is alive ([`crate::host::Process`]).
+fn tmp_writer(me: &Process) -> String {
+    format!("{}.{}.{}-{}", host::segment(&me.host, "unknown"), me.boot_token(), me.pid, me.pid_start)
 }
 
 /// Removes the temporary files of lock `name` in `dir` that their writer left behind: older
-/// than `grace`, or written from this host by a process that is gone (a kill -9 during the
-/// write). Returns how many it removed. Anything else in the folder is left alone.
+/// than `grace`, or written by a process of this host (same host name, boot and pid namespace)
+/// that is gone, a kill -9 during the write; a pid reused since is another process. Returns
+/// how many it removed. Anything else in the folder is left alone, and so is a young file of a
+/// writer that cannot be judged from here (another host or container, or an older camflow's
+/// `<host>.<pid>.<random>` name).
 pub fn clean_stale_tmp(dir: &Path, name: &str, grace: std::time::Duration) -> usize {
     let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
     let prefix = format!(".{name}.");
-    let (host, now) = (host_name(), std::time::SystemTime::now());
+    let (me, now) = (Process::me(), std::time::SystemTime::now());
+    let (my_host, my_boot) = (host::segment(&me.host, "unknown"), me.boot_token());
     let mut removed = 0;
     for e in rd.flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
         let Some(middle) = file.strip_prefix(&prefix).and_then(|r| r.strip_suffix(TMP_SUFFIX)) else { continue };
-        // `<host>.<pid>.<random>`
         let fields: Vec<&str> = middle.split('.').collect();
-        let [h, pid, _random] = fields.as_slice() else { continue };
-        let Ok(pid) = pid.parse::<u32>() else { continue };
+        // `<host>.<boot>.<pid>-<start>.<random>`, or an older camflow's `<host>.<pid>.<random>`.
+        let writer = match fields.as_slice() {
+            [h, boot, pid_start, _random] => {
+                let Some((pid, start)) = pid_start.split_once('-') else { continue };
+                let (Ok(pid), Ok(pid_start)) = (pid.parse::<u32>(), start.parse::<u64>()) else { continue };
+                (*h == my_host && *boot == my_boot).then(|| Process { pid, pid_start, ..me.clone() })
+            }
+            [_h, pid, _random] if pid.parse::<u32>().is_ok() => None,
+            _ => continue,
+        };
         let Ok(meta) = e.path().symlink_metadata() else { continue };
         if !meta.is_file() {
             continue;
         }
         let old = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).is_some_and(|age| age >= grace);
-        let dead = *h == host && pid != std::process::id() && cfg!(target_os = "linux") && !Path::new("/proc").join(pid.to_string()).exists();
+        let dead = writer.is_some_and(|w| w.alive_seen_from(&me) == Some(false));
         if (old || dead) && std::fs::remove_file(e.path()).is_ok() {
             removed += 1;
         }
@@ -338,13 +349,13 @@ impl LockFile {
 
     /// Writes `text` (this lock, serialised) at `path`, atomically: a temporary file beside
     /// it, flushed to disk, renamed over it. The temporary file is in the user's pipeline
-    /// folder, so it is named after the lock (`.P.lock.yaml.<host>.<pid>.<random>.tmp`) and one
+    /// folder, so it is named after the lock (`.P.lock.yaml.<host>.<boot>.<pid>-<start>.<random>.tmp`) and one
     /// left by a killed writer is removed by the next write (see [`clean_stale_tmp`]).
     fn write_text(&self, path: &Path, text: &str) -> Result<(), String> {
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         clean_stale_tmp(dir, &name, TMP_GRACE);
-        let prefix = format!(".{name}.{}.{}.", host_name(), std::process::id());
+        let prefix = format!(".{name}.{}.", tmp_writer(&Process::me()));
         let mut tmp = tempfile::Builder::new()
             .prefix(&prefix)
             .suffix(TMP_SUFFIX)
@@ -697,17 +708,22 @@ mod tests {
     fn a_lock_is_written_through_a_named_temporary_file_and_stale_ones_are_removed() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("p.lock.yaml");
-        let host = host_name();
-        let me = std::process::id();
-        // A writer killed mid-write on this host (no such pid), one of a live process (this
-        // one, young), one of another host (young), one of another host an hour old, and
-        // files that are not a lock's temporary files.
-        let dead = format!(".p.lock.yaml.{host}.{}.abc123.tmp", u32::MAX - 1);
-        let live = format!(".p.lock.yaml.{host}.{me}.abc123.tmp");
-        let remote = ".p.lock.yaml.elsewhere.12.abc123.tmp".to_string();
-        let remote_old = ".p.lock.yaml.elsewhere.13.abc123.tmp".to_string();
-        let others = [".q.lock.yaml.x.1.a.tmp", "p.lock.yaml.tmp", ".tmpABC", "notes.txt"];
-        for f in [&dead, &live, &remote, &remote_old].into_iter().map(String::as_str).chain(others) {
+        let me = Process::me();
+        let writer = |p: &Process| format!(".p.lock.yaml.{}.abc123.tmp", tmp_writer(p));
+        // A writer killed mid-write on this host (no such pid), one whose pid was reused since
+        // (this pid, another start time), one of a live process (this one, young), one of
+        // another container on this host (young: cannot be judged), one of another host
+        // (young), one of another host an hour old, an older camflow's name of a pid that is
+        // gone (young: kept), and files that are not a lock's temporary files.
+        let dead = writer(&Process { pid: u32::MAX - 1, ..me.clone() });
+        let reused = writer(&Process { pid_start: me.pid_start + 7, ..me.clone() });
+        let live = writer(&me);
+        let container = writer(&Process { boot: format!("{}-other-ns", me.boot), pid: u32::MAX - 1, ..me.clone() });
+        let remote = ".p.lock.yaml.elsewhere.0123456789ab.12-5.abc123.tmp".to_string();
+        let remote_old = ".p.lock.yaml.elsewhere.0123456789ab.13-5.abc123.tmp".to_string();
+        let legacy = format!(".p.lock.yaml.{}.{}.abc123.tmp", host::segment(&me.host, "unknown"), u32::MAX - 1);
+        let others = [".q.lock.yaml.x.1.a.tmp", "p.lock.yaml.tmp", ".tmpABC", "notes.txt", ".p.lock.yaml.a.b.c.d.e.tmp"];
+        for f in [&dead, &reused, &live, &container, &remote, &remote_old, &legacy].into_iter().map(String::as_str).chain(others) {
             std::fs::write(d.path().join(f), "partial").unwrap();
         }
         let hour_ago = std::time::SystemTime::now() - TMP_GRACE - std::time::Duration::from_secs(5);
@@ -716,16 +732,20 @@ mod tests {
         lock.write(&path).unwrap();
         let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
-        let mut expected: Vec<String> = [live, remote, "p.lock.yaml".into()].into_iter().chain(others.map(String::from)).collect();
+        let mut expected: Vec<String> =
+            [live, container, remote, legacy.clone(), "p.lock.yaml".into()].into_iter().chain(others.map(String::from)).collect();
         expected.sort();
         assert_eq!(left, expected);
         assert_eq!(LockFile::read(&path).unwrap(), lock);
-        // The writer's own temporary name: recognisable as this lock's, with host and pid.
-        let tmp = tempfile::Builder::new().prefix(&format!(".p.lock.yaml.{host}.{me}.")).suffix(TMP_SUFFIX).tempfile_in(d.path()).unwrap();
+        // The writer's own temporary name: recognisable as this lock's, with its writer.
+        let tmp = tempfile::Builder::new().prefix(&format!(".p.lock.yaml.{}.", tmp_writer(&me))).suffix(TMP_SUFFIX).tempfile_in(d.path()).unwrap();
         let n = tmp.path().file_name().unwrap().to_string_lossy().into_owned();
         drop(tmp);
         std::fs::write(d.path().join(&n), "x").unwrap();
-        assert_eq!(clean_stale_tmp(d.path(), "p.lock.yaml", std::time::Duration::ZERO), 3, "{n}: any age counts with no grace");
+        // With no grace, every temporary file of this lock counts: the live, container, remote
+        // and legacy ones, and the writer's own; nothing else.
+        assert_eq!(clean_stale_tmp(d.path(), "p.lock.yaml", std::time::Duration::ZERO), 5, "{n}: any age counts with no grace");
+        assert!(!d.path().join(&legacy).exists());
     }
 
     #[test]

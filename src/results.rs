@@ -39,8 +39,9 @@ pub fn is_seed_axis(id: &str) -> bool {
 }
 
 impl Table {
-    /// The seed axis rows are repeated over: the first seed axis in column order (the most
-    /// upstream one, e.g. `train`'s). Why only one: a second seed axis below it (a retrain's
+    /// The seed axis rows are repeated over: the first seed axis in column order, which is
+    /// the most upstream one (e.g. `train`'s) because the table's maker (`cli::show`) puts
+    /// axis columns in pipeline order. Why only one: a second seed axis below it (a retrain's
     /// own seeds) repeats runs that share one upstream model, so pooling both would count
     /// dependent runs as independent and make intervals too narrow. Further seed axes stay
     /// coordinates of the point.

@@ -46,6 +46,7 @@
 //! Files whose names start with `.nfs` are NFS "silly renames" (a file deleted while still open
 //! on some client); see [`is_nfs_silly`].
 
+use crate::host::{self, Process};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{ErrorKind, Read};
@@ -134,51 +135,23 @@ fn one_line(s: &str) -> String {
     s.chars().map(|c| if c.is_control() || c == '=' { '_' } else { c }).take(200).collect()
 }
 
-fn read_trimmed(p: &str) -> String {
-    std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
-/// Start time of process `pid` (clock ticks since boot) and whether it is a zombie; `None`
-/// when it does not exist (or where `/proc` is not available).
-fn proc_start(pid: u32) -> Option<(u64, bool)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces: fields count after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); field 22 (starttime) is index 19.
-    let zombie = fields.first().is_some_and(|s| *s == "Z" || *s == "X");
-    Some((fields.get(19)?.parse().ok()?, zombie))
-}
-
 impl Owner {
     /// This process.
     pub fn me() -> Owner {
-        let pid = std::process::id();
+        let p = Process::me();
         Owner {
-            host: one_line(&hostname()),
-            boot: one_line(&boot_and_pid_namespace()),
-            pid,
-            pid_start: proc_start(pid).map(|s| s.0).unwrap_or(0),
+            host: one_line(&p.host),
+            boot: one_line(&p.boot),
+            pid: p.pid,
+            pid_start: p.pid_start,
             job: one_line(&std::env::var("SLURM_JOB_ID").unwrap_or_default()),
             started_ms: now_ms(),
         }
     }
 
-    fn same_host(&self, other: &Owner) -> bool {
-        self.host == other.host && self.boot == other.boot && !self.host.is_empty()
-    }
-
-    /// `Some(false)` when this owner's process is certainly gone; `None` when it cannot be told
-    /// from here.
-    fn alive_here(&self) -> Option<bool> {
-        if !Path::new("/proc/self/stat").exists() {
-            return None;
-        }
-        Some(match proc_start(self.pid) {
-            None => false,
-            Some((_, true)) => false,
-            Some((start, false)) => self.pid_start == 0 || start == self.pid_start,
-        })
+    /// The holding process, as [`crate::host`] judges processes.
+    fn process(&self) -> Process {
+        Process { host: self.host.clone(), boot: self.boot.clone(), pid: self.pid, pid_start: self.pid_start }
     }
 
     fn text(&self, beat_ms: u64) -> String {
@@ -194,21 +167,6 @@ impl Owner {
             w = BEAT_DIGITS
         )
     }
-}
-
-/// The boot id and the pid namespace: pids are only comparable within one boot of one kernel
-/// and one pid namespace (a container sharing the host's name and kernel is another "host").
-fn boot_and_pid_namespace() -> String {
-    let ns = std::fs::read_link("/proc/self/ns/pid").map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
-    format!("{}/{ns}", read_trimmed("/proc/sys/kernel/random/boot_id"))
-}
-
-fn hostname() -> String {
-    let h = read_trimmed("/proc/sys/kernel/hostname");
-    if !h.is_empty() {
-        return h;
-    }
-    std::env::var("HOSTNAME").unwrap_or_default()
 }
 
 /// A lease file as a reader saw it.
@@ -313,10 +271,8 @@ pub enum Staleness {
 
 /// Judges a lease as seen, by the rules of the module doc.
 pub fn judge(seen: &Seen, me: &Owner, ttl: Duration) -> Staleness {
-    if let Some(o) = &seen.owner
-        && o.same_host(me)
-    {
-        match o.alive_here() {
+    if let Some(o) = &seen.owner {
+        match o.process().alive_seen_from(&me.process()) {
             Some(false) => return Staleness::DeadProcess,
             Some(true) => return Staleness::Live,
             None => {}
@@ -334,7 +290,7 @@ pub fn judge(seen: &Seen, me: &Owner, ttl: Duration) -> Staleness {
 fn unique_in(dir: &Path, what: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".lease-{what}-{}-{}-{n}-{}", one_line(&hostname()).replace('/', "_"), std::process::id(), now_ms()))
+    dir.join(format!(".lease-{what}-{}-{}-{n}-{}", host::segment(&host::name(), "unknown"), std::process::id(), now_ms()))
 }
 
 /// Outcome of removing a lease that was judged in a given state.

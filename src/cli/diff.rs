@@ -4,12 +4,13 @@
 //! Exit code 0 when every instance present on both sides reproduced within the tolerance and
 //! no instance is present on one side only; 4 otherwise (the same code as `run --locked`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde_json::json;
 
-use super::{PipelineArgs, make_plan, open_store, prepare, print_out};
+use super::{PipelineArgs, make_plan, open_store_to_read, prepare, print_out};
 use crate::error::{Error, Result};
 use crate::lockfile::{self, LockFile, MetricChange};
 use crate::plan::Decision;
@@ -48,9 +49,10 @@ fn side(cache: &Path, path: &Path) -> Result<(LockFile, Vec<String>)> {
     if is_lock {
         return Ok((LockFile::read(path).map_err(Error::Usage)?, Vec::new()));
     }
-    let store = open_store(cache)?;
+    let store = open_store_to_read(cache)?;
     let args = PipelineArgs { pipeline: path.to_path_buf(), sets: Vec::new(), backend: None, rehash: false, max_instances: None };
     let p = prepare(&args, &store)?;
+    store.note_if_absent();
     let decisions = make_plan(&p, &store, false, &|_| false)?;
     let (mut records, mut missing) = (Vec::new(), Vec::new());
     for (inst, d) in p.instances.iter().zip(&decisions) {
@@ -72,16 +74,19 @@ pub fn diff(cache: &Path, a: DiffArgs) -> Result<()> {
         return Err(Error::Usage(format!("--tol must be a number >= 0, found {}", a.tol)));
     }
     let ((la, missing_a), (lb, missing_b)) = (side(cache, &a.a)?, side(cache, &a.b)?);
-    // An uncomputed instance the other side has is already `only in` that side.
-    let missing_a: Vec<String> = missing_a.into_iter().filter(|l| !lb.instances.contains_key(l)).collect();
-    let missing_b: Vec<String> = missing_b.into_iter().filter(|l| !la.instances.contains_key(l)).collect();
+    // An instance one side's spec lists but has not computed is `not computed` there, never
+    // `only in` the other side: both sides have it, one without a result yet.
+    let (uncomputed_a, uncomputed_b): (BTreeSet<&str>, BTreeSet<&str>) =
+        (missing_a.iter().map(String::as_str).collect(), missing_b.iter().map(String::as_str).collect());
     let mut diverged: Vec<(String, Vec<MetricChange>)> = Vec::new();
     let mut bytes_differ = Vec::new();
     let mut same = 0usize;
     let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
     for (label, x) in &la.instances {
         let Some(y) = lb.instances.get(label) else {
-            only_a.push(label.clone());
+            if !uncomputed_b.contains(label.as_str()) {
+                only_a.push(label.clone());
+            }
             continue;
         };
         let changes = lockfile::metric_changes(&x.metrics, &y.metrics, a.tol);
@@ -94,7 +99,7 @@ pub fn diff(cache: &Path, a: DiffArgs) -> Result<()> {
             diverged.push((label.clone(), changes));
         }
     }
-    only_b.extend(lb.instances.keys().filter(|l| !la.instances.contains_key(*l)).cloned());
+    only_b.extend(lb.instances.keys().filter(|l| !la.instances.contains_key(*l) && !uncomputed_a.contains(l.as_str())).cloned());
     let ok = diverged.is_empty() && only_a.is_empty() && only_b.is_empty() && missing_a.is_empty() && missing_b.is_empty();
     if a.json {
         let js = json!({

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use clap::{Args, ValueEnum};
 
-use super::{PipelineArgs, load, make_plan, open_store, prepare, print_out};
+use super::{PipelineArgs, load, make_plan, open_store_to_read, prepare, print_out};
 use crate::cache::store::{GRACE, is_digest};
 use crate::cache::{ActionRecord, CacheLock, KeyLock, RecordError, Store};
 use crate::error::{Error, Result};
@@ -38,8 +38,9 @@ pub fn dag(a: DagArgs) -> Result<()> {
 }
 
 pub fn status(cache: &std::path::Path, a: PipelineArgs) -> Result<()> {
-    let store = open_store(cache)?;
+    let store = open_store_to_read(cache)?;
     let p = prepare(&a, &store)?;
+    store.note_if_absent();
     let d = make_plan(&p, &store, false, &|_| false)?;
     let mut per: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
     for (inst, dec) in p.instances.iter().zip(&d) {
@@ -121,7 +122,8 @@ pub fn gc(cache: &std::path::Path, a: GcArgs) -> Result<()> {
         Some(s) => Some(parse_size(s).map_err(Error::Usage)?),
         None => None,
     };
-    let store = open_store(cache)?;
+    let store = open_store_to_read(cache)?;
+    store.note_if_absent();
     let _lock = gc_lock(&store, &a)?;
     let records = store.records();
     let mut keep_keys: Option<BTreeSet<String>> = None;
@@ -307,7 +309,8 @@ fn remove_corrupt_record(store: &Store, path: &std::path::Path) -> &'static str 
 }
 
 pub fn verify(cache: &std::path::Path) -> Result<()> {
-    let store = open_store(cache)?;
+    let store = open_store_to_read(cache)?;
+    store.note_if_absent();
     // Shared with runs; waits only for a gc.
     let _lock = CacheLock::shared(&store.root).map_err(|e| Error::Io(format!("cannot lock the cache: {e}")))?;
     let mut problems = Vec::new();

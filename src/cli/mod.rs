@@ -311,6 +311,48 @@ pub fn open_store(root: &Path) -> Result<Store> {
     Store::open(root).map_err(|e| Error::Io(format!("cache {}: {e}", root.display())))
 }
 
+/// The cache of a command that only looks at it (`plan`, `status`, `show`, `report`, `diff`,
+/// `verify`, `gc`). Where there is no cache yet, it is not created: such a command typed in
+/// the wrong folder must not leave an empty `cache/` behind. It sees an empty cache instead
+/// (a temporary one, gone when the command ends) and says so.
+pub struct ReadStore {
+    store: Store,
+    _empty: Option<tempfile::TempDir>,
+    /// The cache folder asked for, where it does not exist.
+    missing: Option<PathBuf>,
+}
+
+impl std::ops::Deref for ReadStore {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+pub fn open_store_to_read(root: &Path) -> Result<ReadStore> {
+    match std::fs::symlink_metadata(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let empty = tempfile::Builder::new()
+                .prefix("camflow-empty-cache-")
+                .tempdir()
+                .map_err(|e| Error::Io(format!("a temporary empty cache: {e}")))?;
+            let store = open_store(empty.path())?;
+            Ok(ReadStore { store, _empty: Some(empty), missing: Some(root.to_path_buf()) })
+        }
+        _ => Ok(ReadStore { store: open_store(root)?, _empty: None, missing: None }),
+    }
+}
+
+impl ReadStore {
+    /// Says, where there was no cache, that the answer is about an empty one. Called once the
+    /// pipeline is read, so that a spec error is not preceded by a note about the cache.
+    pub fn note_if_absent(&self) {
+        if let Some(root) = &self.missing {
+            eprintln!("note: no cache at {} yet: nothing has been computed there (it is created by `camflow run`)", root.display());
+        }
+    }
+}
+
 struct StoreView<'a> {
     store: &'a Store,
     pipeline: &'a str,

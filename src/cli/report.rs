@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::show::table_of;
-use super::{PipelineArgs, Prepared, make_plan, open_store, prepare, print_out};
+use super::{PipelineArgs, Prepared, make_plan, open_store_to_read, prepare, print_out};
 use crate::cache::Store;
 use crate::error::{Error, Result};
 use crate::ml::dataset::{Dataset, Split};
@@ -130,8 +130,9 @@ fn methods_gallery(p: &Prepared, store: &Store, decisions: &[Decision], n: usize
 }
 
 pub fn run(cache: &std::path::Path, a: ReportArgs) -> Result<()> {
-    let store = open_store(cache)?;
+    let store = open_store_to_read(cache)?;
     let p = prepare(&a.p, &store)?;
+    store.note_if_absent();
     let decisions = make_plan(&p, &store, false, &|_| false)?;
     let pending = decisions.iter().filter(|d| !matches!(d, Decision::Cached { .. })).count();
     let thresholds: Vec<&str> = p.pipeline.stages.values().filter(|s| s.kind == "threshold").map(|s| s.name.as_str()).collect();

@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{PipelineArgs, Prepared, make_plan, open_store, prepare, print_out};
+use super::{PipelineArgs, Prepared, make_plan, open_store, open_store_to_read, prepare, print_out};
 use crate::error::{Error, Result};
 use crate::exec::{self, Event, ExecInput, ExecOptions, Outcome};
 use crate::lockfile::{self, LockFile};
@@ -167,9 +167,10 @@ fn plan_rows(p: &Prepared, decisions: &[Decision], json: bool) -> String {
 }
 
 pub fn plan(cache: &std::path::Path, a: PlanArgs) -> Result<()> {
-    let store = open_store(cache)?;
+    let store = open_store_to_read(cache)?;
     let p = prepare(&a.p, &store)?;
     check_force(&p, &a.force)?;
+    store.note_if_absent();
     let decisions = make_plan(&p, &store, false, &forced_fn(&a.force))?;
     print_out(&plan_rows(&p, &decisions, a.json));
     Ok(())

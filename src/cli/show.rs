@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use clap::{Args, ValueEnum};
 use serde_json::{Value as Json, json};
 
-use super::{PipelineArgs, Prepared, make_plan, open_store, prepare, print_out};
+use super::{PipelineArgs, Prepared, make_plan, open_store_to_read, prepare, print_out};
 use crate::cache::Store;
 use crate::error::{Error, Result};
 use crate::plan::Decision;
@@ -61,8 +61,9 @@ fn flat_metrics(m: &Json) -> BTreeMap<String, Json> {
 /// `random` method, same trained model and images). `results::aggregate` summarises it over
 /// seeds.
 pub fn table(cache: &std::path::Path, p: &PipelineArgs, stages: &[String]) -> Result<Table> {
-    let store = open_store(cache)?;
+    let store = open_store_to_read(cache)?;
     let prep = prepare(p, &store)?;
+    store.note_if_absent();
     let decisions = make_plan(&prep, &store, false, &|_| false)?;
     table_of(&prep, &store, &decisions, stages)
 }
@@ -99,9 +100,12 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
             return None;
         }
         let train = find_upstream(&prep.instances, &prep.instances[model].inputs, |x| x.kind == "train")?;
+        // On the images it was trained from: a score of the original on filtered images (a
+        // pipeline may have one) is no baseline.
+        let own_data = prep.instances[train].inputs.get("data");
         let score = (0..prep.instances.len()).find(|&j| {
             let x = &prep.instances[j];
-            x.kind == "score" && x.inputs.get("model") == Some(&train) && split_of(j) == split_of(i)
+            x.kind == "score" && x.inputs.get("model") == Some(&train) && x.inputs.get("data") == own_data && split_of(j) == split_of(i)
         })?;
         metrics_of(score)
     };
@@ -160,6 +164,15 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
     let mut axes: BTreeMap<String, String> = BTreeMap::new();
     let mut metric_cols: BTreeSet<String> = BTreeSet::new();
     let mut rows = Vec::new();
+    // Axis columns in pipeline order, upstream stages first (`coords` sorts by stage name):
+    // `results` pools rows over the first seed axis, which must be the most upstream one
+    // (train's, not a retrain's own seeds, whatever the stages are called).
+    let mut rank: BTreeMap<&str, usize> = BTreeMap::new();
+    for inst in &prep.instances {
+        let next = rank.len();
+        rank.entry(inst.stage.as_str()).or_insert(next);
+    }
+    let stage_rank = |id: &str| id.split_once('.').and_then(|(s, _)| rank.get(s).copied()).unwrap_or(usize::MAX);
     for (idx, (inst, d)) in prep.instances.iter().zip(decisions).enumerate() {
         if !chosen.contains(&inst.stage) {
             continue;
@@ -167,7 +180,9 @@ pub fn table_of(prep: &Prepared, store: &Store, decisions: &[Decision], stages: 
         let mut row = BTreeMap::new();
         row.insert("stage".to_string(), json!(inst.stage));
         row.insert("instance".to_string(), json!(inst.label));
-        for (id, v) in &inst.coords {
+        let mut coords: Vec<(&String, &Json)> = inst.coords.iter().collect();
+        coords.sort_by_key(|(id, _)| stage_rank(id));
+        for (id, v) in coords {
             let short = id.split_once('.').map(|(_, p)| p).unwrap_or(id);
             let ambiguous = inst.coords.keys().filter(|k| k.split_once('.').map(|(_, p)| p) == Some(short)).count() > 1;
             let col = if ambiguous { id.clone() } else { short.to_string() };

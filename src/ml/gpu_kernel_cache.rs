@@ -111,15 +111,7 @@ fn writable(dir: &Path) -> bool {
 
 /// This machine's host name, made safe as one path segment ("unknown-host" if it has none).
 fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let name: String = String::from_utf8_lossy(&buf[..end])
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' { c } else { '_' })
-        .collect();
-    if ok && !name.is_empty() && name != "." && name != ".." { name } else { "unknown-host".into() }
+    crate::host::segment(&crate::host::name(), "unknown-host")
 }
 
 /// Points cubecl's autotune and compilation caches at the [`setting`]'s folder, once per

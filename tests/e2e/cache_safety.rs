@@ -44,8 +44,12 @@ fn write_json(path: &Path, v: &Value) {
     std::fs::write(path, serde_json::to_vec_pretty(v).expect("json")).expect("write record");
 }
 
-/// The cache key of `label` as `plan --json` reports it.
+/// The cache key of `label` as `plan --json` reports it. The cache folders are made first (as
+/// a run would make them): tests plant things in them, and `plan` never creates a cache.
 fn key_of(p: &Project, label: &str) -> String {
+    for d in ["actions", "objects", "locks", "tmp"] {
+        std::fs::create_dir_all(p.cache().join(d)).unwrap();
+    }
     let out = p.camflow(&["plan", p.pipeline().to_str().unwrap(), "--json"]).ok().stdout();
     let v: Value = serde_json::from_str(&out).expect("plan json");
     v["instances"].as_array().expect("instances").iter().find(|i| i["instance"] == label).expect("instance")["key"]

@@ -332,3 +332,34 @@ fn an_empty_camflow_cache_is_unset_not_the_current_folder() {
     assert!(p.path().join("cache").join("actions").is_dir(), "the default ./cache is used");
     assert!(!p.path().join("actions").exists() && !p.path().join("objects").exists(), "the project folder is not a cache");
 }
+
+#[test]
+fn commands_that_only_read_the_cache_never_create_one() {
+    let p = Project::new("name: e\nstages:\n  d:\n    kind: data\n    params: {source: synthetic, count: 8, image_size: 8, slices_per_patient: 2}\n");
+    // Typed in a folder where nothing ran: each answers about an empty cache and leaves the
+    // folder as it was (the default ./cache, and a --cache-dir that does not exist).
+    let elsewhere = p.path().join("typo-cache");
+    for args in [
+        vec!["plan", "p.yaml"],
+        vec!["status", "p.yaml"],
+        vec!["show", "p.yaml"],
+        vec!["verify"],
+        vec!["gc"],
+        vec!["report", "p.yaml", "-o", "report"],
+        vec!["plan", "p.yaml", "--cache-dir", elsewhere.to_str().unwrap()],
+    ] {
+        let out = p.cmd(&args).output().expect("camflow runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(err.contains("no cache at") && err.contains("nothing has been computed there"), "{args:?}: {err}");
+        assert!(!p.path().join("cache").exists() && !elsewhere.exists(), "{args:?} created a cache");
+    }
+    let plan = String::from_utf8_lossy(&p.cmd(&["plan", "p.yaml"]).output().expect("plan").stdout).into_owned();
+    assert!(plan.contains("plan: 1 to run, 0 after them, 0 cached"), "{plan}");
+    // `run` creates it; from then on the readers read it, quietly.
+    let out = p.cmd(&["run", "p.yaml"]).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = p.cmd(&["status", "p.yaml"]).output().expect("status");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("no cache at"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 of 1 instances cached"), "{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::support::{BIN, Project, flip_byte, lock_of, write_folders, write_lgg};
+use crate::support::{BIN, Project, Run, flip_byte, lock_of, write_folders, write_lgg};
 
 /// Two stages doing the same work share one cache key (one record, written by one of them).
 const SHARED: &str = r#"name: shared
@@ -342,4 +342,16 @@ fn diff_against_a_pipeline_names_its_instances_not_computed_yet() {
     p.run(&[]).ok();
     let r = p.camflow(&["diff", a.to_str().unwrap(), p.pipeline().to_str().unwrap()]);
     assert!(r.stdout().contains(&format!("only in {}: third", p.pipeline().display())), "{}", r.stdout());
+    // Against a cache where nothing ran (none there yet): the lock's instances are not
+    // computed on the pipeline's side, not "only in" the lock; and no cache folder is made.
+    let empty = p.path().join("no-cache-here");
+    let r = Run {
+        out: p.cmd(&["diff", a.to_str().unwrap(), p.pipeline().to_str().unwrap(), "--cache-dir", empty.to_str().unwrap()]).output().unwrap(),
+    };
+    assert_eq!(r.code(), 4, "{}\n{}", r.stdout(), r.stderr());
+    let out = r.stdout();
+    assert!(out.contains(&format!("not computed in {}: first", p.pipeline().display())), "{out}");
+    assert!(!out.contains(&format!("only in {}", a.display())), "{out}");
+    assert!(out.contains("0 only in A, 0 only in B, 3 not computed"), "{out}");
+    assert!(r.stderr().contains("no cache at") && !empty.exists(), "{}", r.stderr());
 }

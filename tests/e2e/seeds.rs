@@ -184,3 +184,68 @@ fn show_aggregates_three_seeds_with_intervals_and_paired_differences() {
     let r = p.camflow(&["show", pl.to_str().unwrap(), "--metric", "dcie"]);
     assert!(r.code() != 0 && r.stderr().contains("--metric dcie: no such metric"), "{}", r.stderr());
 }
+
+/// Stages named as in the README (`train` sorts after `retrain`), both with seeds, and a score
+/// of the original classifier on filtered images that sorts before `original`.
+const TWO_SEED_AXES: &str = r#"name: two
+seed: 5
+stages:
+  data:
+    kind: data
+    params: {source: synthetic, count: 40, image_size: 16, contrast: 1.0, slices_per_patient: 4}
+  train:
+    kind: train
+    inputs: {data: data}
+    params: {epochs: 1, widths: [4, 8]}
+    seeds: 2
+  original:
+    kind: score
+    inputs: {data: data, model: train}
+  cams:
+    kind: gradcam
+    inputs: {model: train, data: data}
+  filtered:
+    kind: filter
+    inputs: {data: data, heatmaps: cams}
+  a_original_on_filtered:
+    kind: score
+    inputs: {data: filtered, model: train}
+  retrain:
+    kind: retrain
+    inputs: {data: filtered}
+    seeds: 2
+  retrained:
+    kind: score
+    inputs: {data: filtered, model: retrain}
+"#;
+
+#[test]
+fn rows_pool_the_most_upstream_seed_axis_and_the_baseline_is_scored_on_the_training_images() {
+    let p = Project::new(TWO_SEED_AXES);
+    p.run(&[]).ok();
+    // Aggregated: one row per retrain seed (a coordinate), pooled over the 2 training seeds.
+    let rows = json_rows(&p, &["--stage", "retrained"]);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert!(r.get("retrain.seed").is_some_and(|v| !v.is_null()), "the retrain seed is the row's coordinate: {r}");
+        assert!(r.get("train.seed").is_none(), "the training seed is pooled: {r}");
+        assert_eq!(r["n"], 2, "{r}");
+    }
+    // Per seed: each retrained score's baseline is its own training's score on the data it was
+    // trained from (`original`), never the score on filtered images.
+    let per = json_rows(&p, &["--stage", "retrained", "--stage", "original", "--stage", "a_original_on_filtered", "--per-seed"]);
+    // (Rows of a stage with one seed axis name it `seed`; with two, `train.seed`.)
+    let of = |stage: &str, seed: &Value| -> f64 {
+        f(&per.iter().find(|r| r["stage"] == stage && &r["seed"] == seed).unwrap_or_else(|| panic!("{stage} {seed}: {per:?}"))["auc"])
+    };
+    let retrained: Vec<&Value> = per.iter().filter(|r| r["stage"] == "retrained").collect();
+    assert_eq!(retrained.len(), 4);
+    let mut differs = false;
+    for r in retrained {
+        let seed = &r["train.seed"];
+        assert_close(f(&r["original_auc"]), of("original", seed), "original_auc");
+        assert_close(f(&r["auc_vs_original"]), f(&r["auc"]) - of("original", seed), "auc_vs_original");
+        differs |= (of("original", seed) - of("a_original_on_filtered", seed)).abs() > 1e-9;
+    }
+    assert!(differs, "the two scores of the original differ somewhere, or the test shows nothing: {per:?}");
+}

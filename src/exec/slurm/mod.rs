@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use super::job::{Done, Job, JobError};
 use super::{Event, Finished, LocalRunner, Room, Runner};
+use crate::host::Process;
 use crate::cache::{Lookup, Store};
 use crate::spec::ExecutorConfig;
 use crate::stage_kind::Resources;
@@ -59,8 +60,10 @@ struct SubmissionRecord {
     array: bool,
     /// Keys per task.
     tasks: Vec<Vec<String>>,
-    host: String,
-    pid: u32,
+    /// The controller that submitted it (host, boot, pid, start time; older records have no
+    /// boot or start time, and their controller cannot be judged).
+    #[serde(flatten)]
+    submitter: Process,
     job_file: PathBuf,
 }
 
@@ -111,19 +114,11 @@ pub(crate) struct SlurmRunner {
     index: HashMap<String, (String, usize)>,
     others: Vec<(SubmissionRecord, PathBuf)>,
     index_stamp: Option<std::time::SystemTime>,
-    host: String,
+    /// This controller, as submission records name it.
+    me: Process,
     max_array: Option<usize>,
     /// Queued members per kind (see `queued_jobs`).
     queued_by_kind: HashMap<String, usize>,
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
-}
-
-/// Whether a process of this host is alive (Linux: `/proc/<pid>`); elsewhere assumed alive.
-fn pid_alive(pid: u32) -> bool {
-    if cfg!(target_os = "linux") { Path::new("/proc").join(pid.to_string()).exists() } else { true }
 }
 
 /// Runs a Slurm command off the async runtime; `Err` with what it printed when it fails.
@@ -157,7 +152,7 @@ impl SlurmRunner {
             index: HashMap::new(),
             others: Vec::new(),
             index_stamp: None,
-            host: host_name(),
+            me: Process::me(),
             max_array: None,
             queued_by_kind: HashMap::new(),
         };
@@ -223,7 +218,10 @@ impl SlurmRunner {
             };
             let (rec, path) = &self.others[n];
             let job_id = rec.job_id.clone();
-            let mine = rec.host == self.host && (rec.pid == std::process::id() || !pid_alive(rec.pid));
+            // Ours to cancel on Ctrl-C: submitted by this process, or by a controller of this
+            // host that is gone (a reused pid is another process). Another host's or
+            // container's controller may be alive: its jobs are left to it.
+            let mine = rec.submitter == self.me || rec.submitter.alive_seen_from(&self.me) == Some(false);
             self.known.entry(job_id.clone()).or_insert_with(|| Known {
                 record: path.clone(),
                 job_file: rec.job_file.clone(),
@@ -298,8 +296,7 @@ impl SlurmRunner {
             job_id: job_id.clone(),
             array,
             tasks: tasks.iter().map(|t| t.iter().map(|m| m.job.digest.clone()).collect()).collect(),
-            host: self.host.clone(),
-            pid: std::process::id(),
+            submitter: self.me.clone(),
             job_file: job_file.clone(),
         };
         let record = self.submitted_dir().join(format!("{job_id}.json"));
