@@ -18,6 +18,10 @@ use crate::cache::{ActionRecord, CacheKey, Store};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LockFile {
     pub pipeline: String,
+    /// The pipeline seed: in every key, and the default of every seed a stage uses (absent in
+    /// older lock files). Recorded so that `--locked` names a changed seed as the cause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     pub camflow_version: String,
     pub backend: String,
     /// Whether the backend gives the same bytes run after run (CPU: yes; CUDA: not promised).
@@ -85,6 +89,7 @@ pub struct LockItem<'a> {
 /// What a lock file says besides its entries.
 pub struct LockHeader<'a> {
     pub pipeline: &'a str,
+    pub seed: u64,
     pub backend: &'a str,
     pub deterministic: bool,
 }
@@ -140,7 +145,8 @@ fn fingerprint(store: &Store, h: &LockHeader<'_>, entries: &[LockItem<'_>]) -> O
         hs.update((b.len() as u64).to_le_bytes());
         hs.update(b);
     };
-    for part in ["camflow-lock-fingerprint 1", env!("CARGO_PKG_VERSION"), h.pipeline, h.backend, if h.deterministic { "1" } else { "0" }] {
+    let seed = h.seed.to_string();
+    for part in ["camflow-lock-fingerprint 2", env!("CARGO_PKG_VERSION"), h.pipeline, &seed, h.backend, if h.deterministic { "1" } else { "0" }] {
         field(&mut hasher, part.as_bytes());
     }
     let mut params_digests: std::collections::HashMap<usize, Vec<u8>> = std::collections::HashMap::new();
@@ -297,7 +303,7 @@ fn output_digests(r: &ActionRecord) -> BTreeMap<String, String> {
 }
 
 impl LockFile {
-    pub fn from_run(pipeline: &str, backend: &str, deterministic: bool, entries: &[RunEntry<'_>]) -> LockFile {
+    pub fn from_run(h: &LockHeader<'_>, entries: &[RunEntry<'_>]) -> LockFile {
         let instances = entries
             .iter()
             .map(|e| {
@@ -321,10 +327,11 @@ impl LockFile {
             })
             .collect();
         LockFile {
-            pipeline: pipeline.into(),
+            pipeline: h.pipeline.into(),
+            seed: Some(h.seed),
             camflow_version: env!("CARGO_PKG_VERSION").into(),
-            backend: backend.into(),
-            bitwise_deterministic: deterministic,
+            backend: h.backend.into(),
+            bitwise_deterministic: h.deterministic,
             instances,
         }
     }
@@ -416,7 +423,7 @@ impl LockFile {
         if computed_nothing && LockFile::unchanged(store, path, header, &items) {
             return Ok(false);
         }
-        let lf = LockFile::from_run(header.pipeline, header.backend, header.deterministic, entries);
+        let lf = LockFile::from_run(header, entries);
         let text = serde_yaml::to_string(&lf).map_err(|e| e.to_string())?;
         let same = crate::cache::store::read_regular(path).ok().flatten().is_some_and(|b| b == text.as_bytes());
         if !same {
@@ -478,6 +485,11 @@ impl LockFile {
         if self.pipeline != h.pipeline {
             why.push(format!("`pipeline` is `{}`, this spec is named `{}`", self.pipeline, h.pipeline));
         }
+        if let Some(seed) = self.seed
+            && seed != h.seed
+        {
+            why.push(format!("`seed` is {seed}, this spec's pipeline seed is {} (every key and every default seed depends on it)", h.seed));
+        }
         if self.backend != h.backend {
             why.push(format!("`backend` is `{}`, this run uses `{}`", self.backend, h.backend));
         }
@@ -522,6 +534,8 @@ impl LockFile {
                 .map(|c| c.to_string())
                 .collect::<Vec<_>>()
                 .join(", ");
+            // Equal numbers and flags: only a warning's text differs.
+            let what = if what.is_empty() { "a warning's message".to_string() } else { what };
             return Err(format!(
                 "{label}: metrics differ from the lock ({what}) while the output bytes agree: the cache record or the lock file was edited"
             ));
@@ -604,7 +618,8 @@ fn key_cause(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>
     if why.is_empty() {
         format!(
             "nothing the lock records about the inputs differs: the lock's key was edited, the lock was written by a camflow \
-             with another key format (locked by {}, this is {}), or the pipeline seed differs",
+             with another key format (locked by {}, this is {}), or the pipeline seed differs (a lock from before camflow \
+             recorded it)",
             l.camflow_version,
             env!("CARGO_PKG_VERSION")
         )
@@ -652,12 +667,30 @@ impl std::fmt::Display for MetricChange {
     }
 }
 
+/// Leaf values by path: `test.positive`, `epochs[3].loss`. Lists are walked item by item so
+/// that each number in them is compared within the tolerance (a training's per-epoch losses on
+/// another backend). A `warnings` list counts by its flags (`warnings.label-leak`): a message
+/// repeats numbers that are metrics of their own, with fewer digits, and would otherwise
+/// diverge on text where the numbers are within the tolerance.
 fn flatten(prefix: &str, v: &Json, out: &mut BTreeMap<String, Json>) {
+    let join = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
     match v {
         Json::Object(m) => {
             for (k, x) in m {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                flatten(&p, x, out);
+                match (k.as_str(), x) {
+                    ("warnings", Json::Array(ws)) if ws.iter().all(|w| w.get("flag").is_some_and(Json::is_string)) => {
+                        for w in ws {
+                            let flag = w["flag"].as_str().unwrap_or_default();
+                            out.insert(format!("{}.{flag}", join(k)), Json::Bool(true));
+                        }
+                    }
+                    _ => flatten(&join(k), x, out),
+                }
+            }
+        }
+        Json::Array(xs) if !xs.is_empty() => {
+            for (i, x) in xs.iter().enumerate() {
+                flatten(&format!("{prefix}[{i}]"), x, out);
             }
         }
         other => {
@@ -691,6 +724,20 @@ pub fn metric_changes(old: &Json, new: &Json, tol: f64) -> Vec<MetricChange> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn numbers_in_lists_and_warning_messages_are_compared_within_the_tolerance() {
+        let warn = |acc: &str| json!([{"flag": "label-leak", "message": format!("scores test accuracy {acc} against 0.488")}]);
+        let a = json!({"epochs": [{"loss": 0.6966003550598953}, {"loss": 0.5}], "warnings": warn("0.929"), "w": []});
+        let b = json!({"epochs": [{"loss": 0.6966003550598954}, {"loss": 0.5}], "warnings": warn("0.930"), "w": []});
+        assert!(metric_changes(&a, &b, 1e-3).is_empty(), "{:?}", metric_changes(&a, &b, 1e-3));
+        let c = metric_changes(&a, &b, 0.0);
+        assert_eq!(c.iter().map(|c| c.metric.as_str()).collect::<Vec<_>>(), ["epochs[0].loss"]);
+        // A third epoch, a flag gone and a loss beyond the tolerance all count.
+        let d = json!({"epochs": [{"loss": 0.7}, {"loss": 0.5}, {"loss": 0.4}], "warnings": [], "w": []});
+        let names: Vec<String> = metric_changes(&a, &d, 1e-3).into_iter().map(|c| c.metric).collect();
+        assert_eq!(names, ["epochs[0].loss", "epochs[2].loss", "warnings.label-leak"]);
+    }
 
     #[test]
     fn metric_changes_respect_the_tolerance() {
@@ -728,7 +775,7 @@ mod tests {
         }
         let hour_ago = std::time::SystemTime::now() - TMP_GRACE - std::time::Duration::from_secs(5);
         std::fs::File::options().write(true).open(d.path().join(&remote_old)).unwrap().set_modified(hour_ago).unwrap();
-        let lock = LockFile::from_run("p", "cpu", true, &[]);
+        let lock = LockFile::from_run(&LockHeader { pipeline: "p", seed: 1, backend: "cpu", deterministic: true }, &[]);
         lock.write(&path).unwrap();
         let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();

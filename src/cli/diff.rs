@@ -66,7 +66,13 @@ fn side(cache: &Path, path: &Path) -> Result<(LockFile, Vec<String>)> {
     }
     let entries: Vec<lockfile::RunEntry<'_>> =
         records.iter().map(|(i, r)| lockfile::RunEntry { label: &i.label, params: &i.params, record: r }).collect();
-    Ok((LockFile::from_run(&p.pipeline.name, p.backend.name(), p.backend.bitwise_deterministic(), &entries), missing))
+    let header = lockfile::LockHeader {
+        pipeline: &p.pipeline.name,
+        seed: p.pipeline.seed,
+        backend: p.backend.name(),
+        deterministic: p.backend.bitwise_deterministic(),
+    };
+    Ok((LockFile::from_run(&header, &entries), missing))
 }
 
 pub fn diff(cache: &Path, a: DiffArgs) -> Result<()> {

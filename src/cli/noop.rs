@@ -30,7 +30,7 @@ pub(super) fn finish_if_noop(p: &Prepared, store: &Store, lock_path: &Path, writ
     if !write_lock {
         return Ok(Some(keys.len()));
     }
-    let header = LockHeader { pipeline: &p.pipeline.name, backend: p.backend.name(), deterministic: p.backend.bitwise_deterministic() };
+    let header = LockHeader { pipeline: &p.pipeline.name, seed: p.pipeline.seed, backend: p.backend.name(), deterministic: p.backend.bitwise_deterministic() };
     let items: Vec<LockItem<'_>> =
         p.instances.iter().zip(&keys).map(|(i, key)| LockItem { label: &i.label, params: &i.params, key }).collect();
     if LockFile::unchanged(store, lock_path, &header, &items) {

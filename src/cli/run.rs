@@ -268,6 +268,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     if let Some(lock) = &locked {
         let header = lockfile::LockHeader {
             pipeline: &p.pipeline.name,
+            seed: p.pipeline.seed,
             backend: p.backend.name(),
             deterministic: p.backend.bitwise_deterministic(),
         };
@@ -515,6 +516,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
             if failed == 0 && a.p.sets.is_empty() && !a.locked {
                 let header = lockfile::LockHeader {
                     pipeline: &p.pipeline.name,
+                    seed: p.pipeline.seed,
                     backend: p.backend.name(),
                     deterministic: p.backend.bitwise_deterministic(),
                 };

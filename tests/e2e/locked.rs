@@ -199,3 +199,23 @@ fn locked_names_both_new_instances_and_dropped_entries_before_running() {
     assert!(err.contains("1 locked instance(s) that the spec does not produce: d[count=12]"), "{err}");
     assert!(!r.stdout().contains("done "), "nothing ran: {}", r.stdout());
 }
+
+#[test]
+fn the_lock_records_the_pipeline_seed_and_locked_names_a_changed_one() {
+    let p = Project::new(SWEEP);
+    p.run(&[]).ok();
+    assert_eq!(lock_of(&p)["seed"].as_u64(), Some(3), "the pipeline seed is in the lock");
+    // Another seed changes every key; `--locked` says why before anything runs.
+    p.write(&SWEEP.replace("seed: 3", "seed: 4"));
+    let r = p.run(&["--locked"]);
+    assert_eq!(r.code(), 4, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains("`seed` is 3, this spec's pipeline seed is 4"), "{}", r.stderr());
+    assert!(!r.stdout().contains("done "), "refused before running anything: {}", r.stdout());
+    // A lock written before the seed was recorded is still read, and reproduced.
+    p.write(SWEEP);
+    let path = p.path().join("p.lock.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\nseed: 3\n"), "{text}");
+    std::fs::write(&path, text.replace("\nseed: 3\n", "\n")).unwrap();
+    p.run(&["--locked"]).ok();
+}
