@@ -265,6 +265,19 @@ pub fn load(args: &PipelineArgs) -> Result<(Pipeline, Vec<Instance>, Arc<Catalog
     Ok((p, instances, catalog))
 }
 
+/// Whether a run given these `--set`s still produces the spec's results, and so may write its
+/// lock: no `--set`, or only location params (`stages.data.params.root=...`), which no key
+/// holds: the data's contents are in the key, wherever the data lives. Any other `--set`
+/// makes results the spec file does not describe, so its lock is left as it is.
+pub fn sets_keep_the_lock(args: &PipelineArgs, p: &Prepared) -> bool {
+    args.sets.iter().all(|s| {
+        let Ok(o) = s.parse::<Override>() else { return false };
+        let segs: Vec<&str> = o.path.split('.').collect();
+        let ["stages", stage, "params", param] = segs.as_slice() else { return false };
+        p.pipeline.stages.get(*stage).and_then(|st| p.catalog.get(&st.kind)).is_some_and(|k| k.location_params().contains(param))
+    })
+}
+
 pub fn prepare(args: &PipelineArgs, store: &Store) -> Result<Prepared> {
     let (pipeline, instances, catalog) = load(args)?;
     let backend_name = args.backend.clone().unwrap_or_else(|| pipeline.backend.clone());

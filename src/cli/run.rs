@@ -260,7 +260,8 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         return Ok(());
     }
     let lock_path = lockfile::path_for(&a.p.pipeline);
-    if !a.locked && a.p.sets.is_empty() {
+    let writes_lock = super::sets_keep_the_lock(&a.p, &p);
+    if !a.locked && writes_lock {
         // Before anything runs: a lock that cannot be written should not cost a run.
         lockfile::check_lock_target(&a.p.pipeline, &p.pipeline.name, &lock_path).map_err(Error::Usage)?;
     }
@@ -311,10 +312,10 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     if !a.locked
         && !a.verify
         && a.force.is_empty()
-        && let Some(cached) = super::noop::finish_if_noop(&p, &store, &lock_path, a.p.sets.is_empty())?
+        && let Some(cached) = super::noop::finish_if_noop(&p, &store, &lock_path, writes_lock)?
     {
         print_out(&format!("{}\n", Counts { cached, jobs: slurm.then_some(0), ..Counts::default() }.line(started)));
-        if a.p.sets.is_empty() {
+        if writes_lock {
             print_out(&format!("lock: {}\n", lock_path.display()));
         }
         return Ok(());
@@ -513,7 +514,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                     return Err(Error::LockMismatch(diffs.join("\n  ")));
                 }
             }
-            if failed == 0 && a.p.sets.is_empty() && !a.locked {
+            if failed == 0 && writes_lock && !a.locked {
                 let header = lockfile::LockHeader {
                     pipeline: &p.pipeline.name,
                     seed: p.pipeline.seed,

@@ -104,7 +104,7 @@ pub struct LoadReport {
     /// is at least half tumor (a small tumor, or one straddling pixel corners, at
     /// `image_size`). They keep their label (an LGG slice is positive): their truth at this
     /// size is empty, so they are out of mean-Dice and an empty truth in Dice-all.
-    pub vanished: Vec<PathBuf>,
+    pub vanished: Vec<String>,
     /// Every file the loader tried to read: the SHA-256 (hex) of the bytes it got, or `None`
     /// when it could not be read.
     pub read: BTreeMap<PathBuf, Option<String>>,
@@ -217,7 +217,7 @@ fn read_masks(
     // By area, centred as the image is: an output pixel is tumor when at least half of it is.
     let small = resize::mask(&merged, iw, ih, size, size);
     if tumor && !small.iter().any(|&m| m > 0) {
-        report.vanished.push(image.to_path_buf());
+        report.vanished.push(image.display().to_string());
     }
     Ok((small, tumor))
 }
@@ -235,9 +235,47 @@ fn handle(report: &mut LoadReport, opts: &LoadOptions, e: LoadError) {
     }
 }
 
-/// The end of a load: every recorded error at once, else the report.
+/// The end of a load: every recorded error at once, else the report, its skipped and vanished
+/// files named relative to the data's folder (`root`'s, or a manifest's own folder), as the
+/// key names them. What a load records (in a record, then in the lock) must not depend on
+/// where the data lives or how its path was spelled (`data`, `./data/`, absolute, or the
+/// parent of LGG's `kaggle_3m`), or two runs with one key would record different metrics.
 fn finish(root: &Path, mut report: LoadReport) -> Result<LoadReport, LoadError> {
-    if report.errors.is_empty() { Ok(report) } else { Err(all_errors(root, std::mem::take(&mut report.errors))) }
+    if !report.errors.is_empty() {
+        return Err(all_errors(root, std::mem::take(&mut report.errors)));
+    }
+    let dir = if root.is_file() { root.parent().unwrap_or(Path::new("")) } else { root };
+    for name in report.skipped.iter_mut().chain(report.vanished.iter_mut()) {
+        *name = relative_names(dir, name);
+    }
+    Ok(report)
+}
+
+/// `text` with every path under `dir` written relative to it: each `dir/` that starts a path
+/// (at the start of the text, or after a blank, a quote, a backtick or a parenthesis) is
+/// removed. `dir` is taken as written, since the loaders built every path from it by `join`
+/// (`data/` joined with `P` is `data/P`, `././data` keeps its `././`).
+fn relative_names(dir: &Path, text: &str) -> String {
+    let mut prefix = dir.display().to_string();
+    if prefix.is_empty() {
+        return text.to_string();
+    }
+    if !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    let boundary = |c: Option<char>| c.is_none_or(|c| c.is_whitespace() || "'\"`(".contains(c));
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while let Some(i) = text[at..].find(&prefix).map(|i| at + i) {
+        out.push_str(&text[at..i]);
+        if !boundary(text[..i].chars().next_back()) {
+            out.push_str(&prefix);
+        }
+        at = i + prefix.len();
+    }
+    let rest = &text[at..];
+    out.push_str(rest);
+    out
 }
 
 /// The truth of a positive image without a mask file: an error, or (opted in) no truth.
@@ -818,7 +856,35 @@ mod tests {
         let (s, r) = load_lgg(d.path(), &opts()).unwrap();
         let got: Vec<(&str, u8, usize)> = s.iter().map(|x| (x.id.as_str(), x.label, x.mask.iter().filter(|&&v| v > 0).count())).collect();
         assert_eq!(got, [("P1_1", 1, 0), ("P1_2", 0, 0)]);
-        assert_eq!(r.vanished, [p.join("P1_1.tif")]);
+        assert_eq!(r.vanished, ["P1/P1_1.tif"], "named under the kaggle_3m folder, wherever it is");
+    }
+
+    #[test]
+    fn recorded_names_do_not_depend_on_how_the_data_path_was_spelled() {
+        assert_eq!(relative_names(Path::new("data/"), "data/P/a.tif: missing mask data/P/a_mask.tif"), "P/a.tif: missing mask P/a_mask.tif");
+        assert_eq!(relative_names(Path::new("./data"), "./data/P/a.tif: x `./data/b`"), "P/a.tif: x `b`");
+        assert_eq!(relative_names(Path::new("././data/"), "././data/P/a.tif: x ../data/b"), "P/a.tif: x ../data/b");
+        assert_eq!(relative_names(Path::new("."), "./m.csv: line 2: `./a.png`"), "m.csv: line 2: `a.png`");
+        // A path that merely ends like the folder is another path.
+        assert_eq!(relative_names(Path::new("data"), "data/a: see /old/mydata/b and data/c"), "a: see /old/mydata/b and c");
+        assert_eq!(relative_names(Path::new(""), "data/a"), "data/a");
+        assert_eq!(relative_names(Path::new("data"), "data/data/x: `data/y`"), "data/x: `y`");
+        // One LGG set named by its parent, by `kaggle_3m` itself, with a trailing slash or
+        // absolutely: the same skipped and vanished names.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kaggle_3m/P1");
+        std::fs::create_dir_all(&p).unwrap();
+        image::GrayImage::from_fn(16, 16, |x, _| image::Luma([x as u8])).save(p.join("P1_1.tif")).unwrap();
+        image::GrayImage::from_fn(16, 16, |_, _| image::Luma([0])).save(p.join("P1_1_mask.tif")).unwrap();
+        std::fs::write(p.join("P1_2.tif"), b"not a tif").unwrap();
+        std::fs::write(p.join("P1_3.tif"), b"no mask beside it").unwrap();
+        let skip = LoadOptions { skip_errors: true, ..opts() };
+        let roots = [d.path().to_path_buf(), d.path().join("kaggle_3m"), PathBuf::from(format!("{}/", d.path().display()))];
+        let skipped: Vec<Vec<String>> = roots.iter().map(|r| load_lgg(r, &skip).unwrap().1.skipped).collect();
+        assert_eq!(skipped[0].len(), 2, "{skipped:?}");
+        assert!(skipped[0].iter().all(|s| s.starts_with("P1/P1_") && !s.contains(&d.path().display().to_string())), "{skipped:?}");
+        assert!(skipped[0].iter().any(|s| s.contains("missing mask P1/P1_3_mask.tif")), "{skipped:?}");
+        assert!(skipped.iter().all(|s| s == &skipped[0]), "{skipped:?}");
     }
 
     #[test]

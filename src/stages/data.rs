@@ -280,15 +280,14 @@ impl StageKind for Data {
             }
             StageError::new(e)
         };
-        // Where the data lives: skipped files are named relative to it in the metrics, so the
-        // lock file does not depend on the data's folder or on the current directory.
-        // `location`: the root folder, or the manifest file (none for synthetic data).
+        // Where the data lives: the root folder, or the manifest file (none for synthetic
+        // data). The loaders name skipped files relative to it, so that the lock file does not
+        // depend on the data's folder or on how its path was written.
         let location = match source {
             "synthetic" => PathBuf::new(),
             "manifest" => resolve(ctx.base_dir, p::str(params, "manifest")?),
             _ => resolve(ctx.base_dir, p::str(params, "root")?),
         };
-        let data_dir = if source == "manifest" { location.parent().map(Path::to_path_buf).unwrap_or_default() } else { location.clone() };
         // Synthetic phantoms read no file and skip nothing: an empty report.
         let (mut samples, channels, report) = match source {
             "synthetic" => {
@@ -327,16 +326,14 @@ impl StageKind for Data {
         // A tumor that covers no pixel at this size by half: the image keeps its label, its
         // truth here is empty (out of mean-Dice, an empty truth in Dice-all).
         if !vanished.is_empty() {
-            let names: Vec<String> = vanished.iter().map(|v| relative_to(&data_dir, &v.display().to_string())).collect();
             (ctx.log)(format!(
                 "{} image{} with tumor at full resolution ha{} an empty mask at {size}x{size}: {}",
-                names.len(),
-                if names.len() == 1 { "" } else { "s" },
-                if names.len() == 1 { "s" } else { "ve" },
-                first_few(&names)
+                vanished.len(),
+                if vanished.len() == 1 { "" } else { "s" },
+                if vanished.len() == 1 { "s" } else { "ve" },
+                first_few(&vanished)
             ));
         }
-        let skipped: Vec<String> = skipped.iter().map(|s| relative_to(&data_dir, s)).collect();
         let warnings = data_warnings(&skipped, &without_mask);
         for w in &warnings {
             (ctx.log)(format!("warning: {}: {}", w["flag"].as_str().unwrap_or(""), w["message"].as_str().unwrap_or("")));
@@ -365,13 +362,6 @@ impl StageKind for Data {
         let f = io::write(ctx.out_dir, io::DATASET_FILE, &ds.encode())?;
         Ok(Outcome { files: vec![f], metrics })
     }
-}
-
-/// `problem` (`<path>: <reason>`) with the leading `dir/` removed, so that what is recorded
-/// does not depend on where the data lives.
-fn relative_to(dir: &Path, problem: &str) -> String {
-    let prefix = format!("{}/", dir.display());
-    if dir.as_os_str().is_empty() { problem.to_string() } else { problem.strip_prefix(&prefix).unwrap_or(problem).to_string() }
 }
 
 /// How many names a warning line shows; the metrics list them all.

@@ -261,6 +261,47 @@ fn on_error_skip_skips_a_broken_symlink() {
 }
 
 #[test]
+fn what_a_data_stage_records_does_not_depend_on_how_its_root_is_written() {
+    // An LGG set inside `kaggle_3m`, with a slice whose mask is missing and one that is not an
+    // image, skipped. Its root written five ways (the set's parent, `kaggle_3m` itself, a
+    // trailing slash, `./`, absolute, and a `--set`) is one key: the same metrics and lock.
+    let p = Project::new(&lgg_spec(", on_error: skip"));
+    let set = p.path().join("lgg/kaggle_3m");
+    write_lgg(&set, &["P1", "P2", "P3"], 2, 0);
+    std::fs::write(set.join("P1/P1_3.tif"), b"no mask beside it").unwrap();
+    std::fs::write(set.join("P2/P2_3.tif"), b"not a tif").unwrap();
+    std::fs::write(set.join("P2/P2_3_mask.tif"), b"not a tif").unwrap();
+    let abs = p.path().join("lgg").display().to_string();
+    let mut locks = Vec::new();
+    for (i, root) in ["lgg", "lgg/kaggle_3m", "lgg/", "./lgg/kaggle_3m/", abs.as_str()].into_iter().enumerate() {
+        p.write(&lgg_spec(", on_error: skip").replace("root: lgg", &format!("root: '{root}'")));
+        let cache = p.path().join(format!("cache{i}"));
+        let r = Run { out: p.cmd(&["run", "p.yaml", "--cache-dir", cache.to_str().unwrap()]).output().unwrap() }.ok();
+        assert_eq!(r.summary("ran"), 1, "{root}: {}", r.stdout());
+        let lock = lock_of(&p);
+        locks.push((root.to_string(), lock["instances"]["data"]["key"].clone(), lock["instances"]["data"]["metrics"].clone()));
+    }
+    let metrics = &locks[0].2;
+    let skipped: Vec<&str> = metrics["skipped_files"].as_sequence().expect("skipped_files").iter().filter_map(|v| v.as_str()).collect();
+    assert_eq!(skipped.len(), 2, "{metrics:?}");
+    assert!(skipped.iter().any(|s| s.starts_with("P1/P1_3.tif: missing mask P1/P1_3_mask.tif")), "{skipped:?}");
+    assert!(skipped.iter().all(|s| !s.contains(&abs) && !s.contains("kaggle_3m") && !s.contains("lgg/")), "{skipped:?}");
+    for (root, key, m) in &locks {
+        assert_eq!((key, m), (&locks[0].1, metrics), "root `{root}` recorded otherwise");
+    }
+    // A run whose only --set is the data's location writes the lock; any other --set does not.
+    p.write(&lgg_spec(", on_error: skip").replace("root: lgg", "root: elsewhere"));
+    std::fs::remove_file(p.path().join("p.lock.yaml")).unwrap();
+    let r = p.run(&["--set", &format!("stages.data.params.root={abs}")]).ok();
+    assert!(r.stdout().contains("lock: "), "{}", r.stdout());
+    assert_eq!(lock_of(&p)["instances"]["data"]["metrics"], *metrics);
+    assert_eq!(lock_of(&p)["instances"]["data"]["params"]["root"].as_str(), Some(abs.as_str()), "the lock says where the data was");
+    std::fs::remove_file(p.path().join("p.lock.yaml")).unwrap();
+    let r = p.run(&["--set", &format!("stages.data.params.root={abs}"), "--set", "stages.data.params.image_size=10"]).ok();
+    assert!(!r.stdout().contains("lock: ") && !p.path().join("p.lock.yaml").exists(), "{}", r.stdout());
+}
+
+#[test]
 fn a_greyscale_slice_among_rgb_is_an_error_for_flair() {
     let p = Project::new(&lgg_spec(""));
     let root = p.path().join("lgg");
