@@ -56,6 +56,31 @@ pub fn arch_params() -> Vec<ParamSpec> {
     ]
 }
 
+/// The params of [`arch_from`]'s architecture, and of the optimizer, that it does not read.
+fn ignored_params(params: &Params) -> Vec<&'static str> {
+    let mut v = match p::opt_str(params, "arch") {
+        Some("vgg") => vec!["blocks"],
+        Some("resnet") => vec!["batch_norm"],
+        _ => vec!["widths", "batch_norm", "blocks"],
+    };
+    if p::opt_str(params, "optimizer") != Some("sgd") {
+        v.push("momentum");
+    }
+    v
+}
+
+/// `params` with each of [`ignored_params`] at its default (from `specs`): what a training's
+/// key and fusion group hold.
+fn key_shape(params: &Params, specs: &[ParamSpec]) -> Params {
+    let mut out = params.clone();
+    for name in ignored_params(params) {
+        if let (Some(v), Some(spec)) = (out.get_mut(name), specs.iter().find(|s| s.name == name)) {
+            *v = (spec.default)();
+        }
+    }
+    out
+}
+
 pub fn arch_from(params: &Params, in_channels: usize) -> Result<ArchConfig, StageError> {
     let widths = p::usize_list(params, "widths")?;
     if widths.is_empty() || widths.contains(&0) {
@@ -249,6 +274,12 @@ impl StageKind for Train {
     fn backend_dependent(&self) -> bool {
         true
     }
+    /// Params the architecture or the optimizer does not read are keyed at their defaults, so
+    /// that changing one reruns nothing (`widths` for vgg-small, `momentum` for Adam). At the
+    /// default rather than left out: the keys of specs that never set them stay as they were.
+    fn key_params(&self, params: &Params) -> Params {
+        key_shape(params, &self.params())
+    }
     fn inherits(&self) -> Option<Inherit> {
         // A retrained classifier is compared with its upstream `train` instance: by default it
         // is the same architecture trained the same way (every param, seed included).
@@ -279,9 +310,11 @@ impl StageKind for Train {
     /// CPU a stack's members give their bytes alone, on a GPU the stack is one grouped
     /// convolution per layer (not bitwise, as the GPU alone is not).
     fn fusion_key(&self, params: &Params, backend: &str, _inputs: &BTreeMap<String, usize>) -> Option<Fusion> {
+        // As keyed: members that differ only in params their architecture ignores fuse.
+        let keyed = key_shape(params, &self.params());
         let shape: Params = ["arch", "widths", "batch_norm", "blocks", "batch_size", "epochs"]
             .iter()
-            .filter_map(|&name| params.get(name).map(|v| (name.to_string(), v.clone())))
+            .filter_map(|&name| keyed.get(name).map(|v| (name.to_string(), v.clone())))
             .collect();
         Some(Fusion { key: format!("{} {backend} {}", self.name(), Json::Object(shape.into_iter().collect())), how: FusionKind::Stacked })
     }
@@ -451,4 +484,40 @@ pub fn load_model<B: burn::tensor::backend::Backend>(
     let bytes = io::read(io::file(inputs, slot, io::WEIGHTS_FILE)?)?;
     let m = weights::from_safetensors::<B>(&arch, &bytes, device).map_err(StageError::new)?;
     Ok((arch, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, Json)]) -> Params {
+        let kind = Train { retrain: false };
+        let mut p: Params = kind.params().iter().map(|s| (s.name.to_string(), (s.default)())).collect();
+        for (k, v) in pairs {
+            p.insert(k.to_string(), v.clone());
+        }
+        p
+    }
+
+    #[test]
+    fn params_the_architecture_or_optimizer_ignores_are_keyed_at_their_defaults() {
+        let kind = Train { retrain: false };
+        let key = |pairs: &[(&str, Json)]| kind.key_params(&params(pairs));
+        let fusion = |pairs: &[(&str, Json)]| kind.fusion_key(&params(pairs), "cpu", &BTreeMap::new()).map(|f| f.key);
+        let base = key(&[]);
+        assert_eq!(base, params(&[]), "defaults are keyed as they are");
+        for ignored in [("widths", json!([4, 8])), ("batch_norm", json!(true)), ("blocks", json!(3)), ("momentum", json!(0.1))] {
+            assert_eq!(key(&[ignored.clone()]), base, "vgg-small with adam: {ignored:?}");
+            assert_eq!(fusion(&[ignored.clone()]), fusion(&[]), "{ignored:?} fuses");
+        }
+        let vgg = ("arch", json!("vgg"));
+        assert_ne!(key(&[vgg.clone(), ("widths", json!([4, 8]))]), key(&[vgg.clone()]));
+        assert_ne!(key(&[vgg.clone(), ("batch_norm", json!(true))]), key(&[vgg.clone()]));
+        assert_eq!(key(&[vgg.clone(), ("blocks", json!(3))]), key(&[vgg]));
+        let resnet = ("arch", json!("resnet"));
+        assert_eq!(key(&[resnet.clone(), ("batch_norm", json!(true))]), key(&[resnet.clone()]));
+        assert_ne!(key(&[resnet.clone(), ("blocks", json!(2))]), key(&[resnet]));
+        let sgd = ("optimizer", json!("sgd"));
+        assert_ne!(key(&[sgd.clone(), ("momentum", json!(0.1))]), key(&[sgd]));
+    }
 }

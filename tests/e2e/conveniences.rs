@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::Value as Json;
+use serde_json::{Value as Json, json};
 
 use crate::support::{BIN, Project, lock_of, root};
 
@@ -322,6 +322,33 @@ fn a_threshold_that_a_filter_mode_ignores_reruns_nothing() {
     // Numbers match by value, however they are written.
     assert_eq!(show(&["--where", "stage=seg", "--where", "value=0.30"]).len(), 1);
     assert_eq!(show(&["--where", "stage=original", "--where", "value=0.3"]).len(), 0);
+}
+
+#[test]
+fn params_the_architecture_or_optimizer_ignores_rerun_nothing() {
+    // The study's training: vgg-small with Adam, by default.
+    let p = Project::new(&study(16));
+    let pipe = p.pipeline();
+    p.run(&[]).ok();
+    let key = |sets: &[&str]| -> Json {
+        let mut a = vec!["plan", pipe.to_str().unwrap(), "--json"];
+        for s in sets {
+            a.extend(["--set", s]);
+        }
+        let v: Json = serde_json::from_str(&p.camflow(&a).ok().stdout()).unwrap();
+        v["instances"].as_array().unwrap().iter().find(|i| i["instance"] == "train").unwrap().clone()
+    };
+    let base = key(&[]);
+    assert_eq!(base["state"], "cached", "{base}");
+    // vgg-small reads neither widths, batch_norm nor blocks; Adam reads no momentum.
+    for set in ["stages.train.params.widths=[4, 8]", "stages.train.params.batch_norm=true", "stages.train.params.blocks=3", "stages.train.params.momentum=0.5"] {
+        let k = key(&[set]);
+        assert_eq!((&k["key"], &k["state"]), (&base["key"], &json!("cached")), "{set}: {k}");
+    }
+    // The architecture that reads widths, and the optimizer that reads momentum, rerun.
+    assert_ne!(key(&["stages.train.params.arch=vgg"])["key"], key(&["stages.train.params.arch=vgg", "stages.train.params.widths=[4, 8]"])["key"]);
+    let sgd = ["stages.train.params.optimizer=sgd", "stages.train.params.momentum=0.5"];
+    assert_ne!(key(&sgd[..1])["key"], key(&sgd)["key"]);
 }
 
 #[test]
