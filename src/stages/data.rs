@@ -253,6 +253,35 @@ impl StageKind for Data {
         // Where the data lives; what it holds is in the key through `external_files`.
         &["root", "manifest"]
     }
+    /// Params the source does not read are keyed at their defaults (a phantom's `count` for a
+    /// folder of files, `positive` outside `folders`), and `positive` as a set: changing them
+    /// reruns nothing. Synthetic data reads every param it keys, so its keys are unchanged.
+    fn key_params(&self, params: &Params) -> Params {
+        let source = p::opt_str(params, "source").unwrap_or("synthetic");
+        let mut ignored: Vec<&str> = Vec::new();
+        if source != "synthetic" {
+            ignored.extend(["count", "tumor_fraction", "contrast", "noise", "slices_per_patient"]);
+        }
+        if source != "folders" {
+            ignored.push("positive");
+        }
+        if source == "lgg" {
+            // A missing LGG mask is always a bad file (every LGG slice has one).
+            ignored.push("missing_masks");
+        }
+        let specs = self.params();
+        let mut out: Params = params.iter().filter(|(k, _)| !self.location_params().contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+        for name in ignored {
+            if let (Some(v), Some(spec)) = (out.get_mut(name), specs.iter().find(|s| s.name == name)) {
+                *v = (spec.default)();
+            }
+        }
+        if let Some(Json::Array(classes)) = out.get_mut("positive") {
+            classes.sort_by_key(|c| c.to_string());
+            classes.dedup();
+        }
+        out
+    }
     fn external_files(&self, params: &Params, base: &Path) -> Result<Vec<(String, DataFiles)>, StageError> {
         let Some((name, files)) = listing(params, base) else { return Ok(Vec::new()) };
         Ok(vec![(name.to_string(), files.map_err(StageError::new)?)])
@@ -415,6 +444,38 @@ mod tests {
         p.insert("positive".into(), json!(["b"]));
         p.insert("missing_masks".into(), json!("exclude"));
         p
+    }
+
+    #[test]
+    fn params_a_source_does_not_read_are_keyed_at_their_defaults() {
+        let base = params(Path::new("/data"));
+        let key = |edit: &dyn Fn(&mut Params)| {
+            let mut p = base.clone();
+            edit(&mut p);
+            Data.key_params(&p)
+        };
+        let k = key(&|_| {});
+        assert!(!k.contains_key("root"), "a location is never keyed");
+        assert_eq!(key(&|p| drop(p.insert("count".into(), json!(7)))), k, "folders read no phantom count");
+        assert_eq!(key(&|p| drop(p.insert("positive".into(), json!(["b", "b"])))), k, "positive is a set");
+        assert_ne!(key(&|p| drop(p.insert("positive".into(), json!(["a", "b"])))), k);
+        let mut ab = base.clone();
+        ab.insert("positive".into(), json!(["a", "b"]));
+        let mut ba = base.clone();
+        ba.insert("positive".into(), json!(["b", "a"]));
+        assert_eq!(Data.key_params(&ab), Data.key_params(&ba));
+        // LGG reads no `positive` and always needs masks; synthetic data reads what it keys.
+        let lgg = |edit: &dyn Fn(&mut Params)| key(&|p| {
+            p.insert("source".into(), json!("lgg"));
+            edit(p)
+        });
+        assert_eq!(lgg(&|p| drop(p.insert("positive".into(), json!(["x"])))), lgg(&|_| {}));
+        assert_eq!(lgg(&|p| drop(p.insert("missing_masks".into(), json!("error")))), lgg(&|_| {}));
+        let synthetic = |edit: &dyn Fn(&mut Params)| key(&|p| {
+            p.insert("source".into(), json!("synthetic"));
+            edit(p)
+        });
+        assert_ne!(synthetic(&|p| drop(p.insert("count".into(), json!(7)))), synthetic(&|_| {}));
     }
 
     fn run(params: &Params, planned: &BTreeMap<String, String>, out: &Path) -> Result<Outcome, StageError> {
