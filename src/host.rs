@@ -53,6 +53,18 @@ pub fn proc_start(pid: u32) -> Option<(u64, bool)> {
     Some((fields.get(19)?.parse().ok()?, zombie))
 }
 
+/// Whether a process with this pid exists: `kill(pid, 0)` succeeds, or fails only for lack of
+/// permission (another user's process). A pid that does not fit a `pid_t` names none.
+fn pid_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing; it only checks that the pid exists and may be signalled.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// A process, named so that it can be told apart from every other process that ever ran.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Process {
@@ -77,7 +89,10 @@ impl Process {
     /// Whether pids of `self` and `other` are comparable: same host name, boot and pid
     /// namespace (a known host name; a boot and namespace read, not both unknown).
     pub fn same_host(&self, other: &Process) -> bool {
-        self.host == other.host && self.boot == other.boot && !self.host.is_empty() && self.boot != "/"
+        // Both the boot id and the pid namespace known: with either unknown, a pid may name
+        // a process of another boot or container.
+        let known = self.boot.split_once('/').is_some_and(|(boot, ns)| !boot.is_empty() && !ns.is_empty());
+        self.host == other.host && self.boot == other.boot && !self.host.is_empty() && known
     }
 
     /// Whether this process is alive, judged from a process on the same host
@@ -89,8 +104,11 @@ impl Process {
             return None;
         }
         Some(match proc_start(self.pid) {
-            None | Some((_, true)) => false,
+            Some((_, true)) => false,
             Some((start, false)) => self.pid_start == 0 || start == self.pid_start,
+            // Not in /proc: gone, unless /proc hides other users' processes (`hidepid`, as
+            // on many cluster nodes). The kernel still answers whether the pid exists.
+            None => pid_exists(self.pid),
         })
     }
 
@@ -124,6 +142,13 @@ mod tests {
     }
 
     #[test]
+    fn a_pid_hidden_from_proc_is_asked_of_the_kernel() {
+        assert!(pid_exists(std::process::id()));
+        assert!(pid_exists(1), "init exists (and may be another user's: EPERM counts as alive)");
+        assert!(!pid_exists(u32::MAX - 1) && !pid_exists(0));
+    }
+
+    #[test]
     fn another_boot_or_namespace_cannot_be_judged() {
         let me = Process::me();
         let other_ns = Process { boot: format!("{}x", me.boot), pid: 1, ..me.clone() };
@@ -132,6 +157,9 @@ mod tests {
         let other_host = Process { host: format!("{}x", me.host), ..me.clone() };
         assert_eq!(other_host.alive_seen_from(&me), None);
         assert_eq!(me.boot_token().len(), 12);
+        // A boot id without a pid namespace (or the reverse) is not enough to compare pids.
+        let half = Process { boot: format!("{}/", me.boot.split('/').next().unwrap_or("")), ..me.clone() };
+        assert_eq!(Process { pid: 1, ..half.clone() }.alive_seen_from(&half), None);
     }
 
     #[test]

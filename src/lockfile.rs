@@ -448,11 +448,15 @@ impl LockFile {
     /// Whether `label` may run with `key` under this lock. `upstream` are the (label, record)
     /// of the instances it reads; their results are checked first, since an upstream output
     /// that differs from the lock is what changes this key.
+    /// `keyed` is the instance's kind's `key_params`: what of a params map its key holds (a
+    /// param the kind ignores, at its default), so that the lock's params are compared with
+    /// the key as this camflow keys them.
     pub fn check(
         &self,
         label: &str,
         key: &CacheKey,
         params: &BTreeMap<String, Json>,
+        keyed: &dyn Fn(&BTreeMap<String, Json>) -> BTreeMap<String, Json>,
         upstream: &[(&str, &ActionRecord)],
     ) -> Result<(), String> {
         for (ul, rec) in upstream {
@@ -465,9 +469,9 @@ impl LockFile {
                 "{label}: cache key {} differs from the locked {} ({})",
                 short(&digest),
                 short(&l.key),
-                key_cause(l, key, params)
+                key_cause(l, key, keyed)
             )),
-            Some(l) => match entry_differs(l, key, params) {
+            Some(l) => match entry_differs(l, key, params, keyed) {
                 None => Ok(()),
                 Some(why) => Err(format!(
                     "{label}: the lock entry's {why}, although its key matches: the lock file was edited (its fields no longer \
@@ -547,7 +551,7 @@ impl LockFile {
 /// The first field of a lock entry that its key determines (kind, kind version, params in the
 /// key, input and data digests, numeric class) and that differs from what this run computed;
 /// `None` when all agree. Location params are not in the key and may differ.
-fn entry_differs(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>) -> Option<String> {
+fn entry_differs(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>, keyed: &dyn Fn(&BTreeMap<String, Json>) -> BTreeMap<String, Json>) -> Option<String> {
     let show = |v: Option<&String>| v.map_or_else(|| "absent".to_string(), |d| format!("`{d}`"));
     if l.kind != key.kind {
         return Some(format!("`kind` is `{}`, the run computed `{}`", l.kind, key.kind));
@@ -557,12 +561,9 @@ fn entry_differs(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, J
     {
         return Some(format!("`kind_version` is {v}, the run computed {}", key.kind_version));
     }
-    let names: BTreeSet<&String> = l.params.keys().chain(params.keys()).collect();
-    for n in names {
-        if l.params.get(n) != params.get(n) && (key.params.contains_key(n) || !params.contains_key(n)) {
-            let show = |v: Option<&Json>| v.map_or_else(|| "absent".to_string(), |v| v.to_string());
-            return Some(format!("param `{n}` is {}, the run resolved {}", show(l.params.get(n)), show(params.get(n))));
-        }
+    if let Some(n) = keyed_param_changes(l, key, keyed).into_iter().next() {
+        let show = |v: Option<&Json>| v.map_or_else(|| "absent".to_string(), |v| v.to_string());
+        return Some(format!("param `{n}` is {}, the run resolved {}", show(l.params.get(&n)), show(params.get(&n))));
     }
     for (what, locked, now) in [("inputs", &l.inputs, &key.inputs), ("data", &l.data, &key.files)] {
         let names: BTreeSet<&String> = locked.keys().chain(now.keys()).collect();
@@ -577,7 +578,16 @@ fn entry_differs(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, J
 }
 
 /// Why a key differs from the locked one, from what the lock remembers of its inputs.
-fn key_cause(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>) -> String {
+/// The params whose keyed value differs between the lock's entry and this run's key: the
+/// lock's params as this camflow keys them (`keyed`) against the key's. A location param, or
+/// one the kind ignores, may differ in the lock without counting.
+fn keyed_param_changes(l: &LockedInstance, key: &CacheKey, keyed: &dyn Fn(&BTreeMap<String, Json>) -> BTreeMap<String, Json>) -> Vec<String> {
+    let locked = keyed(&l.params);
+    let names: BTreeSet<&String> = locked.keys().chain(key.params.keys()).collect();
+    names.into_iter().filter(|n| locked.get(*n) != key.params.get(*n)).cloned().collect()
+}
+
+fn key_cause(l: &LockedInstance, key: &CacheKey, keyed: &dyn Fn(&BTreeMap<String, Json>) -> BTreeMap<String, Json>) -> String {
     let mut why = Vec::new();
     if l.kind != key.kind {
         why.push(format!("kind {} -> {}", l.kind, key.kind));
@@ -586,13 +596,9 @@ fn key_cause(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>
     {
         why.push(format!("kind version differs: locked v{v}, this camflow v{}", key.kind_version));
     }
-    // Location params are not in the key; a change of them alone changes nothing.
-    let names: BTreeSet<&String> = l.params.keys().chain(params.keys()).collect();
-    let changed: Vec<String> = names
-        .into_iter()
-        .filter(|n| l.params.get(*n) != params.get(*n) && (key.params.contains_key(*n) || !params.contains_key(*n)))
-        .map(|n| n.to_string())
-        .collect();
+    // Location params are not in the key, and params the kind ignores are keyed at their
+    // defaults: a change of them alone changes nothing.
+    let changed = keyed_param_changes(l, key, keyed);
     if !changed.is_empty() {
         why.push(format!("params differ: {}", changed.join(", ")));
     }
@@ -617,9 +623,10 @@ fn key_cause(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>
     }
     if why.is_empty() {
         format!(
-            "nothing the lock records about the inputs differs: the lock's key was edited, the lock was written by a camflow \
-             with another key format (locked by {}, this is {}), or the pipeline seed differs (a lock from before camflow \
-             recorded it)",
+            "nothing the lock records about the inputs differs as this camflow keys them: the lock's key was edited, the \
+             lock was written by a camflow that computes keys otherwise (locked by {}, this is {}; for one, camflow now keys \
+             the params an architecture or a data source ignores at their defaults), or the pipeline seed differs (a lock \
+             from before camflow recorded it)",
             l.camflow_version,
             env!("CARGO_PKG_VERSION")
         )
@@ -669,7 +676,7 @@ impl std::fmt::Display for MetricChange {
 
 /// Leaf values by path: `test.positive`, `epochs[3].loss`. Lists are walked item by item so
 /// that each number in them is compared within the tolerance (a training's per-epoch losses on
-/// another backend). A `warnings` list counts by its flags (`warnings.label-leak`): a message
+/// another backend). A `warnings` list counts its flags (`warnings.label-leak: 1`): a message
 /// repeats numbers that are metrics of their own, with fewer digits, and would otherwise
 /// diverge on text where the numbers are within the tolerance.
 fn flatten(prefix: &str, v: &Json, out: &mut BTreeMap<String, Json>) {
@@ -679,9 +686,11 @@ fn flatten(prefix: &str, v: &Json, out: &mut BTreeMap<String, Json>) {
             for (k, x) in m {
                 match (k.as_str(), x) {
                     ("warnings", Json::Array(ws)) if ws.iter().all(|w| w.get("flag").is_some_and(Json::is_string)) => {
+                        // By flag, counted: two `single-class` warnings becoming one is a change.
                         for w in ws {
                             let flag = w["flag"].as_str().unwrap_or_default();
-                            out.insert(format!("{}.{flag}", join(k)), Json::Bool(true));
+                            let n = out.entry(format!("{}.{flag}", join(k))).or_insert(Json::from(0u64));
+                            *n = Json::from(n.as_u64().unwrap_or(0) + 1);
                         }
                     }
                     _ => flatten(&join(k), x, out),

@@ -321,6 +321,17 @@ pub fn prepare(args: &PipelineArgs, store: &Store) -> Result<Prepared> {
 }
 
 pub fn open_store(root: &Path) -> Result<Store> {
+    // What is at the path, said plainly: `create_dir_all` over a file or a dangling link
+    // answers only "File exists".
+    match (std::fs::symlink_metadata(root), std::fs::metadata(root)) {
+        (Ok(l), Err(_)) if l.file_type().is_symlink() => {
+            return Err(Error::Io(format!("cache {}: a link to nothing (expected a folder, or no file there)", root.display())));
+        }
+        (_, Ok(m)) if !m.is_dir() => {
+            return Err(Error::Io(format!("cache {}: not a folder (expected a folder, or no file there)", root.display())));
+        }
+        _ => {}
+    }
     Store::open(root).map_err(|e| Error::Io(format!("cache {}: {e}", root.display())))
 }
 
@@ -343,24 +354,33 @@ impl std::ops::Deref for ReadStore {
 }
 
 pub fn open_store_to_read(root: &Path) -> Result<ReadStore> {
-    match std::fs::symlink_metadata(root) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let empty = tempfile::Builder::new()
-                .prefix("camflow-empty-cache-")
-                .tempdir()
-                .map_err(|e| Error::Io(format!("a temporary empty cache: {e}")))?;
-            let store = open_store(empty.path())?;
-            Ok(ReadStore { store, _empty: Some(empty), missing: Some(root.to_path_buf()) })
-        }
-        _ => Ok(ReadStore { store: open_store(root)?, _empty: None, missing: None }),
+    // No cache there: nothing at the path, or a folder (an existing one given by mistake)
+    // with neither records nor objects, whose layout a reader must not plant.
+    let absent = match std::fs::metadata(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::symlink_metadata(root).is_err(),
+        Ok(m) if m.is_dir() => !root.join("actions").exists() && !root.join("objects").exists(),
+        _ => false,
+    };
+    if !absent {
+        return Ok(ReadStore { store: open_store(root)?, _empty: None, missing: None });
     }
+    let empty = tempfile::Builder::new()
+        .prefix("camflow-empty-cache-")
+        .tempdir()
+        .map_err(|e| Error::Io(format!("a temporary empty cache: {e}")))?;
+    let store = open_store(empty.path())?;
+    Ok(ReadStore { store, _empty: Some(empty), missing: Some(root.to_path_buf()) })
 }
 
 impl ReadStore {
     /// Says, where there was no cache, that the answer is about an empty one. Called once the
     /// pipeline is read, so that a spec error is not preceded by a note about the cache.
     pub fn note_if_absent(&self) {
-        if let Some(root) = &self.missing {
+        // Once per process: `diff` of two pipelines reads the cache twice.
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if let Some(root) = &self.missing
+            && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
             eprintln!("note: no cache at {} yet: nothing has been computed there (it is created by `camflow run`)", root.display());
         }
     }

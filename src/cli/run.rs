@@ -166,6 +166,12 @@ fn plan_rows(p: &Prepared, decisions: &[Decision], json: bool) -> String {
     text
 }
 
+/// After the lock's path, when `--set`s of location params were given: the lock now records
+/// where the data was for this run (its data digests and metrics are this data's).
+fn lock_sets_note(p: &PipelineArgs) -> String {
+    if p.sets.is_empty() { String::new() } else { format!(" (recording {})", p.sets.join(", ")) }
+}
+
 pub fn plan(cache: &std::path::Path, a: PlanArgs) -> Result<()> {
     let store = open_store_to_read(cache)?;
     let p = prepare(&a.p, &store)?;
@@ -316,7 +322,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
     {
         print_out(&format!("{}\n", Counts { cached, jobs: slurm.then_some(0), ..Counts::default() }.line(started)));
         if writes_lock {
-            print_out(&format!("lock: {}\n", lock_path.display()));
+            print_out(&format!("lock: {}{}\n", lock_path.display(), lock_sets_note(&a.p)));
         }
         return Ok(());
     }
@@ -522,7 +528,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                     deterministic: p.backend.bitwise_deterministic(),
                 };
                 LockFile::write_for_run(&lock_store, &lock_path, &header, &done, counts.ran + counts.reused == 0).map_err(Error::Io)?;
-                print_out(&format!("lock: {}\n", lock_path.display()));
+                print_out(&format!("lock: {}{}\n", lock_path.display(), lock_sets_note(&a.p)));
             }
             if failed > 0 {
                 return Err(Error::StagesFailed { failed });

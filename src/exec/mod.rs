@@ -273,6 +273,7 @@ pub(crate) async fn execute_with<R: Runner>(
                             &inst.label,
                             &key,
                             &inst.params,
+                            &|p| catalog.get(&inst.kind).map_or_else(|| p.clone(), |k| k.key_params(p)),
                             &inst
                                 .inputs
                                 .values()

@@ -31,7 +31,7 @@ use super::model::Classifier;
 use super::rng::Rng;
 use super::stacked::StackedClassifier;
 use super::train::{
-    EpochLog, TrainConfig, TrainError, TrainProgress, Trained, WithOptimizer, class_weights, evaluate_loss, labels, push_batch,
+    EpochLog, OptimizerKind, TrainConfig, TrainError, TrainProgress, Trained, WithOptimizer, class_weights, evaluate_loss, labels, push_batch,
     seeded_init, train_initialised, with_optimizer,
 };
 
@@ -47,7 +47,9 @@ fn stack_key(m: &Member<'_>) -> (String, [u64; 3], [usize; 3], [usize; 3]) {
     let c = m.cfg;
     (
         format!("{:?} {:?}", c.arch, c.optimizer),
-        [c.lr.to_bits(), c.weight_decay.to_bits(), c.momentum.to_bits()],
+        // Momentum only where the optimizer reads it: Adam members with another (ignored)
+        // momentum step together.
+        [c.lr.to_bits(), c.weight_decay.to_bits(), if matches!(c.optimizer, OptimizerKind::Sgd) { c.momentum.to_bits() } else { 0 }],
         [c.epochs, c.batch_size, m.ds.count(Split::Train)],
         [m.ds.channels, m.ds.height, m.ds.width],
     )

@@ -111,7 +111,12 @@ fn writable(dir: &Path) -> bool {
 
 /// This machine's host name, made safe as one path segment ("unknown-host" if it has none).
 fn hostname() -> String {
-    crate::host::segment(&crate::host::name(), "unknown-host")
+    // Dots kept (`node17.cluster`): the folder name of earlier camflows, whose kernels it holds.
+    let name: String = crate::host::name()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' { c } else { '_' })
+        .collect();
+    if !name.is_empty() && name != "." && name != ".." { name } else { "unknown-host".into() }
 }
 
 /// Points cubecl's autotune and compilation caches at the [`setting`]'s folder, once per

@@ -95,7 +95,9 @@ impl StageKind for Data {
         //    images by area averaging (bilinear when enlarging), centred on each other; a
         //    manifest listing one image twice and a `positive` naming no class folder are
         //    errors. Synthetic phantoms are made at image_size and are unchanged.
-        4
+        // 5: skipped files are named relative to the data's own folder, however its path was
+        //    written (records of v4 could hold a cwd-dependent path). Same dataset bytes.
+        5
     }
     fn doc(&self) -> &'static str {
         "Loads or generates labelled images with ground-truth masks, resized and normalised, split into train/val/test by group (patient)."

@@ -82,13 +82,18 @@ fn key_shape(params: &Params, specs: &[ParamSpec]) -> Params {
 }
 
 pub fn arch_from(params: &Params, in_channels: usize) -> Result<ArchConfig, StageError> {
-    let widths = p::usize_list(params, "widths")?;
-    if widths.is_empty() || widths.contains(&0) {
-        return Err(StageError::new("param `widths` must be a non-empty list of positive integers"));
-    }
+    // `widths` checked only where it is read: vgg-small keys it at its default, so a check
+    // there would fail a cold cache and pass a warm one for one spec.
+    let widths = || -> Result<Vec<usize>, StageError> {
+        let widths = p::usize_list(params, "widths")?;
+        if widths.is_empty() || widths.contains(&0) {
+            return Err(StageError::new("param `widths` must be a non-empty list of positive integers"));
+        }
+        Ok(widths)
+    };
     Ok(match p::str(params, "arch")? {
-        "vgg" => ArchConfig::vgg(in_channels, widths, p::bool(params, "batch_norm")?),
-        "resnet" => ArchConfig::resnet(in_channels, &widths, p::usize(params, "blocks")?),
+        "vgg" => ArchConfig::vgg(in_channels, widths()?, p::bool(params, "batch_norm")?),
+        "resnet" => ArchConfig::resnet(in_channels, &widths()?, p::usize(params, "blocks")?),
         _ => ArchConfig::vgg_small(in_channels),
     })
 }

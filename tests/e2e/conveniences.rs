@@ -349,6 +349,13 @@ fn params_the_architecture_or_optimizer_ignores_rerun_nothing() {
     assert_ne!(key(&["stages.train.params.arch=vgg"])["key"], key(&["stages.train.params.arch=vgg", "stages.train.params.widths=[4, 8]"])["key"]);
     let sgd = ["stages.train.params.optimizer=sgd", "stages.train.params.momentum=0.5"];
     assert_ne!(key(&sgd[..1])["key"], key(&sgd)["key"]);
+    // The lock, written with the defaults, is reproduced by a run that sets ignored params:
+    // they are compared as keyed, not as written.
+    let r = p.run(&["--locked", "--set", "stages.train.params.widths=[4, 8]", "--set", "stages.train.params.momentum=0.5"]);
+    assert_eq!(r.code(), 0, "{}\n{}", r.stdout(), r.stderr());
+    let r = p.run(&["--locked", "--set", "stages.train.params.lr=0.5"]);
+    assert_eq!(r.code(), 4, "a keyed param still counts: {}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains("params differ: lr"), "{}", r.stderr());
 }
 
 #[test]
@@ -380,6 +387,20 @@ fn commands_that_only_read_the_cache_never_create_one() {
         assert!(out.status.success(), "{args:?}: {err}");
         assert!(err.contains("no cache at") && err.contains("nothing has been computed there"), "{args:?}: {err}");
         assert!(!p.path().join("cache").exists() && !elsewhere.exists(), "{args:?} created a cache");
+    }
+    // An existing folder that holds no cache is not made one; a file or a dangling link in the
+    // cache's place is named as such.
+    let folder = p.path().join("photos");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("a.jpg"), "x").unwrap();
+    let out = p.cmd(&["status", "p.yaml", "--cache-dir", folder.to_str().unwrap()]).output().expect("status");
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no cache at"), "{out:?}");
+    assert_eq!(std::fs::read_dir(&folder).unwrap().count(), 1, "nothing planted in the folder");
+    std::os::unix::fs::symlink(p.path().join("nowhere"), p.path().join("dangling")).unwrap();
+    for (path, what) in [("dangling", "a link to nothing"), ("p.yaml", "not a folder")] {
+        let out = p.cmd(&["run", "p.yaml", "--cache-dir", path]).output().expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(what), "{path}: {err}");
     }
     let plan = String::from_utf8_lossy(&p.cmd(&["plan", "p.yaml"]).output().expect("plan").stdout).into_owned();
     assert!(plan.contains("plan: 1 to run, 0 after them, 0 cached"), "{plan}");
