@@ -188,14 +188,22 @@ pub struct Mismatch {
 /// The inherited params on which instance `i` differs from the instance it inherits from:
 /// what remains after explicit overrides, for `show` and the report to flag.
 pub fn inherit_mismatches(instances: &[Instance], i: usize, catalog: &Catalog) -> Vec<Mismatch> {
-    let Some(inh) = catalog.get(&instances[i].kind).and_then(|k| k.inherits()) else { return Vec::new() };
+    let Some(kind) = catalog.get(&instances[i].kind) else { return Vec::new() };
+    let Some(inh) = kind.inherits() else { return Vec::new() };
     let Some(u) = nearest_upstream(instances, &instances[i].inputs, |x| x.kind == inh.from_kind) else { return Vec::new() };
     let (mine, theirs) = (&instances[i].params, &instances[u].params);
+    // Compared as keyed: a param the architecture ignores (a vgg-small's `widths`) is no
+    // difference between the two classifiers.
+    let (keyed_mine, keyed_theirs) = (kind.key_params(mine), kind.key_params(theirs));
     inh.params
         .iter()
         .filter_map(|p| {
             let (a, b) = (mine.get(*p)?, theirs.get(*p)?);
-            (a != b).then(|| Mismatch {
+            let differs = match (keyed_mine.get(*p), keyed_theirs.get(*p)) {
+                (Some(x), Some(y)) => x != y,
+                _ => a != b,
+            };
+            differs.then(|| Mismatch {
                 param: p.to_string(),
                 value: a.clone(),
                 upstream: b.clone(),
@@ -587,6 +595,19 @@ mod tests {
         // A train instance inherits nothing and mismatches nothing.
         let t = inst.iter().position(|i| i.stage == "t").unwrap();
         assert!(inherit_mismatches(&inst, t, &catalog).is_empty());
+    }
+
+    #[test]
+    fn a_param_the_architecture_or_optimizer_ignores_is_no_mismatch() {
+        let spec = RETRAIN.replace("params: {flip: false}", "params: {flip: false, batch_norm: false, momentum: 0.5}");
+        let (p, order, catalog) = load(&spec);
+        let inst = expand(&p, &order, &catalog);
+        for i in (0..inst.len()).filter(|&i| inst[i].stage == "r" && inst[i].params["epochs"] == 3) {
+            let names: Vec<String> = inherit_mismatches(&inst, i, &catalog).into_iter().map(|m| m.param).collect();
+            // vgg reads batch_norm, resnet always has it; Adam reads no momentum.
+            let expected: &[&str] = if inst[i].params["arch"] == "vgg" { &["batch_norm", "flip"] } else { &["flip"] };
+            assert_eq!(names, expected, "{}", inst[i].label);
+        }
     }
 
     #[test]
