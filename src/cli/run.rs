@@ -414,6 +414,9 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                 Event::Retrying { error, attempt, .. } => {
                     say(&bar, format!("retry   {error} (resubmitted, retry {attempt})"));
                 }
+                Event::Note { text } => {
+                    say(&bar, format!("note    {text}"));
+                }
                 Event::Fused { idxs } => {
                     let names: Vec<&str> = idxs.iter().map(|&i| labels[i].as_str()).collect();
                     say(&bar, format!("fused   {} instances in one task: {}", idxs.len(), names.join(", ")));
@@ -444,6 +447,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                     | Event::Submitted { .. }
                     | Event::Adopted { .. }
                     | Event::Retrying { .. }
+                    | Event::Note { .. }
                     | Event::Fused { .. }
             ) {
                 bar.inc(1);

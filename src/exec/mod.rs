@@ -97,6 +97,12 @@ pub enum Event {
         error: String,
         attempt: u32,
     },
+    /// Something the user should know that is neither a result nor an error of an instance:
+    /// why a cluster job waits (held, a limit), that `squeue` fails, a job adopted with other
+    /// settings than this run's, jobs cancelled after a failure.
+    Note {
+        text: String,
+    },
     /// These instances (each also `Started`) run together as one fused group.
     Fused {
         idxs: Vec<usize>,

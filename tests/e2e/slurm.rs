@@ -440,3 +440,122 @@ fn slurm_two_controllers_on_one_cache_compute_each_key_once() {
     let jobs = a.summary("jobs") + b.summary("jobs");
     assert_eq!(jobs, submissions(&p).len(), "jobs= of both runs counts the sbatch calls");
 }
+
+/// A pipeline of one cheap data instance: one job, a few seconds.
+const DATA_ONLY: &str =
+    "name: one\nseed: 1\nstages:\n  data:\n    kind: data\n    params: {source: synthetic, count: 8, image_size: 8, slices_per_patient: 1}\n";
+
+/// A controller whose stdout is read as it runs: each line goes to the channel, all of them
+/// to the thread's result.
+struct Watched {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<String>,
+}
+
+fn watch(mut cmd: Command) -> Watched {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for l in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            all.push_str(&l);
+            all.push('\n');
+            let _ = tx.send(l);
+        }
+        all
+    });
+    Watched { child, lines, reader }
+}
+
+impl Watched {
+    /// The first line containing `needle` within `limit`; panics (killing the controller)
+    /// naming what it printed otherwise.
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
+        let t = Instant::now();
+        let mut seen = String::new();
+        while t.elapsed() < limit {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(l) => seen.push_str(&(l + "\n")),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = self.child.kill();
+        panic!("no line with `{needle}` within {limit:?}; the controller printed:\n{seen}");
+    }
+
+    /// Waits (at most `limit`, else kills it and panics) for the controller to end.
+    fn finish(mut self, limit: Duration) -> (i32, String) {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                let out = self.reader.join().expect("reader");
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return (st.code().unwrap_or(-1), out + &err);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("the controller did not end within {limit:?}; it printed:\n{}", self.reader.join().unwrap_or_default());
+    }
+}
+
+/// Submits a tiny job that fails and returns its id: a job that depends on it (`afterok`) can
+/// never start.
+fn failed_job() -> String {
+    let out = Command::new("sbatch")
+        .args(["--parsable", "-c1", "--mem=50M", "-o", "/dev/null", "--comment=cftest-dep", "--wrap", "exit 1"])
+        .output()
+        .expect("sbatch runs");
+    assert!(out.status.success(), "sbatch: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap_or("").to_string()
+}
+
+/// Finding 1: a job that can never start (its dependency failed: Slurm keeps it pending with
+/// `DependencyNeverSatisfied` for ever) fails the run at once, naming the reason and what to
+/// change, and is cancelled; before, the controller waited silently for ever.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_job_that_can_never_start_fails_at_once_naming_the_reason() {
+    let p = slurm_project(DATA_ONLY);
+    let dep = failed_job();
+    let prof = profile(&p, &format!("{FAST_POLL}  kinds:\n    data: {{sbatch: [\"--dependency=afterok:{dep}\"]}}\n"));
+    let w = watch(slurm_cmd(&p, &prof, &p.cache()));
+    let (code, out) = w.finish(Duration::from_secs(90));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("can never start (pending, reason DependencyNeverSatisfied)"), "{out}");
+    assert!(out.contains("--dependency"), "the message names the option to fix:\n{out}");
+    assert!(out.contains("cancelled it"), "{out}");
+    let ids = submissions(&p);
+    let t = Instant::now();
+    while !queue(&ids).is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(queue(&ids).is_empty(), "the job that could never start was cancelled: {:?}", queue(&ids));
+}
+
+/// Finding 1: a held job is told once with its reason and how to release it, not failed; once
+/// released, the run finishes.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_held_job_is_told_and_waited_for() {
+    let p = slurm_project(DATA_ONLY);
+    let prof = profile(&p, &format!("{FAST_POLL}  kinds:\n    data: {{sbatch: [--hold]}}\n"));
+    let mut w = watch(slurm_cmd(&p, &prof, &p.cache()));
+    let line = w.wait_for("is held (JobHeldUser)", Duration::from_secs(60));
+    assert!(line.contains("scontrol release"), "{line}");
+    let ids = submissions(&p);
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let st = Command::new("scontrol").args(["release", &ids[0]]).status().expect("scontrol runs");
+    assert!(st.success());
+    let (code, out) = w.finish(Duration::from_secs(90));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("is held").count(), 1, "the hold is told once:\n{out}");
+}

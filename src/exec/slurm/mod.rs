@@ -31,7 +31,7 @@ pub mod sbatch;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +86,28 @@ struct Task {
     job_id: String,
     log: PathBuf,
     members: Vec<Member>,
+    /// What the job asks of the cluster ([`sbatch::request_args`]); empty when unknown (a job
+    /// adopted from a record of an older camflow).
+    request: Vec<String>,
+    /// When this controller first saw the task pending, and the last wait it told the user
+    /// about (a reason, or `queue` for the usual waits): each wait is told once.
+    pending_since: Option<Instant>,
+    told: Option<String>,
+}
+
+impl Task {
+    fn new(job_id: String, log: PathBuf, members: Vec<Member>, request: Vec<String>) -> Task {
+        Task { job_id, log, members, request, pending_since: None, told: None }
+    }
+}
+
+/// How long a task may wait in the queue for the usual reasons (priority, resources) before
+/// the controller says so: a busy queue is normal, silence for an hour is not.
+const QUIET_PENDING: Duration = Duration::from_secs(60);
+
+/// Queue states in which a task has not started and `%r` says why.
+fn not_started(state: &str) -> bool {
+    state == "PENDING" || state.ends_with("_HOLD")
 }
 
 /// A submission this controller knows: its record file, and whether interrupting this
@@ -198,8 +220,8 @@ impl SlurmRunner {
         }
     }
 
-    async fn squeue(&self) -> Option<HashMap<String, String>> {
-        let args = ["--me", "-h", "-r", "-o", "%i|%T"].map(String::from).to_vec();
+    async fn squeue(&self) -> Option<HashMap<String, sbatch::Queued>> {
+        let args = ["--me", "-h", "-r", "-o", sbatch::SQUEUE_FORMAT].map(String::from).to_vec();
         slurm_cmd("squeue", args).await.ok().map(|t| sbatch::parse_squeue(&t))
     }
 
@@ -230,7 +252,7 @@ impl SlurmRunner {
             let _ = self.events.send(Event::Adopted { idx: m.job.idx, job_id: task_id.clone() });
             let m = Member { theirs: !mine, ..m };
             let log = self.log_path(&task_id);
-            self.tasks.entry(task_id).or_insert_with(|| Task { job_id, log, members: Vec::new() }).members.push(m);
+            self.tasks.entry(task_id).or_insert_with(|| Task::new(job_id, log, Vec::new(), Vec::new())).members.push(m);
         }
     }
 
@@ -285,6 +307,7 @@ impl SlurmRunner {
             command: &command,
         };
         let args = sbatch::sbatch_args(&self.cfg, &sub);
+        let request = sbatch::request_args(&args);
         let job_id = match slurm_cmd("sbatch", args)
             .await
             .and_then(|o| sbatch::parse_sbatch_id(&o).ok_or_else(|| format!("sbatch printed no job id: {o}")))
@@ -314,7 +337,7 @@ impl SlurmRunner {
         for (t, members) in tasks.into_iter().enumerate() {
             let id = rec.task_id(t);
             let log = self.log_path(&id);
-            self.tasks.insert(id, Task { job_id: job_id.clone(), log, members });
+            self.tasks.insert(id, Task::new(job_id.clone(), log, members, request.clone()));
         }
         let log = if array { self.log_path(&format!("{job_id}_*")) } else { self.log_path(&job_id) };
         let _ = self.events.send(Event::Submitted { job_id, tasks: n_tasks, instances, log });
@@ -388,10 +411,36 @@ impl SlurmRunner {
         let queue = self.squeue().await;
         let mut progressed = false;
         let ids: Vec<String> = self.tasks.keys().cloned().collect();
+        let now = Instant::now();
+        // Tasks that can never start, with their reason; and waits to tell, by (job, reason).
+        let mut never: Vec<(String, String)> = Vec::new();
+        let mut waits: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
         for id in ids {
             let state = queue.as_ref().map(|q| q.get(&id).cloned());
-            if matches!(&state, Some(Some(s)) if s == "PENDING") {
-                continue;
+            if let Some(Some(q)) = &state
+                && not_started(&q.state)
+            {
+                if let (Some(reason), Some(task)) = (&q.reason, self.tasks.get_mut(&id)) {
+                    let since = *task.pending_since.get_or_insert(now);
+                    match sbatch::waiting(reason) {
+                        sbatch::Waiting::Never => {
+                            never.push((id.clone(), reason.clone()));
+                            continue;
+                        }
+                        w => {
+                            // The usual waits are one ("queue"): told once, after a while.
+                            let what = if w == sbatch::Waiting::Queue { "queue" } else { reason.as_str() };
+                            let due = w != sbatch::Waiting::Queue || now.duration_since(since) >= QUIET_PENDING;
+                            if due && task.told.as_deref() != Some(what) {
+                                task.told = Some(what.to_string());
+                                waits.entry((task.job_id.clone(), reason.clone())).or_default().push(id.clone());
+                            }
+                        }
+                    }
+                }
+                if q.state == "PENDING" {
+                    continue;
+                }
             }
             let Some(mut task) = self.tasks.remove(&id) else { continue };
             let mut left = Vec::new();
@@ -425,6 +474,11 @@ impl SlurmRunner {
             if !task.members.is_empty() {
                 self.tasks.insert(id, task);
             }
+        }
+        self.tell_waits(waits);
+        if !never.is_empty() {
+            progressed = true;
+            self.fail_never(never).await;
         }
         // Submissions with nothing left in the queue and nothing waited on: their records go.
         // Another controller's record of this user goes too once it is a minute older than
@@ -462,6 +516,50 @@ impl SlurmRunner {
             self.flush().await;
         }
         progressed
+    }
+
+    /// Tells the user why tasks wait (`waits`: task ids by job and reason), one line per job
+    /// and reason.
+    fn tell_waits(&self, waits: BTreeMap<(String, String), Vec<String>>) {
+        for ((job_id, reason), ids) in waits {
+            let Some(task) = self.tasks.get(&ids[0]) else { continue };
+            let Some(m) = task.members.first() else { continue };
+            let inst = &m.job.input.instances[m.job.idx];
+            let shown = if ids.len() > 3 { format!("{} and {} more", ids[..3].join(", "), ids.len() - 3) } else { ids.join(", ") };
+            let text = match sbatch::waiting(&reason) {
+                sbatch::Waiting::Queue => format!("Slurm job {shown} ({}) still pending after {}s: {reason}", inst.stage, QUIET_PENDING.as_secs()),
+                sbatch::Waiting::Held => format!(
+                    "Slurm job {shown} ({}) is held ({reason}): {}",
+                    inst.stage,
+                    sbatch::advice(&reason, &inst.stage, &inst.kind, &[]).replace("<job>", &job_id)
+                ),
+                _ => format!("Slurm job {shown} ({}) is pending: {reason}", inst.stage),
+            };
+            let _ = self.events.send(Event::Note { text });
+        }
+    }
+
+    /// Tasks pending for a reason that never clears (`never`: task id and reason): cancelled,
+    /// and their instances failed (never retried: the same request would wait again), naming
+    /// the reason and the setting to change.
+    async fn fail_never(&mut self, never: Vec<(String, String)>) {
+        let ids: Vec<String> = never.iter().map(|(id, _)| id.clone()).collect();
+        let cancelled = match slurm_cmd("scancel", ids.clone()).await {
+            Ok(_) => "camflow cancelled it".to_string(),
+            Err(e) => format!("cancelling it failed ({e}): `scancel {}`", ids.join(" ")),
+        };
+        for (id, reason) in never {
+            let Some(task) = self.tasks.remove(&id) else { continue };
+            for m in task.members {
+                let inst = &m.job.input.instances[m.job.idx];
+                let msg = format!(
+                    "{}: Slurm job {id} can never start (pending, reason {reason}): {}; {cancelled}",
+                    inst.label,
+                    sbatch::advice(&reason, &inst.stage, &inst.kind, &task.request)
+                );
+                self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: None, cache: false }))));
+            }
+        }
     }
 
     /// The most tasks one job array may have: the cluster's `MaxArraySize` (asked once), else
