@@ -184,6 +184,7 @@ fn executor_schema(kinds: &[&str]) -> Json {
                 "properties": {
                     "min_s": { "type": "number", "exclusiveMinimum": 0, "maximum": 3600 },
                     "max_s": { "type": "number", "exclusiveMinimum": 0, "maximum": 3600 },
+                    "give_up_s": { "type": "number", "exclusiveMinimum": 0, "maximum": 86400, "default": 600, "description": "squeue failing this long in a row fails the run's Slurm jobs" },
                 },
             },
             "kinds": { "type": "object", "description": "per stage kind or stage name: what sbatch is asked for", "additionalProperties": kind_settings },

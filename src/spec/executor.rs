@@ -16,7 +16,7 @@ use crate::stage_kind::Catalog;
 pub(crate) const EXECUTOR_KEYS: &[&str] =
     &["kind", "partition", "account", "qos", "max_jobs", "sbatch", "arrays", "on_controller", "batch", "poll", "kinds"];
 pub(crate) const KIND_KEYS: &[&str] = &["time", "mem", "retries", "sbatch"];
-pub(crate) const POLL_KEYS: &[&str] = &["min_s", "max_s"];
+pub(crate) const POLL_KEYS: &[&str] = &["min_s", "max_s", "give_up_s"];
 
 /// Where instances run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,6 +64,7 @@ pub struct ExecutorSpec {
     pub batch: Option<BTreeMap<String, u32>>,
     pub poll_min_s: Option<f64>,
     pub poll_max_s: Option<f64>,
+    pub poll_give_up_s: Option<f64>,
     /// By stage kind or stage name; a profile's entry for a name replaces the pipeline's.
     pub kinds: BTreeMap<String, KindSettings>,
 }
@@ -84,10 +85,16 @@ pub struct ExecutorConfig {
     pub batch: BTreeMap<String, u32>,
     pub poll_min_s: f64,
     pub poll_max_s: f64,
+    /// How long `squeue` may fail in a row before the controller gives up on its jobs.
+    pub poll_give_up_s: f64,
     pub kinds: BTreeMap<String, KindSettings>,
 }
 
 pub const DEFAULT_MAX_JOBS: u32 = 200;
+
+/// `poll.give_up_s`: ten minutes of `squeue` failing in a row outlasts a slurmctld restart or
+/// failover, and is short enough that a broken `squeue` does not hold a run for hours.
+pub const DEFAULT_GIVE_UP_S: f64 = 600.0;
 
 /// The cheap kinds are batched by default: a threshold or a score takes well under a second,
 /// less than Slurm takes to start a job.
@@ -112,6 +119,7 @@ impl ExecutorSpec {
             batch: self.batch.or(base.batch),
             poll_min_s: self.poll_min_s.or(base.poll_min_s),
             poll_max_s: self.poll_max_s.or(base.poll_max_s),
+            poll_give_up_s: self.poll_give_up_s.or(base.poll_give_up_s),
             kinds,
         }
     }
@@ -130,6 +138,7 @@ impl ExecutorSpec {
             batch: self.batch.unwrap_or_else(default_batch),
             poll_min_s,
             poll_max_s: self.poll_max_s.unwrap_or(15.0).max(poll_min_s),
+            poll_give_up_s: self.poll_give_up_s.unwrap_or(DEFAULT_GIVE_UP_S),
             kinds: self.kinds,
         }
     }
@@ -355,11 +364,20 @@ pub(super) fn parse_block(cx: &mut Ctx<'_>, v: &Yaml, catalog: &Catalog, stages:
                         match pk.as_str() {
                             "min_s" => spec.poll_min_s = seconds(cx, &pp, pv),
                             "max_s" => spec.poll_max_s = seconds(cx, &pp, pv),
+                            "give_up_s" => {
+                                spec.poll_give_up_s = match pv.as_f64() {
+                                    Some(f) if f > 0.0 && f <= 86400.0 => Some(f),
+                                    _ => {
+                                        cx.err(&pp, format!("expected a number of seconds in (0, 86400], found {}", show_yaml(pv)));
+                                        None
+                                    }
+                                }
+                            }
                             _ => cx.unknown_key(&["executor", "poll"], &pk, POLL_KEYS),
                         }
                     }
                 }
-                other => cx.err(&p, format!("expected a map like {{min_s: 0.5, max_s: 15}}, found {}", type_name(other))),
+                other => cx.err(&p, format!("expected a map like {{min_s: 0.5, max_s: 15, give_up_s: 600}}, found {}", type_name(other))),
             },
             "kinds" => match v {
                 Yaml::Mapping(km) => {
@@ -488,6 +506,15 @@ mod tests {
         let s = c.settings("train_big", "train");
         assert_eq!((s.time, s.mem, s.retries), (Some(3600), Some(8192), Some(2)), "stage entry over kind entry");
         assert_eq!(ExecutorSpec::default().resolve().batch_size("score"), 50);
+        assert_eq!(c.poll_give_up_s, DEFAULT_GIVE_UP_S);
+    }
+
+    #[test]
+    fn squeue_give_up_time_parses_and_is_checked() {
+        let p = parse_profile("executor:\n  poll: {give_up_s: 30}\n").expect("valid");
+        assert_eq!(p.resolve().poll_give_up_s, 30.0);
+        let e = parse_profile("executor:\n  poll: {give_up_s: 0}\n").expect_err("zero");
+        assert!(e.to_string().contains("executor.poll.give_up_s: expected a number of seconds in (0, 86400], found `0`"), "{e}");
     }
 
     #[test]

@@ -559,3 +559,23 @@ fn slurm_held_job_is_told_and_waited_for() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(out.matches("is held").count(), 1, "the hold is told once:\n{out}");
 }
+
+/// Finding 2: `squeue` failing in a row is told once with its own message, and after
+/// `poll.give_up_s` the run's Slurm jobs fail (and are cancelled); before, a job that never
+/// wrote an outcome (here: held) was waited for silently for ever.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_failing_squeue_is_told_and_given_up_on() {
+    let p = slurm_project(DATA_ONLY);
+    let squeue = p.path().join("shim/squeue");
+    std::fs::write(&squeue, "#!/bin/sh\necho 'squeue: error: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n")
+        .expect("write squeue shim");
+    std::fs::set_permissions(&squeue, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod shim");
+    let prof = profile(&p, "  poll: {min_s: 0.2, max_s: 0.5, give_up_s: 3}\n  kinds:\n    data: {sbatch: [--hold]}\n");
+    let (code, out) = watch(slurm_cmd(&p, &prof, &p.cache())).finish(Duration::from_secs(60));
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out.matches("squeue fails: squeue: error: Unable to contact slurm controller (connect failure);").count(), 1, "told once, in its own words:\n{out}");
+    assert!(out.contains("executor.poll.give_up_s"), "{out}");
+    assert!(out.contains("squeue has failed for 3s in a row"), "{out}");
+    assert!(out.contains("camflow cancelled it"), "{out}");
+}

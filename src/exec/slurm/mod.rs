@@ -141,6 +141,12 @@ pub(crate) struct SlurmRunner {
     max_array: Option<usize>,
     /// Queued members per kind (see `queued_jobs`).
     queued_by_kind: HashMap<String, usize>,
+    /// Since when `squeue` has failed in a row (none while it answers), and the messages
+    /// already told (each distinct one once).
+    squeue_failing: Option<Instant>,
+    squeue_told: HashSet<String>,
+    /// `squeue -u <uid>` instead of `--me`, which Slurm before 20.11 does not know.
+    squeue_by_uid: bool,
 }
 
 /// Runs a Slurm command off the async runtime; `Err` with what it printed when it fails.
@@ -149,7 +155,7 @@ async fn slurm_cmd(program: &str, args: Vec<String>) -> Result<String, String> {
     let out = tokio::task::spawn_blocking(move || Command::new(&prog).args(&args).output()).await.map_err(|e| e.to_string())?;
     match out {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
-        Ok(o) => Err(format!("{program}: {}{}", String::from_utf8_lossy(&o.stderr).trim(), String::from_utf8_lossy(&o.stdout).trim())),
+        Ok(o) => Err(sbatch::command_error(program, &String::from_utf8_lossy(&o.stderr), &String::from_utf8_lossy(&o.stdout))),
         Err(e) => Err(format!("{program}: {e} (is Slurm's `{program}` on PATH?)")),
     }
 }
@@ -177,6 +183,9 @@ impl SlurmRunner {
             me: Process::me(),
             max_array: None,
             queued_by_kind: HashMap::new(),
+            squeue_failing: None,
+            squeue_told: HashSet::new(),
+            squeue_by_uid: false,
         };
         r.load_index();
         r
@@ -220,9 +229,56 @@ impl SlurmRunner {
         }
     }
 
-    async fn squeue(&self) -> Option<HashMap<String, sbatch::Queued>> {
-        let args = ["--me", "-h", "-r", "-o", sbatch::SQUEUE_FORMAT].map(String::from).to_vec();
-        slurm_cmd("squeue", args).await.ok().map(|t| sbatch::parse_squeue(&t))
+    /// This user's tasks in the queue; `Err` with what squeue printed when it fails.
+    async fn squeue(&mut self) -> Result<HashMap<String, sbatch::Queued>, String> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        let first = slurm_cmd("squeue", sbatch::squeue_args(self.squeue_by_uid.then_some(uid))).await;
+        let text = match first {
+            Err(e) if !self.squeue_by_uid && e.contains("--me") => {
+                // Slurm < 20.11: "unrecognized option '--me'"; `-u <uid>` means the same.
+                self.squeue_by_uid = true;
+                slurm_cmd("squeue", sbatch::squeue_args(Some(uid))).await?
+            }
+            other => other?,
+        };
+        Ok(sbatch::parse_squeue(&text))
+    }
+
+    /// `squeue` failed (`error`): told once per distinct message; after `poll.give_up_s` of
+    /// failures in a row, the tasks still waited on are failed (and cancelled if `scancel`
+    /// works): without the queue, a job that ends without an outcome (cancelled, killed,
+    /// never started) would be waited for for ever.
+    async fn squeue_failed(&mut self, error: String) {
+        let since = *self.squeue_failing.get_or_insert_with(Instant::now);
+        let give_up = Duration::from_secs_f64(self.cfg.poll_give_up_s);
+        if self.squeue_told.insert(error.clone()) {
+            let text = format!(
+                "squeue fails: {error}; camflow keeps polling (results its jobs write to the cache still count) and gives up on its \
+                 Slurm jobs after {}s of failures in a row (executor.poll.give_up_s)",
+                give_up.as_secs()
+            );
+            let _ = self.events.send(Event::Note { text });
+        }
+        if since.elapsed() < give_up || self.tasks.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = self.tasks.keys().cloned().collect();
+        let cancelled = match slurm_cmd("scancel", ids.clone()).await {
+            Ok(_) => "camflow cancelled it".to_string(),
+            Err(e) => format!("cancelling it failed too ({e}): it may still run (`scancel {}`)", ids.join(" ")),
+        };
+        for id in ids {
+            let Some(task) = self.tasks.remove(&id) else { continue };
+            for m in task.members {
+                let label = &m.job.input.instances[m.job.idx].label;
+                let msg = format!(
+                    "{label}: Slurm job {id}: squeue has failed for {}s in a row ({error}), so camflow cannot tell whether the job still runs; {cancelled}",
+                    since.elapsed().as_secs()
+                );
+                self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: Some(task.log.clone()), cache: false }))));
+            }
+        }
     }
 
     /// Waits on tasks of other controllers' live submissions instead of submitting their keys.
@@ -231,7 +287,7 @@ impl SlurmRunner {
         if !self.queued.iter().any(|m| self.index.contains_key(&m.job.digest)) {
             return;
         }
-        let Some(queue) = self.squeue().await else { return };
+        let Ok(queue) = self.squeue().await else { return };
         let queued = std::mem::take(&mut self.queued);
         for m in queued {
             let Some((task_id, n)) = self.index.get(&m.job.digest).cloned().filter(|(t, _)| queue.contains_key(t)) else {
@@ -408,8 +464,20 @@ impl SlurmRunner {
         // The queue first, then the outcomes: a task that is gone from the queue and has no
         // outcome after that really ended without one (its worker writes it before exiting).
         let queue_at = std::time::SystemTime::now();
-        let queue = self.squeue().await;
-        let mut progressed = false;
+        let ready_before = self.ready.len();
+        let queue = match self.squeue().await {
+            Ok(q) => {
+                if self.squeue_failing.take().is_some() {
+                    let _ = self.events.send(Event::Note { text: "squeue answers again".into() });
+                }
+                Some(q)
+            }
+            Err(e) => {
+                self.squeue_failed(e).await;
+                None
+            }
+        };
+        let mut progressed = self.ready.len() > ready_before;
         let ids: Vec<String> = self.tasks.keys().cloned().collect();
         let now = Instant::now();
         // Tasks that can never start, with their reason; and waits to tell, by (job, reason).

@@ -62,6 +62,15 @@ pub fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
 }
 
+/// What a failed Slurm command said, as one message: its stderr then its stdout (separated),
+/// prefixed with the program's name unless the message already starts with it (Slurm's own
+/// messages do: `sbatch: error: ...`).
+pub fn command_error(program: &str, stderr: &str, stdout: &str) -> String {
+    let said: Vec<&str> = [stderr.trim(), stdout.trim()].into_iter().filter(|s| !s.is_empty()).collect();
+    let text = if said.is_empty() { "failed and printed nothing".to_string() } else { said.join("; ").replace('\n', "; ") };
+    if text.starts_with(&format!("{program}:")) { text } else { format!("{program}: {text}") }
+}
+
 /// The job id from `sbatch --parsable` (`123` or `123;cluster`).
 pub fn parse_sbatch_id(stdout: &str) -> Option<String> {
     let id = stdout.trim().split(';').next()?.trim();
@@ -91,6 +100,17 @@ pub struct Queued {
 
 /// What `squeue` is asked to print per task (one line each with `-r`).
 pub const SQUEUE_FORMAT: &str = "%i|%T|%r";
+
+/// `squeue` arguments for this user's tasks: `--me`, or `-u <uid>` where squeue is older than
+/// 20.11 and does not know `--me`.
+pub fn squeue_args(uid: Option<u32>) -> Vec<String> {
+    let mut a: Vec<String> = match uid {
+        Some(u) => vec!["-u".into(), u.to_string()],
+        None => vec!["--me".into()],
+    };
+    a.extend(["-h", "-r", "-o", SQUEUE_FORMAT].map(String::from));
+    a
+}
 
 /// `squeue -h -r -o %i|%T|%r` output: task id (`123`, `123_4`) -> state and reason. Lines that
 /// are not of that shape are ignored; a reason of `None` is no reason.
@@ -329,6 +349,16 @@ mod tests {
     }
 
     #[test]
+    fn command_errors_read_as_one_message() {
+        assert_eq!(
+            command_error("sbatch", "sbatch: error: invalid partition specified: x\nsbatch: error: Batch job submission failed\n", ""),
+            "sbatch: error: invalid partition specified: x; sbatch: error: Batch job submission failed"
+        );
+        assert_eq!(command_error("squeue", "boom", "out"), "squeue: boom; out");
+        assert_eq!(command_error("scancel", "", ""), "scancel: failed and printed nothing");
+    }
+
+    #[test]
     fn quoting_and_ids() {
         assert_eq!(shell_quote("/a/b.json"), "/a/b.json");
         assert_eq!(shell_quote("/my dir/it's"), r"'/my dir/it'\''s'");
@@ -352,6 +382,8 @@ mod tests {
         assert_eq!(q.get("42"), Some(&Queued { state: "COMPLETING".into(), reason: None }));
         assert_eq!(q.get("43").and_then(|x| x.reason.as_deref()), Some("launch failed requeued held"));
         assert_eq!(q.len(), 4);
+        assert_eq!(squeue_args(None)[..2], ["--me", "-h"]);
+        assert_eq!(squeue_args(Some(1000))[..3], ["-u", "1000", "-h"]);
         // Without a reason column (an older format): the state alone.
         assert_eq!(parse_squeue("7|RUNNING\n").get("7"), Some(&Queued { state: "RUNNING".into(), reason: None }));
         // scontrol show job (abridged, as 22.05 prints it).
