@@ -579,3 +579,19 @@ fn slurm_failing_squeue_is_told_and_given_up_on() {
     assert!(out.contains("squeue has failed for 3s in a row"), "{out}");
     assert!(out.contains("camflow cancelled it"), "{out}");
 }
+
+/// Finding 3: a controller that itself runs in a job array task (its environment has
+/// SLURM_ARRAY_TASK_ID=5 and SLURM_ARRAY_JOB_ID) submits plain jobs that run their own task;
+/// before, they inherited the variables and failed ("array task 5, but the job file has 1
+/// task(s)").
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_controller_inside_an_array_task_submits_working_plain_jobs() {
+    let p = slurm_project(DATA_ONLY);
+    let prof = profile(&p, FAST_POLL);
+    let mut cmd = slurm_cmd(&p, &prof, &p.cache());
+    cmd.env("SLURM_ARRAY_TASK_ID", "5").env("SLURM_ARRAY_JOB_ID", "999999").env("SLURM_ARRAY_TASK_COUNT", "1");
+    let (code, out) = watch(cmd).finish(Duration::from_secs(90));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("summary: ran=1"), "{out}");
+}

@@ -152,7 +152,15 @@ pub(crate) struct SlurmRunner {
 /// Runs a Slurm command off the async runtime; `Err` with what it printed when it fails.
 async fn slurm_cmd(program: &str, args: Vec<String>) -> Result<String, String> {
     let prog = program.to_string();
-    let out = tokio::task::spawn_blocking(move || Command::new(&prog).args(&args).output()).await.map_err(|e| e.to_string())?;
+    let out = tokio::task::spawn_blocking(move || {
+        let mut c = Command::new(&prog);
+        for v in sbatch::SUBMITTER_ONLY_VARS {
+            c.env_remove(v);
+        }
+        c.args(&args).output()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     match out {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
         Ok(o) => Err(sbatch::command_error(program, &String::from_utf8_lossy(&o.stderr), &String::from_utf8_lossy(&o.stdout))),
@@ -348,12 +356,7 @@ impl SlurmRunner {
             return fail_all(self, tasks, &format!("creating {}: {e}", self.log_dir().display()));
         }
         let pattern = self.log_dir().join(if array { "%A_%a.out" } else { "%j.out" });
-        let command = format!(
-            "exec {} worker --cache {} {}",
-            sbatch::shell_quote(&self.exe.to_string_lossy()),
-            sbatch::shell_quote(&self.root.to_string_lossy()),
-            sbatch::shell_quote(&job_file.to_string_lossy())
-        );
+        let command = sbatch::worker_command(&self.exe.to_string_lossy(), &self.root.to_string_lossy(), &job_file.to_string_lossy(), array);
         let sub = Submission {
             stage,
             res: &res,

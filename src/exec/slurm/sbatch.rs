@@ -54,6 +54,31 @@ pub fn sbatch_args(cfg: &ExecutorConfig, s: &Submission<'_>) -> Vec<String> {
     a
 }
 
+/// The `--wrap` script of a job: `camflow worker` on its job file, told its task and job id
+/// from the variables Slurm sets for *this* job. The worker does not read `SLURM_ARRAY_*`
+/// itself: sbatch exports the submitter's environment, so in a plain job submitted by a
+/// controller that itself runs in an array task those variables are the controller's.
+pub fn worker_command(exe: &str, root: &str, job_file: &str, array: bool) -> String {
+    let ids = if array {
+        r#"--task "$SLURM_ARRAY_TASK_ID" --job-id "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}""#
+    } else {
+        r#"--job-id "$SLURM_JOB_ID""#
+    };
+    format!("exec {} worker --cache {} {ids} {}", shell_quote(exe), shell_quote(root), shell_quote(job_file))
+}
+
+/// Variables of the submitter's own Slurm job that must not reach the jobs it submits
+/// (sbatch exports its environment; Slurm sets these only in an array job, so a plain job
+/// would inherit the controller's): removed from sbatch's environment.
+pub const SUBMITTER_ONLY_VARS: &[&str] = &[
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_MAX",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_STEP",
+];
+
 /// `word` quoted for `/bin/sh` (the `--wrap` script).
 pub fn shell_quote(word: &str) -> String {
     if !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-=+:,@%".contains(&b)) {
@@ -356,6 +381,19 @@ mod tests {
         );
         assert_eq!(command_error("squeue", "boom", "out"), "squeue: boom; out");
         assert_eq!(command_error("scancel", "", ""), "scancel: failed and printed nothing");
+    }
+
+    /// The worker is told its task and job id from this job's own variables (finding 3).
+    #[test]
+    fn the_worker_command_names_its_task_and_job() {
+        assert_eq!(
+            worker_command("/bin/camflow", "/my cache", "/c/j.json", false),
+            r#"exec /bin/camflow worker --cache '/my cache' --job-id "$SLURM_JOB_ID" /c/j.json"#
+        );
+        assert_eq!(
+            worker_command("/bin/camflow", "/c", "/c/j.json", true),
+            r#"exec /bin/camflow worker --cache /c --task "$SLURM_ARRAY_TASK_ID" --job-id "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" /c/j.json"#
+        );
     }
 
     #[test]
