@@ -49,6 +49,20 @@ pub struct KindSettings {
     pub sbatch: Option<Vec<String>>,
 }
 
+impl KindSettings {
+    /// `self` over `base`, field by field: a profile's `kinds.train: {mem: 1G}` keeps the
+    /// pipeline's `time` and `retries` for `train` (a lost `time` would fall back to the
+    /// partition's default limit, silently).
+    pub fn over(self, base: KindSettings) -> KindSettings {
+        KindSettings {
+            time: self.time.or(base.time),
+            mem: self.mem.or(base.mem),
+            retries: self.retries.or(base.retries),
+            sbatch: self.sbatch.or(base.sbatch),
+        }
+    }
+}
+
 /// The block as written: every field optional, so that a profile overrides a pipeline's block
 /// field by field ([`ExecutorSpec::over`]).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -65,7 +79,8 @@ pub struct ExecutorSpec {
     pub poll_min_s: Option<f64>,
     pub poll_max_s: Option<f64>,
     pub poll_give_up_s: Option<f64>,
-    /// By stage kind or stage name; a profile's entry for a name replaces the pipeline's.
+    /// By stage kind or stage name; a profile's entry for a name wins over the pipeline's
+    /// field by field ([`KindSettings::over`]).
     pub kinds: BTreeMap<String, KindSettings>,
 }
 
@@ -106,7 +121,13 @@ impl ExecutorSpec {
     /// `self` (a profile) over `base` (the pipeline's block), field by field.
     pub fn over(self, base: ExecutorSpec) -> ExecutorSpec {
         let mut kinds = base.kinds;
-        kinds.extend(self.kinds);
+        for (name, mine) in self.kinds {
+            let merged = match kinds.remove(&name) {
+                Some(theirs) => mine.over(theirs),
+                None => mine,
+            };
+            kinds.insert(name, merged);
+        }
         ExecutorSpec {
             kind: self.kind.or(base.kind),
             partition: self.partition.or(base.partition),
@@ -151,12 +172,7 @@ impl ExecutorConfig {
         let k = self.kinds.get(kind).cloned().unwrap_or_default();
         match self.kinds.get(stage) {
             None => k,
-            Some(s) => KindSettings {
-                time: s.time.or(k.time),
-                mem: s.mem.or(k.mem),
-                retries: s.retries.or(k.retries),
-                sbatch: s.sbatch.clone().or(k.sbatch),
-            },
+            Some(s) => s.clone().over(k),
         }
     }
 
@@ -507,6 +523,21 @@ mod tests {
         assert_eq!((s.time, s.mem, s.retries), (Some(3600), Some(8192), Some(2)), "stage entry over kind entry");
         assert_eq!(ExecutorSpec::default().resolve().batch_size("score"), 50);
         assert_eq!(c.poll_give_up_s, DEFAULT_GIVE_UP_S);
+    }
+
+    /// Finding 5: the profile's `kinds.train: {mem: 1G}` keeps the pipeline's `time` and
+    /// `retries` for `train` (before, the whole entry was replaced).
+    #[test]
+    fn a_profile_kinds_entry_merges_field_by_field() {
+        let prof = parse_profile("executor:\n  kinds:\n    train: {mem: 1G}\n").expect("valid");
+        let pipeline = ExecutorSpec {
+            kinds: [("train".to_string(), KindSettings { time: Some(3600), retries: Some(2), mem: Some(512), ..Default::default() })]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        let s = prof.over(pipeline).resolve().settings("train", "train");
+        assert_eq!(s, KindSettings { time: Some(3600), mem: Some(1024), retries: Some(2), sbatch: None });
     }
 
     #[test]
