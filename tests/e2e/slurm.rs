@@ -595,3 +595,18 @@ fn slurm_controller_inside_an_array_task_submits_working_plain_jobs() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("summary: ran=1"), "{out}");
 }
+
+/// Finding 9: a cache path with `%` in it (sbatch expands `%x` in `--output`) still gets its
+/// job logs where camflow names them, and the job runs; before, the log folder did not exist
+/// and the job failed to launch.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_cache_path_with_a_percent_sign_works() {
+    let p = slurm_project(DATA_ONLY);
+    let prof = profile(&p, FAST_POLL);
+    let cache = p.path().join("P%x dir").join("cache");
+    let r = Run { out: slurm_cmd(&p, &prof, &cache).output().expect("camflow runs") }.ok();
+    assert_eq!(r.summary("ran"), 1, "{}", r.stdout());
+    let logs: Vec<_> = std::fs::read_dir(cache.join("logs/slurm")).expect("the named log folder").flatten().collect();
+    assert_eq!(logs.len(), 1, "one job log under the cache's own path: {logs:?}");
+}

@@ -355,13 +355,13 @@ impl SlurmRunner {
         if let Err(e) = std::fs::create_dir_all(self.log_dir()) {
             return fail_all(self, tasks, &format!("creating {}: {e}", self.log_dir().display()));
         }
-        let pattern = self.log_dir().join(if array { "%A_%a.out" } else { "%j.out" });
+        let pattern = sbatch::filename_pattern(&self.log_dir().to_string_lossy(), if array { "%A_%a.out" } else { "%j.out" });
         let command = sbatch::worker_command(&self.exe.to_string_lossy(), &self.root.to_string_lossy(), &job_file.to_string_lossy(), array);
         let sub = Submission {
             stage,
             res: &res,
             settings: &settings,
-            log_pattern: &pattern.to_string_lossy(),
+            log_pattern: &pattern,
             array: array.then_some(tasks.len()),
             command: &command,
         };

@@ -79,6 +79,13 @@ pub const SUBMITTER_ONLY_VARS: &[&str] = &[
     "SLURM_ARRAY_TASK_STEP",
 ];
 
+/// `dir` as the folder part of an sbatch filename pattern (`--output`): sbatch expands `%x`,
+/// `%j`, ... anywhere in the pattern, so a `%` in the path itself is written `%%`; `file` (with
+/// the pattern's own `%j` or `%A_%a`) is appended as is.
+pub fn filename_pattern(dir: &str, file: &str) -> String {
+    format!("{}/{file}", dir.trim_end_matches('/').replace('%', "%%"))
+}
+
 /// `word` quoted for `/bin/sh` (the `--wrap` script).
 pub fn shell_quote(word: &str) -> String {
     if !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-=+:,@%".contains(&b)) {
@@ -394,6 +401,13 @@ mod tests {
             worker_command("/bin/camflow", "/c", "/c/j.json", true),
             r#"exec /bin/camflow worker --cache /c --task "$SLURM_ARRAY_TASK_ID" --job-id "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" /c/j.json"#
         );
+    }
+
+    /// Finding 9: a `%` in the cache path reaches sbatch as `%%`, the pattern's own as is.
+    #[test]
+    fn a_percent_in_the_log_folder_is_escaped() {
+        assert_eq!(filename_pattern("/c/P%x dir/logs/slurm", "%j.out"), "/c/P%%x dir/logs/slurm/%j.out");
+        assert_eq!(filename_pattern("/c/logs/", "%A_%a.out"), "/c/logs/%A_%a.out");
     }
 
     #[test]
