@@ -207,17 +207,39 @@ pub fn parse_mem(s: &str) -> Result<u64, String> {
     Ok(mib as u64)
 }
 
-/// `90s`, `30m`, `2h`, `1d`, `HH:MM:SS` or `MM:SS`, in seconds. A bare number is refused:
-/// sbatch reads it as minutes, a person often means seconds.
+/// `90s`, `30m`, `2h`, `1d`, or one of sbatch's own `--time` forms: `MM`, `MM:SS`,
+/// `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`; in seconds. A bare number is minutes, as sbatch
+/// reads it (people who write Slurm's forms mean Slurm's meaning).
 pub fn parse_time(s: &str) -> Result<u64, String> {
-    let bad = || format!("expected a duration like `90s`, `30m`, `2h` or `HH:MM:SS`, found `{s}`");
+    let bad = || {
+        format!("expected a duration like `90s`, `30m`, `2h`, or as sbatch writes it: minutes, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM` or `D-HH:MM:SS`; found `{s}`")
+    };
     let t = s.trim();
-    let secs = if t.contains(':') {
-        let parts: Vec<&str> = t.split(':').collect();
-        if parts.len() > 3 || parts.iter().any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+    let number = |p: &str| (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())).then(|| p.parse::<u64>().ok()).flatten();
+    let secs = if let Some((days, rest)) = t.split_once('-') {
+        // D-HH, D-HH:MM, D-HH:MM:SS: after the day, hours come first.
+        let d = number(days).ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split(':').collect();
+        if parts.len() > 3 {
             return Err(bad());
         }
-        parts.iter().try_fold(0u64, |acc, p| p.parse::<u64>().ok().and_then(|v| acc.checked_mul(60)?.checked_add(v))).ok_or_else(bad)?
+        let mut hms = [0u64; 3];
+        for (slot, p) in hms.iter_mut().zip(&parts) {
+            *slot = number(p).ok_or_else(bad)?;
+        }
+        let [h, m, sec] = hms;
+        d.checked_mul(24)
+            .and_then(|x| x.checked_add(h)?.checked_mul(60)?.checked_add(m)?.checked_mul(60)?.checked_add(sec))
+            .ok_or_else(bad)?
+    } else if t.contains(':') {
+        // MM:SS or HH:MM:SS.
+        let parts: Vec<&str> = t.split(':').collect();
+        if parts.len() > 3 {
+            return Err(bad());
+        }
+        parts.iter().try_fold(0u64, |acc, p| number(p).and_then(|v| acc.checked_mul(60)?.checked_add(v))).ok_or_else(bad)?
+    } else if let Some(minutes) = number(t) {
+        minutes.checked_mul(60).ok_or_else(bad)?
     } else {
         let (num, unit) = t.split_at(t.len().saturating_sub(1));
         let per = match unit {
@@ -488,7 +510,14 @@ mod tests {
         assert_eq!(parse_time("2h"), Ok(7200));
         assert_eq!(parse_time("01:00:00"), Ok(3600));
         assert_eq!(parse_time("1:30"), Ok(90));
-        for bad in ["", "90", "1:2:3:4", "h", "0s", "1::2", "-5m", "400d"] {
+        // Slurm's own forms (finding 11), including what `slurm_time` writes.
+        assert_eq!(parse_time("1-00:00:00"), Ok(86400));
+        assert_eq!(parse_time("2-12"), Ok(2 * 86400 + 12 * 3600));
+        assert_eq!(parse_time("1-02:30"), Ok(86400 + 2 * 3600 + 30 * 60));
+        assert_eq!(parse_time("36:00:00"), Ok(36 * 3600));
+        assert_eq!(parse_time("90"), Ok(90 * 60), "a bare number is minutes, as in sbatch");
+        assert_eq!(parse_time(&slurm_time(90000)), Ok(90000));
+        for bad in ["", "1:2:3:4", "h", "0s", "0", "1::2", "-5m", "400d", "1-", "-1", "1-2:3:4:5", "1-x", "a-1", "1.5", "1-0:307445734561825860"] {
             assert!(parse_time(bad).is_err(), "{bad}");
         }
         assert_eq!(slurm_time(90), "00:01:30");
@@ -550,7 +579,7 @@ mod tests {
 
     #[test]
     fn profile_errors_name_the_line_and_field() {
-        let e = parse_profile("executor:\n  kind: slurm\n  max_job: 3\n  kinds:\n    trian: {time: 1h}\n    train: {time: 90, mem: 4X}\n")
+        let e = parse_profile("executor:\n  kind: slurm\n  max_job: 3\n  kinds:\n    trian: {time: 1h}\n    train: {time: 90x, mem: 4X}\n")
             .expect_err("invalid");
         let text = e.to_string();
         assert!(text.contains("profile.yaml:3:3: executor.max_job: unknown key `max_job`; did you mean `max_jobs`?"), "{text}");
