@@ -494,7 +494,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
             rt.shutdown_background();
             Err(Error::LockMismatch(m))
         }
-        Outcome::Done { records, failed, cache_error } => {
+        Outcome::Done { records, failed, cache_error, config_error } => {
             rt.shutdown_background();
             print_out(&warning_lines(&fresh, &p.instances, &records));
             print_out(&format!("{}\n", counts.line(started)));
@@ -526,6 +526,12 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                 };
                 LockFile::write_for_run(&lock_store, &lock_path, &header, &done, counts.ran + counts.reused == 0).map_err(Error::Io)?;
                 print_out(&format!("lock: {}\n", lock_path.display()));
+            }
+            if config_error.is_some() {
+                // Exit 2: what needs fixing is the executor block or profile, not a stage.
+                return Err(Error::Usage(format!(
+                    "{failed} instance(s) failed; Slurm refused the settings camflow submitted (see `FAILED` above): fix the `executor:` block or the profile"
+                )));
             }
             if failed > 0 {
                 return Err(Error::StagesFailed { failed });

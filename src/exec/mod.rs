@@ -154,6 +154,9 @@ pub enum Outcome {
         records: Vec<Option<ActionRecord>>,
         failed: usize,
         cache_error: Option<String>,
+        /// The first job the cluster refused for its settings (an invalid partition, memory
+        /// no node has): the run is a configuration error.
+        config_error: Option<String>,
     },
     /// Stopped by a signal: 2 (SIGINT) or 15 (SIGTERM).
     Interrupted {
@@ -241,6 +244,7 @@ pub(crate) async fn execute_with<R: Runner>(
     let mut ran_here: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut stop = false;
     let mut cache_error: Option<String> = None;
+    let mut config_error: Option<String> = None;
     // Registered now, not at the first wait, so a signal during the first dispatch is caught.
     let mut signals = Signals::register();
     loop {
@@ -408,7 +412,10 @@ pub(crate) async fn execute_with<R: Runner>(
                         state[i] = State::Done;
                         let _ = events.send(Event::Reused { idx: i });
                     }
-                    Err(JobError { msg: error, log, cache }) => {
+                    Err(JobError { msg: error, log, cache, config }) => {
+                        if config {
+                            config_error.get_or_insert(error.clone());
+                        }
                         if cache {
                             cache_error.get_or_insert(error.clone());
                             stop = true;
@@ -432,7 +439,7 @@ pub(crate) async fn execute_with<R: Runner>(
             let _ = events.send(Event::Skipped { idx: i });
         }
     }
-    Outcome::Done { records, failed, cache_error }
+    Outcome::Done { records, failed, cache_error, config_error }
 }
 
 pub fn default_jobs() -> u32 {

@@ -610,3 +610,56 @@ fn slurm_cache_path_with_a_percent_sign_works() {
     let logs: Vec<_> = std::fs::read_dir(cache.join("logs/slurm")).expect("the named log folder").flatten().collect();
     assert_eq!(logs.len(), 1, "one job log under the cache's own path: {logs:?}");
 }
+
+/// A shim before the counting one (`shim2/sbatch`, first on PATH) that fails the first call
+/// with `message` and passes the others on.
+fn failing_first_sbatch(p: &Project, cmd: &mut Command, message: &str) {
+    let dir = p.path().join("shim2");
+    std::fs::create_dir_all(&dir).expect("shim2 dir");
+    let marker = p.path().join("sbatch-failed-once");
+    let script = format!(
+        "#!/bin/sh\nif [ ! -e '{m}' ]; then touch '{m}'; echo '{message}' >&2; exit 1; fi\nexec '{next}' \"$@\"\n",
+        m = marker.display(),
+        next = p.path().join("shim/sbatch").display()
+    );
+    std::fs::write(dir.join("sbatch"), script).expect("write shim2");
+    std::fs::set_permissions(dir.join("sbatch"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod shim2");
+    let path = std::env::var_os("PATH").expect("PATH");
+    let mut dirs = vec![dir, p.path().join("shim")];
+    dirs.extend(std::env::split_paths(&path));
+    cmd.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+}
+
+/// Finding 6: an sbatch call that fails for a passing reason (a socket timeout) is tried
+/// again after a wait, and the run succeeds; before, the instance failed at once.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_sbatch_socket_timeout_is_tried_again() {
+    let p = slurm_project(DATA_ONLY);
+    let prof = profile(&p, FAST_POLL);
+    let mut cmd = slurm_cmd(&p, &prof, &p.cache());
+    failing_first_sbatch(&p, &mut cmd, "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation");
+    let (code, out) = watch(cmd).finish(Duration::from_secs(90));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Socket timed out on send/recv operation); trying again in 2s (2 of 4 tries)"), "{out}");
+    assert!(out.contains("summary: ran=1"), "{out}");
+}
+
+/// Findings 6, 10, 12: sbatch refusing the settings (an invalid partition) fails at once with
+/// the configuration-error exit code, naming the stage, the kind and the arguments camflow
+/// built, and leaves no job file behind.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_refused_settings_fail_at_once_naming_them() {
+    let p = slurm_project(DATA_ONLY);
+    let prof = profile(&p, &format!("{FAST_POLL}  partition: no-such-partition\n"));
+    let t = Instant::now();
+    let (code, out) = watch(slurm_cmd(&p, &prof, &p.cache())).finish(Duration::from_secs(60));
+    assert_eq!(code, 2, "a configuration error:\n{out}");
+    assert!(t.elapsed() < Duration::from_secs(10), "not tried again: {:?}", t.elapsed());
+    assert!(out.contains("Slurm refused the job of stage `data` (kind `data`)"), "{out}");
+    assert!(out.contains("camflow asked: --job-name=camflow-data --partition=no-such-partition"), "{out}");
+    assert!(!out.contains("sbatch: sbatch:"), "{out}");
+    let jobs: Vec<_> = std::fs::read_dir(p.cache().join("slurm/jobs")).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(jobs.is_empty(), "the job file is removed when sbatch fails: {jobs:?}");
+}

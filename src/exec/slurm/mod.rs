@@ -284,7 +284,7 @@ impl SlurmRunner {
                     "{label}: Slurm job {id}: squeue has failed for {}s in a row ({error}), so camflow cannot tell whether the job still runs; {cancelled}",
                     since.elapsed().as_secs()
                 );
-                self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: Some(task.log.clone()), cache: false }))));
+                self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: Some(task.log.clone()), cache: false, config: false }))));
             }
         }
     }
@@ -342,18 +342,18 @@ impl SlurmRunner {
         }
         let file =
             JobFile { format: JOB_FORMAT, tasks: tasks.iter().map(|t| t.iter().map(|m| JobSpec::from_job(&m.job)).collect()).collect() };
-        let fail_all = |me: &mut SlurmRunner, tasks: Vec<Vec<Member>>, msg: &str| {
+        let fail_all = |me: &mut SlurmRunner, tasks: Vec<Vec<Member>>, msg: &str, config: bool| {
             for m in tasks.into_iter().flatten() {
                 let label = &m.job.input.instances[m.job.idx].label;
-                me.ready.push_back(Ok((m.job.idx, Err(JobError { msg: format!("{label}: {msg}"), log: None, cache: false }))));
+                me.ready.push_back(Ok((m.job.idx, Err(JobError { msg: format!("{label}: {msg}"), log: None, cache: false, config }))));
             }
         };
         let job_file = match jobfile::write_job_file(&self.store, &file) {
             Ok(p) => p,
-            Err(e) => return fail_all(self, tasks, &format!("writing the job file: {e}")),
+            Err(e) => return fail_all(self, tasks, &format!("writing the job file: {e}"), false),
         };
         if let Err(e) = std::fs::create_dir_all(self.log_dir()) {
-            return fail_all(self, tasks, &format!("creating {}: {e}", self.log_dir().display()));
+            return fail_all(self, tasks, &format!("creating {}: {e}", self.log_dir().display()), false);
         }
         let pattern = sbatch::filename_pattern(&self.log_dir().to_string_lossy(), if array { "%A_%a.out" } else { "%j.out" });
         let command = sbatch::worker_command(&self.exe.to_string_lossy(), &self.root.to_string_lossy(), &job_file.to_string_lossy(), array);
@@ -367,12 +367,42 @@ impl SlurmRunner {
         };
         let args = sbatch::sbatch_args(&self.cfg, &sub);
         let request = sbatch::request_args(&args);
-        let job_id = match slurm_cmd("sbatch", args)
-            .await
-            .and_then(|o| sbatch::parse_sbatch_id(&o).ok_or_else(|| format!("sbatch printed no job id: {o}")))
-        {
+        tracing::debug!("sbatch {}", args.join(" "));
+        let mut wait = sbatch::SBATCH_FIRST_WAIT;
+        let mut tries = 1;
+        let submitted = loop {
+            match slurm_cmd("sbatch", args.clone()).await {
+                Ok(o) => break sbatch::parse_sbatch_id(&o).ok_or_else(|| (format!("sbatch printed no job id: {o}"), false)),
+                Err(e) if sbatch::transient(&e) && tries < sbatch::SBATCH_TRIES => {
+                    // A busy or restarting slurmctld; the submission may be tried again (if
+                    // the failed call did create a job, the worker's key lock and second look
+                    // make the second one a reuse).
+                    let text = format!("sbatch failed ({e}); trying again in {}s ({} of {} tries)", wait.as_secs(), tries + 1, sbatch::SBATCH_TRIES);
+                    let _ = self.events.send(Event::Note { text });
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    tries += 1;
+                }
+                Err(e) if sbatch::transient(&e) => break Err((format!("submitting to Slurm failed {tries} times: {e}"), false)),
+                Err(e) => {
+                    let msg = format!(
+                        "Slurm refused the job of stage `{stage}` (kind `{kind}`): {e}; camflow asked: {}; check `executor.partition`, `account`, `qos`, `sbatch` and `executor.kinds.{kind}` (or `kinds.{stage}`): `time`, `mem`, `sbatch`",
+                        request.join(" ")
+                    );
+                    break Err((msg, true));
+                }
+            }
+        };
+        let job_id = match submitted {
             Ok(id) => id,
-            Err(e) => return fail_all(self, tasks, &format!("submitting to Slurm failed: {e}")),
+            Err((msg, config)) => {
+                // No job will read it (a job file is content-addressed: another submission of
+                // the same tasks may still use it).
+                if !self.known.values().any(|k| k.job_file == job_file) && !self.others.iter().any(|(r, _)| r.job_file == job_file) {
+                    let _ = std::fs::remove_file(&job_file);
+                }
+                return fail_all(self, tasks, &msg, config);
+            }
         };
         let rec = SubmissionRecord {
             job_id: job_id.clone(),
@@ -428,7 +458,7 @@ impl SlurmRunner {
             self.enqueue(m);
             return;
         }
-        self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: Some(log.to_path_buf()), cache: false }))));
+        self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: Some(log.to_path_buf()), cache: false, config: false }))));
     }
 
     /// A member whose worker reported `status`: its record is read back from the cache.
@@ -458,7 +488,7 @@ impl SlurmRunner {
             ),
             Err(e) => self
                 .ready
-                .push_back(Ok((m.job.idx, Err(JobError { msg: format!("{label}: reading the cache: {e}"), log: None, cache: true })))),
+                .push_back(Ok((m.job.idx, Err(JobError { msg: format!("{label}: reading the cache: {e}"), log: None, cache: true, config: false })))),
         }
     }
 
@@ -628,7 +658,7 @@ impl SlurmRunner {
                     inst.label,
                     sbatch::advice(&reason, &inst.stage, &inst.kind, &task.request)
                 );
-                self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: None, cache: false }))));
+                self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: None, cache: false, config: false }))));
             }
         }
     }

@@ -103,6 +103,31 @@ pub fn command_error(program: &str, stderr: &str, stdout: &str) -> String {
     if text.starts_with(&format!("{program}:")) { text } else { format!("{program}: {text}") }
 }
 
+/// How many times one submission is tried when sbatch fails for a reason that passes
+/// ([`transient`]), and the wait before the second try (doubled before each next one: 2, 4,
+/// 8 s, long enough for a busy slurmctld to catch up, short enough not to stall a run).
+pub const SBATCH_TRIES: u32 = 4;
+pub const SBATCH_FIRST_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether an sbatch error is the controller being busy or briefly unreachable (worth trying
+/// again) rather than a refusal of the job's settings (invalid partition, account, QOS or
+/// option; memory or nodes no node has), which fails the same way every time.
+pub fn transient(error: &str) -> bool {
+    const PASSING: &[&str] = &[
+        "socket timed out",
+        "temporarily unable to accept job",
+        "resource temporarily unavailable",
+        "unable to contact slurm controller",
+        "connection refused",
+        "zero bytes were transmitted",
+        "communication connection failure",
+        "slurmctld is not responding",
+        "try again",
+    ];
+    let e = error.to_ascii_lowercase();
+    PASSING.iter().any(|p| e.contains(p))
+}
+
 /// The job id from `sbatch --parsable` (`123` or `123;cluster`).
 pub fn parse_sbatch_id(stdout: &str) -> Option<String> {
     let id = stdout.trim().split(';').next()?.trim();
@@ -401,6 +426,28 @@ mod tests {
             worker_command("/bin/camflow", "/c", "/c/j.json", true),
             r#"exec /bin/camflow worker --cache /c --task "$SLURM_ARRAY_TASK_ID" --job-id "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" /c/j.json"#
         );
+    }
+
+    /// Finding 6: the controller's passing troubles are tried again; a refusal of the
+    /// settings is not.
+    #[test]
+    fn transient_sbatch_errors_are_told_from_refusals() {
+        for e in [
+            "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation",
+            "sbatch: error: Slurm temporarily unable to accept job, sleeping and retrying",
+            "sbatch: error: Batch job submission failed: Resource temporarily unavailable",
+            "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)",
+        ] {
+            assert!(transient(e), "{e}");
+        }
+        for e in [
+            "sbatch: error: invalid partition specified: gpu-long; sbatch: error: Batch job submission failed: Invalid partition name specified",
+            "sbatch: error: Memory specification can not be satisfied; sbatch: error: Batch job submission failed: Requested node configuration is not available",
+            "sbatch: unrecognized option '--mem 4G'",
+            "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+        ] {
+            assert!(!transient(e), "{e}");
+        }
     }
 
     /// Finding 9: a `%` in the cache path reaches sbatch as `%%`, the pattern's own as is.
