@@ -663,3 +663,30 @@ fn slurm_refused_settings_fail_at_once_naming_them() {
     let jobs: Vec<_> = std::fs::read_dir(p.cache().join("slurm/jobs")).map(|d| d.flatten().collect()).unwrap_or_default();
     assert!(jobs.is_empty(), "the job file is removed when sbatch fails: {jobs:?}");
 }
+
+/// Finding 4: the controller killed while its job waits (held, with `time: 1h`); the rerun,
+/// with corrected settings, cancels that job and submits with its own instead of adopting it
+/// (before, it adopted the held job and waited for ever).
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_rerun_replaces_a_pending_job_submitted_with_other_settings() {
+    let p = slurm_project(DATA_ONLY);
+    let prof = profile(&p, &format!("{FAST_POLL}  kinds:\n    data: {{time: 1h, sbatch: [--hold]}}\n"));
+    let mut w = watch(slurm_cmd(&p, &prof, &p.cache()));
+    w.wait_for("is held (JobHeldUser)", Duration::from_secs(60));
+    w.child.kill().expect("SIGKILL the controller");
+    let _ = w.child.wait();
+    let first = submissions(&p);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let prof = profile(&p, &format!("{FAST_POLL}  kinds:\n    data: {{time: 2m}}\n"));
+    let (code, out) = watch(slurm_cmd(&p, &prof, &p.cache())).finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("Slurm job {} (data) of a controller that is gone asked for other settings", first[0])), "{out}");
+    assert!(out.contains("--time=01:00:00 (now --time=00:02:00), --hold (now not asked)"), "{out}");
+    assert_eq!(submissions(&p).len(), 2, "submitted again");
+    let t = Instant::now();
+    while !queue(&first).is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(queue(&first).is_empty(), "the old job was cancelled: {:?}", queue(&first));
+}

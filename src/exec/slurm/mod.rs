@@ -65,6 +65,10 @@ struct SubmissionRecord {
     #[serde(flatten)]
     submitter: Process,
     job_file: PathBuf,
+    /// What the job asks of the cluster ([`sbatch::request_args`]): a rerun adopts the job
+    /// silently only if it would ask the same. Records of older camflows have none.
+    #[serde(default)]
+    sbatch_args: Vec<String>,
 }
 
 impl SubmissionRecord {
@@ -297,17 +301,53 @@ impl SlurmRunner {
         }
         let Ok(queue) = self.squeue().await else { return };
         let queued = std::mem::take(&mut self.queued);
+        // Pending tasks of gone controllers that asked for something else: cancelled, their
+        // keys submitted again with this run's settings.
+        let mut replace: Vec<String> = Vec::new();
+        let mut told: HashSet<String> = HashSet::new();
         for m in queued {
             let Some((task_id, n)) = self.index.get(&m.job.digest).cloned().filter(|(t, _)| queue.contains_key(t)) else {
                 self.queued.push(m);
                 continue;
             };
+            if replace.contains(&task_id) {
+                self.queued.push(m);
+                continue;
+            }
+            let inst = &m.job.input.instances[m.job.idx];
+            let now_asks = request_for(&self.cfg, &inst.stage, &inst.kind, &m.res);
+            let stage = inst.stage.clone();
             let (rec, path) = &self.others[n];
             let job_id = rec.job_id.clone();
             // Ours to cancel on Ctrl-C: submitted by this process, or by a controller of this
             // host that is gone (a reused pid is another process). Another host's or
             // container's controller may be alive: its jobs are left to it.
             let mine = rec.submitter == self.me || rec.submitter.alive_seen_from(&self.me) == Some(false);
+            // A rerun is often meant to fix the request (a time over the partition's limit, too
+            // little memory): adopting the old job would keep the old request. A job not yet
+            // started of a gone controller is replaced; a running one (cancelling it loses its
+            // work) or a live controller's is adopted, and the difference told.
+            let difference = if rec.sbatch_args.is_empty() { None } else { sbatch::request_difference(&rec.sbatch_args, &now_asks) };
+            if let Some(d) = &difference {
+                let pending = queue.get(&task_id).is_some_and(|q| not_started(&q.state));
+                if mine && pending {
+                    let text = format!(
+                        "Slurm job {task_id} ({stage}) of a controller that is gone asked for other settings: {d}; cancelling it and submitting again with this run's"
+                    );
+                    let _ = self.events.send(Event::Note { text });
+                    replace.push(task_id);
+                    self.queued.push(m);
+                    continue;
+                }
+                if told.insert(task_id.clone()) {
+                    let whose = if mine { "it is already running" } else { "another live controller waits on it" };
+                    let text = format!(
+                        "adopting Slurm job {task_id} ({stage}), submitted with other settings than this run's: {d}; {whose}, so it keeps them (`scancel {task_id}` and rerun to apply this run's)"
+                    );
+                    let _ = self.events.send(Event::Note { text });
+                }
+            }
+            let request = rec.sbatch_args.clone();
             self.known.entry(job_id.clone()).or_insert_with(|| Known {
                 record: path.clone(),
                 job_file: rec.job_file.clone(),
@@ -316,7 +356,14 @@ impl SlurmRunner {
             let _ = self.events.send(Event::Adopted { idx: m.job.idx, job_id: task_id.clone() });
             let m = Member { theirs: !mine, ..m };
             let log = self.log_path(&task_id);
-            self.tasks.entry(task_id).or_insert_with(|| Task::new(job_id, log, Vec::new(), Vec::new())).members.push(m);
+            self.tasks.entry(task_id).or_insert_with(|| Task::new(job_id, log, Vec::new(), request)).members.push(m);
+        }
+        if !replace.is_empty()
+            && let Err(e) = slurm_cmd("scancel", replace.clone()).await
+        {
+            // The keys are submitted anyway: if the old job runs after all, the worker's key
+            // lock and second look make one of the two a reuse.
+            let _ = self.events.send(Event::Note { text: format!("cancelling Slurm job {} failed: {e}", replace.join(" ")) });
         }
     }
 
@@ -410,6 +457,7 @@ impl SlurmRunner {
             tasks: tasks.iter().map(|t| t.iter().map(|m| m.job.digest.clone()).collect()).collect(),
             submitter: self.me.clone(),
             job_file: job_file.clone(),
+            sbatch_args: request.clone(),
         };
         let record = self.submitted_dir().join(format!("{job_id}.json"));
         // Not fatal: without the record a rerun would submit again, and the worker's second
@@ -804,6 +852,14 @@ pub async fn execute(
     let local = LocalRunner::for_run(setup.local_jobs, &input, &catalog, &opts);
     let runner = SlurmRunner::new(setup, local, store.clone(), events.clone());
     super::execute_with(input, catalog, store, opts, events, runner).await
+}
+
+/// What this run would ask of the cluster for an instance of `kind` in `stage` with `res`
+/// ([`sbatch::request_args`] of the arguments [`SlurmRunner::submit`] builds).
+fn request_for(cfg: &ExecutorConfig, stage: &str, kind: &str, res: &Resources) -> Vec<String> {
+    let settings = cfg.settings(stage, kind);
+    let sub = Submission { stage, res, settings: &settings, log_pattern: "", array: None, command: "" };
+    sbatch::request_args(&sbatch::sbatch_args(cfg, &sub))
 }
 
 /// Whether another controller's submission record, owned by `owner` and last written at

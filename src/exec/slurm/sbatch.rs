@@ -450,6 +450,23 @@ mod tests {
         }
     }
 
+    /// Finding 4: what a recorded submission asked, against this run's request.
+    #[test]
+    fn request_differences_name_the_old_and_new_values() {
+        let v = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let full = v(&["--parsable", "--job-name=camflow-train", "--output=/c/%j.out", "--array=0-3", "--time=01:00:00", "--wrap=exec x"]);
+        assert_eq!(request_args(&full), v(&["--job-name=camflow-train", "--time=01:00:00"]));
+        let old = v(&["--job-name=camflow-train", "--time=01:00:00", "--hold"]);
+        assert_eq!(request_difference(&old, &old), None);
+        let new = v(&["--job-name=camflow-train", "--time=00:02:00", "--mem=1024M"]);
+        assert_eq!(
+            request_difference(&old, &new).as_deref(),
+            Some("--time=01:00:00 (now --time=00:02:00), --hold (now not asked), no --mem=1024M (now asked)")
+        );
+        let swapped = v(&["--hold", "--job-name=camflow-train", "--time=01:00:00"]);
+        assert!(request_difference(&old, &swapped).is_some(), "order matters to sbatch");
+    }
+
     /// Finding 9: a `%` in the cache path reaches sbatch as `%%`, the pattern's own as is.
     #[test]
     fn a_percent_in_the_log_folder_is_escaped() {
