@@ -199,7 +199,7 @@ impl Runner for LocalRunner {
         }
     }
 
-    fn abandon(&mut self) -> Vec<usize> {
+    async fn abandon(&mut self) -> Vec<usize> {
         self.waiting.drain(..).map(|(j, _)| j.idx).collect()
     }
 

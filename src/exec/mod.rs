@@ -195,8 +195,9 @@ pub(crate) trait Runner {
     /// SIGINT/SIGTERM: stop this runner's work (a Slurm runner cancels its jobs).
     async fn interrupt(&mut self);
     /// The run stops (a failure without `--keep-going`, a cache error): gives back the
-    /// instances started but not yet running, which then never run.
-    fn abandon(&mut self) -> Vec<usize>;
+    /// instances started but not yet running, which then never run (a Slurm runner cancels
+    /// its jobs still pending). Called after every pass while the run stops.
+    async fn abandon(&mut self) -> Vec<usize>;
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -379,7 +380,7 @@ pub(crate) async fn execute_with<R: Runner>(
         if stop {
             // Fail fast: what was handed to the runner but has not started (a fused group
             // waiting for slots, instances not yet submitted) never starts.
-            for i in runner.abandon() {
+            for i in runner.abandon().await {
                 state[i] = State::Skipped;
                 let _ = events.send(Event::Skipped { idx: i });
             }

@@ -690,3 +690,30 @@ fn slurm_rerun_replaces_a_pending_job_submitted_with_other_settings() {
     }
     assert!(queue(&first).is_empty(), "the old job was cancelled: {:?}", queue(&first));
 }
+
+/// Finding 8: without `--keep-going`, the first failure cancels this run's jobs that have not
+/// started (here the second of two held data jobs) and says so, instead of waiting for them.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_first_failure_cancels_this_runs_pending_jobs() {
+    let yaml = DATA_ONLY.replace("count: 8, ", "") + "    sweep:\n      grid:\n        count: [8, 9]\n";
+    let p = slurm_project(&yaml);
+    let prof = profile(&p, &format!("{FAST_POLL}{ONE_PER_JOB}  kinds:\n    data: {{retries: 2, sbatch: [--hold]}}\n"));
+    let mut w = watch(slurm_cmd(&p, &prof, &p.cache()));
+    w.wait_for("is held (JobHeldUser)", Duration::from_secs(60));
+    let ids = submissions(&p);
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    let st = Command::new("scancel").arg(&ids[0]).status().expect("scancel runs");
+    assert!(st.success());
+    let (code, out) = w.finish(Duration::from_secs(60));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("CANCELLED"), "{out}");
+    assert!(out.contains("cancelled 1 Slurm job(s) of this run that had not started"), "{out}");
+    assert!(out.contains("skipped=1"), "the cancelled instance is skipped:\n{out}");
+    assert_eq!(submissions(&p).len(), 2, "nothing resubmitted");
+    let t = Instant::now();
+    while !queue(&ids).is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(queue(&ids).is_empty(), "{:?}", queue(&ids));
+}

@@ -151,6 +151,8 @@ pub(crate) struct SlurmRunner {
     squeue_told: HashSet<String>,
     /// `squeue -u <uid>` instead of `--me`, which Slurm before 20.11 does not know.
     squeue_by_uid: bool,
+    /// The run stops (a failure without `--keep-going`): no retries, pending jobs cancelled.
+    stopping: bool,
 }
 
 /// Runs a Slurm command off the async runtime; `Err` with what it printed when it fails.
@@ -198,6 +200,7 @@ impl SlurmRunner {
             squeue_failing: None,
             squeue_told: HashSet::new(),
             squeue_by_uid: false,
+            stopping: false,
         };
         r.load_index();
         r
@@ -496,11 +499,61 @@ impl SlurmRunner {
         ("UNKNOWN".into(), None)
     }
 
-    /// A failed member: resubmitted while its kind has `retries` left, else reported.
+    /// The run stops: this controller's own jobs that have not started are cancelled (what
+    /// has not started never starts, as in a local run; a running job is left to finish, its
+    /// work is kept). Returns their instances, which are then skipped.
+    async fn cancel_pending(&mut self) -> Vec<usize> {
+        if self.tasks.is_empty() {
+            return Vec::new();
+        }
+        let pending: Vec<String> = match self.squeue().await {
+            Ok(q) => self
+                .tasks
+                .iter()
+                .filter(|(id, t)| {
+                    q.get(*id).is_some_and(|x| not_started(&x.state))
+                        && self.known.get(&t.job_id).is_some_and(|k| k.cancel_on_interrupt)
+                        && !t.members.iter().any(|m| m.theirs)
+                })
+                .map(|(id, _)| id.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut idxs = Vec::new();
+        let mut cancelled = 0;
+        if !pending.is_empty() {
+            match slurm_cmd("scancel", pending.clone()).await {
+                Ok(_) => {
+                    for id in &pending {
+                        if let Some(t) = self.tasks.remove(id) {
+                            cancelled += 1;
+                            idxs.extend(t.members.iter().map(|m| m.job.idx));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = self.events.send(Event::Note { text: format!("cancelling pending Slurm jobs {} failed: {e}", pending.join(" ")) });
+                }
+            }
+        }
+        let left = self.tasks.len();
+        let mut text = String::from("stopping after the failure (without --keep-going)");
+        if cancelled > 0 {
+            text.push_str(&format!(": cancelled {cancelled} Slurm job(s) of this run that had not started"));
+        }
+        if left > 0 {
+            text.push_str(&format!("; waiting for {left} Slurm job(s) already running or not this run's to cancel (Ctrl-C cancels this run's)"));
+        }
+        let _ = self.events.send(Event::Note { text });
+        idxs
+    }
+
+    /// A failed member: resubmitted while its kind has `retries` left (not once the run
+    /// stops), else reported.
     fn fail(&mut self, mut m: Member, state: &str, msg: String, log: &Path) {
         let inst = &m.job.input.instances[m.job.idx];
         let retries = self.cfg.settings(&inst.stage, &inst.kind).retries.unwrap_or(0);
-        if sbatch::retryable(state) && m.attempts < retries {
+        if sbatch::retryable(state) && m.attempts < retries && !self.stopping {
             m.attempts += 1;
             let _ = self.events.send(Event::Retrying { idx: m.job.idx, error: msg, attempt: m.attempts });
             self.enqueue(m);
@@ -812,10 +865,14 @@ impl Runner for SlurmRunner {
         }
     }
 
-    fn abandon(&mut self) -> Vec<usize> {
+    async fn abandon(&mut self) -> Vec<usize> {
         self.queued_by_kind.clear();
         let mut idxs: Vec<usize> = self.queued.drain(..).map(|m| m.job.idx).collect();
-        idxs.extend(self.local.abandon());
+        idxs.extend(self.local.abandon().await);
+        if !self.stopping {
+            self.stopping = true;
+            idxs.extend(self.cancel_pending().await);
+        }
         idxs
     }
 
