@@ -212,7 +212,9 @@ pub fn parse_mem(s: &str) -> Result<u64, String> {
 /// reads it (people who write Slurm's forms mean Slurm's meaning).
 pub fn parse_time(s: &str) -> Result<u64, String> {
     let bad = || {
-        format!("expected a duration like `90s`, `30m`, `2h`, or as sbatch writes it: minutes, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM` or `D-HH:MM:SS`; found `{s}`")
+        format!(
+            "expected a duration like `90s`, `30m`, `2h`, or as sbatch writes it: minutes, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM` or `D-HH:MM:SS`; found `{s}`"
+        )
     };
     let t = s.trim();
     let number = |p: &str| (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())).then(|| p.parse::<u64>().ok()).flatten();
@@ -517,7 +519,9 @@ mod tests {
         assert_eq!(parse_time("36:00:00"), Ok(36 * 3600));
         assert_eq!(parse_time("90"), Ok(90 * 60), "a bare number is minutes, as in sbatch");
         assert_eq!(parse_time(&slurm_time(90000)), Ok(90000));
-        for bad in ["", "1:2:3:4", "h", "0s", "0", "1::2", "-5m", "400d", "1-", "-1", "1-2:3:4:5", "1-x", "a-1", "1.5", "1-0:307445734561825860"] {
+        for bad in
+            ["", "1:2:3:4", "h", "0s", "0", "1::2", "-5m", "400d", "1-", "-1", "1-2:3:4:5", "1-x", "a-1", "1.5", "1-0:307445734561825860"]
+        {
             assert!(parse_time(bad).is_err(), "{bad}");
         }
         assert_eq!(slurm_time(90), "00:01:30");

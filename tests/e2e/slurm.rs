@@ -442,8 +442,7 @@ fn slurm_two_controllers_on_one_cache_compute_each_key_once() {
 }
 
 /// A pipeline of one cheap data instance: one job, a few seconds.
-const DATA_ONLY: &str =
-    "name: one\nseed: 1\nstages:\n  data:\n    kind: data\n    params: {source: synthetic, count: 8, image_size: 8, slices_per_patient: 1}\n";
+const DATA_ONLY: &str = "name: one\nseed: 1\nstages:\n  data:\n    kind: data\n    params: {source: synthetic, count: 8, image_size: 8, slices_per_patient: 1}\n";
 
 /// A controller whose stdout is read as it runs: each line goes to the channel, all of them
 /// to the thread's result.
@@ -574,7 +573,11 @@ fn slurm_failing_squeue_is_told_and_given_up_on() {
     let prof = profile(&p, "  poll: {min_s: 0.2, max_s: 0.5, give_up_s: 3}\n  kinds:\n    data: {sbatch: [--hold]}\n");
     let (code, out) = watch(slurm_cmd(&p, &prof, &p.cache())).finish(Duration::from_secs(60));
     assert_eq!(code, 1, "{out}");
-    assert_eq!(out.matches("squeue fails: squeue: error: Unable to contact slurm controller (connect failure);").count(), 1, "told once, in its own words:\n{out}");
+    assert_eq!(
+        out.matches("squeue fails: squeue: error: Unable to contact slurm controller (connect failure);").count(),
+        1,
+        "told once, in its own words:\n{out}"
+    );
     assert!(out.contains("executor.poll.give_up_s"), "{out}");
     assert!(out.contains("squeue has failed for 3s in a row"), "{out}");
     assert!(out.contains("camflow cancelled it"), "{out}");

@@ -37,8 +37,8 @@ use serde::{Deserialize, Serialize};
 
 use super::job::{Done, Job, JobError};
 use super::{Event, Finished, LocalRunner, Room, Runner};
-use crate::host::Process;
 use crate::cache::{Lookup, Store};
+use crate::host::Process;
 use crate::spec::ExecutorConfig;
 use crate::stage_kind::Resources;
 use jobfile::{JOB_FORMAT, JobFile, JobSpec, Status};
@@ -176,7 +176,12 @@ async fn slurm_cmd(program: &str, args: Vec<String>) -> Result<String, String> {
 
 impl SlurmRunner {
     /// `local` runs the `on_controller` kinds on this machine (with `--jobs` and `--gpus`).
-    pub(crate) fn new(setup: SlurmSetup, local: LocalRunner, store: Store, events: tokio::sync::mpsc::UnboundedSender<Event>) -> SlurmRunner {
+    pub(crate) fn new(
+        setup: SlurmSetup,
+        local: LocalRunner,
+        store: Store,
+        events: tokio::sync::mpsc::UnboundedSender<Event>,
+    ) -> SlurmRunner {
         let root = std::path::absolute(&store.root).unwrap_or_else(|_| store.root.clone());
         let interval = Duration::from_secs_f64(setup.config.poll_min_s);
         let mut r = SlurmRunner {
@@ -427,7 +432,12 @@ impl SlurmRunner {
                     // A busy or restarting slurmctld; the submission may be tried again (if
                     // the failed call did create a job, the worker's key lock and second look
                     // make the second one a reuse).
-                    let text = format!("sbatch failed ({e}); trying again in {}s ({} of {} tries)", wait.as_secs(), tries + 1, sbatch::SBATCH_TRIES);
+                    let text = format!(
+                        "sbatch failed ({e}); trying again in {}s ({} of {} tries)",
+                        wait.as_secs(),
+                        tries + 1,
+                        sbatch::SBATCH_TRIES
+                    );
                     let _ = self.events.send(Event::Note { text });
                     tokio::time::sleep(wait).await;
                     wait *= 2;
@@ -532,7 +542,8 @@ impl SlurmRunner {
                     }
                 }
                 Err(e) => {
-                    let _ = self.events.send(Event::Note { text: format!("cancelling pending Slurm jobs {} failed: {e}", pending.join(" ")) });
+                    let _ =
+                        self.events.send(Event::Note { text: format!("cancelling pending Slurm jobs {} failed: {e}", pending.join(" ")) });
                 }
             }
         }
@@ -542,7 +553,9 @@ impl SlurmRunner {
             text.push_str(&format!(": cancelled {cancelled} Slurm job(s) of this run that had not started"));
         }
         if left > 0 {
-            text.push_str(&format!("; waiting for {left} Slurm job(s) already running or not this run's to cancel (Ctrl-C cancels this run's)"));
+            text.push_str(&format!(
+                "; waiting for {left} Slurm job(s) already running or not this run's to cancel (Ctrl-C cancels this run's)"
+            ));
         }
         let _ = self.events.send(Event::Note { text });
         idxs
@@ -581,15 +594,13 @@ impl SlurmRunner {
                 let done = if o.status == Status::Ran && !m.theirs { Done::Ran(*rec, o.seconds) } else { Done::Reused(*rec) };
                 self.ready.push_back(Ok((m.job.idx, Ok(done))));
             }
-            Ok(_) => self.fail(
-                m,
-                "FAILED",
-                format!("{label}: Slurm job {task_id} reported success, but its record is missing or damaged"),
-                log,
-            ),
-            Err(e) => self
-                .ready
-                .push_back(Ok((m.job.idx, Err(JobError { msg: format!("{label}: reading the cache: {e}"), log: None, cache: true, config: false })))),
+            Ok(_) => {
+                self.fail(m, "FAILED", format!("{label}: Slurm job {task_id} reported success, but its record is missing or damaged"), log)
+            }
+            Err(e) => self.ready.push_back(Ok((
+                m.job.idx,
+                Err(JobError { msg: format!("{label}: reading the cache: {e}"), log: None, cache: true, config: false }),
+            ))),
         }
     }
 
@@ -729,7 +740,9 @@ impl SlurmRunner {
             let inst = &m.job.input.instances[m.job.idx];
             let shown = if ids.len() > 3 { format!("{} and {} more", ids[..3].join(", "), ids.len() - 3) } else { ids.join(", ") };
             let text = match sbatch::waiting(&reason) {
-                sbatch::Waiting::Queue => format!("Slurm job {shown} ({}) still pending after {}s: {reason}", inst.stage, QUIET_PENDING.as_secs()),
+                sbatch::Waiting::Queue => {
+                    format!("Slurm job {shown} ({}) still pending after {}s: {reason}", inst.stage, QUIET_PENDING.as_secs())
+                }
                 sbatch::Waiting::Held => format!(
                     "Slurm job {shown} ({}) is held ({reason}): {}",
                     inst.stage,

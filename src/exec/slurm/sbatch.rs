@@ -247,7 +247,11 @@ pub fn advice(reason: &str, stage: &str, kind: &str, request: &[String]) -> Stri
     let field = |f: &str| format!("`executor.kinds.{kind}.{f}` (or `kinds.{stage}.{f}`, or the stage's `resources.{f}`)");
     let r = reason.to_ascii_lowercase();
     let what = if r.contains("time") || r.contains("wall") {
-        format!("its time limit is over what the partition or QOS allows{}: lower {} or choose another `partition`/`qos`", asked("--time="), field("time"))
+        format!(
+            "its time limit is over what the partition or QOS allows{}: lower {} or choose another `partition`/`qos`",
+            asked("--time="),
+            field("time")
+        )
     } else if r.contains("cpu") {
         format!("it asks for more CPUs than allowed{}: lower {}", asked("--cpus-per-task="), field("cpu"))
     } else if r.contains("mem") {
@@ -261,15 +265,21 @@ pub fn advice(reason: &str, stage: &str, kind: &str, request: &[String]) -> Stri
     } else if reason == "InvalidQOS" || reason == "QOSNotAllowed" {
         format!("the QOS is not valid here{}: check `executor.qos`", asked("--qos="))
     } else if reason == "BadConstraints" {
-        format!("no node can ever meet its request: check `cpu`, `mem` and `gpu` of kind `{kind}` and the `sbatch` options (`--constraint`)")
+        format!(
+            "no node can ever meet its request: check `cpu`, `mem` and `gpu` of kind `{kind}` and the `sbatch` options (`--constraint`)"
+        )
     } else if reason == "PartitionConfig" {
-        format!("its request does not fit the partition's configuration{}: check `executor.partition`, `account`, `qos` and the requests of kind `{kind}`", asked("--partition="))
+        format!(
+            "its request does not fit the partition's configuration{}: check `executor.partition`, `account`, `qos` and the requests of kind `{kind}`",
+            asked("--partition=")
+        )
     } else if reason == "DependencyNeverSatisfied" {
         "a job it depends on ended without satisfying it: fix or remove `--dependency` in the `sbatch` options".to_string()
     } else if reason == "JobHeldUser" {
         "held by its user (`--hold` in the `sbatch` options?): `scontrol release <job>` starts it".to_string()
     } else if reason.starts_with("JobHeld") || r.contains("held") {
-        "held by the cluster (an administrator, or a launch that failed): `scontrol release <job>` starts it, `scancel` gives up".to_string()
+        "held by the cluster (an administrator, or a launch that failed): `scontrol release <job>` starts it, `scancel` gives up"
+            .to_string()
     } else {
         format!("check the requests of kind `{kind}` against the cluster's limits")
     };
@@ -493,7 +503,9 @@ mod tests {
     #[test]
     fn queue_and_state_parsing_on_real_output() {
         // squeue -h -r -o '%i|%T|%r' on Slurm 22.05, an array with two tasks pending.
-        let q = parse_squeue("41_0|RUNNING|None\n41_1|PENDING|Priority\n42|COMPLETING|None\n43|PENDING|launch failed requeued held\n\ngarbage\n");
+        let q = parse_squeue(
+            "41_0|RUNNING|None\n41_1|PENDING|Priority\n42|COMPLETING|None\n43|PENDING|launch failed requeued held\n\ngarbage\n",
+        );
         assert_eq!(q.get("41_1"), Some(&Queued { state: "PENDING".into(), reason: Some("Priority".into()) }));
         assert_eq!(q.get("42"), Some(&Queued { state: "COMPLETING".into(), reason: None }));
         assert_eq!(q.get("43").and_then(|x| x.reason.as_deref()), Some("launch failed requeued held"));
