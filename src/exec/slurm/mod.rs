@@ -548,7 +548,7 @@ impl SlurmRunner {
             }
         }
         let left = self.tasks.len();
-        let mut text = String::from("stopping after the failure (without --keep-going)");
+        let mut text = String::from("the run stops (a failure without --keep-going, or a cache error)");
         if cancelled > 0 {
             text.push_str(&format!(": cancelled {cancelled} Slurm job(s) of this run that had not started"));
         }
