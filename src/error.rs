@@ -4,7 +4,7 @@
 //! |------|---------|
 //! | 0    | success (also: stdout closed early, e.g. piped into `head`) |
 //! | 1    | one or more stage instances failed |
-//! | 2    | bad usage or an invalid pipeline spec |
+//! | 2    | bad usage or an invalid pipeline spec (or executor settings Slurm refuses) |
 //! | 3    | `verify` found corrupt or missing cache entries |
 //! | 4    | `run --locked`: a cache key, output or metric differs from the lock file; `diff`: the two sides diverged |
 //! | 5    | the cache or another file could not be read or written |

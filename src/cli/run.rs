@@ -421,6 +421,9 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                 Event::Retrying { error, attempt, .. } => {
                     say(&bar, format!("retry   {error} (resubmitted, retry {attempt})"));
                 }
+                Event::Note { text } => {
+                    say(&bar, format!("note    {text}"));
+                }
                 Event::Fused { idxs } => {
                     let names: Vec<&str> = idxs.iter().map(|&i| labels[i].as_str()).collect();
                     say(&bar, format!("fused   {} instances in one task: {}", idxs.len(), names.join(", ")));
@@ -451,6 +454,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                     | Event::Submitted { .. }
                     | Event::Adopted { .. }
                     | Event::Retrying { .. }
+                    | Event::Note { .. }
                     | Event::Fused { .. }
             ) {
                 bar.inc(1);
@@ -497,7 +501,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
             rt.shutdown_background();
             Err(Error::LockMismatch(m))
         }
-        Outcome::Done { records, failed, cache_error } => {
+        Outcome::Done { records, failed, cache_error, config_error } => {
             rt.shutdown_background();
             print_out(&warning_lines(&fresh, &p.instances, &records));
             print_out(&format!("{}\n", counts.line(started)));
@@ -529,6 +533,12 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
                 };
                 LockFile::write_for_run(&lock_store, &lock_path, &header, &done, counts.ran + counts.reused == 0).map_err(Error::Io)?;
                 print_out(&format!("lock: {}{}\n", lock_path.display(), lock_sets_note(&a.p)));
+            }
+            if config_error.is_some() {
+                // Exit 2: what needs fixing is the executor block or profile, not a stage.
+                return Err(Error::Usage(format!(
+                    "{failed} instance(s) failed; Slurm refused the settings camflow submitted (see `FAILED` above): fix the `executor:` block or the profile"
+                )));
             }
             if failed > 0 {
                 return Err(Error::StagesFailed { failed });

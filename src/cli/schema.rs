@@ -184,6 +184,7 @@ fn executor_schema(kinds: &[&str]) -> Json {
                 "properties": {
                     "min_s": { "type": "number", "exclusiveMinimum": 0, "maximum": 3600 },
                     "max_s": { "type": "number", "exclusiveMinimum": 0, "maximum": 3600 },
+                    "give_up_s": { "type": "number", "exclusiveMinimum": 0, "maximum": 86400, "default": 600, "description": "squeue failing this long in a row fails the run's Slurm jobs" },
                 },
             },
             "kinds": { "type": "object", "description": "per stage kind or stage name: what sbatch is asked for", "additionalProperties": kind_settings },
@@ -233,9 +234,9 @@ pub fn schema(catalog: &Catalog) -> Json {
     defs.insert(
         "time".into(),
         json!({
-            "type": "string",
-            "pattern": r"^\s*([0-9]+[smhd]|[0-9]+(:[0-9]+){1,2})\s*$",
-            "description": "time limit of a cluster job (`--time`): `90s`, `30m`, `2h`, `HH:MM:SS`. Not enforced locally",
+            "type": ["string", "integer"],
+            "pattern": r"^\s*([0-9]+[smhd]|[0-9]+(:[0-9]+){0,2}|[0-9]+-[0-9]+(:[0-9]+){0,2})\s*$",
+            "description": "time limit of a cluster job (`--time`): `90s`, `30m`, `2h`, or sbatch's forms: minutes, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`. Not enforced locally",
         }),
     );
     defs.insert("executor".into(), executor_schema(&names));

@@ -21,9 +21,15 @@ pub struct WorkerArgs {
     /// Job files written by `camflow run --executor slurm`.
     #[arg(required = true, value_name = "JOBFILE")]
     job_files: Vec<PathBuf>,
-    /// Run only this task of the job file (default: $SLURM_ARRAY_TASK_ID, else all tasks).
+    /// Run only this task of the job file (default: $SLURM_ARRAY_TASK_ID unless --job-id is
+    /// given, else all tasks).
     #[arg(long)]
     task: Option<usize>,
+    /// The job id outcomes are written under (`<job>` or `<arrayjob>_<task>`, as squeue names
+    /// it). The controller passes it, with --task, from the job's own variables: a plain job
+    /// may have inherited another job's SLURM_ARRAY_* (see `sbatch::worker_command`).
+    #[arg(long, value_name = "ID")]
+    job_id: Option<String>,
 }
 
 /// This node's numeric class for a backend, as the controller computed it for the key.
@@ -54,15 +60,19 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     let store = open_store(&a.cache)?;
     // Held shared like `run` holds it, so `gc` never removes this job's scratch or objects.
     let _lock = crate::cache::CacheLock::shared(&store.root).map_err(|e| Error::Io(format!("cannot lock the cache: {e}")))?;
+    let given_id = a.job_id.filter(|j| !j.trim().is_empty() && j.trim() != "_");
     let task = match a.task {
         Some(t) => Some(t),
+        // Told the job id, the worker is told its task too (or has none): the environment's
+        // SLURM_ARRAY_TASK_ID may be the submitter's.
+        None if given_id.is_some() => None,
         None => match std::env::var("SLURM_ARRAY_TASK_ID") {
             Ok(v) => Some(v.trim().parse().map_err(|_| Error::Usage(format!("SLURM_ARRAY_TASK_ID={v}: expected a whole number")))?),
             Err(_) => None,
         },
     };
     let catalog = Arc::new(crate::stages::catalog());
-    let id = job_id();
+    let id = given_id.unwrap_or_else(job_id);
     let mut failed = 0;
     for f in &a.job_files {
         let file = jobfile::read_job_file(f).map_err(Error::Usage)?;

@@ -146,7 +146,7 @@ pub(crate) fn run_group(jobs: Vec<Job>) -> Vec<(usize, Result<Done, JobError>)> 
 
 /// A member left without a result: a bug in this file, reported as the member's failure.
 fn no_result(job: &Job) -> JobError {
-    JobError { msg: format!("{}: internal error: the fused group gave no result", job.input.instances[job.idx].label), log: None, cache: false }
+    JobError { msg: format!("{}: internal error: the fused group gave no result", job.input.instances[job.idx].label), log: None, cache: false, config: false }
 }
 
 /// One `run_group` call over the claimed members; `None` for a member that must run alone.

@@ -31,6 +31,9 @@ pub(crate) struct JobError {
     pub msg: String,
     pub log: Option<PathBuf>,
     pub cache: bool,
+    /// The cluster refused the job's settings (sbatch): the run exits as a configuration
+    /// error (2), not as a stage failure.
+    pub config: bool,
 }
 
 pub(crate) struct Job {
@@ -80,11 +83,11 @@ impl Job {
     }
 
     fn fail(&self, m: String) -> JobError {
-        JobError { msg: format!("{}: {m}", self.label()), log: None, cache: false }
+        JobError { msg: format!("{}: {m}", self.label()), log: None, cache: false, config: false }
     }
 
     fn cache_fail(&self, m: String) -> JobError {
-        JobError { msg: format!("{}: {m}", self.label()), log: None, cache: true }
+        JobError { msg: format!("{}: {m}", self.label()), log: None, cache: true, config: false }
     }
 
     pub(crate) fn run(&self) -> Result<Done, JobError> {
@@ -192,7 +195,7 @@ impl Job {
             Ok(Err(e)) => {
                 let text = format!("{log_text}error: {e}\n");
                 let _ = self.store.write_atomic(&log_path, text.as_bytes());
-                return Err(JobError { msg: format!("{label}: {e}"), log: Some(log_path), cache: false });
+                return Err(JobError { msg: format!("{label}: {e}"), log: Some(log_path), cache: false, config: false });
             }
             Err(_) => {
                 let _ = self.store.write_atomic(&log_path, format!("{log_text}error: stage panicked\n").as_bytes());
@@ -200,6 +203,7 @@ impl Job {
                     msg: format!("{label}: stage panicked (a bug in camflow); see the log"),
                     log: Some(log_path),
                     cache: false,
+                    config: false,
                 });
             }
         };

@@ -199,7 +199,7 @@ impl Runner for LocalRunner {
         }
     }
 
-    fn abandon(&mut self) -> Vec<usize> {
+    async fn abandon(&mut self) -> Vec<usize> {
         self.waiting.drain(..).map(|(j, _)| j.idx).collect()
     }
 
@@ -217,7 +217,7 @@ fn guarded(who: Vec<(usize, String)>, task: impl FnOnce() -> Vec<(usize, Result<
         Ok(results) => results,
         Err(panic) => {
             let why = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-            who.into_iter().map(|(i, label)| (i, Err(JobError { msg: format!("{label}: camflow panicked: {why}"), log: None, cache: false }))).collect()
+            who.into_iter().map(|(i, label)| (i, Err(JobError { msg: format!("{label}: camflow panicked: {why}"), log: None, cache: false, config: false }))).collect()
         }
     }
 }
@@ -269,7 +269,7 @@ mod tests {
             vec![(3, "retrain[a]: camflow panicked: publish went wrong".into()), (5, "retrain[b]: camflow panicked: publish went wrong".into())]
         );
         // A task that returns is passed through untouched.
-        let out = guarded(vec![(1, "x".into())], || vec![(1, Err(JobError { msg: "failed".into(), log: None, cache: true }))]);
+        let out = guarded(vec![(1, "x".into())], || vec![(1, Err(JobError { msg: "failed".into(), log: None, cache: true, config: false }))]);
         assert!(matches!(&out[..], [(1, Err(e))] if e.msg == "failed" && e.cache));
     }
 }

@@ -97,6 +97,12 @@ pub enum Event {
         error: String,
         attempt: u32,
     },
+    /// Something the user should know that is neither a result nor an error of an instance:
+    /// why a cluster job waits (held, a limit), that `squeue` fails, a job adopted with other
+    /// settings than this run's, jobs cancelled after a failure.
+    Note {
+        text: String,
+    },
     /// These instances (each also `Started`) run together as one fused group.
     Fused {
         idxs: Vec<usize>,
@@ -148,6 +154,9 @@ pub enum Outcome {
         records: Vec<Option<ActionRecord>>,
         failed: usize,
         cache_error: Option<String>,
+        /// The first job the cluster refused for its settings (an invalid partition, memory
+        /// no node has): the run is a configuration error.
+        config_error: Option<String>,
     },
     /// Stopped by a signal: 2 (SIGINT) or 15 (SIGTERM).
     Interrupted {
@@ -186,8 +195,9 @@ pub(crate) trait Runner {
     /// SIGINT/SIGTERM: stop this runner's work (a Slurm runner cancels its jobs).
     async fn interrupt(&mut self);
     /// The run stops (a failure without `--keep-going`, a cache error): gives back the
-    /// instances started but not yet running, which then never run.
-    fn abandon(&mut self) -> Vec<usize>;
+    /// instances started but not yet running, which then never run (a Slurm runner cancels
+    /// its jobs still pending). Called after every pass while the run stops.
+    async fn abandon(&mut self) -> Vec<usize>;
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -235,6 +245,7 @@ pub(crate) async fn execute_with<R: Runner>(
     let mut ran_here: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut stop = false;
     let mut cache_error: Option<String> = None;
+    let mut config_error: Option<String> = None;
     // Registered now, not at the first wait, so a signal during the first dispatch is caught.
     let mut signals = Signals::register();
     loop {
@@ -370,7 +381,7 @@ pub(crate) async fn execute_with<R: Runner>(
         if stop {
             // Fail fast: what was handed to the runner but has not started (a fused group
             // waiting for slots, instances not yet submitted) never starts.
-            for i in runner.abandon() {
+            for i in runner.abandon().await {
                 state[i] = State::Skipped;
                 let _ = events.send(Event::Skipped { idx: i });
             }
@@ -403,7 +414,10 @@ pub(crate) async fn execute_with<R: Runner>(
                         state[i] = State::Done;
                         let _ = events.send(Event::Reused { idx: i });
                     }
-                    Err(JobError { msg: error, log, cache }) => {
+                    Err(JobError { msg: error, log, cache, config }) => {
+                        if config {
+                            config_error.get_or_insert(error.clone());
+                        }
                         if cache {
                             cache_error.get_or_insert(error.clone());
                             stop = true;
@@ -427,7 +441,7 @@ pub(crate) async fn execute_with<R: Runner>(
             let _ = events.send(Event::Skipped { idx: i });
         }
     }
-    Outcome::Done { records, failed, cache_error }
+    Outcome::Done { records, failed, cache_error, config_error }
 }
 
 pub fn default_jobs() -> u32 {

@@ -16,7 +16,7 @@ use crate::stage_kind::Catalog;
 pub(crate) const EXECUTOR_KEYS: &[&str] =
     &["kind", "partition", "account", "qos", "max_jobs", "sbatch", "arrays", "on_controller", "batch", "poll", "kinds"];
 pub(crate) const KIND_KEYS: &[&str] = &["time", "mem", "retries", "sbatch"];
-pub(crate) const POLL_KEYS: &[&str] = &["min_s", "max_s"];
+pub(crate) const POLL_KEYS: &[&str] = &["min_s", "max_s", "give_up_s"];
 
 /// Where instances run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,6 +49,20 @@ pub struct KindSettings {
     pub sbatch: Option<Vec<String>>,
 }
 
+impl KindSettings {
+    /// `self` over `base`, field by field: a profile's `kinds.train: {mem: 1G}` keeps the
+    /// pipeline's `time` and `retries` for `train` (a lost `time` would fall back to the
+    /// partition's default limit, silently).
+    pub fn over(self, base: KindSettings) -> KindSettings {
+        KindSettings {
+            time: self.time.or(base.time),
+            mem: self.mem.or(base.mem),
+            retries: self.retries.or(base.retries),
+            sbatch: self.sbatch.or(base.sbatch),
+        }
+    }
+}
+
 /// The block as written: every field optional, so that a profile overrides a pipeline's block
 /// field by field ([`ExecutorSpec::over`]).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -64,7 +78,9 @@ pub struct ExecutorSpec {
     pub batch: Option<BTreeMap<String, u32>>,
     pub poll_min_s: Option<f64>,
     pub poll_max_s: Option<f64>,
-    /// By stage kind or stage name; a profile's entry for a name replaces the pipeline's.
+    pub poll_give_up_s: Option<f64>,
+    /// By stage kind or stage name; a profile's entry for a name wins over the pipeline's
+    /// field by field ([`KindSettings::over`]).
     pub kinds: BTreeMap<String, KindSettings>,
 }
 
@@ -84,10 +100,16 @@ pub struct ExecutorConfig {
     pub batch: BTreeMap<String, u32>,
     pub poll_min_s: f64,
     pub poll_max_s: f64,
+    /// How long `squeue` may fail in a row before the controller gives up on its jobs.
+    pub poll_give_up_s: f64,
     pub kinds: BTreeMap<String, KindSettings>,
 }
 
 pub const DEFAULT_MAX_JOBS: u32 = 200;
+
+/// `poll.give_up_s`: ten minutes of `squeue` failing in a row outlasts a slurmctld restart or
+/// failover, and is short enough that a broken `squeue` does not hold a run for hours.
+pub const DEFAULT_GIVE_UP_S: f64 = 600.0;
 
 /// The cheap kinds are batched by default: a threshold or a score takes well under a second,
 /// less than Slurm takes to start a job.
@@ -99,7 +121,13 @@ impl ExecutorSpec {
     /// `self` (a profile) over `base` (the pipeline's block), field by field.
     pub fn over(self, base: ExecutorSpec) -> ExecutorSpec {
         let mut kinds = base.kinds;
-        kinds.extend(self.kinds);
+        for (name, mine) in self.kinds {
+            let merged = match kinds.remove(&name) {
+                Some(theirs) => mine.over(theirs),
+                None => mine,
+            };
+            kinds.insert(name, merged);
+        }
         ExecutorSpec {
             kind: self.kind.or(base.kind),
             partition: self.partition.or(base.partition),
@@ -112,6 +140,7 @@ impl ExecutorSpec {
             batch: self.batch.or(base.batch),
             poll_min_s: self.poll_min_s.or(base.poll_min_s),
             poll_max_s: self.poll_max_s.or(base.poll_max_s),
+            poll_give_up_s: self.poll_give_up_s.or(base.poll_give_up_s),
             kinds,
         }
     }
@@ -130,6 +159,7 @@ impl ExecutorSpec {
             batch: self.batch.unwrap_or_else(default_batch),
             poll_min_s,
             poll_max_s: self.poll_max_s.unwrap_or(15.0).max(poll_min_s),
+            poll_give_up_s: self.poll_give_up_s.unwrap_or(DEFAULT_GIVE_UP_S),
             kinds: self.kinds,
         }
     }
@@ -142,12 +172,7 @@ impl ExecutorConfig {
         let k = self.kinds.get(kind).cloned().unwrap_or_default();
         match self.kinds.get(stage) {
             None => k,
-            Some(s) => KindSettings {
-                time: s.time.or(k.time),
-                mem: s.mem.or(k.mem),
-                retries: s.retries.or(k.retries),
-                sbatch: s.sbatch.clone().or(k.sbatch),
-            },
+            Some(s) => s.clone().over(k),
         }
     }
 
@@ -182,17 +207,41 @@ pub fn parse_mem(s: &str) -> Result<u64, String> {
     Ok(mib as u64)
 }
 
-/// `90s`, `30m`, `2h`, `1d`, `HH:MM:SS` or `MM:SS`, in seconds. A bare number is refused:
-/// sbatch reads it as minutes, a person often means seconds.
+/// `90s`, `30m`, `2h`, `1d`, or one of sbatch's own `--time` forms: `MM`, `MM:SS`,
+/// `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`; in seconds. A bare number is minutes, as sbatch
+/// reads it (people who write Slurm's forms mean Slurm's meaning).
 pub fn parse_time(s: &str) -> Result<u64, String> {
-    let bad = || format!("expected a duration like `90s`, `30m`, `2h` or `HH:MM:SS`, found `{s}`");
+    let bad = || {
+        format!(
+            "expected a duration like `90s`, `30m`, `2h`, or as sbatch writes it: minutes, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM` or `D-HH:MM:SS`; found `{s}`"
+        )
+    };
     let t = s.trim();
-    let secs = if t.contains(':') {
-        let parts: Vec<&str> = t.split(':').collect();
-        if parts.len() > 3 || parts.iter().any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+    let number = |p: &str| (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())).then(|| p.parse::<u64>().ok()).flatten();
+    let secs = if let Some((days, rest)) = t.split_once('-') {
+        // D-HH, D-HH:MM, D-HH:MM:SS: after the day, hours come first.
+        let d = number(days).ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split(':').collect();
+        if parts.len() > 3 {
             return Err(bad());
         }
-        parts.iter().try_fold(0u64, |acc, p| p.parse::<u64>().ok().and_then(|v| acc.checked_mul(60)?.checked_add(v))).ok_or_else(bad)?
+        let mut hms = [0u64; 3];
+        for (slot, p) in hms.iter_mut().zip(&parts) {
+            *slot = number(p).ok_or_else(bad)?;
+        }
+        let [h, m, sec] = hms;
+        d.checked_mul(24)
+            .and_then(|x| x.checked_add(h)?.checked_mul(60)?.checked_add(m)?.checked_mul(60)?.checked_add(sec))
+            .ok_or_else(bad)?
+    } else if t.contains(':') {
+        // MM:SS or HH:MM:SS.
+        let parts: Vec<&str> = t.split(':').collect();
+        if parts.len() > 3 {
+            return Err(bad());
+        }
+        parts.iter().try_fold(0u64, |acc, p| number(p).and_then(|v| acc.checked_mul(60)?.checked_add(v))).ok_or_else(bad)?
+    } else if let Some(minutes) = number(t) {
+        minutes.checked_mul(60).ok_or_else(bad)?
     } else {
         let (num, unit) = t.split_at(t.len().saturating_sub(1));
         let per = match unit {
@@ -355,11 +404,20 @@ pub(super) fn parse_block(cx: &mut Ctx<'_>, v: &Yaml, catalog: &Catalog, stages:
                         match pk.as_str() {
                             "min_s" => spec.poll_min_s = seconds(cx, &pp, pv),
                             "max_s" => spec.poll_max_s = seconds(cx, &pp, pv),
+                            "give_up_s" => {
+                                spec.poll_give_up_s = match pv.as_f64() {
+                                    Some(f) if f > 0.0 && f <= 86400.0 => Some(f),
+                                    _ => {
+                                        cx.err(&pp, format!("expected a number of seconds in (0, 86400], found {}", show_yaml(pv)));
+                                        None
+                                    }
+                                }
+                            }
                             _ => cx.unknown_key(&["executor", "poll"], &pk, POLL_KEYS),
                         }
                     }
                 }
-                other => cx.err(&p, format!("expected a map like {{min_s: 0.5, max_s: 15}}, found {}", type_name(other))),
+                other => cx.err(&p, format!("expected a map like {{min_s: 0.5, max_s: 15, give_up_s: 600}}, found {}", type_name(other))),
             },
             "kinds" => match v {
                 Yaml::Mapping(km) => {
@@ -454,7 +512,16 @@ mod tests {
         assert_eq!(parse_time("2h"), Ok(7200));
         assert_eq!(parse_time("01:00:00"), Ok(3600));
         assert_eq!(parse_time("1:30"), Ok(90));
-        for bad in ["", "90", "1:2:3:4", "h", "0s", "1::2", "-5m", "400d"] {
+        // Slurm's own forms (finding 11), including what `slurm_time` writes.
+        assert_eq!(parse_time("1-00:00:00"), Ok(86400));
+        assert_eq!(parse_time("2-12"), Ok(2 * 86400 + 12 * 3600));
+        assert_eq!(parse_time("1-02:30"), Ok(86400 + 2 * 3600 + 30 * 60));
+        assert_eq!(parse_time("36:00:00"), Ok(36 * 3600));
+        assert_eq!(parse_time("90"), Ok(90 * 60), "a bare number is minutes, as in sbatch");
+        assert_eq!(parse_time(&slurm_time(90000)), Ok(90000));
+        for bad in
+            ["", "1:2:3:4", "h", "0s", "0", "1::2", "-5m", "400d", "1-", "-1", "1-2:3:4:5", "1-x", "a-1", "1.5", "1-0:307445734561825860"]
+        {
             assert!(parse_time(bad).is_err(), "{bad}");
         }
         assert_eq!(slurm_time(90), "00:01:30");
@@ -488,11 +555,35 @@ mod tests {
         let s = c.settings("train_big", "train");
         assert_eq!((s.time, s.mem, s.retries), (Some(3600), Some(8192), Some(2)), "stage entry over kind entry");
         assert_eq!(ExecutorSpec::default().resolve().batch_size("score"), 50);
+        assert_eq!(c.poll_give_up_s, DEFAULT_GIVE_UP_S);
+    }
+
+    /// Finding 5: the profile's `kinds.train: {mem: 1G}` keeps the pipeline's `time` and
+    /// `retries` for `train` (before, the whole entry was replaced).
+    #[test]
+    fn a_profile_kinds_entry_merges_field_by_field() {
+        let prof = parse_profile("executor:\n  kinds:\n    train: {mem: 1G}\n").expect("valid");
+        let pipeline = ExecutorSpec {
+            kinds: [("train".to_string(), KindSettings { time: Some(3600), retries: Some(2), mem: Some(512), ..Default::default() })]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        let s = prof.over(pipeline).resolve().settings("train", "train");
+        assert_eq!(s, KindSettings { time: Some(3600), mem: Some(1024), retries: Some(2), sbatch: None });
+    }
+
+    #[test]
+    fn squeue_give_up_time_parses_and_is_checked() {
+        let p = parse_profile("executor:\n  poll: {give_up_s: 30}\n").expect("valid");
+        assert_eq!(p.resolve().poll_give_up_s, 30.0);
+        let e = parse_profile("executor:\n  poll: {give_up_s: 0}\n").expect_err("zero");
+        assert!(e.to_string().contains("executor.poll.give_up_s: expected a number of seconds in (0, 86400], found `0`"), "{e}");
     }
 
     #[test]
     fn profile_errors_name_the_line_and_field() {
-        let e = parse_profile("executor:\n  kind: slurm\n  max_job: 3\n  kinds:\n    trian: {time: 1h}\n    train: {time: 90, mem: 4X}\n")
+        let e = parse_profile("executor:\n  kind: slurm\n  max_job: 3\n  kinds:\n    trian: {time: 1h}\n    train: {time: 90x, mem: 4X}\n")
             .expect_err("invalid");
         let text = e.to_string();
         assert!(text.contains("profile.yaml:3:3: executor.max_job: unknown key `max_job`; did you mean `max_jobs`?"), "{text}");

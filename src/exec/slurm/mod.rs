@@ -31,14 +31,14 @@ pub mod sbatch;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::job::{Done, Job, JobError};
 use super::{Event, Finished, LocalRunner, Room, Runner};
-use crate::host::Process;
 use crate::cache::{Lookup, Store};
+use crate::host::Process;
 use crate::spec::ExecutorConfig;
 use crate::stage_kind::Resources;
 use jobfile::{JOB_FORMAT, JobFile, JobSpec, Status};
@@ -65,6 +65,10 @@ struct SubmissionRecord {
     #[serde(flatten)]
     submitter: Process,
     job_file: PathBuf,
+    /// What the job asks of the cluster ([`sbatch::request_args`]): a rerun adopts the job
+    /// silently only if it would ask the same. Records of older camflows have none.
+    #[serde(default)]
+    sbatch_args: Vec<String>,
 }
 
 impl SubmissionRecord {
@@ -86,6 +90,28 @@ struct Task {
     job_id: String,
     log: PathBuf,
     members: Vec<Member>,
+    /// What the job asks of the cluster ([`sbatch::request_args`]); empty when unknown (a job
+    /// adopted from a record of an older camflow).
+    request: Vec<String>,
+    /// When this controller first saw the task pending, and the last wait it told the user
+    /// about (a reason, or `queue` for the usual waits): each wait is told once.
+    pending_since: Option<Instant>,
+    told: Option<String>,
+}
+
+impl Task {
+    fn new(job_id: String, log: PathBuf, members: Vec<Member>, request: Vec<String>) -> Task {
+        Task { job_id, log, members, request, pending_since: None, told: None }
+    }
+}
+
+/// How long a task may wait in the queue for the usual reasons (priority, resources) before
+/// the controller says so: a busy queue is normal, silence for an hour is not.
+const QUIET_PENDING: Duration = Duration::from_secs(60);
+
+/// Queue states in which a task has not started and `%r` says why.
+fn not_started(state: &str) -> bool {
+    state == "PENDING" || state.ends_with("_HOLD")
 }
 
 /// A submission this controller knows: its record file, and whether interrupting this
@@ -119,22 +145,43 @@ pub(crate) struct SlurmRunner {
     max_array: Option<usize>,
     /// Queued members per kind (see `queued_jobs`).
     queued_by_kind: HashMap<String, usize>,
+    /// Since when `squeue` has failed in a row (none while it answers), and the messages
+    /// already told (each distinct one once).
+    squeue_failing: Option<Instant>,
+    squeue_told: HashSet<String>,
+    /// `squeue -u <uid>` instead of `--me`, which Slurm before 20.11 does not know.
+    squeue_by_uid: bool,
+    /// The run stops (a failure without `--keep-going`): no retries, pending jobs cancelled.
+    stopping: bool,
 }
 
 /// Runs a Slurm command off the async runtime; `Err` with what it printed when it fails.
 async fn slurm_cmd(program: &str, args: Vec<String>) -> Result<String, String> {
     let prog = program.to_string();
-    let out = tokio::task::spawn_blocking(move || Command::new(&prog).args(&args).output()).await.map_err(|e| e.to_string())?;
+    let out = tokio::task::spawn_blocking(move || {
+        let mut c = Command::new(&prog);
+        for v in sbatch::SUBMITTER_ONLY_VARS {
+            c.env_remove(v);
+        }
+        c.args(&args).output()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     match out {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
-        Ok(o) => Err(format!("{program}: {}{}", String::from_utf8_lossy(&o.stderr).trim(), String::from_utf8_lossy(&o.stdout).trim())),
+        Ok(o) => Err(sbatch::command_error(program, &String::from_utf8_lossy(&o.stderr), &String::from_utf8_lossy(&o.stdout))),
         Err(e) => Err(format!("{program}: {e} (is Slurm's `{program}` on PATH?)")),
     }
 }
 
 impl SlurmRunner {
     /// `local` runs the `on_controller` kinds on this machine (with `--jobs` and `--gpus`).
-    pub(crate) fn new(setup: SlurmSetup, local: LocalRunner, store: Store, events: tokio::sync::mpsc::UnboundedSender<Event>) -> SlurmRunner {
+    pub(crate) fn new(
+        setup: SlurmSetup,
+        local: LocalRunner,
+        store: Store,
+        events: tokio::sync::mpsc::UnboundedSender<Event>,
+    ) -> SlurmRunner {
         let root = std::path::absolute(&store.root).unwrap_or_else(|_| store.root.clone());
         let interval = Duration::from_secs_f64(setup.config.poll_min_s);
         let mut r = SlurmRunner {
@@ -155,6 +202,10 @@ impl SlurmRunner {
             me: Process::me(),
             max_array: None,
             queued_by_kind: HashMap::new(),
+            squeue_failing: None,
+            squeue_told: HashSet::new(),
+            squeue_by_uid: false,
+            stopping: false,
         };
         r.load_index();
         r
@@ -198,9 +249,56 @@ impl SlurmRunner {
         }
     }
 
-    async fn squeue(&self) -> Option<HashMap<String, String>> {
-        let args = ["--me", "-h", "-r", "-o", "%i|%T"].map(String::from).to_vec();
-        slurm_cmd("squeue", args).await.ok().map(|t| sbatch::parse_squeue(&t))
+    /// This user's tasks in the queue; `Err` with what squeue printed when it fails.
+    async fn squeue(&mut self) -> Result<HashMap<String, sbatch::Queued>, String> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        let first = slurm_cmd("squeue", sbatch::squeue_args(self.squeue_by_uid.then_some(uid))).await;
+        let text = match first {
+            Err(e) if !self.squeue_by_uid && e.contains("--me") => {
+                // Slurm < 20.11: "unrecognized option '--me'"; `-u <uid>` means the same.
+                self.squeue_by_uid = true;
+                slurm_cmd("squeue", sbatch::squeue_args(Some(uid))).await?
+            }
+            other => other?,
+        };
+        Ok(sbatch::parse_squeue(&text))
+    }
+
+    /// `squeue` failed (`error`): told once per distinct message; after `poll.give_up_s` of
+    /// failures in a row, the tasks still waited on are failed (and cancelled if `scancel`
+    /// works): without the queue, a job that ends without an outcome (cancelled, killed,
+    /// never started) would be waited for for ever.
+    async fn squeue_failed(&mut self, error: String) {
+        let since = *self.squeue_failing.get_or_insert_with(Instant::now);
+        let give_up = Duration::from_secs_f64(self.cfg.poll_give_up_s);
+        if self.squeue_told.insert(error.clone()) {
+            let text = format!(
+                "squeue fails: {error}; camflow keeps polling (results its jobs write to the cache still count) and gives up on its \
+                 Slurm jobs after {}s of failures in a row (executor.poll.give_up_s)",
+                give_up.as_secs()
+            );
+            let _ = self.events.send(Event::Note { text });
+        }
+        if since.elapsed() < give_up || self.tasks.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = self.tasks.keys().cloned().collect();
+        let cancelled = match slurm_cmd("scancel", ids.clone()).await {
+            Ok(_) => "camflow cancelled it".to_string(),
+            Err(e) => format!("cancelling it failed too ({e}): it may still run (`scancel {}`)", ids.join(" ")),
+        };
+        for id in ids {
+            let Some(task) = self.tasks.remove(&id) else { continue };
+            for m in task.members {
+                let label = &m.job.input.instances[m.job.idx].label;
+                let msg = format!(
+                    "{label}: Slurm job {id}: squeue has failed for {}s in a row ({error}), so camflow cannot tell whether the job still runs; {cancelled}",
+                    since.elapsed().as_secs()
+                );
+                self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: Some(task.log.clone()), cache: false, config: false }))));
+            }
+        }
     }
 
     /// Waits on tasks of other controllers' live submissions instead of submitting their keys.
@@ -209,19 +307,55 @@ impl SlurmRunner {
         if !self.queued.iter().any(|m| self.index.contains_key(&m.job.digest)) {
             return;
         }
-        let Some(queue) = self.squeue().await else { return };
+        let Ok(queue) = self.squeue().await else { return };
         let queued = std::mem::take(&mut self.queued);
+        // Pending tasks of gone controllers that asked for something else: cancelled, their
+        // keys submitted again with this run's settings.
+        let mut replace: Vec<String> = Vec::new();
+        let mut told: HashSet<String> = HashSet::new();
         for m in queued {
             let Some((task_id, n)) = self.index.get(&m.job.digest).cloned().filter(|(t, _)| queue.contains_key(t)) else {
                 self.queued.push(m);
                 continue;
             };
+            if replace.contains(&task_id) {
+                self.queued.push(m);
+                continue;
+            }
+            let inst = &m.job.input.instances[m.job.idx];
+            let now_asks = request_for(&self.cfg, &inst.stage, &inst.kind, &m.res);
+            let stage = inst.stage.clone();
             let (rec, path) = &self.others[n];
             let job_id = rec.job_id.clone();
             // Ours to cancel on Ctrl-C: submitted by this process, or by a controller of this
             // host that is gone (a reused pid is another process). Another host's or
             // container's controller may be alive: its jobs are left to it.
             let mine = rec.submitter == self.me || rec.submitter.alive_seen_from(&self.me) == Some(false);
+            // A rerun is often meant to fix the request (a time over the partition's limit, too
+            // little memory): adopting the old job would keep the old request. A job not yet
+            // started of a gone controller is replaced; a running one (cancelling it loses its
+            // work) or a live controller's is adopted, and the difference told.
+            let difference = if rec.sbatch_args.is_empty() { None } else { sbatch::request_difference(&rec.sbatch_args, &now_asks) };
+            if let Some(d) = &difference {
+                let pending = queue.get(&task_id).is_some_and(|q| not_started(&q.state));
+                if mine && pending {
+                    let text = format!(
+                        "Slurm job {task_id} ({stage}) of a controller that is gone asked for other settings: {d}; cancelling it and submitting again with this run's"
+                    );
+                    let _ = self.events.send(Event::Note { text });
+                    replace.push(task_id);
+                    self.queued.push(m);
+                    continue;
+                }
+                if told.insert(task_id.clone()) {
+                    let whose = if mine { "it is already running" } else { "another live controller waits on it" };
+                    let text = format!(
+                        "adopting Slurm job {task_id} ({stage}), submitted with other settings than this run's: {d}; {whose}, so it keeps them (`scancel {task_id}` and rerun to apply this run's)"
+                    );
+                    let _ = self.events.send(Event::Note { text });
+                }
+            }
+            let request = rec.sbatch_args.clone();
             self.known.entry(job_id.clone()).or_insert_with(|| Known {
                 record: path.clone(),
                 job_file: rec.job_file.clone(),
@@ -230,7 +364,14 @@ impl SlurmRunner {
             let _ = self.events.send(Event::Adopted { idx: m.job.idx, job_id: task_id.clone() });
             let m = Member { theirs: !mine, ..m };
             let log = self.log_path(&task_id);
-            self.tasks.entry(task_id).or_insert_with(|| Task { job_id, log, members: Vec::new() }).members.push(m);
+            self.tasks.entry(task_id).or_insert_with(|| Task::new(job_id, log, Vec::new(), request)).members.push(m);
+        }
+        if !replace.is_empty()
+            && let Err(e) = slurm_cmd("scancel", replace.clone()).await
+        {
+            // The keys are submitted anyway: if the old job runs after all, the worker's key
+            // lock and second look make one of the two a reuse.
+            let _ = self.events.send(Event::Note { text: format!("cancelling Slurm job {} failed: {e}", replace.join(" ")) });
         }
     }
 
@@ -256,41 +397,72 @@ impl SlurmRunner {
         }
         let file =
             JobFile { format: JOB_FORMAT, tasks: tasks.iter().map(|t| t.iter().map(|m| JobSpec::from_job(&m.job)).collect()).collect() };
-        let fail_all = |me: &mut SlurmRunner, tasks: Vec<Vec<Member>>, msg: &str| {
+        let fail_all = |me: &mut SlurmRunner, tasks: Vec<Vec<Member>>, msg: &str, config: bool| {
             for m in tasks.into_iter().flatten() {
                 let label = &m.job.input.instances[m.job.idx].label;
-                me.ready.push_back(Ok((m.job.idx, Err(JobError { msg: format!("{label}: {msg}"), log: None, cache: false }))));
+                me.ready.push_back(Ok((m.job.idx, Err(JobError { msg: format!("{label}: {msg}"), log: None, cache: false, config }))));
             }
         };
         let job_file = match jobfile::write_job_file(&self.store, &file) {
             Ok(p) => p,
-            Err(e) => return fail_all(self, tasks, &format!("writing the job file: {e}")),
+            Err(e) => return fail_all(self, tasks, &format!("writing the job file: {e}"), false),
         };
         if let Err(e) = std::fs::create_dir_all(self.log_dir()) {
-            return fail_all(self, tasks, &format!("creating {}: {e}", self.log_dir().display()));
+            return fail_all(self, tasks, &format!("creating {}: {e}", self.log_dir().display()), false);
         }
-        let pattern = self.log_dir().join(if array { "%A_%a.out" } else { "%j.out" });
-        let command = format!(
-            "exec {} worker --cache {} {}",
-            sbatch::shell_quote(&self.exe.to_string_lossy()),
-            sbatch::shell_quote(&self.root.to_string_lossy()),
-            sbatch::shell_quote(&job_file.to_string_lossy())
-        );
+        let pattern = sbatch::filename_pattern(&self.log_dir().to_string_lossy(), if array { "%A_%a.out" } else { "%j.out" });
+        let command = sbatch::worker_command(&self.exe.to_string_lossy(), &self.root.to_string_lossy(), &job_file.to_string_lossy(), array);
         let sub = Submission {
             stage,
             res: &res,
             settings: &settings,
-            log_pattern: &pattern.to_string_lossy(),
+            log_pattern: &pattern,
             array: array.then_some(tasks.len()),
             command: &command,
         };
         let args = sbatch::sbatch_args(&self.cfg, &sub);
-        let job_id = match slurm_cmd("sbatch", args)
-            .await
-            .and_then(|o| sbatch::parse_sbatch_id(&o).ok_or_else(|| format!("sbatch printed no job id: {o}")))
-        {
+        let request = sbatch::request_args(&args);
+        tracing::debug!("sbatch {}", args.join(" "));
+        let mut wait = sbatch::SBATCH_FIRST_WAIT;
+        let mut tries = 1;
+        let submitted = loop {
+            match slurm_cmd("sbatch", args.clone()).await {
+                Ok(o) => break sbatch::parse_sbatch_id(&o).ok_or_else(|| (format!("sbatch printed no job id: {o}"), false)),
+                Err(e) if sbatch::transient(&e) && tries < sbatch::SBATCH_TRIES => {
+                    // A busy or restarting slurmctld; the submission may be tried again (if
+                    // the failed call did create a job, the worker's key lock and second look
+                    // make the second one a reuse).
+                    let text = format!(
+                        "sbatch failed ({e}); trying again in {}s ({} of {} tries)",
+                        wait.as_secs(),
+                        tries + 1,
+                        sbatch::SBATCH_TRIES
+                    );
+                    let _ = self.events.send(Event::Note { text });
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    tries += 1;
+                }
+                Err(e) if sbatch::transient(&e) => break Err((format!("submitting to Slurm failed {tries} times: {e}"), false)),
+                Err(e) => {
+                    let msg = format!(
+                        "Slurm refused the job of stage `{stage}` (kind `{kind}`): {e}; camflow asked: {}; check `executor.partition`, `account`, `qos`, `sbatch` and `executor.kinds.{kind}` (or `kinds.{stage}`): `time`, `mem`, `sbatch`",
+                        request.join(" ")
+                    );
+                    break Err((msg, true));
+                }
+            }
+        };
+        let job_id = match submitted {
             Ok(id) => id,
-            Err(e) => return fail_all(self, tasks, &format!("submitting to Slurm failed: {e}")),
+            Err((msg, config)) => {
+                // No job will read it (a job file is content-addressed: another submission of
+                // the same tasks may still use it).
+                if !self.known.values().any(|k| k.job_file == job_file) && !self.others.iter().any(|(r, _)| r.job_file == job_file) {
+                    let _ = std::fs::remove_file(&job_file);
+                }
+                return fail_all(self, tasks, &msg, config);
+            }
         };
         let rec = SubmissionRecord {
             job_id: job_id.clone(),
@@ -298,6 +470,7 @@ impl SlurmRunner {
             tasks: tasks.iter().map(|t| t.iter().map(|m| m.job.digest.clone()).collect()).collect(),
             submitter: self.me.clone(),
             job_file: job_file.clone(),
+            sbatch_args: request.clone(),
         };
         let record = self.submitted_dir().join(format!("{job_id}.json"));
         // Not fatal: without the record a rerun would submit again, and the worker's second
@@ -314,7 +487,7 @@ impl SlurmRunner {
         for (t, members) in tasks.into_iter().enumerate() {
             let id = rec.task_id(t);
             let log = self.log_path(&id);
-            self.tasks.insert(id, Task { job_id: job_id.clone(), log, members });
+            self.tasks.insert(id, Task::new(job_id.clone(), log, members, request.clone()));
         }
         let log = if array { self.log_path(&format!("{job_id}_*")) } else { self.log_path(&job_id) };
         let _ = self.events.send(Event::Submitted { job_id, tasks: n_tasks, instances, log });
@@ -336,17 +509,70 @@ impl SlurmRunner {
         ("UNKNOWN".into(), None)
     }
 
-    /// A failed member: resubmitted while its kind has `retries` left, else reported.
+    /// The run stops: this controller's own jobs that have not started are cancelled (what
+    /// has not started never starts, as in a local run; a running job is left to finish, its
+    /// work is kept). Returns their instances, which are then skipped.
+    async fn cancel_pending(&mut self) -> Vec<usize> {
+        if self.tasks.is_empty() {
+            return Vec::new();
+        }
+        let pending: Vec<String> = match self.squeue().await {
+            Ok(q) => self
+                .tasks
+                .iter()
+                .filter(|(id, t)| {
+                    q.get(*id).is_some_and(|x| not_started(&x.state))
+                        && self.known.get(&t.job_id).is_some_and(|k| k.cancel_on_interrupt)
+                        && !t.members.iter().any(|m| m.theirs)
+                })
+                .map(|(id, _)| id.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut idxs = Vec::new();
+        let mut cancelled = 0;
+        if !pending.is_empty() {
+            match slurm_cmd("scancel", pending.clone()).await {
+                Ok(_) => {
+                    for id in &pending {
+                        if let Some(t) = self.tasks.remove(id) {
+                            cancelled += 1;
+                            idxs.extend(t.members.iter().map(|m| m.job.idx));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ =
+                        self.events.send(Event::Note { text: format!("cancelling pending Slurm jobs {} failed: {e}", pending.join(" ")) });
+                }
+            }
+        }
+        let left = self.tasks.len();
+        let mut text = String::from("the run stops (a failure without --keep-going, or a cache error)");
+        if cancelled > 0 {
+            text.push_str(&format!(": cancelled {cancelled} Slurm job(s) of this run that had not started"));
+        }
+        if left > 0 {
+            text.push_str(&format!(
+                "; waiting for {left} Slurm job(s) already running or not this run's to cancel (Ctrl-C cancels this run's)"
+            ));
+        }
+        let _ = self.events.send(Event::Note { text });
+        idxs
+    }
+
+    /// A failed member: resubmitted while its kind has `retries` left (not once the run
+    /// stops), else reported.
     fn fail(&mut self, mut m: Member, state: &str, msg: String, log: &Path) {
         let inst = &m.job.input.instances[m.job.idx];
         let retries = self.cfg.settings(&inst.stage, &inst.kind).retries.unwrap_or(0);
-        if sbatch::retryable(state) && m.attempts < retries {
+        if sbatch::retryable(state) && m.attempts < retries && !self.stopping {
             m.attempts += 1;
             let _ = self.events.send(Event::Retrying { idx: m.job.idx, error: msg, attempt: m.attempts });
             self.enqueue(m);
             return;
         }
-        self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: Some(log.to_path_buf()), cache: false }))));
+        self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: Some(log.to_path_buf()), cache: false, config: false }))));
     }
 
     /// A member whose worker reported `status`: its record is read back from the cache.
@@ -368,15 +594,13 @@ impl SlurmRunner {
                 let done = if o.status == Status::Ran && !m.theirs { Done::Ran(*rec, o.seconds) } else { Done::Reused(*rec) };
                 self.ready.push_back(Ok((m.job.idx, Ok(done))));
             }
-            Ok(_) => self.fail(
-                m,
-                "FAILED",
-                format!("{label}: Slurm job {task_id} reported success, but its record is missing or damaged"),
-                log,
-            ),
-            Err(e) => self
-                .ready
-                .push_back(Ok((m.job.idx, Err(JobError { msg: format!("{label}: reading the cache: {e}"), log: None, cache: true })))),
+            Ok(_) => {
+                self.fail(m, "FAILED", format!("{label}: Slurm job {task_id} reported success, but its record is missing or damaged"), log)
+            }
+            Err(e) => self.ready.push_back(Ok((
+                m.job.idx,
+                Err(JobError { msg: format!("{label}: reading the cache: {e}"), log: None, cache: true, config: false }),
+            ))),
         }
     }
 
@@ -385,13 +609,51 @@ impl SlurmRunner {
         // The queue first, then the outcomes: a task that is gone from the queue and has no
         // outcome after that really ended without one (its worker writes it before exiting).
         let queue_at = std::time::SystemTime::now();
-        let queue = self.squeue().await;
-        let mut progressed = false;
+        let ready_before = self.ready.len();
+        let queue = match self.squeue().await {
+            Ok(q) => {
+                if self.squeue_failing.take().is_some() {
+                    let _ = self.events.send(Event::Note { text: "squeue answers again".into() });
+                }
+                Some(q)
+            }
+            Err(e) => {
+                self.squeue_failed(e).await;
+                None
+            }
+        };
+        let mut progressed = self.ready.len() > ready_before;
         let ids: Vec<String> = self.tasks.keys().cloned().collect();
+        let now = Instant::now();
+        // Tasks that can never start, with their reason; and waits to tell, by (job, reason).
+        let mut never: Vec<(String, String)> = Vec::new();
+        let mut waits: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
         for id in ids {
             let state = queue.as_ref().map(|q| q.get(&id).cloned());
-            if matches!(&state, Some(Some(s)) if s == "PENDING") {
-                continue;
+            if let Some(Some(q)) = &state
+                && not_started(&q.state)
+            {
+                if let (Some(reason), Some(task)) = (&q.reason, self.tasks.get_mut(&id)) {
+                    let since = *task.pending_since.get_or_insert(now);
+                    match sbatch::waiting(reason) {
+                        sbatch::Waiting::Never => {
+                            never.push((id.clone(), reason.clone()));
+                            continue;
+                        }
+                        w => {
+                            // The usual waits are one ("queue"): told once, after a while.
+                            let what = if w == sbatch::Waiting::Queue { "queue" } else { reason.as_str() };
+                            let due = w != sbatch::Waiting::Queue || now.duration_since(since) >= QUIET_PENDING;
+                            if due && task.told.as_deref() != Some(what) {
+                                task.told = Some(what.to_string());
+                                waits.entry((task.job_id.clone(), reason.clone())).or_default().push(id.clone());
+                            }
+                        }
+                    }
+                }
+                if q.state == "PENDING" {
+                    continue;
+                }
             }
             let Some(mut task) = self.tasks.remove(&id) else { continue };
             let mut left = Vec::new();
@@ -425,6 +687,11 @@ impl SlurmRunner {
             if !task.members.is_empty() {
                 self.tasks.insert(id, task);
             }
+        }
+        self.tell_waits(waits);
+        if !never.is_empty() {
+            progressed = true;
+            self.fail_never(never).await;
         }
         // Submissions with nothing left in the queue and nothing waited on: their records go.
         // Another controller's record of this user goes too once it is a minute older than
@@ -462,6 +729,52 @@ impl SlurmRunner {
             self.flush().await;
         }
         progressed
+    }
+
+    /// Tells the user why tasks wait (`waits`: task ids by job and reason), one line per job
+    /// and reason.
+    fn tell_waits(&self, waits: BTreeMap<(String, String), Vec<String>>) {
+        for ((job_id, reason), ids) in waits {
+            let Some(task) = self.tasks.get(&ids[0]) else { continue };
+            let Some(m) = task.members.first() else { continue };
+            let inst = &m.job.input.instances[m.job.idx];
+            let shown = if ids.len() > 3 { format!("{} and {} more", ids[..3].join(", "), ids.len() - 3) } else { ids.join(", ") };
+            let text = match sbatch::waiting(&reason) {
+                sbatch::Waiting::Queue => {
+                    format!("Slurm job {shown} ({}) still pending after {}s: {reason}", inst.stage, QUIET_PENDING.as_secs())
+                }
+                sbatch::Waiting::Held => format!(
+                    "Slurm job {shown} ({}) is held ({reason}): {}",
+                    inst.stage,
+                    sbatch::advice(&reason, &inst.stage, &inst.kind, &[]).replace("<job>", &job_id)
+                ),
+                _ => format!("Slurm job {shown} ({}) is pending: {reason}", inst.stage),
+            };
+            let _ = self.events.send(Event::Note { text });
+        }
+    }
+
+    /// Tasks pending for a reason that never clears (`never`: task id and reason): cancelled,
+    /// and their instances failed (never retried: the same request would wait again), naming
+    /// the reason and the setting to change.
+    async fn fail_never(&mut self, never: Vec<(String, String)>) {
+        let ids: Vec<String> = never.iter().map(|(id, _)| id.clone()).collect();
+        let cancelled = match slurm_cmd("scancel", ids.clone()).await {
+            Ok(_) => "camflow cancelled it".to_string(),
+            Err(e) => format!("cancelling it failed ({e}): `scancel {}`", ids.join(" ")),
+        };
+        for (id, reason) in never {
+            let Some(task) = self.tasks.remove(&id) else { continue };
+            for m in task.members {
+                let inst = &m.job.input.instances[m.job.idx];
+                let msg = format!(
+                    "{}: Slurm job {id} can never start (pending, reason {reason}): {}; {cancelled}",
+                    inst.label,
+                    sbatch::advice(&reason, &inst.stage, &inst.kind, &task.request)
+                );
+                self.ready.push_back(Ok((m.job.idx, Err(JobError { msg, log: None, cache: false, config: false }))));
+            }
+        }
     }
 
     /// The most tasks one job array may have: the cluster's `MaxArraySize` (asked once), else
@@ -565,10 +878,14 @@ impl Runner for SlurmRunner {
         }
     }
 
-    fn abandon(&mut self) -> Vec<usize> {
+    async fn abandon(&mut self) -> Vec<usize> {
         self.queued_by_kind.clear();
         let mut idxs: Vec<usize> = self.queued.drain(..).map(|m| m.job.idx).collect();
-        idxs.extend(self.local.abandon());
+        idxs.extend(self.local.abandon().await);
+        if !self.stopping {
+            self.stopping = true;
+            idxs.extend(self.cancel_pending().await);
+        }
         idxs
     }
 
@@ -605,6 +922,14 @@ pub async fn execute(
     let local = LocalRunner::for_run(setup.local_jobs, &input, &catalog, &opts);
     let runner = SlurmRunner::new(setup, local, store.clone(), events.clone());
     super::execute_with(input, catalog, store, opts, events, runner).await
+}
+
+/// What this run would ask of the cluster for an instance of `kind` in `stage` with `res`
+/// ([`sbatch::request_args`] of the arguments [`SlurmRunner::submit`] builds).
+fn request_for(cfg: &ExecutorConfig, stage: &str, kind: &str, res: &Resources) -> Vec<String> {
+    let settings = cfg.settings(stage, kind);
+    let sub = Submission { stage, res, settings: &settings, log_pattern: "", array: None, command: "" };
+    sbatch::request_args(&sbatch::sbatch_args(cfg, &sub))
 }
 
 /// Whether another controller's submission record, owned by `owner` and last written at
