@@ -12,6 +12,7 @@
 //! | 101  | an internal error (a bug in camflow) |
 //! | 130  | interrupted (Ctrl-C, SIGINT); the cache stays consistent and the next run resumes |
 //! | 143  | terminated (SIGTERM, as Slurm and systemd send): handled like Ctrl-C |
+//! | 129  | hung up (SIGHUP: the terminal or ssh session closed): handled like Ctrl-C |
 
 use crate::spec::SpecErrors;
 
@@ -32,7 +33,11 @@ pub enum Error {
     #[error("{0}")]
     Io(String),
     /// Stopped by a signal (its number: 2 for SIGINT, 15 for SIGTERM).
-    #[error("{}; finished work is cached and the next run resumes", if *signal == 15 { "terminated (SIGTERM)" } else { "interrupted" })]
+    #[error("{}; finished work is cached and the next run resumes", match *signal {
+        15 => "terminated (SIGTERM)",
+        1 => "hung up (SIGHUP: the terminal or session closed)",
+        _ => "interrupted",
+    })]
     Interrupted { signal: i32 },
     #[error("{0}")]
     Busy(String),

@@ -355,10 +355,11 @@ impl std::ops::Deref for ReadStore {
 
 pub fn open_store_to_read(root: &Path) -> Result<ReadStore> {
     // No cache there: nothing at the path, or a folder (an existing one given by mistake)
-    // with neither records nor objects, whose layout a reader must not plant.
+    // with none of a cache's folders (records, objects, locks, names), whose layout a reader
+    // must not plant. A run's locks alone make a cache: `gc` must see its leases.
     let absent = match std::fs::metadata(root) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::symlink_metadata(root).is_err(),
-        Ok(m) if m.is_dir() => !root.join("actions").exists() && !root.join("objects").exists(),
+        Ok(m) if m.is_dir() => !["actions", "objects", "locks", "names"].iter().any(|d| root.join(d).exists()),
         _ => false,
     };
     if !absent {

@@ -19,11 +19,11 @@ pub struct RunArgs {
     #[command(flatten)]
     p: PipelineArgs,
     /// CPU slots shared by running instances (default: number of cores).
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     jobs: Option<u32>,
     /// GPU slots; stages with `resources: {gpu: 1}` get a device index from them, and
-    /// stages with a fraction (`gpu: 0.25`) share devices.
-    #[arg(long, default_value_t = 1)]
+    /// stages with a fraction (`gpu: 0.25`) share devices. At most 1024, as a stage's `gpu`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=1024))]
     gpus: u32,
     /// Memory of each GPU (`16G`, `512M`, `24GiB`, bytes), within which instances with a
     /// fractional `resources.gpu` are packed by their memory estimates. Default: what the
@@ -197,14 +197,22 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     };
     let v: f64 = num.parse().map_err(|_| format!("`{s}`: expected a size like 16G, 512M or 24GiB"))?;
     let bytes = v * (1u64 << shift) as f64;
-    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+    if bytes.is_nan() || bytes < 1.0 {
         return Err(format!("`{s}`: a GPU's memory must be at least one byte"));
+    }
+    if bytes >= u64::MAX as f64 {
+        return Err(format!("`{s}`: too large (at most 16 EiB)"));
     }
     Ok(bytes as u64)
 }
 
-fn gib(bytes: u64) -> String {
-    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+/// A memory size in the largest binary unit that keeps it at 1 or more (`1.5 GiB`, `1.0 KiB`).
+fn human_bytes(bytes: u64) -> String {
+    let units = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    match units.iter().find(|(_, shift)| bytes >= 1u64 << shift) {
+        Some((unit, shift)) => format!("{:.1} {unit}", bytes as f64 / (1u64 << shift) as f64),
+        None => format!("{bytes} B"),
+    }
 }
 
 /// Per-device memory for packing fractional GPU instances: the flag, else what the backend's
@@ -221,8 +229,22 @@ fn gpu_memory(p: &Prepared, flag: Option<u64>) -> Option<u64> {
         },
     };
     if p.resources.iter().any(|r| r.gpu.is_fraction()) {
-        let shown = bytes.map_or_else(|| "not limited".to_string(), gib);
+        let shown = bytes.map_or_else(|| "not limited".to_string(), human_bytes);
         print_out(&format!("note: instances share GPUs; memory per GPU: {shown} ({from})\n"));
+        // Said, not only done: an instance estimated above a whole device runs alone on one,
+        // and may still run out of memory there.
+        if let Some(cap) = bytes {
+            let demands = crate::exec::gpu_slots::demands(&p.instances, &p.resources, &p.catalog);
+            let over: Vec<(&str, u64)> =
+                p.instances.iter().zip(&demands).filter_map(|(i, d)| d.memory.filter(|&m| m > cap).map(|m| (i.label.as_str(), m))).collect();
+            if let Some((label, m)) = over.first() {
+                print_out(&format!(
+                    "note: {} instance(s) are estimated above a GPU's memory and run alone on one, e.g. {label} (about {})\n",
+                    over.len(),
+                    human_bytes(*m)
+                ));
+            }
+        }
     }
     bytes
 }

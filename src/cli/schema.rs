@@ -122,7 +122,7 @@ fn stage_schema(kind: &dyn StageKind) -> Json {
                 "description": "slots the instance holds while it runs",
                 "additionalProperties": false,
                 "properties": {
-                    "cpu": { "type": "integer", "minimum": 0, "maximum": 1024, "description": "CPU slots (of `run --jobs`)" },
+                    "cpu": { "type": "integer", "minimum": 1, "maximum": 1024, "description": "CPU slots (of `run --jobs`)" },
                     "gpu": {
                         "type": "number",
                         "minimum": 0,
@@ -227,7 +227,7 @@ pub fn schema(catalog: &Catalog) -> Json {
         "mem".into(),
         json!({
             "type": ["string", "integer"],
-            "pattern": r"^\s*[0-9.]+\s*([KkMmGgTt](i?[Bb])?)?\s*$",
+            "pattern": r"^\s*[0-9.]+\s*([KkMmGgTt](i?[Bb])?|[Bb])?\s*$",
             "description": "memory a cluster job asks for (`--mem`): `512M`, `4G`; a bare number is MiB. Not enforced locally",
         }),
     );

@@ -125,7 +125,7 @@ pub(crate) fn run_group(jobs: Vec<Job>) -> Vec<(usize, Result<Done, JobError>)> 
     let mut mine: Vec<(usize, Claimed)> = Vec::new();
     for m in first {
         match jobs[m].claim() {
-            Ok(Claim::Reused(rec)) => results[m] = Some(Ok(Done::Reused(rec))),
+            Ok(Claim::Reused(rec)) => results[m] = Some(Ok(jobs[m].found(rec))),
             Ok(Claim::Mine(claimed)) => mine.push((m, claimed)),
             Err(e) => results[m] = Some(Err(e)),
         }

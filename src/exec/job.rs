@@ -20,10 +20,18 @@ use crate::cache::store::Published;
 use crate::cache::{ActionRecord, Lookup, Sidecar, Store};
 use crate::stage_kind::{Catalog, InputArtifact, Outcome as StageOutcome, Progress, RunContext, StageError};
 
+/// Keys this process published (see [`Job::found`]).
+fn computed_here() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
+    static SET: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> = std::sync::OnceLock::new();
+    SET.get_or_init(Default::default)
+}
+
 /// What a finished job gives the executor.
 pub(crate) enum Done {
     Ran(ActionRecord, f64),
     Reused(ActionRecord),
+    /// Another instance of this run with the same key computed it ([`Job::found`]).
+    Cached(ActionRecord),
 }
 
 /// Why a job failed; `cache` marks a cache I/O error (exit 5), not a failure of the stage.
@@ -90,9 +98,17 @@ impl Job {
         JobError { msg: format!("{}: {m}", self.label()), log: None, cache: true, config: false }
     }
 
+    /// A record this job found computed: by this run (another instance with the key, alone
+    /// or in another task or group), reported as cached, as the dispatcher reports a duplicate
+    /// it finds before dispatching; by another process, reused. So the summary is the same
+    /// whatever `--fuse` groups together.
+    pub(crate) fn found(&self, rec: ActionRecord) -> Done {
+        if computed_here().lock().is_ok_and(|set| set.contains(&self.digest)) { Done::Cached(rec) } else { Done::Reused(rec) }
+    }
+
     pub(crate) fn run(&self) -> Result<Done, JobError> {
         match self.claim()? {
-            Claim::Reused(rec) => Ok(Done::Reused(rec)),
+            Claim::Reused(rec) => Ok(self.found(rec)),
             Claim::Mine(claimed) => {
                 let run = self.run_stage(&claimed);
                 self.publish(claimed, run)
@@ -231,6 +247,10 @@ impl Job {
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         };
         let written = |e| self.cache_fail(format!("writing cache record: {e}"));
+        // Before the record is visible: a job of this run that finds it then knows whose it is.
+        if let Ok(mut set) = computed_here().lock() {
+            set.insert(self.digest.clone());
+        }
         if self.forced {
             // A forced rerun replaces the old record (atomically).
             self.store.write_record(&rec).map_err(written)?;

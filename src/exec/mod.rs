@@ -22,7 +22,7 @@
 //! # Failure and cancellation
 //! Fail fast by default: after a failure nothing new starts, running work finishes. With
 //! `keep_going`, independent branches go on and only dependents of the failure are skipped.
-//! Ctrl-C (SIGINT) and SIGTERM (what Slurm and systemd send) stop dispatching and return at
+//! Ctrl-C (SIGINT), SIGTERM (what Slurm and systemd send) and SIGHUP stop dispatching and return at
 //! once; since every cache write is atomic and the record comes last, nothing partial is left
 //! behind and the next run resumes. The abandoned scratch folders are removed by the next run
 //! (`Store::clean_tmp`). A forced rerun keeps the valid record until the new one replaces it,
@@ -158,7 +158,7 @@ pub enum Outcome {
         /// no node has): the run is a configuration error.
         config_error: Option<String>,
     },
-    /// Stopped by a signal: 2 (SIGINT) or 15 (SIGTERM).
+    /// Stopped by a signal: 2 (SIGINT), 15 (SIGTERM) or 1 (SIGHUP).
     Interrupted {
         signal: i32,
     },
@@ -413,6 +413,11 @@ pub(crate) async fn execute_with<R: Runner>(
                         records[i] = Some(rec);
                         state[i] = State::Done;
                         let _ = events.send(Event::Reused { idx: i });
+                    }
+                    Ok(Done::Cached(rec)) => {
+                        records[i] = Some(rec);
+                        state[i] = State::Done;
+                        let _ = events.send(Event::Cached { idx: i });
                     }
                     Err(JobError { msg: error, log, cache, config }) => {
                         if config {

@@ -1,11 +1,15 @@
-//! SIGINT and SIGTERM as one stream, so every way of running stops alike on either.
+//! SIGINT, SIGTERM and SIGHUP as one stream, so every way of running stops alike on each.
+//! SIGHUP (the terminal or ssh session closed) stops a run as cleanly as Ctrl-C: without it
+//! the process died at once, with no summary and pending work unaccounted for.
 
-/// SIGINT and SIGTERM as one stream of signal numbers.
+/// SIGINT, SIGTERM and SIGHUP as one stream of signal numbers.
 pub(crate) struct Signals {
     #[cfg(unix)]
     int: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
     term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -13,7 +17,11 @@ impl Signals {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
-            Signals { int: signal(SignalKind::interrupt()).ok(), term: signal(SignalKind::terminate()).ok() }
+            Signals {
+                int: signal(SignalKind::interrupt()).ok(),
+                term: signal(SignalKind::terminate()).ok(),
+                hup: signal(SignalKind::hangup()).ok(),
+            }
         }
         #[cfg(not(unix))]
         Signals {}
@@ -34,6 +42,7 @@ impl Signals {
             tokio::select! {
                 _ = recv(&mut self.int) => 2,
                 _ = recv(&mut self.term) => 15,
+                _ = recv(&mut self.hup) => 1,
             }
         }
         #[cfg(not(unix))]

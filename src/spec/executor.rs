@@ -184,22 +184,21 @@ impl ExecutorConfig {
 /// `512M`, `4G`, `1.5G`, `1T`, `800K` or a bare number of MiB (as sbatch's `--mem` reads it),
 /// in MiB, rounded up.
 pub fn parse_mem(s: &str) -> Result<u64, String> {
-    let bad = || format!("expected a memory size like `512M` or `4G`, found `{s}`");
+    let bad = || format!("expected a memory size like `512M`, `4G` or `4GiB` (a bare number is MiB, as sbatch reads it), found `{s}`");
     let t = s.trim();
-    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
-    let t = t.strip_suffix(['i']).unwrap_or(t);
-    let (num, unit) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
-        _ => (t, 'M'),
-    };
-    let n: f64 = num.trim().parse().map_err(|_| bad())?;
-    let per_mib = match unit {
-        'K' => 1.0 / 1024.0,
-        'M' => 1.0,
-        'G' => 1024.0,
-        'T' => 1024.0 * 1024.0,
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    // K, M, G, T with an optional `B` or `iB` (binary either way, as sbatch's), a bare `B`
+    // for bytes, or nothing for MiB.
+    let per_mib = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "M" | "MB" | "MIB" => 1.0,
+        "B" => 1.0 / (1024.0 * 1024.0),
+        "K" | "KB" | "KIB" => 1.0 / 1024.0,
+        "G" | "GB" | "GIB" => 1024.0,
+        "T" | "TB" | "TIB" => 1024.0 * 1024.0,
         _ => return Err(bad()),
     };
+    let n: f64 = num.parse().map_err(|_| bad())?;
     let mib = (n * per_mib).ceil();
     if !(n > 0.0 && mib.is_finite() && mib <= u32::MAX as f64 * 1024.0) {
         return Err(bad());
@@ -504,6 +503,12 @@ mod tests {
         assert_eq!(parse_mem("4GiB"), Ok(4096));
         assert_eq!(parse_mem("100"), Ok(100));
         assert_eq!(parse_mem("1500K"), Ok(2));
+        // Bytes are bytes (rounded up to a MiB), never MiB; a unit that is not one is refused.
+        assert_eq!(parse_mem("512B"), Ok(1));
+        assert_eq!(parse_mem("3gb"), Ok(3072));
+        for bad in ["4iB", "4b5", "4 X", "G"] {
+            assert!(parse_mem(bad).is_err(), "{bad}");
+        }
         for bad in ["", "G", "-1G", "4X", "0M", "lots"] {
             assert!(parse_mem(bad).is_err(), "{bad}");
         }

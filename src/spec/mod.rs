@@ -818,11 +818,12 @@ fn stage(
                     }
                     continue;
                 }
+                // At least 1: every running instance holds a CPU slot (0 used to mean 1, silently).
                 match rv.as_u64() {
-                    Some(n) if n <= MAX_RESOURCE_COUNT => resources.cpu = n as u32,
+                    Some(n) if (1..=MAX_RESOURCE_COUNT).contains(&n) => resources.cpu = n as u32,
                     _ => cx.err(
                         &["stages", sname, "resources", &rk],
-                        format!("expected a count (non-negative integer), found {}", show_yaml(rv)),
+                        format!("expected a count of CPU slots from 1 to {MAX_RESOURCE_COUNT}, found {}", show_yaml(rv)),
                     ),
                 }
             }

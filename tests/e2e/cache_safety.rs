@@ -204,6 +204,22 @@ fn sigterm_is_handled_like_ctrl_c_and_the_next_run_cleans_the_scratch() {
 }
 
 #[test]
+fn sighup_stops_a_run_as_cleanly_as_ctrl_c() {
+    // The ssh session closed: the run says so, exits 129, and the next run resumes.
+    let p = Project::new(&slow_tiny());
+    let (run, rest) = start_until_running(&p, &[], "train");
+    signal(&run, "-HUP");
+    let rest: Vec<String> = rest.map(|l| l.expect("line")).collect();
+    assert!(rest.iter().any(|l| l.starts_with("summary: ran=1 cached=0")), "{rest:?}");
+    let out = run.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(129), "{stderr}");
+    assert!(stderr.contains("hung up (SIGHUP"), "{stderr}");
+    let r = p.run(&[]).ok();
+    assert_eq!((r.summary("cached"), r.summary("ran")), (1, 12));
+}
+
+#[test]
 fn an_interrupted_forced_rerun_keeps_the_old_result() {
     let yaml = "name: two\nseed: 7\nstages:\n  data:\n    kind: data\n    params: {source: synthetic, count: 48, image_size: 16, contrast: 0.8, slices_per_patient: 4}\n  train:\n    kind: train\n    inputs: {data: data}\n    params: {epochs: 100, batch_size: 16}\n";
     let p = Project::new(yaml);

@@ -212,9 +212,14 @@ fn retrain_inherits_its_train_params_and_an_override_is_flagged() {
     let rows = rows.as_array().expect("rows");
     assert_eq!(rows.len(), 4);
     for row in rows {
-        let m = row["mismatch"].as_str().unwrap_or_else(|| panic!("no mismatch in {row}"));
         let arch = row["arch"].as_str().expect("arch");
-        assert!(m.contains(&format!("batch_norm=false (train[arch={arch}]: true)")), "{m}");
+        // vgg-small has no batch norm to switch off: no difference there.
+        if arch == "vgg-small" && row["epochs"] == 1 {
+            assert!(row.get("mismatch").is_none_or(|m| m.is_null()), "{row}");
+            continue;
+        }
+        let m = row["mismatch"].as_str().unwrap_or_else(|| panic!("no mismatch in {row}"));
+        assert_eq!(m.contains(&format!("batch_norm=false (train[arch={arch}]: true)")), arch == "vgg", "{m}");
         assert_eq!(m.contains("epochs=2"), row["epochs"] == 2, "{m}");
     }
 }

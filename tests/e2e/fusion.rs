@@ -42,7 +42,9 @@ fn unfused_and_fused(yaml: &str, fused_args: &[&str]) -> (Project, Project, Vec<
     assert!(!plain.stdout().contains("fused   "), "--fuse off fused:\n{}", plain.stdout());
     let fused = on.run(fused_args).ok();
     let groups = fused.stdout().lines().filter(|l| l.starts_with("fused   ")).map(str::to_string).collect();
-    assert_eq!(plain.summary("ran"), fused.summary("ran"));
+    for field in ["ran", "cached", "reused"] {
+        assert_eq!(plain.summary(field), fused.summary(field), "{field}:\n{}\n{}", plain.stdout(), fused.stdout());
+    }
     let lock = |p: &Project| std::fs::read(p.path().join("p.lock.yaml")).expect("lock file");
     assert!(lock(&off) == lock(&on), "the fused run's lock file differs from the unfused run's");
     (off, on, groups)
@@ -132,4 +134,31 @@ fn heatmap_methods_share_one_pass_by_default_with_the_bytes_they_give_alone() {
     // Each member was published under its own key: nothing is left to run, either way.
     assert_eq!(on.run(&["--fuse", "off"]).ok().summary("ran"), 0);
     assert_eq!(off.run(&[]).ok().summary("ran"), 0);
+}
+
+#[test]
+fn bench_fuse_runs_a_pipeline_whose_data_path_is_relative_and_checks_its_stage_first() {
+    let p = Project::new(
+        "name: rel\nseed: 2\nstages:\n  data:\n    kind: data\n    params: {source: folders, root: imgs, positive: [b], missing_masks: exclude, image_size: 16}\n  train:\n    kind: train\n    inputs: {data: data}\n    params: {epochs: 1, batch_size: 8}\n",
+    );
+    crate::support::write_folders(&p.path().join("imgs"), &["a", "b"], 6);
+    let pl = p.pipeline();
+    let bench = |stage: &str| p.camflow(&["bench", "fuse", "--k", "1", "--size", "16", "--images", "8", "--pipeline", pl.to_str().unwrap(), "--stage", stage]);
+    let bad = bench("nope");
+    assert_eq!(bad.code(), 2, "{}", bad.stderr());
+    assert!(bad.stderr().contains("--stage nope: no such stage") && bad.stdout().is_empty(), "refused before timing: {}", bad.stdout());
+    let r = bench("train").ok();
+    let row: serde_json::Value = serde_json::from_str(r.stdout().lines().last().unwrap()).expect("json row");
+    assert_eq!(row["locks_identical"], true, "{row}");
+    assert!(!p.path().join("p.lock.yaml").exists(), "the user's folder gets no lock");
+}
+
+#[test]
+fn members_with_one_key_count_as_cached_fused_or_not() {
+    // vgg-small reads no `widths`: both points of this axis are one training, computed once.
+    let yaml = FUSABLE.replace("    seeds: 2\n", "    seeds: 2\n    sweep:\n      grid:\n        widths: [[16, 32, 64, 64], [4, 8]]\n");
+    let (off, _, groups) = unfused_and_fused(&yaml, &["--fuse", "4"]);
+    assert!(groups.iter().any(|l| l.starts_with("fused   4 instances in one task: train")), "{groups:?}");
+    let plain = off.run(&["--fuse", "off"]).ok();
+    assert_eq!(plain.summary("ran"), 0, "{}", plain.stdout());
 }

@@ -232,7 +232,7 @@ pub fn run_worker(
             Some(m) => (Status::Failed, Some(format!("{}: {m}", spec.label)), None),
             None => match spec.to_job(catalog.clone(), store.clone(), &tx).run() {
                 Ok(Done::Ran(..)) => (Status::Ran, None, None),
-                Ok(Done::Reused(_)) => (Status::Reused, None, None),
+                Ok(Done::Reused(_) | Done::Cached(_)) => (Status::Reused, None, None),
                 Err(e) => (Status::Failed, Some(e.msg), e.log),
             },
         };
