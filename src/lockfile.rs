@@ -15,6 +15,9 @@ use crate::cache::verified::Stamp;
 use crate::host::{self, Process};
 use crate::cache::{ActionRecord, CacheKey, Store};
 
+/// A kind's `key_params`: what of a params map its key holds.
+pub type Keyed<'a> = dyn Fn(&BTreeMap<String, Json>) -> BTreeMap<String, Json> + 'a;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LockFile {
     pub pipeline: String,
@@ -456,7 +459,7 @@ impl LockFile {
         label: &str,
         key: &CacheKey,
         params: &BTreeMap<String, Json>,
-        keyed: &dyn Fn(&BTreeMap<String, Json>) -> BTreeMap<String, Json>,
+        keyed: &Keyed<'_>,
         upstream: &[(&str, &ActionRecord)],
     ) -> Result<(), String> {
         for (ul, rec) in upstream {
@@ -551,7 +554,7 @@ impl LockFile {
 /// The first field of a lock entry that its key determines (kind, kind version, params in the
 /// key, input and data digests, numeric class) and that differs from what this run computed;
 /// `None` when all agree. Location params are not in the key and may differ.
-fn entry_differs(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>, keyed: &dyn Fn(&BTreeMap<String, Json>) -> BTreeMap<String, Json>) -> Option<String> {
+fn entry_differs(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, Json>, keyed: &Keyed<'_>) -> Option<String> {
     let show = |v: Option<&String>| v.map_or_else(|| "absent".to_string(), |d| format!("`{d}`"));
     if l.kind != key.kind {
         return Some(format!("`kind` is `{}`, the run computed `{}`", l.kind, key.kind));
@@ -581,13 +584,13 @@ fn entry_differs(l: &LockedInstance, key: &CacheKey, params: &BTreeMap<String, J
 /// The params whose keyed value differs between the lock's entry and this run's key: the
 /// lock's params as this camflow keys them (`keyed`) against the key's. A location param, or
 /// one the kind ignores, may differ in the lock without counting.
-fn keyed_param_changes(l: &LockedInstance, key: &CacheKey, keyed: &dyn Fn(&BTreeMap<String, Json>) -> BTreeMap<String, Json>) -> Vec<String> {
+fn keyed_param_changes(l: &LockedInstance, key: &CacheKey, keyed: &Keyed<'_>) -> Vec<String> {
     let locked = keyed(&l.params);
     let names: BTreeSet<&String> = locked.keys().chain(key.params.keys()).collect();
     names.into_iter().filter(|n| locked.get(*n) != key.params.get(*n)).cloned().collect()
 }
 
-fn key_cause(l: &LockedInstance, key: &CacheKey, keyed: &dyn Fn(&BTreeMap<String, Json>) -> BTreeMap<String, Json>) -> String {
+fn key_cause(l: &LockedInstance, key: &CacheKey, keyed: &Keyed<'_>) -> String {
     let mut why = Vec::new();
     if l.kind != key.kind {
         why.push(format!("kind {} -> {}", l.kind, key.kind));

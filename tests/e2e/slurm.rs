@@ -404,7 +404,7 @@ fn slurm_controller_sigkill_then_rerun_submits_nothing_twice() {
     let _ = child.wait();
     let before = submissions(&p);
     assert_eq!(before.len(), 2, "data and train submitted before the kill: {before:?}");
-    assert!(queue(&[task.clone()]).iter().any(|r| r.3 == "RUNNING"), "the training job outlives its controller");
+    assert!(queue(std::slice::from_ref(&task)).iter().any(|r| r.3 == "RUNNING"), "the training job outlives its controller");
     let r = slurm_run(&p, &prof).ok();
     let all = submissions(&p);
     assert_eq!(r.summary("jobs"), all.len() - before.len(), "jobs= counts this run's submissions:\n{}", r.stdout());
