@@ -234,9 +234,9 @@ pub fn schema(catalog: &Catalog) -> Json {
     defs.insert(
         "time".into(),
         json!({
-            "type": ["string", "integer"],
-            "pattern": r"^\s*([0-9]+[smhd]|[0-9]+(:[0-9]+){0,2}|[0-9]+-[0-9]+(:[0-9]+){0,2})\s*$",
-            "description": "time limit of a cluster job (`--time`): `90s`, `30m`, `2h`, or sbatch's forms: minutes, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`. Not enforced locally",
+            "type": "string",
+            "pattern": r"^\s*([0-9]+[smhd]|[0-9]+(:[0-9]+){1,2}|[0-9]+-[0-9]+(:[0-9]+){0,2})\s*$",
+            "description": "time limit of a cluster job (`--time`): `90s`, `30m`, `2h`, or sbatch's forms: `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS` (a bare number is refused as ambiguous). Not enforced locally",
         }),
     );
     defs.insert("executor".into(), executor_schema(&names));

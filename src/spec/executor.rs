@@ -206,13 +206,13 @@ pub fn parse_mem(s: &str) -> Result<u64, String> {
     Ok(mib as u64)
 }
 
-/// `90s`, `30m`, `2h`, `1d`, or one of sbatch's own `--time` forms: `MM`, `MM:SS`,
-/// `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`; in seconds. A bare number is minutes, as sbatch
-/// reads it (people who write Slurm's forms mean Slurm's meaning).
+/// `90s`, `30m`, `2h`, `1d`, or one of sbatch's own `--time` forms: `MM:SS`, `HH:MM:SS`,
+/// `D-HH`, `D-HH:MM`, `D-HH:MM:SS`; in seconds. A bare number is refused: sbatch reads it as
+/// minutes, people often mean seconds, and `time: 3600` would silently ask for 60 hours.
 pub fn parse_time(s: &str) -> Result<u64, String> {
     let bad = || {
         format!(
-            "expected a duration like `90s`, `30m`, `2h`, or as sbatch writes it: minutes, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM` or `D-HH:MM:SS`; found `{s}`"
+            "expected a duration like `90s`, `30m`, `2h`, or as sbatch writes it: `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM` or `D-HH:MM:SS` (a bare number is ambiguous: sbatch reads minutes; write `90m` or `90s`); found `{s}`"
         )
     };
     let t = s.trim();
@@ -239,8 +239,8 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
             return Err(bad());
         }
         parts.iter().try_fold(0u64, |acc, p| number(p).and_then(|v| acc.checked_mul(60)?.checked_add(v))).ok_or_else(bad)?
-    } else if let Some(minutes) = number(t) {
-        minutes.checked_mul(60).ok_or_else(bad)?
+    } else if number(t).is_some() {
+        return Err(bad());
     } else {
         let (num, unit) = t.split_at(t.len().saturating_sub(1));
         let per = match unit {
@@ -522,7 +522,7 @@ mod tests {
         assert_eq!(parse_time("2-12"), Ok(2 * 86400 + 12 * 3600));
         assert_eq!(parse_time("1-02:30"), Ok(86400 + 2 * 3600 + 30 * 60));
         assert_eq!(parse_time("36:00:00"), Ok(36 * 3600));
-        assert_eq!(parse_time("90"), Ok(90 * 60), "a bare number is minutes, as in sbatch");
+        assert!(parse_time("90").is_err(), "a bare number is ambiguous (sbatch: minutes; people: seconds)");
         assert_eq!(parse_time(&slurm_time(90000)), Ok(90000));
         for bad in
             ["", "1:2:3:4", "h", "0s", "0", "1::2", "-5m", "400d", "1-", "-1", "1-2:3:4:5", "1-x", "a-1", "1.5", "1-0:307445734561825860"]

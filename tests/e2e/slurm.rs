@@ -579,7 +579,8 @@ fn slurm_failing_squeue_is_told_and_given_up_on() {
         "told once, in its own words:\n{out}"
     );
     assert!(out.contains("executor.poll.give_up_s"), "{out}");
-    assert!(out.contains("squeue has failed for 3s in a row"), "{out}");
+    // The seconds counted depend on the machine's load: only their presence is checked.
+    assert!(out.contains("squeue has failed for ") && out.contains("s in a row"), "{out}");
     assert!(out.contains("camflow cancelled it"), "{out}");
 }
 

@@ -283,7 +283,15 @@ impl SlurmRunner {
         if since.elapsed() < give_up || self.tasks.is_empty() {
             return;
         }
-        let ids: Vec<String> = self.tasks.keys().cloned().collect();
+        // Not given up on: a task whose members' results are in the cache already (the
+        // outcomes, read after this, settle it), nor another live controller's job (its to
+        // cancel; this run waits for its results like any result in the cache).
+        let done = |t: &Task| t.members.iter().all(|m| matches!(self.store.lookup(&m.job.digest, false), Lookup::Fresh(_)));
+        let ids: Vec<String> =
+            self.tasks.iter().filter(|(_, t)| !done(t) && !t.members.iter().any(|m| m.theirs)).map(|(id, _)| id.clone()).collect();
+        if ids.is_empty() {
+            return;
+        }
         let cancelled = match slurm_cmd("scancel", ids.clone()).await {
             Ok(_) => "camflow cancelled it".to_string(),
             Err(e) => format!("cancelling it failed too ({e}): it may still run (`scancel {}`)", ids.join(" ")),
@@ -614,6 +622,8 @@ impl SlurmRunner {
             Ok(q) => {
                 if self.squeue_failing.take().is_some() {
                     let _ = self.events.send(Event::Note { text: "squeue answers again".into() });
+                    // A later outage is told again.
+                    self.squeue_told.clear();
                 }
                 Some(q)
             }
@@ -635,8 +645,10 @@ impl SlurmRunner {
             {
                 if let (Some(reason), Some(task)) = (&q.reason, self.tasks.get_mut(&id)) {
                     let since = *task.pending_since.get_or_insert(now);
+                    // Another live controller's job is its to cancel: only told here.
+                    let ours = !task.members.iter().any(|m| m.theirs);
                     match sbatch::waiting(reason) {
-                        sbatch::Waiting::Never => {
+                        sbatch::Waiting::Never if ours => {
                             never.push((id.clone(), reason.clone()));
                             continue;
                         }
@@ -706,7 +718,14 @@ impl SlurmRunner {
                 let old = meta.modified().is_ok_and(|t| stale_record(std::os::unix::fs::MetadataExt::uid(&meta), own_uid, t, queue_at));
                 if old && !alive.contains(rec.job_id.as_str()) && !self.known.contains_key(&rec.job_id) {
                     let _ = std::fs::remove_file(path);
-                    let _ = std::fs::remove_file(&rec.job_file);
+                    // Job files are named by their content: a job resubmitted for the same keys
+                    // (a replaced pending job, a retry) has this very file. Never removed under
+                    // a job that is known or still in the queue.
+                    let in_use = self.known.values().any(|k| k.job_file == rec.job_file)
+                        || self.others.iter().any(|(o, _)| o.job_file == rec.job_file && alive.contains(o.job_id.as_str()));
+                    if !in_use {
+                        let _ = std::fs::remove_file(&rec.job_file);
+                    }
                     removed = true;
                 }
             }
@@ -721,7 +740,12 @@ impl SlurmRunner {
             for j in done {
                 if let Some(k) = self.known.remove(&j) {
                     let _ = std::fs::remove_file(&k.record);
-                    let _ = std::fs::remove_file(&k.job_file);
+                    // Not under a later job of the same keys (same content, same file name).
+                    let in_use = self.known.values().any(|o| o.job_file == k.job_file)
+                        || self.others.iter().any(|(o, _)| o.job_file == k.job_file && alive.contains(o.job_id.as_str()));
+                    if !in_use {
+                        let _ = std::fs::remove_file(&k.job_file);
+                    }
                 }
             }
         }

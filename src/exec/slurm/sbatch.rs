@@ -211,24 +211,21 @@ pub fn waiting(reason: &str) -> Waiting {
         "Licenses",
         "Nodes_required_for_job_are_DOWN,_DRAINED_or_reserved_for_jobs_in_higher_priority_partitions",
     ];
-    const NEVER: &[&str] = &[
-        "PartitionTimeLimit",
-        "PartitionNodeLimit",
-        "PartitionConfig",
-        "BadConstraints",
-        "InvalidAccount",
-        "InvalidQOS",
-        "DependencyNeverSatisfied",
-        "AccountNotAllowed",
-        "QOSNotAllowed",
-    ];
+    const NEVER: &[&str] = &["PartitionTimeLimit", "PartitionConfig", "BadConstraints", "DependencyNeverSatisfied"];
     // `*PerJob*`: a per-job limit of a QOS or association (wall time, CPUs, memory, GRES,
-    // nodes) that this job's own request exceeds; only a smaller request helps. Not here:
-    // `PartitionDown`/`PartitionInactive` (an administrator may bring the partition back).
+    // nodes) that this job's own request exceeds; only a smaller request helps. Not here, as
+    // an administrator may clear them and the job then starts: `PartitionDown` and
+    // `PartitionInactive`; `PartitionNodeLimit` (also given while the nodes a job needs are
+    // down or drained, as in a maintenance); account and QOS reasons of a job already pending
+    // (`InvalidAccount`, `InvalidQOS`, `AccountNotAllowed`, `QOSNotAllowed`: sbatch refuses a
+    // bad one at submission, so pending with one means an administrator changed something).
+    // Those are told at once, never failed.
     if NEVER.contains(&reason) || reason.contains("PerJob") {
         return Waiting::Never;
     }
-    if reason.starts_with("JobHeld") || reason.contains("held") {
+    // `JobHeldAdmin`, `JobHeldUser`, and `launch failed requeued held`; never a node name
+    // that merely holds the letters (`sheldon01`).
+    if reason.starts_with("JobHeld") || reason.ends_with(" held") {
         return Waiting::Held;
     }
     if QUEUE.contains(&reason) || reason.starts_with("QOSGrp") || reason.starts_with("AssocGrp") || reason.ends_with("PerUserLimit") {
@@ -531,11 +528,8 @@ mod tests {
     fn pending_reasons_are_classified() {
         for r in [
             "PartitionTimeLimit",
-            "PartitionNodeLimit",
             "PartitionConfig",
             "BadConstraints",
-            "InvalidAccount",
-            "InvalidQOS",
             "DependencyNeverSatisfied",
             "QOSMaxWallDurationPerJobLimit",
             "QOSMaxCpuPerJobLimit",
@@ -550,7 +544,8 @@ mod tests {
         for r in ["Priority", "Resources", "Dependency", "BeginTime", "QOSGrpCpuLimit", "AssocGrpJobsLimit", "QOSMaxJobsPerUserLimit"] {
             assert_eq!(waiting(r), Waiting::Queue, "{r}");
         }
-        for r in ["ReqNodeNotAvail", "PartitionDown", "PartitionInactive", "Something new"] {
+        // An administrator may clear these: told, never failed.
+        for r in ["ReqNodeNotAvail", "PartitionDown", "PartitionInactive", "PartitionNodeLimit", "InvalidAccount", "InvalidQOS", "Something new", "ReqNodeNotAvail,_UnavailableNodes:sheldon01"] {
             assert_eq!(waiting(r), Waiting::Other, "{r}");
         }
     }
