@@ -682,6 +682,11 @@ fn slurm_rerun_replaces_a_pending_job_submitted_with_other_settings() {
     let _ = w.child.wait();
     let first = submissions(&p);
     assert_eq!(first.len(), 1, "{first:?}");
+    // The old submission's record is older than the minute after which a gone controller's
+    // record is swept: its job file (content-addressed) is the new job's too and must stay.
+    let record = p.cache().join("slurm").join("submitted").join(format!("{}.json", first[0]));
+    let old = std::time::SystemTime::now() - Duration::from_secs(600);
+    std::fs::File::options().write(true).open(&record).expect("the submission record").set_modified(old).expect("backdate");
     let prof = profile(&p, &format!("{FAST_POLL}  kinds:\n    data: {{time: 2m}}\n"));
     let (code, out) = watch(slurm_cmd(&p, &prof, &p.cache())).finish(Duration::from_secs(60));
     assert_eq!(code, 0, "{out}");
