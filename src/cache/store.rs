@@ -443,6 +443,13 @@ enum ObjectProblem {
     Io(StoreError),
 }
 
+/// Objects this process found corrupt and removed, with the digest their bytes had: another
+/// reader of the same object in this process is told the same cause.
+fn removed_as_corrupt() -> &'static std::sync::Mutex<std::collections::HashMap<String, String>> {
+    static M: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, String>>> = std::sync::OnceLock::new();
+    M.get_or_init(Default::default)
+}
+
 impl Store {
     pub fn open(root: &Path) -> StoreResult<Store> {
         fs::create_dir_all(root).map_err(io(root))?;
@@ -591,6 +598,10 @@ impl Store {
     /// the cache's `tmp/`, hashed as it is copied: a copy cut short is never an object.
     pub fn put_file(&self, src: &Path) -> StoreResult<ObjectRef> {
         let digest = hash_file(src)?;
+        // Stored again: a later absence is no longer the corruption found before.
+        if let Ok(mut m) = removed_as_corrupt().lock() {
+            m.remove(&digest);
+        }
         let size = fs::metadata(src).map_err(io(src))?.len();
         let dest = self.object_file(&digest)?;
         // Another writer may publish between the look and the link: look again (bounded).
@@ -702,7 +713,14 @@ impl Store {
     pub fn verified_object(&self, r: &ObjectRef) -> StoreResult<PathBuf> {
         let p = self.object_file(&r.digest)?;
         match fs::symlink_metadata(&p) {
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(StoreError::Missing(r.digest.clone())),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                // Removed as corrupt by another instance of this run (fused members share
+                // inputs): the same cause, not "missing".
+                if let Some(actual) = removed_as_corrupt().lock().ok().and_then(|m| m.get(&r.digest).cloned()) {
+                    return Err(StoreError::Corrupt { digest: r.digest.clone(), actual });
+                }
+                return Err(StoreError::Missing(r.digest.clone()));
+            }
             Err(e) => return Err(StoreError::Io { path: p, source: e }),
             // A link (or anything but a file) is never followed: the link itself is removed.
             // A folder is left alone (removing a tree on the word of a record is too much).
@@ -716,6 +734,9 @@ impl Store {
         }
         let actual = hash_file(&p)?;
         if actual != r.digest {
+            if let Ok(mut m) = removed_as_corrupt().lock() {
+                m.insert(r.digest.clone(), actual.clone());
+            }
             let _ = fs::remove_file(&p);
             return Err(StoreError::Corrupt { digest: r.digest.clone(), actual });
         }
@@ -1167,6 +1188,12 @@ mod tests {
         fs::write(&p, b"jello").unwrap();
         assert!(matches!(s.verified_object(&r), Err(StoreError::Corrupt { .. })));
         assert!(!p.exists());
+        // A second reader in this process (a fused member sharing the input) is told the same
+        // cause, not "missing"; once stored again, the object reads.
+        assert!(matches!(s.verified_object(&r), Err(StoreError::Corrupt { .. })));
+        fs::write(&src, b"hello").unwrap();
+        let r = s.put_file(&src).unwrap();
+        assert!(s.verified_object(&r).is_ok());
     }
 
     #[test]
