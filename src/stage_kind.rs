@@ -318,6 +318,22 @@ impl StageError {
     }
 }
 
+/// `params` without `kind`'s [`StageKind::location_params`]: the default of
+/// [`StageKind::key_params`], and where a kind's own `key_params` starts.
+pub fn without_locations<K: StageKind + ?Sized>(kind: &K, params: &Params) -> Params {
+    params.iter().filter(|(k, _)| !kind.location_params().contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Sets each of `names` that `params` holds to its default in `specs`: a param an instance
+/// cannot read is keyed as if it were never set, so specs that never set it keep their keys.
+pub fn set_to_defaults(params: &mut Params, specs: &[ParamSpec], names: &[&str]) {
+    for name in names {
+        if let (Some(v), Some(spec)) = (params.get_mut(*name), specs.iter().find(|s| s.name == *name)) {
+            *v = (spec.default)();
+        }
+    }
+}
+
 pub trait StageKind: Send + Sync {
     fn name(&self) -> &'static str;
     /// Bumped whenever the implementation changes its outputs; part of every cache key.
@@ -371,7 +387,7 @@ pub trait StageKind: Send + Sync {
     /// matter in some modes leaves the others out (filter's `threshold` in `multiply` mode),
     /// so changing them reruns nothing. Dropped params are still recorded in the lock file.
     fn key_params(&self, params: &Params) -> Params {
-        params.iter().filter(|(k, _)| !self.location_params().contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+        without_locations(self, params)
     }
     /// Params this kind takes from the nearest upstream instance of another kind unless its
     /// own stage sets them (a `params` entry, a `${stage.param}` reference or a sweep axis).

@@ -271,13 +271,8 @@ impl StageKind for Data {
             // A missing LGG mask is always a bad file (every LGG slice has one).
             ignored.push("missing_masks");
         }
-        let specs = self.params();
-        let mut out: Params = params.iter().filter(|(k, _)| !self.location_params().contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
-        for name in ignored {
-            if let (Some(v), Some(spec)) = (out.get_mut(name), specs.iter().find(|s| s.name == name)) {
-                *v = (spec.default)();
-            }
-        }
+        let mut out = without_locations(self, params);
+        set_to_defaults(&mut out, &self.params(), &ignored);
         if let Some(Json::Array(classes)) = out.get_mut("positive") {
             classes.sort_by_key(|c| c.to_string());
             classes.dedup();

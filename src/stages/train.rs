@@ -73,11 +73,7 @@ fn ignored_params(params: &Params) -> Vec<&'static str> {
 /// key and fusion group hold.
 fn key_shape(params: &Params, specs: &[ParamSpec]) -> Params {
     let mut out = params.clone();
-    for name in ignored_params(params) {
-        if let (Some(v), Some(spec)) = (out.get_mut(name), specs.iter().find(|s| s.name == name)) {
-            *v = (spec.default)();
-        }
-    }
+    set_to_defaults(&mut out, specs, &ignored_params(params));
     out
 }
 

@@ -383,6 +383,14 @@ impl SlurmRunner {
         }
     }
 
+    /// Whether a job this controller knows, or another controller's recorded job (only those
+    /// still in the queue, when `alive` is given), reads the job file at `path`. Job files are
+    /// named by their content, so a resubmission of the same tasks shares one.
+    fn job_file_in_use(&self, path: &Path, alive: Option<&HashSet<&str>>) -> bool {
+        self.known.values().any(|k| k.job_file == path)
+            || self.others.iter().any(|(o, _)| o.job_file == path && alive.is_none_or(|a| a.contains(o.job_id.as_str())))
+    }
+
     fn log_dir(&self) -> PathBuf {
         self.root.join("logs").join("slurm")
     }
@@ -466,7 +474,7 @@ impl SlurmRunner {
             Err((msg, config)) => {
                 // No job will read it (a job file is content-addressed: another submission of
                 // the same tasks may still use it).
-                if !self.known.values().any(|k| k.job_file == job_file) && !self.others.iter().any(|(r, _)| r.job_file == job_file) {
+                if !self.job_file_in_use(&job_file, None) {
                     let _ = std::fs::remove_file(&job_file);
                 }
                 return fail_all(self, tasks, &msg, config);
@@ -721,9 +729,7 @@ impl SlurmRunner {
                     // Job files are named by their content: a job resubmitted for the same keys
                     // (a replaced pending job, a retry) has this very file. Never removed under
                     // a job that is known or still in the queue.
-                    let in_use = self.known.values().any(|k| k.job_file == rec.job_file)
-                        || self.others.iter().any(|(o, _)| o.job_file == rec.job_file && alive.contains(o.job_id.as_str()));
-                    if !in_use {
+                    if !self.job_file_in_use(&rec.job_file, Some(&alive)) {
                         let _ = std::fs::remove_file(&rec.job_file);
                     }
                     removed = true;
@@ -741,9 +747,7 @@ impl SlurmRunner {
                 if let Some(k) = self.known.remove(&j) {
                     let _ = std::fs::remove_file(&k.record);
                     // Not under a later job of the same keys (same content, same file name).
-                    let in_use = self.known.values().any(|o| o.job_file == k.job_file)
-                        || self.others.iter().any(|(o, _)| o.job_file == k.job_file && alive.contains(o.job_id.as_str()));
-                    if !in_use {
+                    if !self.job_file_in_use(&k.job_file, Some(&alive)) {
                         let _ = std::fs::remove_file(&k.job_file);
                     }
                 }
