@@ -3,11 +3,18 @@
 # under its own time limit, so one failure or hang never loses the others; every part's status,
 # wall time and figures go into one summary file.
 #
-# Build the binary on a machine with a Rust toolchain (the GPU machine may have none):
-#   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda
-#   mkdir -p dist && cp target/release/camflow dist/camflow-cuda
+# Build the binaries on a machine with a Rust toolchain (the GPU machine may have none): the
+# fixed-kernel build, and (optional, compared in the kernels and ml parts) the tuned one:
+#   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda --target-dir target/cuda
+#   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda,gpu-tuned --target-dir target/cuda-tuned
+#   mkdir -p dist && cp target/cuda/release/camflow dist/camflow-cuda
+#   cp target/cuda-tuned/release/camflow dist/camflow-cuda-tuned
+#   strip dist/camflow-cuda*; gzip -9 dist/camflow-cuda*   # two binaries fit a 64 MiB carry
 # then on the GPU machine (driver 580 / CUDA 13.0), from the project root:
 #   OUT=/some/dir scripts/gpu-check.sh [dist/camflow-cuda]
+# A binary given as FILE may lie there as FILE.gz: it is unpacked into the work folder. The
+# tuned binary is GPU_CHECK_TUNED_BIN, else the first binary's name with `-tuned` appended;
+# without one, the parts measure the first binary only.
 #
 # A lent GPU machine gives about 15 minutes in all, start included: the default parts and time
 # limits below add up to about 9.5 minutes, so one device call of 600 s runs them all.
@@ -15,15 +22,17 @@
 # Parts (GPU_CHECK_PARTS; the default runs all but shared and cpu-locked, in this order):
 #   device      nvidia-smi: GPU name, driver, memory
 #   kernels     the cold start: one small training process with camflow's kernel cache empty,
-#               again with it warm, then with cubecl's defaults (no compiled-kernel cache),
-#               each with an empty driver cache and its own time limit. Every later part
-#               shares that kernel cache (CAMFLOW_KERNEL_CACHE), so its figures are a second
-#               run's, not a first's. Each process's count of kernels compiled and shapes
-#               autotuned (CAMFLOW_KERNEL_LOG), every 10 s and at its end: many compilations
-#               or slow ones? Every other part reports its own counts too
+#               again with it warm; for the fixed build, then for the tuned one (and the tuned
+#               one at cubecl's defaults: no compiled-kernel cache), each with an empty driver
+#               cache and its own time limit. Every later part shares the first binary's
+#               kernel cache (CAMFLOW_KERNEL_CACHE), so its figures are a second run's, not a
+#               first's. Each process's count of kernels compiled and shapes autotuned
+#               (CAMFLOW_KERNEL_LOG), every 10 s and at its end: many compilations or slow
+#               ones? Every other part reports its own counts too
 #   fuse        fused vs unfused training throughput, K = 1, 2, 4, 8, 16, 24 at 64x64
 #               (`bench fuse`, a row per K as it is measured, kernel warm-up timed apart)
-#   ml          `bench ml` at 64 and 128 on the GPU backend (and the CPU's figure at 64)
+#   ml          `bench ml` at 64 and 128 on the GPU backend (and the CPU's figure at 64, and
+#               the tuned build's at 64: its steps against the fixed build's)
 #   paper       the paper pipeline on the GPU backend: wall time and per-stage times
 #   shared      the same with train, cams and retrain on a quarter GPU each (fractional slots;
 #               not in the default list)
@@ -46,6 +55,8 @@ set -uo pipefail   # no -e: a failing part is recorded, and the next one runs
 
 BIN=${1:-dist/camflow-cuda}
 case "$BIN" in /*) ;; *) BIN="$PWD/$BIN" ;; esac
+TUNED_BIN=${GPU_CHECK_TUNED_BIN:-$BIN-tuned}
+case "$TUNED_BIN" in /*) ;; *) TUNED_BIN="$PWD/$TUNED_BIN" ;; esac
 ROOT=$PWD
 BACKEND=${GPU_CHECK_BACKEND:-cuda}
 PARTS=${GPU_CHECK_PARTS:-device kernels fuse ml paper lgg}
@@ -56,10 +67,23 @@ SUMMARY_DIR=${OUT:-$(mktemp -d)}
 mkdir -p "$SUMMARY_DIR"
 SUMMARY="$SUMMARY_DIR/gpu-check-summary.md"
 
-if [ ! -x "$BIN" ]; then
-  echo "gpu-check: no camflow binary at $BIN (build it: see the top of this script)" >&2
+# FILE, or FILE.gz unpacked into the work folder; prints the path to run (none: neither).
+unpacked() {
+  if [ -x "$1" ]; then
+    echo "$1"
+  elif [ -f "$1.gz" ]; then
+    local to
+    to="$WORK/$(basename "$1")"
+    gzip -dc "$1.gz" > "$to" && chmod +x "$to" && echo "$to"
+  fi
+}
+BIN_GIVEN=$BIN
+BIN=$(unpacked "$BIN")
+if [ -z "$BIN" ]; then
+  echo "gpu-check: no camflow binary at $BIN_GIVEN or $BIN_GIVEN.gz (build it: see the top of this script)" >&2
   exit 2
 fi
+TUNED_BIN=$(unpacked "$TUNED_BIN")
 if [ ! -f pipelines/paper.yaml ]; then
   echo "gpu-check: run this from the camflow project root (pipelines/paper.yaml not found)" >&2
   exit 2
@@ -69,8 +93,8 @@ default_timeout() {
   case "$1" in
     device) echo 20 ;;
     kernels) echo 150 ;;
-    fuse) echo 120 ;;
-    ml) echo 60 ;;
+    fuse) echo 110 ;;
+    ml) echo 75 ;;
     paper) echo 80 ;;
     shared) echo 90 ;;
     lgg) echo 120 ;;
@@ -132,6 +156,7 @@ kernel_counts() {
 part_device() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi not found"
   "$BIN" --version
+  [ -z "$TUNED_BIN" ] || "$TUNED_BIN" --version
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') x $(nproc)"
 }
 
@@ -143,6 +168,12 @@ part_ml() {
   for size in $ML_SIZES; do
     "$BIN" bench ml --size "$size" --backend "$BACKEND" --reps "$ML_REPS" || rc=1
   done
+  # The tuned build's steps at the smaller size, last (its first use may take the rest of the
+  # time), with its own kernel cache from the kernels part.
+  if [ -n "$TUNED_BIN" ] && [ "$BACKEND" != cpu ]; then
+    echo "tuned build:"
+    CAMFLOW_KERNEL_CACHE="$WORK/kernels-tuned" "$TUNED_BIN" bench ml --size "${ML_SIZES%% *}" --backend "$BACKEND" --reps "$ML_REPS" || rc=1
+  fi
   return $rc
 }
 
@@ -152,21 +183,33 @@ part_kernels() {
   # One small training each (`bench fuse --k 1`): its warmup_s is the cold part. The driver's
   # own cache of machine code compiled from PTX (CUDA_CACHE_PATH) starts empty for each cold
   # process, so the cold figures are cold.
+  # The fixed build first (the first binary, whose kernel cache the later parts share), then
+  # the tuned one with a kernel cache of its own.
   local args=(bench fuse --k 1 --size "$KERNELS_SIZE" --images 64 --backend "$BACKEND")
-  local rc=0 mode start end limit
+  local rc=0 run start end limit mode bin
+  local runs="fixed:cache-cold fixed:cache-warm"
+  [ -z "$TUNED_BIN" ] || runs="$runs tuned:cache-cold tuned:cache-warm tuned:cubecl-defaults"
   mkdir -p "$WORK/nocache-cwd"
-  for mode in cache-cold cache-warm cubecl-defaults; do
-    echo "$mode: start"
+  for run in $runs; do
+    mode=${run#*:}
+    if [ "${run%%:*}" = tuned ]; then
+      bin=$TUNED_BIN
+      export CAMFLOW_KERNEL_CACHE="$WORK/kernels-tuned" CUDA_CACHE_PATH="$WORK/nv-tuned"
+    else
+      bin=$BIN
+    fi
+    echo "$run: start"
     start=$(date +%s.%N)
-    case $mode in
-      cache-cold) limit=70 ;;
-      cache-warm) limit=40 ;;
-      *) limit=40 ;;
+    case $run in
+      fixed:cache-cold) limit=30 ;;
+      fixed:cache-warm) limit=20 ;;
+      tuned:cache-cold) limit=50 ;;
+      *) limit=20 ;;
     esac
     # Lines cubecl appends as it compiles a kernel or settles an autotuned shape
     # (CAMFLOW_KERNEL_LOG), counted every 10 s: whether the cold start is many compilations or
     # slow ones. A kernel found in the compiled-kernel cache is not compiled, so not counted.
-    local klog="$WORK/kernels-$mode.log"
+    local klog="$WORK/kernels-${run/:/-}.log"
     : > "$klog"
     local sampler=
     if [ "$mode" != cubecl-defaults ]; then
@@ -177,14 +220,14 @@ part_kernels() {
       # cubecl's defaults: autotune results in ~/.cache/cubecl (an empty XDG cache here, in a
       # folder of no Cargo project), no compiled-kernel cache.
       (cd "$WORK/nocache-cwd" && CAMFLOW_KERNEL_CACHE=off XDG_CACHE_HOME="$WORK/xdg-empty" CUDA_CACHE_PATH="$WORK/nv-defaults" \
-        timeout -k 5 "$limit" "$BIN" "${args[@]}") || rc=1
+        timeout -k 5 "$limit" "$bin" "${args[@]}") || rc=1
     else
-      CAMFLOW_KERNEL_LOG="$klog" timeout -k 5 "$limit" "$BIN" "${args[@]}" || rc=1
+      CAMFLOW_KERNEL_LOG="$klog" timeout -k 5 "$limit" "$bin" "${args[@]}" || rc=1
     fi
     end=$(date +%s.%N)
     [ -z "$sampler" ] || { kill "$sampler" 2> /dev/null; wait "$sampler" 2> /dev/null; }
-    [ "$mode" = cubecl-defaults ] || echo "$mode: $(kernel_counts "$klog")"
-    echo "$mode: process wall $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')s (limit ${limit}s)"
+    [ "$mode" = cubecl-defaults ] || echo "$run: $(kernel_counts "$klog")"
+    echo "$run: process wall $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')s (limit ${limit}s)"
   done
   return $rc
 }
@@ -246,6 +289,7 @@ export CAMFLOW_KERNEL_CACHE="$WORK/kernels" CUDA_CACHE_PATH="$WORK/nv"
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "- host: $(hostname)"
   echo "- binary: $BIN"
+  echo "- tuned binary (kernels and ml parts): ${TUNED_BIN:-none}"
   echo "- backend: $BACKEND${TINY:+ (TINY smoke test: figures mean nothing)}"
   echo "- parts: $PARTS"
   echo "- kernel cache shared by the parts (CAMFLOW_KERNEL_CACHE): $CAMFLOW_KERNEL_CACHE"
@@ -271,7 +315,7 @@ for part in $PARTS; do
   # Each part's own compile log (the kernels part sets its own per process).
   export CAMFLOW_KERNEL_LOG="$WORK/$part.kernels.log"
   : > "$CAMFLOW_KERNEL_LOG"
-  export BIN ROOT BACKEND WORK ML_SIZES ML_REPS FUSE_K KERNELS_SIZE
+  export BIN TUNED_BIN ROOT BACKEND WORK ML_SIZES ML_REPS FUSE_K KERNELS_SIZE
   start=$(date +%s)
   # Arrays do not cross `bash -c`: pass them as one quoted string each.
   timeout --kill-after=5 "$limit" bash -c "

@@ -28,7 +28,12 @@ use crate::stage_kind::{Catalog, Resources};
 use crate::sweep::{self, Instance};
 
 #[derive(Parser)]
-#[command(name = "camflow", version, about = "Declarative, cached pipelines for Grad-CAM segmentation studies")]
+#[command(
+    name = "camflow",
+    version,
+    long_version = long_version(),
+    about = "Declarative, cached pipelines for Grad-CAM segmentation studies"
+)]
 pub struct Cli {
     /// Cache folder (default: $CAMFLOW_CACHE, else ./cache).
     #[arg(long, global = true, value_name = "DIR")]
@@ -41,6 +46,18 @@ pub struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--version`: which backends this binary runs, and (with a GPU backend) which GPU kernels,
+/// since results of the two kernel builds are keyed apart (`BackendKind::class`).
+fn long_version() -> &'static str {
+    use crate::ml::backend::{BackendKind, GpuKernels};
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let backends = BackendKind::compiled();
+        let kernels = if backends.len() > 1 { format!("; GPU kernels: {}", GpuKernels::BUILT.name()) } else { String::new() };
+        format!("{} (burn 0.21; backends: {}{kernels})", env!("CARGO_PKG_VERSION"), backends.join(", "))
+    })
 }
 
 #[derive(Clone, Copy, ValueEnum)]

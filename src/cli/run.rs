@@ -10,6 +10,7 @@ use super::{PipelineArgs, Prepared, make_plan, open_store, open_store_to_read, p
 use crate::error::{Error, Result};
 use crate::exec::{self, Event, ExecInput, ExecOptions, Outcome};
 use crate::lockfile::{self, LockFile};
+use crate::ml::backend::GpuKernels;
 use crate::plan::Decision;
 use crate::spec::{ExecutorConfig, ExecutorKind};
 use crate::sweep::Instance;
@@ -331,9 +332,15 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
         }
     }
     if !p.backend.bitwise_deterministic() {
+        // Which GPU kernels too: results of the other build are keyed apart (`BackendKind::class`).
         print_out(&format!(
-            "note: backend `{}` is not bitwise deterministic: reruns may give slightly different numbers\n",
-            p.backend.name()
+            "note: backend `{}` is not bitwise deterministic: reruns may give slightly different numbers ({} GPU kernels: {})\n",
+            p.backend.name(),
+            GpuKernels::BUILT.name(),
+            match GpuKernels::BUILT {
+                GpuKernels::Fixed => "a build without `gpu-tuned`",
+                GpuKernels::Tuned => "a `gpu-tuned` build, autotuned per host",
+            }
         ));
     }
     // Nothing to run: finished without the executor (see `cli::noop`).

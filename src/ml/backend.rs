@@ -24,6 +24,33 @@ pub enum BackendKind {
     Wgpu,
 }
 
+/// Which kernels the GPU backends of this build run: a cargo-feature choice (`gpu-tuned`),
+/// since burn compiles autotuning and fusion in or out, never switches them per process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuKernels {
+    /// One fixed kernel per operation (burn's non-autotuned defaults: direct convolutions, a
+    /// plain matrix product), each compiled on its first use in a process. A process starts
+    /// in seconds; steps are slower than tuned ones (BENCHMARKS.md, "The GPU path").
+    Fixed,
+    /// burn's defaults for its GPU backends: each convolution, matrix product and reduction
+    /// shape autotuned on first use (every candidate kernel compiled and timed; results kept
+    /// in the kernel cache, `gpu_kernel_cache`), and chains of elementwise operations fused
+    /// into generated kernels. Faster steps; the first use on a host takes minutes.
+    Tuned,
+}
+
+impl GpuKernels {
+    /// This build's.
+    pub const BUILT: GpuKernels = if cfg!(feature = "gpu-tuned") { GpuKernels::Tuned } else { GpuKernels::Fixed };
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GpuKernels::Fixed => "fixed",
+            GpuKernels::Tuned => "tuned",
+        }
+    }
+}
+
 /// Every backend name camflow knows, compiled in or not (`BackendKind::parse` accepts these).
 pub const NAMES: &[&str] = &["cpu", "cuda", "wgpu"];
 
@@ -46,15 +73,19 @@ impl BackendKind {
     }
 
     /// The numeric class that goes into cache keys and lock files: results differ between
-    /// these, and never within one. The CPU class names its numeric profile
-    /// ([`CPU_PROFILE`]): the same bytes on every CPU of the architecture. The GPU classes
-    /// cannot promise that: wgpu's class says so in its name, since one wgpu build runs on
-    /// GPUs of every vendor (and on lavapipe), each compiling the same shaders its own way.
+    /// these. The CPU class names its numeric profile ([`CPU_PROFILE`]): the same bytes on
+    /// every CPU of the architecture. The GPU classes cannot promise that: wgpu's class says
+    /// so in its name, since one wgpu build runs on GPUs of every vendor (and on lavapipe),
+    /// each compiling the same shaders its own way. A GPU class also names the build's
+    /// [`GpuKernels`] when they are the fixed ones: the two builds run other kernels (other
+    /// summation orders), so one build's results are never served as the other's. The tuned
+    /// build keeps the names all GPU results had before the choice existed.
     pub fn class(self) -> String {
+        let fixed = if GpuKernels::BUILT == GpuKernels::Fixed { "-fixed" } else { "" };
         match self {
             BackendKind::Cpu => format!("flex-{}-{CPU_PROFILE}", std::env::consts::ARCH),
-            BackendKind::Cuda => "cuda".into(),
-            BackendKind::Wgpu => "wgpu-nondeterministic".into(),
+            BackendKind::Cuda => format!("cuda{fixed}"),
+            BackendKind::Wgpu => format!("wgpu{fixed}-nondeterministic"),
         }
     }
 
@@ -220,19 +251,28 @@ fn dispatch_cuda<J: BackendJob>(_device_index: usize, _job: J) -> Result<J::Outp
     Err(BackendError::NotCompiled("cuda"))
 }
 
-/// Says (at `-v`) where this process's GPU kernels are cached, once.
+/// Says (at `-v`) which GPU kernels this build runs and where they are cached, once.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn note_kernel_cache(s: &super::gpu_kernel_cache::Setting) {
-    use super::gpu_kernel_cache::Setting;
     static SAID: std::sync::Once = std::sync::Once::new();
-    SAID.call_once(|| match s {
+    SAID.call_once(|| {
+        let tuned = if cfg!(feature = "gpu-tuned") { "on" } else { "off" };
+        tracing::info!("GPU kernels: {} (cargo feature `gpu-tuned` {tuned})", GpuKernels::BUILT.name());
+        note_kernel_cache_setting(s)
+    });
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn note_kernel_cache_setting(s: &super::gpu_kernel_cache::Setting) {
+    use super::gpu_kernel_cache::Setting;
+    match s {
         Setting::Folder(d) => tracing::info!("GPU kernel cache (cubecl autotune results, compiled kernels): {}", d.display()),
         Setting::UserFile(f) => tracing::info!("GPU kernels: cubecl configured by {}", f.display()),
         Setting::Off => tracing::info!(
             "GPU kernel cache: cubecl's defaults ({} off, no HOME, a folder that cannot be made, or cubecl configured already)",
             super::gpu_kernel_cache::ENV
         ),
-    });
+    }
 }
 
 /// The wgpu device for an executor's GPU index: 0 is the adapter wgpu ranks best (a laptop's
@@ -291,6 +331,22 @@ mod tests {
         assert_eq!(classes.len(), NAMES.len(), "each backend has its own class: {classes:?}");
         // The key of a wgpu result says it is not bitwise deterministic.
         assert!(BackendKind::Wgpu.class().contains("nondeterministic"));
+    }
+
+    #[test]
+    fn gpu_classes_name_the_fixed_kernels_and_keep_the_tuned_builds_old_names() {
+        // A result of one build's kernels is never keyed as the other's; the tuned build (burn's
+        // defaults, the only GPU build before `gpu-tuned` existed) keeps the keys it had.
+        let (cuda, wgpu) = (BackendKind::Cuda.class(), BackendKind::Wgpu.class());
+        if cfg!(feature = "gpu-tuned") {
+            assert_eq!(GpuKernels::BUILT, GpuKernels::Tuned);
+            assert_eq!((cuda.as_str(), wgpu.as_str()), ("cuda", "wgpu-nondeterministic"));
+        } else {
+            assert_eq!(GpuKernels::BUILT, GpuKernels::Fixed);
+            assert_eq!((cuda.as_str(), wgpu.as_str()), ("cuda-fixed", "wgpu-fixed-nondeterministic"));
+        }
+        // The CPU's class does not depend on the GPU build.
+        assert!(BackendKind::Cpu.class().starts_with("flex-"));
     }
 
     #[test]

@@ -1,21 +1,24 @@
 //! Where the GPU backends keep what they compile and tune, across processes.
 //!
 //! burn's GPU backends (cubecl) compile every kernel at run time, on its first use in a process
-//! (CUDA through NVRTC, wgpu through the driver), and autotune convolutions, matrix products and
-//! reductions per shape by running every candidate kernel. On an H200 that cold start kept one
-//! 32x32 training from finishing in 90 s (BENCHMARKS.md, "The GPU path"). Every `camflow run`,
-//! and every Slurm job, is a new process.
+//! (CUDA through NVRTC, wgpu through the driver), and a `gpu-tuned` build autotunes
+//! convolutions, matrix products and reductions per shape by running every candidate kernel.
+//! On an H200 that cold start kept one 32x32 training of a tuned build from finishing in 90 s
+//! (BENCHMARKS.md, "The GPU path"). Every `camflow run`, and every Slurm job, is a new process.
 //!
-//! cubecl can keep its autotune results and (CUDA) the PTX it compiled on disk. By default it
+//! cubecl can keep its autotune results (`gpu-tuned` builds, `ml::backend::GpuKernels`) and
+//! (CUDA) the PTX it compiled on disk. By default it
 //! keeps no PTX, and puts autotune results in the `target/` folder of whatever Cargo project the
 //! working directory is in (else `~/.cache/cubecl`). camflow points both at one folder instead:
-//! `CAMFLOW_KERNEL_CACHE`, else `$XDG_CACHE_HOME/camflow/kernels/<host>/burn-0.21` (else
-//! `~/.cache/...`). Per host, because a home folder is often shared between the nodes of a
-//! cluster while tuned and compiled kernels belong to a GPU model (cubecl keys them by kernel
-//! type and device index, neither by GPU model nor by kernel source: a host with two GPU models
-//! should set `CAMFLOW_KERNEL_CACHE` per model). Per burn line, because a burn release may change
-//! a kernel's code under the same type name. Never in the project's content cache: these files
-//! are cubecl's, written by it (not atomically), and no key depends on them.
+//! `CAMFLOW_KERNEL_CACHE`, else `$XDG_CACHE_HOME/camflow/kernels/<host>/burn-0.21` for a
+//! `gpu-tuned` build and `.../burn-0.21-fixed` for a fixed-kernel one (else `~/.cache/...`).
+//! Per host, because a home folder is often shared between the nodes of a cluster while tuned
+//! and compiled kernels belong to a GPU model (cubecl keys them by kernel type and device
+//! index, neither by GPU model nor by kernel source: a host with two GPU models should set
+//! `CAMFLOW_KERNEL_CACHE` per model). Per burn line and kernel choice, because a burn release or
+//! the other build may compile other code under the same kernel type name. Never in the
+//! project's content cache: these files are cubecl's, written by it (not atomically), and no
+//! key depends on them. A fixed-kernel build autotunes nothing: only (CUDA) its PTX is kept.
 //!
 //! A `cubecl.toml` or `CubeCL.toml`, or a `burn.toml`/`Burn.toml` with a `[cubecl]` section, in
 //! the working directory or above is the user's own cubecl configuration: camflow then leaves
@@ -36,8 +39,10 @@ pub const LOG_ENV: &str = "CAMFLOW_KERNEL_LOG";
 const CUBECL_FILES: &[&str] = &["cubecl.toml", "CubeCL.toml"];
 /// burn's, which configure cubecl only through a `[cubecl]` section.
 const BURN_FILES: &[&str] = &["burn.toml", "Burn.toml"];
-/// The folder under the default root, for kernels of this burn line (see the module docs).
-const BURN_LINE: &str = "burn-0.21";
+/// The folder under the default root, for kernels of this burn line and this build's GPU
+/// kernels (see the module docs): a fixed-kernel build and a tuned one compile kernels of the
+/// same type names from other code (fused or not), so they keep apart.
+const BURN_LINE: &str = if cfg!(feature = "gpu-tuned") { "burn-0.21" } else { "burn-0.21-fixed" };
 
 /// What camflow does with cubecl's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,9 +182,12 @@ mod tests {
         let folder = |p: &str| Setting::Folder(p.into());
         // Default: per user, host and burn line, under XDG_CACHE_HOME when it is absolute,
         // else ~/.cache.
-        assert_eq!(resolve(None, Some(&work), None, Some(home), "node1"), folder("/home/ada/.cache/camflow/kernels/node1/burn-0.21"));
-        assert_eq!(resolve(None, Some(&work), Some(Path::new("/scratch/c")), Some(home), "node1"), folder("/scratch/c/camflow/kernels/node1/burn-0.21"));
-        assert_eq!(resolve(None, Some(&work), Some(Path::new("rel")), Some(home), "n"), folder("/home/ada/.cache/camflow/kernels/n/burn-0.21"));
+        // A fixed-kernel build and a tuned one keep apart.
+        let line = if cfg!(feature = "gpu-tuned") { "burn-0.21" } else { "burn-0.21-fixed" };
+        let folder_line = |p: &str| Setting::Folder(format!("{p}/{line}").into());
+        assert_eq!(resolve(None, Some(&work), None, Some(home), "node1"), folder_line("/home/ada/.cache/camflow/kernels/node1"));
+        assert_eq!(resolve(None, Some(&work), Some(Path::new("/scratch/c")), Some(home), "node1"), folder_line("/scratch/c/camflow/kernels/node1"));
+        assert_eq!(resolve(None, Some(&work), Some(Path::new("rel")), Some(home), "n"), folder_line("/home/ada/.cache/camflow/kernels/n"));
         assert_eq!(resolve(None, Some(&work), None, None, "n"), Setting::Off);
         // A burn.toml configures cubecl only with a [cubecl] section.
         let burn = tmp.path().join("project/sub/burn.toml");

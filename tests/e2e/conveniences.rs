@@ -260,6 +260,25 @@ fn completions_for_each_shell_name_the_subcommands() {
     assert_eq!(bad.status.code(), Some(2));
 }
 
+// ---------------------------------------------------------------- version
+
+#[test]
+fn the_long_version_names_the_backends_and_gpu_kernels_of_this_build() {
+    let out = std::process::Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut backends = vec!["cpu"];
+    backends.extend(cfg!(feature = "cuda").then_some("cuda"));
+    backends.extend(cfg!(feature = "wgpu").then_some("wgpu"));
+    assert!(text.contains(&format!("backends: {}", backends.join(", "))), "{text}");
+    // The GPU kernel build is named only where a GPU backend is in.
+    let kernels = if cfg!(feature = "gpu-tuned") { "GPU kernels: tuned" } else { "GPU kernels: fixed" };
+    assert_eq!(text.contains(kernels), backends.len() > 1, "{text}");
+    // `-V` stays one short line.
+    let short = std::process::Command::new(BIN).arg("-V").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&short.stdout).trim(), format!("camflow {}", env!("CARGO_PKG_VERSION")));
+}
+
 // ---------------------------------------------------------------- plan, keys, show
 
 #[test]
