@@ -619,7 +619,8 @@ fn key_cause(l: &LockedInstance, key: &CacheKey, keyed: &Keyed<'_>) -> String {
     }
     if l.numeric.is_some() && l.numeric != key.backend {
         why.push(format!(
-            "numeric backend differs: locked {}, here {}",
+            "numeric backend differs: locked {}, here {} (another backend, or one built with other kernels: \
+             `camflow --version` names this build's)",
             l.numeric.as_deref().unwrap_or("none"),
             key.backend.as_deref().unwrap_or("none")
         ));

@@ -267,7 +267,7 @@ fn note_kernel_cache_setting(s: &super::gpu_kernel_cache::Setting) {
     use super::gpu_kernel_cache::Setting;
     match s {
         Setting::Folder(d) => tracing::info!("GPU kernel cache (cubecl autotune results, compiled kernels): {}", d.display()),
-        Setting::UserFile(f) => tracing::info!("GPU kernels: cubecl configured by {}", f.display()),
+        Setting::UserFile(f) => tracing::info!("GPU kernel cache: cubecl configured by {}", f.display()),
         Setting::Off => tracing::info!(
             "GPU kernel cache: cubecl's defaults ({} off, no HOME, a folder that cannot be made, or cubecl configured already)",
             super::gpu_kernel_cache::ENV
