@@ -9,12 +9,16 @@
 #   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda,gpu-tuned --target-dir target/cuda-tuned
 #   mkdir -p dist && cp target/cuda/release/camflow dist/camflow-cuda
 #   cp target/cuda-tuned/release/camflow dist/camflow-cuda-tuned
-#   strip dist/camflow-cuda*; gzip -9 dist/camflow-cuda*   # two binaries fit a 64 MiB carry
+#   strip dist/camflow-cuda dist/camflow-cuda-tuned
+#   gzip -9f dist/camflow-cuda dist/camflow-cuda-tuned   # both then fit a 64 MiB upload
 # then on the GPU machine (driver 580 / CUDA 13.0), from the project root:
 #   OUT=/some/dir scripts/gpu-check.sh [dist/camflow-cuda]
 # A binary given as FILE may lie there as FILE.gz: it is unpacked into the work folder. The
-# tuned binary is GPU_CHECK_TUNED_BIN, else the first binary's name with `-tuned` appended;
-# without one, the parts measure the first binary only.
+# tuned binary is GPU_CHECK_TUNED_BIN (`none`: no comparison), else the first binary's name
+# with `-tuned` appended, if it is there. Each binary's `--version` must name the kernels its
+# role needs (a stale binary from before the choice is refused). The fuse, paper and lgg parts
+# (the issue's targets) run the first binary; to measure them with tuned kernels, give the
+# tuned binary first and GPU_CHECK_TUNED_BIN=none.
 #
 # A lent GPU machine gives about 15 minutes in all, start included: the default parts and time
 # limits below add up to about 9.5 minutes, so one device call of 600 s runs them all.
@@ -22,9 +26,9 @@
 # Parts (GPU_CHECK_PARTS; the default runs all but shared and cpu-locked, in this order):
 #   device      nvidia-smi: GPU name, driver, memory
 #   kernels     the cold start: one small training process with camflow's kernel cache empty,
-#               again with it warm; for the fixed build, then for the tuned one (and the tuned
-#               one at cubecl's defaults: no compiled-kernel cache), each with an empty driver
-#               cache and its own time limit. Every later part shares the first binary's
+#               again with it warm; for the fixed build, then for the tuned one, each build
+#               with an empty driver cache and each process with its own time limit (the
+#               tuned cold start: 70 s). Every later part shares the first binary's
 #               kernel cache (CAMFLOW_KERNEL_CACHE), so its figures are a second run's, not a
 #               first's. Each process's count of kernels compiled and shapes autotuned
 #               (CAMFLOW_KERNEL_LOG), every 10 s and at its end: many compilations or slow
@@ -56,7 +60,7 @@ set -uo pipefail   # no -e: a failing part is recorded, and the next one runs
 BIN=${1:-dist/camflow-cuda}
 case "$BIN" in /*) ;; *) BIN="$PWD/$BIN" ;; esac
 TUNED_BIN=${GPU_CHECK_TUNED_BIN:-$BIN-tuned}
-case "$TUNED_BIN" in /*) ;; *) TUNED_BIN="$PWD/$TUNED_BIN" ;; esac
+case "$TUNED_BIN" in /* | none) ;; *) TUNED_BIN="$PWD/$TUNED_BIN" ;; esac
 ROOT=$PWD
 BACKEND=${GPU_CHECK_BACKEND:-cuda}
 PARTS=${GPU_CHECK_PARTS:-device kernels fuse ml paper lgg}
@@ -67,23 +71,52 @@ SUMMARY_DIR=${OUT:-$(mktemp -d)}
 mkdir -p "$SUMMARY_DIR"
 SUMMARY="$SUMMARY_DIR/gpu-check-summary.md"
 
-# FILE, or FILE.gz unpacked into the work folder; prints the path to run (none: neither).
+# FILE, or FILE.gz unpacked into the work folder's ROLE folder (two binaries may share a
+# name); prints the path to run (nothing: neither is there).
 unpacked() {
   if [ -x "$1" ]; then
     echo "$1"
   elif [ -f "$1.gz" ]; then
+    mkdir -p "$WORK/$2"
     local to
-    to="$WORK/$(basename "$1")"
+    to="$WORK/$2/$(basename "$1")"
     gzip -dc "$1.gz" > "$to" && chmod +x "$to" && echo "$to"
   fi
 }
+# The kernels a binary runs, from its `--version` (fixed, tuned, or nothing: no GPU backend).
+kernels_of() {
+  "$1" --version 2> /dev/null | sed -n 's/.*GPU kernels: \([a-z]*\).*/\1/p'
+}
 BIN_GIVEN=$BIN
-BIN=$(unpacked "$BIN")
+BIN=$(unpacked "$BIN" first)
 if [ -z "$BIN" ]; then
   echo "gpu-check: no camflow binary at $BIN_GIVEN or $BIN_GIVEN.gz (build it: see the top of this script)" >&2
   exit 2
 fi
-TUNED_BIN=$(unpacked "$TUNED_BIN")
+if [ "$TUNED_BIN" = none ]; then
+  TUNED_BIN=
+else
+  TUNED_GIVEN=$TUNED_BIN
+  TUNED_BIN=$(unpacked "$TUNED_BIN" tuned)
+  if [ -z "$TUNED_BIN" ] && [ -n "${GPU_CHECK_TUNED_BIN:-}" ]; then
+    echo "gpu-check: GPU_CHECK_TUNED_BIN: no binary at $TUNED_GIVEN or $TUNED_GIVEN.gz (\`none\`: no comparison)" >&2
+    exit 2
+  fi
+  if [ -n "$TUNED_BIN" ] && [ "$(kernels_of "$TUNED_BIN")" != tuned ]; then
+    echo "gpu-check: $TUNED_BIN is not a gpu-tuned build (its --version: $("$TUNED_BIN" --version 2>&1))" >&2
+    exit 2
+  fi
+fi
+# The first binary compared against a tuned one must be a fixed-kernel build (a camflow from
+# before the choice ran tuned kernels and says nothing of them).
+if [ "$BACKEND" != cpu ] && [ -z "$(kernels_of "$BIN")" ]; then
+  echo "gpu-check: $BIN names no GPU kernels in --version (a GPU build of camflow from before the fixed/tuned choice, or a CPU-only build): rebuild it" >&2
+  exit 2
+fi
+if [ -n "$TUNED_BIN" ] && [ "$(kernels_of "$BIN")" != fixed ]; then
+  echo "gpu-check: $BIN is not a fixed-kernel build, yet a tuned binary is given to compare with it (GPU_CHECK_TUNED_BIN=none to measure it alone)" >&2
+  exit 2
+fi
 if [ ! -f pipelines/paper.yaml ]; then
   echo "gpu-check: run this from the camflow project root (pipelines/paper.yaml not found)" >&2
   exit 2
@@ -92,8 +125,8 @@ fi
 default_timeout() {
   case "$1" in
     device) echo 20 ;;
-    kernels) echo 150 ;;
-    fuse) echo 110 ;;
+    kernels) echo 170 ;;
+    fuse) echo 100 ;;
     ml) echo 75 ;;
     paper) echo 80 ;;
     shared) echo 90 ;;
@@ -178,55 +211,44 @@ part_ml() {
 }
 
 part_kernels() {
-  # What a GPU backend's first use costs a process (kernels compiled at run time, convolutions
-  # and matrix products autotuned), and what camflow's kernel cache saves the next process.
-  # One small training each (`bench fuse --k 1`): its warmup_s is the cold part. The driver's
-  # own cache of machine code compiled from PTX (CUDA_CACHE_PATH) starts empty for each cold
-  # process, so the cold figures are cold.
-  # The fixed build first (the first binary, whose kernel cache the later parts share), then
-  # the tuned one with a kernel cache of its own.
+  # What a GPU backend's first use costs a process (kernels compiled at run time; in a tuned
+  # build, convolutions and matrix products autotuned too), and what camflow's kernel cache
+  # saves the next process. One small training each (`bench fuse --k 1`): its warmup_s is the
+  # cold part. The driver's own cache of machine code compiled from PTX (CUDA_CACHE_PATH)
+  # starts empty for each build's cold process, so the cold figures are cold. The first binary
+  # runs first (its kernel cache is the one the later parts share), then the tuned one with a
+  # kernel cache and driver cache of its own.
   local args=(bench fuse --k 1 --size "$KERNELS_SIZE" --images 64 --backend "$BACKEND")
-  local rc=0 run start end limit mode bin
-  local runs="fixed:cache-cold fixed:cache-warm"
-  [ -z "$TUNED_BIN" ] || runs="$runs tuned:cache-cold tuned:cache-warm tuned:cubecl-defaults"
-  mkdir -p "$WORK/nocache-cwd"
+  local rc=0 run start end limit bin first klog sampler
+  first=$(kernels_of "$BIN"); first=${first:-fixed}
+  local runs="$first:cache-cold $first:cache-warm"
+  [ -z "$TUNED_BIN" ] || runs="$runs tuned:cache-cold tuned:cache-warm"
   for run in $runs; do
-    mode=${run#*:}
-    if [ "${run%%:*}" = tuned ]; then
+    bin=$BIN
+    if [ -n "$TUNED_BIN" ] && [ "${run%%:*}" = tuned ]; then
       bin=$TUNED_BIN
-      export CAMFLOW_KERNEL_CACHE="$WORK/kernels-tuned" CUDA_CACHE_PATH="$WORK/nv-tuned"
-    else
-      bin=$BIN
+      export CAMFLOW_KERNEL_CACHE="$WORK/kernels-tuned" CUDA_CACHE_PATH="$WORK/nv-tuned" MESA_SHADER_CACHE_DIR="$WORK/mesa-tuned"
     fi
-    echo "$run: start"
-    start=$(date +%s.%N)
+    # Four processes of at most 150 s in all (plus 5 s each to be killed) in the part's 170 s.
     case $run in
       fixed:cache-cold) limit=30 ;;
       fixed:cache-warm) limit=20 ;;
-      tuned:cache-cold) limit=50 ;;
-      *) limit=20 ;;
+      tuned:cache-cold) limit=70 ;;
+      *) limit=30 ;;
     esac
+    echo "$run: start"
+    start=$(date +%s.%N)
     # Lines cubecl appends as it compiles a kernel or settles an autotuned shape
     # (CAMFLOW_KERNEL_LOG), counted every 10 s: whether the cold start is many compilations or
     # slow ones. A kernel found in the compiled-kernel cache is not compiled, so not counted.
-    local klog="$WORK/kernels-${run/:/-}.log"
+    klog="$WORK/kernels-${run/:/-}.log"
     : > "$klog"
-    local sampler=
-    if [ "$mode" != cubecl-defaults ]; then
-      ( t=0; while sleep 10; do t=$((t + 10)); echo "  ${t}s: $(kernel_counts "$klog")"; done ) &
-      sampler=$!
-    fi
-    if [ "$mode" = cubecl-defaults ]; then
-      # cubecl's defaults: autotune results in ~/.cache/cubecl (an empty XDG cache here, in a
-      # folder of no Cargo project), no compiled-kernel cache.
-      (cd "$WORK/nocache-cwd" && CAMFLOW_KERNEL_CACHE=off XDG_CACHE_HOME="$WORK/xdg-empty" CUDA_CACHE_PATH="$WORK/nv-defaults" \
-        timeout -k 5 "$limit" "$bin" "${args[@]}") || rc=1
-    else
-      CAMFLOW_KERNEL_LOG="$klog" timeout -k 5 "$limit" "$bin" "${args[@]}" || rc=1
-    fi
+    ( t=0; while sleep 10; do t=$((t + 10)); echo "  ${t}s: $(kernel_counts "$klog")"; done ) &
+    sampler=$!
+    CAMFLOW_KERNEL_LOG="$klog" timeout -k 5 "$limit" "$bin" "${args[@]}" || rc=1
     end=$(date +%s.%N)
-    [ -z "$sampler" ] || { kill "$sampler" 2> /dev/null; wait "$sampler" 2> /dev/null; }
-    [ "$mode" = cubecl-defaults ] || echo "$run: $(kernel_counts "$klog")"
+    kill "$sampler" 2> /dev/null; wait "$sampler" 2> /dev/null
+    echo "$run: $(kernel_counts "$klog")"
     echo "$run: process wall $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", b - a}')s (limit ${limit}s)"
   done
   return $rc
@@ -282,7 +304,8 @@ part_cpu_locked() {
 
 # One kernel cache for every part: compiled and tuned once, reused by the next process; and an
 # empty driver cache (machine code the driver compiles from PTX) to start from.
-export CAMFLOW_KERNEL_CACHE="$WORK/kernels" CUDA_CACHE_PATH="$WORK/nv"
+# (Mesa's shader cache too, for a wgpu run on Mesa's drivers.)
+export CAMFLOW_KERNEL_CACHE="$WORK/kernels" CUDA_CACHE_PATH="$WORK/nv" MESA_SHADER_CACHE_DIR="$WORK/mesa"
 {
   echo "# camflow GPU check"
   echo
@@ -311,7 +334,7 @@ for part in $PARTS; do
   var="GPU_CHECK_TIMEOUT_$(echo "${part//-/_}" | tr '[:lower:]' '[:upper:]')"
   limit=${!var:-$(default_timeout "$part")}
   echo "== $part (at most ${limit}s)"
-  export -f "$fn" run_pipeline per_stage kernel_counts
+  export -f "$fn" run_pipeline per_stage kernel_counts kernels_of
   # Each part's own compile log (the kernels part sets its own per process).
   export CAMFLOW_KERNEL_LOG="$WORK/$part.kernels.log"
   : > "$CAMFLOW_KERNEL_LOG"

@@ -31,16 +31,24 @@ for round in $(seq "$ROUNDS"); do
   for build in fixed tuned; do
     bin=$FIXED; [ "$build" = tuned ] && bin=$TUNED
     for cache in cold warm; do
-      # cold: a kernel cache this round has not used; warm: the same one again.
-      export CAMFLOW_KERNEL_CACHE="$WORK/kernels-$build-fuse-$round"
-      echo "round $round $build bench-fuse-k1 $cache: $(wall "$bin" bench fuse --backend "$BACKEND" --k 1 --size 16 --images 64) $(field warmup_s)"
-      export CAMFLOW_KERNEL_CACHE="$WORK/kernels-$build-study-$round"
-      echo "round $round $build study $cache: $(wall "$bin" run "$WORK/p.yaml" --backend "$BACKEND" --cache-dir "$WORK/cache-$build-$cache-$round")"
+      # cold: camflow's kernel cache and the driver's shader caches (Mesa's, NVIDIA's) empty,
+      # folders no earlier process used; warm: the same folders again. (A fixed wgpu build
+      # keeps nothing in camflow's cache: no autotune results, no compiled wgpu kernels.)
+      for work in fuse study; do
+        dir="$WORK/$build-$work-$round"
+        export CAMFLOW_KERNEL_CACHE="$dir/kernels" MESA_SHADER_CACHE_DIR="$dir/mesa" CUDA_CACHE_PATH="$dir/nv"
+        if [ "$work" = fuse ]; then
+          echo "round $round $build bench-fuse-k1 $cache: $(wall "$bin" bench fuse --backend "$BACKEND" --k 1 --size 16 --images 64) $(field warmup_s)"
+        else
+          echo "round $round $build study $cache: $(wall "$bin" run "$WORK/p.yaml" --backend "$BACKEND" --cache-dir "$WORK/cache-$build-$cache-$round")"
+        fi
+      done
     done
   done
 done
+# Steps (once per build, after the rounds): bench ml's own warm-up precedes its timings.
 for build in fixed tuned; do
   bin=$FIXED; [ "$build" = tuned ] && bin=$TUNED
-  export CAMFLOW_KERNEL_CACHE="$WORK/kernels-$build-ml"
+  export CAMFLOW_KERNEL_CACHE="$WORK/$build-ml/kernels" MESA_SHADER_CACHE_DIR="$WORK/$build-ml/mesa" CUDA_CACHE_PATH="$WORK/$build-ml/nv"
   echo "$build bench-ml-32: $(wall "$bin" bench ml --backend "$BACKEND" --size 32 --reps 10) $(field train_step_ms) $(field infer_images_per_s) $(field gradcam_heatmaps_per_s) $(field warmup_s)"
 done

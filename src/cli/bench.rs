@@ -574,7 +574,7 @@ impl BackendJob for &FuseBench {
                 })
                 .collect();
             // A little of each model's data, for an untimed warm-up of each K: a GPU backend
-            // compiles and autotunes its kernels on the first use of a shape, which would
+            // compiles (a tuned build: and autotunes) its kernels on the first use of a shape, which would
             // otherwise be charged to whichever K meets that shape first (K = 1 above all).
             // Two full batches, or one and the last partial batch's size: every batch shape.
             let rem = self.images % self.batch;

@@ -16,7 +16,8 @@
 //! and compiled kernels belong to a GPU model (cubecl keys them by kernel type and device
 //! index, neither by GPU model nor by kernel source: a host with two GPU models should set
 //! `CAMFLOW_KERNEL_CACHE` per model). Per burn line and kernel choice, because a burn release or
-//! the other build may compile other code under the same kernel type name. Never in the
+//! the other build may compile other code under the same kernel type name (a folder set with
+//! `CAMFLOW_KERNEL_CACHE` is used as given, by either build: set one per build). Never in the
 //! project's content cache: these files are cubecl's, written by it (not atomically), and no
 //! key depends on them. A fixed-kernel build autotunes nothing: only (CUDA) its PTX is kept.
 //!

@@ -40,6 +40,14 @@ fn finite_unit(v: &serde_yaml::Value, what: &str) -> f64 {
     x
 }
 
+/// The build's kernel choice is the backend type itself: burn's fusion wraps the wgpu backend
+/// exactly in a `gpu-tuned` build (its autotuning: `wgpu_fused_members_train_as_they_do_alone`).
+#[test]
+fn the_wgpu_backend_is_fused_exactly_in_a_tuned_build() {
+    let name = std::any::type_name::<burn::backend::Wgpu>();
+    assert_eq!(name.contains("Fusion"), cfg!(feature = "gpu-tuned"), "{name}");
+}
+
 #[test]
 fn wgpu_runs_the_tiny_study_with_sane_results_and_a_cached_rerun() {
     let p = Project::new(&shared_tiny());
@@ -135,7 +143,8 @@ stages:
 #[test]
 fn wgpu_fused_members_train_as_they_do_alone() {
     let runtime_dir = tempfile::tempdir().expect("temp dir");
-    // Both runs keep cubecl's autotune results where camflow points it (`ml::gpu_kernel_cache`).
+    // Both runs keep cubecl's kernel cache where camflow points it (`ml::gpu_kernel_cache`):
+    // a tuned build's autotune results, none in a fixed-kernel build.
     let kernels = tempfile::tempdir().expect("temp dir");
     let run = |fuse: &str| {
         let p = Project::new(TWO_TRAININGS);

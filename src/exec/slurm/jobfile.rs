@@ -251,7 +251,8 @@ fn profile_mismatch(spec: &JobSpec, node_class: &dyn Fn(&str) -> Result<String, 
         Ok(here) if &here == planned => None,
         Ok(here) => Some(format!(
             "this node's numeric profile is `{here}`, but the key was planned for `{planned}`; refusing to run \
-             (its numbers would be cached under a key that promises other kernels): run it on a matching node"
+             (its numbers would be cached under a key that promises other kernels): run it on a matching node, \
+             with a camflow of the same build (`camflow --version` names its backends and GPU kernels)"
         )),
         Err(e) => Some(format!("backend `{}` cannot run on this node: {e}", spec.backend)),
     }
