@@ -1,6 +1,11 @@
 //! camflow: a declarative, content-addressed workflow orchestrator for Grad-CAM
 //! segmentation studies. See ARCHITECTURE.md for the map.
 
+// `gpu-tuned` chooses the kernels of a GPU backend; alone it would build a CPU-only camflow
+// that looks like a GPU build to whoever asked for it.
+#[cfg(all(feature = "gpu-tuned", not(any(feature = "cuda", feature = "wgpu"))))]
+compile_error!("the `gpu-tuned` feature needs a GPU backend: build with `--features cuda,gpu-tuned` or `--features wgpu,gpu-tuned`");
+
 pub mod cache;
 pub mod cli;
 pub mod dag;
