@@ -337,10 +337,7 @@ pub fn run(cache: &std::path::Path, a: RunArgs) -> Result<()> {
             "note: backend `{}` is not bitwise deterministic: reruns may give slightly different numbers ({} GPU kernels: {})\n",
             p.backend.name(),
             GpuKernels::BUILT.name(),
-            match GpuKernels::BUILT {
-                GpuKernels::Fixed => "a build without `gpu-tuned`",
-                GpuKernels::Tuned => "a `gpu-tuned` build, autotuned per host",
-            }
+            GpuKernels::BUILT.build()
         ));
     }
     // Nothing to run: finished without the executor (see `cli::noop`).

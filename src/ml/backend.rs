@@ -49,6 +49,14 @@ impl GpuKernels {
             GpuKernels::Tuned => "tuned",
         }
     }
+
+    /// How a build gets these kernels, for messages that name them.
+    pub fn build(self) -> &'static str {
+        match self {
+            GpuKernels::Fixed => "a build without `gpu-tuned`",
+            GpuKernels::Tuned => "a `gpu-tuned` build, autotuned per host",
+        }
+    }
 }
 
 /// Every backend name camflow knows, compiled in or not (`BackendKind::parse` accepts these).
@@ -256,8 +264,7 @@ fn dispatch_cuda<J: BackendJob>(_device_index: usize, _job: J) -> Result<J::Outp
 fn note_kernel_cache(s: &super::gpu_kernel_cache::Setting) {
     static SAID: std::sync::Once = std::sync::Once::new();
     SAID.call_once(|| {
-        let tuned = if cfg!(feature = "gpu-tuned") { "on" } else { "off" };
-        tracing::info!("GPU kernels: {} (cargo feature `gpu-tuned` {tuned})", GpuKernels::BUILT.name());
+        tracing::info!("GPU kernels: {} ({})", GpuKernels::BUILT.name(), GpuKernels::BUILT.build());
         note_kernel_cache_setting(s)
     });
 }

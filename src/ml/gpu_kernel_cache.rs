@@ -43,7 +43,10 @@ const BURN_FILES: &[&str] = &["burn.toml", "Burn.toml"];
 /// The folder under the default root, for kernels of this burn line and this build's GPU
 /// kernels (see the module docs): a fixed-kernel build and a tuned one compile kernels of the
 /// same type names from other code (fused or not), so they keep apart.
-const BURN_LINE: &str = if cfg!(feature = "gpu-tuned") { "burn-0.21" } else { "burn-0.21-fixed" };
+const BURN_LINE: &str = match super::backend::GpuKernels::BUILT {
+    super::backend::GpuKernels::Tuned => "burn-0.21",
+    super::backend::GpuKernels::Fixed => "burn-0.21-fixed",
+};
 
 /// What camflow does with cubecl's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
