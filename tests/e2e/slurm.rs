@@ -726,3 +726,98 @@ fn slurm_first_failure_cancels_this_runs_pending_jobs() {
     }
     assert!(queue(&ids).is_empty(), "{:?}", queue(&ids));
 }
+
+/// A shim before the counting one (`shim2/sbatch`, first on PATH) that refuses, as a QOS's
+/// `MaxSubmitJobs` does, any submission that would put more than `limit` of this project's
+/// jobs (each array task one) in the queue at once; each refusal is logged to `refusals.log`.
+fn limiting_sbatch(p: &Project, cmd: &mut Command, limit: usize) {
+    let dir = p.path().join("shim2");
+    std::fs::create_dir_all(&dir).expect("shim2 dir");
+    let script = format!(
+        r#"#!/bin/sh
+ids=$(awk -F'\t' '$1 == 0 {{ split($2, a, ";"); print a[1] }}' '{log}' 2> /dev/null | paste -sd, -)
+n=0
+[ -z "$ids" ] || n=$(squeue -h -r -o %i -j "$ids" 2> /dev/null | wc -l)
+want=1
+for a in "$@"; do case "$a" in --array=0-*) want=$(( ${{a#--array=0-}} + 1 )) ;; esac; done
+if [ $((n + want)) -gt {limit} ]; then
+  echo "$n queued, $want more" >> '{refusals}'
+  echo 'sbatch: error: QOSMaxSubmitJobPerUserLimit' >&2
+  echo "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, user's size and/or time limits)" >&2
+  exit 1
+fi
+exec '{next}' "$@"
+"#,
+        log = p.path().join("sbatch.log").display(),
+        refusals = p.path().join("refusals.log").display(),
+        next = p.path().join("shim/sbatch").display()
+    );
+    std::fs::write(dir.join("sbatch"), script).expect("write shim2");
+    std::fs::set_permissions(dir.join("sbatch"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod shim2");
+    let path = std::env::var_os("PATH").expect("PATH");
+    let mut dirs = vec![dir, p.path().join("shim")];
+    dirs.extend(std::env::split_paths(&path));
+    cmd.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+}
+
+fn refusals(p: &Project) -> usize {
+    std::fs::read_to_string(p.path().join("refusals.log")).unwrap_or_default().lines().count()
+}
+
+const FOUR_DATA: &str = "    sweep:\n      grid:\n        count: [8, 9, 10, 11]\n";
+
+/// A limit on the jobs a user may have queued (Slurm's `MaxSubmitJobs`, here 2) refuses the
+/// third of four single jobs: the run keeps two in flight and submits the rest as they end,
+/// each instance once, instead of failing them as a refusal of their settings.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_submit_limit_is_waited_out_with_this_runs_jobs_in_flight() {
+    let p = slurm_project(&(DATA_ONLY.replace("count: 8, ", "") + FOUR_DATA));
+    let prof = profile(&p, &format!("{FAST_POLL}{ONE_PER_JOB}"));
+    let mut cmd = slurm_cmd(&p, &prof, &p.cache());
+    limiting_sbatch(&p, &mut cmd, 2);
+    let (code, out) = watch(cmd).finish(Duration::from_secs(120));
+    assert_eq!(code, 0, "{out}");
+    assert!(refusals(&p) >= 1, "the shim refused a submission:\n{out}");
+    assert!(out.contains("while 2 of this run's were queued or running: a limit on the jobs you may have queued at once"), "{out}");
+    assert!(out.contains("camflow keeps at most 2 in flight from now on"), "{out}");
+    assert!(out.contains("summary: ran=4"), "{out}");
+    assert_eq!(submissions(&p).len(), 4, "each instance submitted once");
+    assert_eq!(records(&p.cache()), 4);
+}
+
+/// The same limit met by one job array larger than it, with nothing else queued: the array is
+/// halved until it fits, and the rest follows as its tasks end.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_array_over_the_submit_limit_is_split() {
+    let p = slurm_project(&(DATA_ONLY.replace("count: 8, ", "") + FOUR_DATA));
+    let prof = profile(&p, &format!("{FAST_POLL}  arrays: true\n  on_controller: []\n"));
+    let mut cmd = slurm_cmd(&p, &prof, &p.cache());
+    limiting_sbatch(&p, &mut cmd, 2);
+    let (code, out) = watch(cmd).finish(Duration::from_secs(120));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Slurm refused an array of 4 tasks of stage `data`"), "{out}");
+    assert!(out.contains("trying arrays of at most 2"), "{out}");
+    assert!(out.contains("summary: ran=4"), "{out}");
+    assert_eq!(records(&p.cache()), 4);
+    let log = std::fs::read_to_string(p.path().join("sbatch.log")).expect("sbatch.log");
+    assert!(log.lines().filter(|l| l.starts_with("0\t")).all(|l| !l.contains("--array=0-3")), "no array over the limit:\n{log}");
+}
+
+/// With nothing of this run in flight and one job refused, the limit cannot clear by waiting
+/// for this run: it fails at once as a refusal, saying what the limit may be.
+#[test]
+#[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
+fn slurm_submit_limit_with_nothing_in_flight_fails_naming_both_causes() {
+    let p = slurm_project(DATA_ONLY);
+    let prof = profile(&p, FAST_POLL);
+    let mut cmd = slurm_cmd(&p, &prof, &p.cache());
+    limiting_sbatch(&p, &mut cmd, 0);
+    let (code, out) = watch(cmd).finish(Duration::from_secs(60));
+    assert_eq!(code, 2, "a configuration error:\n{out}");
+    assert!(out.contains("Slurm refused the job of stage `data` (kind `data`)"), "{out}");
+    assert!(out.contains("no other job of this run was queued or running"), "{out}");
+    assert!(out.contains("see `squeue --me`"), "{out}");
+    assert_eq!(refusals(&p), 1, "tried once: {out}");
+}

@@ -153,6 +153,10 @@ pub(crate) struct SlurmRunner {
     squeue_by_uid: bool,
     /// The run stops (a failure without `--keep-going`): no retries, pending jobs cancelled.
     stopping: bool,
+    /// The most tasks kept queued and running at once, learnt when Slurm refused a submission
+    /// for a limit on the jobs a user may have queued (`MaxSubmitJobs`); lowered by each such
+    /// refusal, never raised within a run (the limit may count the user's other jobs too).
+    submit_room: Option<usize>,
 }
 
 /// Runs a Slurm command off the async runtime; `Err` with what it printed when it fails.
@@ -206,6 +210,7 @@ impl SlurmRunner {
             squeue_told: HashSet::new(),
             squeue_by_uid: false,
             stopping: false,
+            submit_room: None,
         };
         r.load_index();
         r
@@ -441,9 +446,18 @@ impl SlurmRunner {
         tracing::debug!("sbatch {}", args.join(" "));
         let mut wait = sbatch::SBATCH_FIRST_WAIT;
         let mut tries = 1;
+        // A limit on the jobs queued at once can be waited out while this run's own jobs hold
+        // it (they end) or the refused array can be smaller; with neither, it is a refusal.
+        let limit_clears = !self.tasks.is_empty() || tasks.len() > 1;
         let submitted = loop {
             match slurm_cmd("sbatch", args.clone()).await {
                 Ok(o) => break sbatch::parse_sbatch_id(&o).ok_or_else(|| (format!("sbatch printed no job id: {o}"), false)),
+                Err(e) if sbatch::maybe_submit_limit(&e) && limit_clears => {
+                    if !self.job_file_in_use(&job_file, None) {
+                        let _ = std::fs::remove_file(&job_file);
+                    }
+                    return self.hold_back(stage, tasks, &e);
+                }
                 Err(e) if sbatch::transient(&e) && tries < sbatch::SBATCH_TRIES => {
                     // A busy or restarting slurmctld; the submission may be tried again (if
                     // the failed call did create a job, the worker's key lock and second look
@@ -461,8 +475,14 @@ impl SlurmRunner {
                 }
                 Err(e) if sbatch::transient(&e) => break Err((format!("submitting to Slurm failed {tries} times: {e}"), false)),
                 Err(e) => {
+                    let limit = if sbatch::maybe_submit_limit(&e) {
+                        " (no other job of this run was queued or running: if the limit is on the jobs you may have queued at once, \
+                         jobs of yours outside this run fill it, see `squeue --me`; else the job's own request is over a per-job limit)"
+                    } else {
+                        ""
+                    };
                     let msg = format!(
-                        "Slurm refused the job of stage `{stage}` (kind `{kind}`): {e}; camflow asked: {}; check `executor.partition`, `account`, `qos`, `sbatch` and `executor.kinds.{kind}` (or `kinds.{stage}`): `time`, `mem`, `sbatch`",
+                        "Slurm refused the job of stage `{stage}` (kind `{kind}`): {e}{limit}; camflow asked: {}; check `executor.partition`, `account`, `qos`, `sbatch` and `executor.kinds.{kind}` (or `kinds.{stage}`): `time`, `mem`, `sbatch`",
                         request.join(" ")
                     );
                     break Err((msg, true));
@@ -507,6 +527,69 @@ impl SlurmRunner {
         }
         let log = if array { self.log_path(&format!("{job_id}_*")) } else { self.log_path(&job_id) };
         let _ = self.events.send(Event::Submitted { job_id, tasks: n_tasks, instances, log });
+    }
+
+    /// A submission refused for a limit on the jobs queued at once (`error`): its members go
+    /// back to the queue, and the room for tasks in flight is lowered to what this run holds
+    /// now (they are submitted as its jobs end), or, with nothing in flight, to half the
+    /// refused array (tried again at once by `flush`). Each refusal lowers the room, so this
+    /// ends: at worst in one task refused with nothing in flight, which `submit` fails.
+    fn hold_back(&mut self, stage: &str, tasks: Vec<Vec<Member>>, error: &str) {
+        let in_flight = self.tasks.len();
+        let room = if in_flight > 0 { in_flight } else { (tasks.len() / 2).max(1) };
+        self.submit_room = Some(self.submit_room.map_or(room, |r| r.min(room)));
+        let text = if in_flight > 0 {
+            format!(
+                "Slurm refused {} more job(s) of stage `{stage}` ({error}) while {in_flight} of this run's were queued or running: \
+                 a limit on the jobs you may have queued at once; camflow keeps at most {room} in flight from now on and submits \
+                 the rest as those end (`executor.max_jobs: {room}` avoids the refused calls). If the limit is on the job's own \
+                 size or time instead, it fails once nothing else is in flight",
+                tasks.len()
+            )
+        } else {
+            format!(
+                "Slurm refused an array of {} tasks of stage `{stage}` ({error}): trying arrays of at most {room} (a limit on the jobs \
+                 you may have queued at once counts each task)",
+                tasks.len()
+            )
+        };
+        let _ = self.events.send(Event::Note { text });
+        for m in tasks.into_iter().flatten() {
+            self.enqueue(m);
+        }
+    }
+
+    /// Tasks that may still be submitted under a learnt limit on the jobs queued at once
+    /// (`None`: no limit learnt; `executor.max_jobs` still holds through `room`).
+    fn submit_room_left(&self) -> Option<usize> {
+        self.submit_room.map(|r| r.saturating_sub(self.tasks.len()))
+    }
+
+    /// One pass over the queue ([`Runner::flush`]): per stage, its members batched into tasks,
+    /// submitted as job arrays or single jobs, within a learnt limit on the jobs queued at once
+    /// (what does not fit stays queued).
+    async fn submit_queued(&mut self) {
+        self.queued_by_kind.clear();
+        let mut by_stage: BTreeMap<String, Vec<Member>> = BTreeMap::new();
+        for m in std::mem::take(&mut self.queued) {
+            let stage = m.job.input.instances[m.job.idx].stage.clone();
+            by_stage.entry(stage).or_default().push(m);
+        }
+        for (stage, members) in by_stage {
+            let kind = members[0].job.input.instances[members[0].job.idx].kind.clone();
+            let mut tasks: VecDeque<Vec<Member>> = sbatch::batches(members, self.cfg.batch_size(&kind) as usize).into();
+            let most = if self.cfg.arrays && tasks.len() > 1 { self.max_array_size().await } else { 1 };
+            while !tasks.is_empty() {
+                let fits = self.submit_room_left().unwrap_or(usize::MAX).min(most);
+                if fits == 0 {
+                    tasks.into_iter().flatten().for_each(|m| self.enqueue(m));
+                    break;
+                }
+                let chunk: Vec<Vec<Member>> = tasks.drain(..fits.min(tasks.len())).collect();
+                let array = chunk.len() > 1;
+                self.submit(&stage, chunk, array).await;
+            }
+        }
     }
 
     /// The final state of a task that left the queue: `scontrol`, else `sacct`, else unknown.
@@ -832,7 +915,8 @@ impl Runner for SlurmRunner {
         if self.cfg.on_controller.iter().any(|k| k == kind) {
             return self.local.room(idx, res, kind);
         }
-        if self.tasks.len() + self.queued_jobs() >= self.cfg.max_jobs as usize {
+        let most = self.submit_room.map_or(self.cfg.max_jobs as usize, |r| r.min(self.cfg.max_jobs as usize));
+        if self.tasks.len() + self.queued_jobs() >= most {
             return Room::Later;
         }
         Room::Now
@@ -852,25 +936,14 @@ impl Runner for SlurmRunner {
             return;
         }
         self.adopt().await;
-        self.queued_by_kind.clear();
-        let mut by_stage: BTreeMap<String, Vec<Member>> = BTreeMap::new();
-        for m in std::mem::take(&mut self.queued) {
-            let stage = m.job.input.instances[m.job.idx].stage.clone();
-            by_stage.entry(stage).or_default().push(m);
-        }
-        for (stage, members) in by_stage {
-            let kind = members[0].job.input.instances[members[0].job.idx].kind.clone();
-            let tasks = sbatch::batches(members, self.cfg.batch_size(&kind) as usize);
-            if self.cfg.arrays && tasks.len() > 1 {
-                let most = self.max_array_size().await;
-                for chunk in sbatch::batches(tasks, most) {
-                    let array = chunk.len() > 1;
-                    self.submit(&stage, chunk, array).await;
-                }
-            } else {
-                for t in tasks {
-                    self.submit(&stage, vec![t], false).await;
-                }
+        // Again while a refusal for a limit on queued jobs lowered the room and left some
+        // room (a smaller array); members that do not fit wait for this run's jobs to end
+        // (`next` returns as they do, and the dispatch loop flushes again).
+        loop {
+            let room = self.submit_room;
+            self.submit_queued().await;
+            if self.queued.is_empty() || self.submit_room == room || self.submit_room_left() == Some(0) {
+                break;
             }
         }
         self.interval = Duration::from_secs_f64(self.cfg.poll_min_s);

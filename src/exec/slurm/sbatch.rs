@@ -128,6 +128,22 @@ pub fn transient(error: &str) -> bool {
     PASSING.iter().any(|p| e.contains(p))
 }
 
+/// Whether a refused submission may be a limit on how many jobs a user (or account) may have
+/// queued and running at once (`MaxSubmitJobs`, `GrpSubmitJobs` of a QOS or association): a
+/// limit that clears as those jobs end, unlike a refusal of the job's own request. Slurm gives
+/// one error for both ("Job violates accounting/QOS policy (job submit limit, user's size
+/// and/or time limits)"), usually after a line naming the limit (`QOSMaxSubmitJobPerUserLimit`,
+/// `AssocMaxSubmitJobLimit`; or `QOSMaxWallDurationPerJobLimit` and other `PerJob` limits of
+/// the request): a named submit limit is one, a named per-job limit is not, and the bare
+/// error may be either.
+pub fn maybe_submit_limit(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    if e.contains("submitjob") {
+        return true;
+    }
+    e.contains("job submit limit") && !e.contains("perjob") && !e.contains("wallduration")
+}
+
 /// The job id from `sbatch --parsable` (`123` or `123;cluster`).
 pub fn parse_sbatch_id(stdout: &str) -> Option<String> {
     let id = stdout.trim().split(';').next()?.trim();
@@ -454,6 +470,30 @@ mod tests {
             "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
         ] {
             assert!(!transient(e), "{e}");
+        }
+    }
+
+    /// A limit on the jobs queued at once (which clears as they end) is told from a refusal of
+    /// the job's own size or time, as far as sbatch's words allow.
+    #[test]
+    fn submit_limits_are_told_from_per_job_limits() {
+        const POLICY: &str = "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, user's size and/or time limits)";
+        for e in [
+            format!("sbatch: error: QOSMaxSubmitJobPerUserLimit; {POLICY}"),
+            format!("sbatch: error: AssocMaxSubmitJobLimit; {POLICY}"),
+            format!("sbatch: error: QOSGrpSubmitJobsLimit; {POLICY}"),
+            POLICY.to_string(),
+        ] {
+            assert!(maybe_submit_limit(&e), "{e}");
+            assert!(!transient(&e), "a limit is not a passing trouble: {e}");
+        }
+        for e in [
+            format!("sbatch: error: QOSMaxWallDurationPerJobLimit; {POLICY}"),
+            format!("sbatch: error: AssocMaxCpuPerJobLimit; {POLICY}"),
+            "sbatch: error: Batch job submission failed: Invalid partition name specified".to_string(),
+            "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)".to_string(),
+        ] {
+            assert!(!maybe_submit_limit(&e), "{e}");
         }
     }
 
