@@ -798,7 +798,8 @@ fn slurm_array_over_the_submit_limit_is_split() {
     let (code, out) = watch(cmd).finish(Duration::from_secs(120));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("Slurm refused an array of 4 tasks of stage `data`"), "{out}");
-    assert!(out.contains("trying arrays of at most 2"), "{out}");
+    assert!(out.contains("while 0 of this run's were queued or running"), "{out}");
+    assert!(out.contains("camflow keeps at most 2 in flight from now on, in smaller arrays"), "{out}");
     assert!(out.contains("summary: ran=4"), "{out}");
     assert_eq!(records(&p.cache()), 4);
     let log = std::fs::read_to_string(p.path().join("sbatch.log")).expect("sbatch.log");

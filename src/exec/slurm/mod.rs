@@ -157,6 +157,10 @@ pub(crate) struct SlurmRunner {
     /// for a limit on the jobs a user may have queued (`MaxSubmitJobs`); lowered by each such
     /// refusal, never raised within a run (the limit may count the user's other jobs too).
     submit_room: Option<usize>,
+    /// Tasks of this controller's jobs that the last `squeue` still listed though their
+    /// results are in (a job ending, `COMPLETING`): Slurm still counts them against such a
+    /// limit ([`SlurmRunner::in_flight`]).
+    lingering: usize,
 }
 
 /// Runs a Slurm command off the async runtime; `Err` with what it printed when it fails.
@@ -211,6 +215,7 @@ impl SlurmRunner {
             squeue_by_uid: false,
             stopping: false,
             submit_room: None,
+            lingering: 0,
         };
         r.load_index();
         r
@@ -448,12 +453,14 @@ impl SlurmRunner {
         let mut tries = 1;
         // A limit on the jobs queued at once can be waited out while this run's own jobs hold
         // it (they end) or the refused array can be smaller; with neither, it is a refusal.
-        let limit_clears = !self.tasks.is_empty() || tasks.len() > 1;
+        let limit_clears = self.in_flight() > 0 || tasks.len() > 1;
         let submitted = loop {
             match slurm_cmd("sbatch", args.clone()).await {
                 Ok(o) => break sbatch::parse_sbatch_id(&o).ok_or_else(|| (format!("sbatch printed no job id: {o}"), false)),
                 Err(e) if sbatch::maybe_submit_limit(&e) && limit_clears => {
-                    if !self.job_file_in_use(&job_file, None) {
+                    // After a passing failure the first call may have made a job after all
+                    // (then this refusal is its doing): its job file stays.
+                    if tries == 1 && !self.job_file_in_use(&job_file, None) {
                         let _ = std::fs::remove_file(&job_file);
                     }
                     return self.hold_back(stage, tasks, &e);
@@ -531,14 +538,15 @@ impl SlurmRunner {
 
     /// A submission refused for a limit on the jobs queued at once (`error`): its members go
     /// back to the queue, and the room for tasks in flight is lowered to what this run holds
-    /// now (they are submitted as its jobs end), or, with nothing in flight, to half the
-    /// refused array (tried again at once by `flush`). Each refusal lowers the room, so this
-    /// ends: at worst in one task refused with nothing in flight, which `submit` fails.
+    /// now plus half the refused tasks (an array may fit smaller; a single job waits for this
+    /// run's jobs to end). The submission was tried with room for all its tasks, so each
+    /// refusal lowers the room and this ends: at worst in one task refused with nothing in
+    /// flight, which `submit` fails.
     fn hold_back(&mut self, stage: &str, tasks: Vec<Vec<Member>>, error: &str) {
-        let in_flight = self.tasks.len();
-        let room = if in_flight > 0 { in_flight } else { (tasks.len() / 2).max(1) };
+        let in_flight = self.in_flight();
+        let room = (in_flight + tasks.len() / 2).max(1);
         self.submit_room = Some(self.submit_room.map_or(room, |r| r.min(room)));
-        let text = if in_flight > 0 {
+        let text = if tasks.len() == 1 {
             format!(
                 "Slurm refused {} more job(s) of stage `{stage}` ({error}) while {in_flight} of this run's were queued or running: \
                  a limit on the jobs you may have queued at once; camflow keeps at most {room} in flight from now on and submits \
@@ -548,8 +556,9 @@ impl SlurmRunner {
             )
         } else {
             format!(
-                "Slurm refused an array of {} tasks of stage `{stage}` ({error}): trying arrays of at most {room} (a limit on the jobs \
-                 you may have queued at once counts each task)",
+                "Slurm refused an array of {} tasks of stage `{stage}` ({error}) while {in_flight} of this run's were queued or \
+                 running: a limit on the jobs you may have queued at once counts each task; camflow keeps at most {room} in flight \
+                 from now on, in smaller arrays (`executor.max_jobs` below the limit avoids the refused calls)",
                 tasks.len()
             )
         };
@@ -562,7 +571,13 @@ impl SlurmRunner {
     /// Tasks that may still be submitted under a learnt limit on the jobs queued at once
     /// (`None`: no limit learnt; `executor.max_jobs` still holds through `room`).
     fn submit_room_left(&self) -> Option<usize> {
-        self.submit_room.map(|r| r.saturating_sub(self.tasks.len()))
+        self.submit_room.map(|r| r.saturating_sub(self.in_flight()))
+    }
+
+    /// This controller's tasks that Slurm counts as queued or running: those waited on, and
+    /// those whose results are in but which the last `squeue` still listed.
+    fn in_flight(&self) -> usize {
+        self.tasks.len() + self.lingering
     }
 
     /// One pass over the queue ([`Runner::flush`]): per stage, its members batched into tasks,
@@ -823,6 +838,10 @@ impl SlurmRunner {
             }
         }
         if let Some(q) = &queue {
+            self.lingering = q
+                .keys()
+                .filter(|id| !self.tasks.contains_key(*id) && self.known.contains_key(id.split('_').next().unwrap_or(id)))
+                .count();
             let alive: HashSet<&str> = q.keys().map(|k| k.split('_').next().unwrap_or(k)).collect();
             let waited: HashSet<String> = self.tasks.values().map(|t| t.job_id.clone()).collect();
             let done: Vec<String> = self.known.keys().filter(|j| !alive.contains(j.as_str()) && !waited.contains(*j)).cloned().collect();

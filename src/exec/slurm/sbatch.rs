@@ -131,17 +131,23 @@ pub fn transient(error: &str) -> bool {
 /// Whether a refused submission may be a limit on how many jobs a user (or account) may have
 /// queued and running at once (`MaxSubmitJobs`, `GrpSubmitJobs` of a QOS or association): a
 /// limit that clears as those jobs end, unlike a refusal of the job's own request. Slurm gives
-/// one error for both ("Job violates accounting/QOS policy (job submit limit, user's size
-/// and/or time limits)"), usually after a line naming the limit (`QOSMaxSubmitJobPerUserLimit`,
-/// `AssocMaxSubmitJobLimit`; or `QOSMaxWallDurationPerJobLimit` and other `PerJob` limits of
-/// the request): a named submit limit is one, a named per-job limit is not, and the bare
-/// error may be either.
+/// one error for every accounting limit ("Job violates accounting/QOS policy (job submit limit,
+/// user's size and/or time limits)"), usually after a line that names the limit
+/// (`sbatch: error: QOSMaxSubmitJobPerUserLimit`): a named submit limit is one; any other named
+/// limit (`QOSMaxWallDurationPerJobLimit`, `QOSMaxCpuPerUserLimit`, `QOSMinCpuNotSatisfied`, ...)
+/// is not; the bare error may be either.
 pub fn maybe_submit_limit(error: &str) -> bool {
-    let e = error.to_ascii_lowercase();
-    if e.contains("submitjob") {
+    // `command_error` joins sbatch's lines with "; ".
+    let named: Vec<&str> = error
+        .split([';', '\n'])
+        .filter_map(|line| line.trim().strip_prefix("sbatch: error: "))
+        .map(str::trim)
+        .filter(|w| w.len() > 3 && w.bytes().all(|b| b.is_ascii_alphanumeric()) && w.bytes().any(|b| b.is_ascii_uppercase()))
+        .collect();
+    if named.iter().any(|w| w.contains("SubmitJob")) {
         return true;
     }
-    e.contains("job submit limit") && !e.contains("perjob") && !e.contains("wallduration")
+    named.is_empty() && error.to_ascii_lowercase().contains("job submit limit")
 }
 
 /// The job id from `sbatch --parsable` (`123` or `123;cluster`).
@@ -490,6 +496,8 @@ mod tests {
         for e in [
             format!("sbatch: error: QOSMaxWallDurationPerJobLimit; {POLICY}"),
             format!("sbatch: error: AssocMaxCpuPerJobLimit; {POLICY}"),
+            format!("sbatch: error: QOSMaxCpuPerUserLimit; {POLICY}"),
+            format!("sbatch: error: QOSMinCpuNotSatisfied; {POLICY}"),
             "sbatch: error: Batch job submission failed: Invalid partition name specified".to_string(),
             "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)".to_string(),
         ] {
