@@ -14,6 +14,7 @@ pub mod exec;
 pub mod host;
 pub mod lockfile;
 pub mod malloc_tuning;
+pub mod panics;
 pub mod ml;
 pub mod plan;
 pub mod report;

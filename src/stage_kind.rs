@@ -342,8 +342,10 @@ pub trait StageKind: Send + Sync {
     fn inputs(&self) -> &'static [InputSlot];
     fn output(&self) -> ArtifactType;
     fn params(&self) -> Vec<ParamSpec>;
-    /// Checks across params after each was type-checked: (param, message) pairs.
-    fn check(&self, _params: &Params) -> Vec<(String, String)> {
+    /// Checks across params after each was type-checked: (param, message) pairs. `upstream`
+    /// gives the value of a param in the nearest instance upstream that has it (as for
+    /// [`StageKind::device_memory`]), for checks against the data a stage will read.
+    fn check(&self, _params: &Params, _upstream: &dyn Fn(&str) -> Option<Json>) -> Vec<(String, String)> {
         Vec::new()
     }
     /// Checks across inputs after each was type-checked and the required ones are given

@@ -164,7 +164,12 @@ pub fn main() -> i32 {
         }
     };
     init_tracing(cli.verbose, cli.log_format);
-    match dispatch(cli) {
+    crate::panics::install();
+    // A panic that no stage or task caught is a bug: told as one, with its place, never as
+    // Rust's raw panic output.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(cli)))
+        .unwrap_or_else(|panic| Err(Error::Internal(format!("camflow panicked: {}", crate::panics::message(panic.as_ref())))));
+    match result {
         Ok(()) => 0,
         Err(e) => {
             let _ = std::io::stdout().flush();

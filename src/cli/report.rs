@@ -129,7 +129,36 @@ fn methods_gallery(p: &Prepared, store: &Store, decisions: &[Decision], n: usize
     Some(MethodGallery { title: format!("heatmaps of model {model}"), height: ds.height, width: ds.width, methods, items })
 }
 
+/// `path` with its deepest existing folder resolved (links, `..`) and the rest appended: where
+/// a folder not made yet will be.
+fn resolved(path: &std::path::Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(at) {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                at = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
 pub fn run(cache: &std::path::Path, a: ReportArgs) -> Result<()> {
+    // The cache holds only what camflow writes there (`verify` reports anything else).
+    let (out, root) = (resolved(&a.out), resolved(cache));
+    if out.starts_with(&root) {
+        return Err(Error::Usage(format!(
+            "report -o {}: that folder is inside the cache ({}), which holds only what camflow writes there; choose one outside it",
+            a.out.display(),
+            cache.display()
+        )));
+    }
     let store = open_store_to_read(cache)?;
     let p = prepare(&a.p, &store)?;
     store.note_if_absent();

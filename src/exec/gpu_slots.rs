@@ -13,7 +13,6 @@
 //! Pure bookkeeping: the executor asks [`GpuPool::acquire`] in its dispatch loop and hands the
 //! [`Grant`] back with [`GpuPool::release`] when the instance ends.
 
-use serde_json::Value as Json;
 
 use crate::stage_kind::{Catalog, GpuShare, Resources};
 use crate::sweep::Instance;
@@ -119,34 +118,13 @@ pub fn demands(instances: &[Instance], resources: &[Resources], catalog: &Catalo
         .enumerate()
         .map(|(i, (inst, res))| {
             let memory = if res.gpu.is_fraction() {
-                catalog.get(&inst.kind).and_then(|k| k.device_memory(&inst.params, &|name| upstream_param(instances, i, name)))
+                catalog.get(&inst.kind).and_then(|k| k.device_memory(&inst.params, &|name| crate::sweep::upstream_param(instances, i, name)))
             } else {
                 None
             };
             Demand { share: res.gpu, memory }
         })
         .collect()
-}
-
-/// Param `name` of the nearest instance upstream of `i` that has it (breadth first, inputs in
-/// slot order).
-pub fn upstream_param(instances: &[Instance], i: usize, name: &str) -> Option<Json> {
-    let mut level: Vec<usize> = instances[i].inputs.values().copied().collect();
-    let mut seen = std::collections::BTreeSet::new();
-    while !level.is_empty() {
-        let mut next = Vec::new();
-        for u in level {
-            if !seen.insert(u) {
-                continue;
-            }
-            if let Some(v) = instances[u].params.get(name) {
-                return Some(v.clone());
-            }
-            next.extend(instances[u].inputs.values().copied());
-        }
-        level = next;
-    }
-    None
 }
 
 #[cfg(test)]

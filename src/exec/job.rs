@@ -213,10 +213,11 @@ impl Job {
                 let _ = self.store.write_atomic(&log_path, text.as_bytes());
                 return Err(JobError { msg: format!("{label}: {e}"), log: Some(log_path), cache: false, config: false });
             }
-            Err(_) => {
-                let _ = self.store.write_atomic(&log_path, format!("{log_text}error: stage panicked\n").as_bytes());
+            Err(panic) => {
+                let why = crate::panics::message(panic.as_ref());
+                let _ = self.store.write_atomic(&log_path, format!("{log_text}error: stage panicked: {why}\n").as_bytes());
                 return Err(JobError {
-                    msg: format!("{label}: stage panicked (a bug in camflow); see the log"),
+                    msg: format!("{label}: stage panicked (a bug in camflow): {why}; see the log"),
                     log: Some(log_path),
                     cache: false,
                     config: false,

@@ -216,7 +216,7 @@ fn guarded(who: Vec<(usize, String)>, task: impl FnOnce() -> Vec<(usize, Result<
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)) {
         Ok(results) => results,
         Err(panic) => {
-            let why = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            let why = crate::panics::message(panic.as_ref());
             who.into_iter().map(|(i, label)| (i, Err(JobError { msg: format!("{label}: camflow panicked: {why}"), log: None, cache: false, config: false }))).collect()
         }
     }

@@ -221,16 +221,6 @@ fn cuda_libraries() -> Result<(), BackendError> {
     checked.clone().map_err(|why| BackendError::Unavailable { backend: "cuda", why })
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".into()
-    }
-}
-
 pub fn dispatch<J: BackendJob>(kind: BackendKind, device_index: usize, job: J) -> Result<J::Output, BackendError> {
     match kind {
         BackendKind::Cpu => {
@@ -238,7 +228,7 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, device_index: usize, job: J) -
             // A bad `CAMFLOW_CPU_KERNELS` is the user's to fix, reported before any work.
             crate::ml::cpu_kernels::portable_gemm::configured_level().map_err(BackendError::CpuKernels)?;
             catch_unwind(AssertUnwindSafe(|| job.run::<burn::backend::Autodiff<burn::backend::Flex>>(Default::default())))
-                .map_err(|p| BackendError::Panicked { backend: "cpu", message: panic_message(p) })
+                .map_err(|p| BackendError::Panicked { backend: "cpu", message: crate::panics::message(p.as_ref()) })
         }
         BackendKind::Cuda => dispatch_cuda(device_index, job),
         BackendKind::Wgpu => dispatch_wgpu(device_index, job),
@@ -251,7 +241,7 @@ fn dispatch_cuda<J: BackendJob>(device_index: usize, job: J) -> Result<J::Output
     cuda_libraries()?;
     note_kernel_cache(super::gpu_kernel_cache::configure());
     catch_unwind(AssertUnwindSafe(|| job.run::<burn::backend::Autodiff<burn::backend::Cuda>>(CudaDevice::new(device_index))))
-        .map_err(|p| BackendError::Panicked { backend: "cuda", message: panic_message(p) })
+        .map_err(|p| BackendError::Panicked { backend: "cuda", message: crate::panics::message(p.as_ref()) })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -295,7 +285,7 @@ pub fn wgpu_device(device_index: usize) -> burn::backend::wgpu::WgpuDevice {
 fn dispatch_wgpu<J: BackendJob>(device_index: usize, job: J) -> Result<J::Output, BackendError> {
     note_kernel_cache(super::gpu_kernel_cache::configure());
     catch_unwind(AssertUnwindSafe(|| job.run::<burn::backend::Autodiff<burn::backend::Wgpu>>(wgpu_device(device_index))))
-        .map_err(|p| BackendError::Panicked { backend: "wgpu", message: panic_message(p) })
+        .map_err(|p| BackendError::Panicked { backend: "wgpu", message: crate::panics::message(p.as_ref()) })
 }
 
 #[cfg(not(feature = "wgpu"))]

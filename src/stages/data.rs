@@ -231,7 +231,7 @@ impl StageKind for Data {
             },
         ]
     }
-    fn check(&self, params: &Params) -> Vec<(String, String)> {
+    fn check(&self, params: &Params, _upstream: &dyn Fn(&str) -> Option<Json>) -> Vec<(String, String)> {
         let mut e = Vec::new();
         match p::opt_str(params, "source") {
             Some("lgg" | "folders") if p::opt_str(params, "root").is_none() => {

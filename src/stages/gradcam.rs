@@ -59,7 +59,7 @@ impl BackendJob for CamJob<'_> {
     /// One answer per request; an error for all when the model cannot be read.
     type Output = Result<Vec<Answer>, StageError>;
     fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
-        let (arch, model) = load_model::<B>(self.inputs, "model", &device)?;
+        let (arch, model) = load_model::<B>(self.inputs, "model", &device, self.ds)?;
         let layers: Vec<Result<usize, StageError>> = self.requests.iter().map(|(l, _)| layer_index(Some(l), arch.units())).collect();
         let valid: Vec<(usize, CamMethod)> =
             layers.iter().zip(&self.requests).filter_map(|(l, (_, m))| l.as_ref().ok().map(|&l| (l, *m))).collect();
@@ -191,7 +191,7 @@ impl StageKind for GradCam {
             },
         ]
     }
-    fn check(&self, params: &Params) -> Vec<(String, String)> {
+    fn check(&self, params: &Params, _upstream: &dyn Fn(&str) -> Option<Json>) -> Vec<(String, String)> {
         match params.get("target") {
             Some(Json::String(s)) if s != "positive" && s != "predicted" => {
                 vec![("target".into(), format!("expected positive, predicted, 0 or 1, found `{s}`"))]

@@ -26,7 +26,7 @@ struct PredictJob<'a> {
 impl BackendJob for PredictJob<'_> {
     type Output = Result<Vec<f32>, StageError>;
     fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
-        let (_, model) = load_model::<B::InnerBackend>(self.inputs, "model", &device)?;
+        let (_, model) = load_model::<B::InnerBackend>(self.inputs, "model", &device, self.ds)?;
         Ok(predict(&model, self.ds, self.idx, 64))
     }
 }

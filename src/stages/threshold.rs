@@ -44,7 +44,7 @@ impl StageKind for Threshold {
             },
         ]
     }
-    fn check(&self, params: &Params) -> Vec<(String, String)> {
+    fn check(&self, params: &Params, _upstream: &dyn Fn(&str) -> Option<serde_json::Value>) -> Vec<(String, String)> {
         let v = params.get("value").and_then(|v| v.as_f64()).unwrap_or(0.0);
         if p::opt_str(params, "method") == Some("fixed") && v > 1.0 {
             return vec![("value".into(), format!("a fixed threshold must be in [0, 1], found {v}"))];

@@ -37,7 +37,7 @@ pub fn arch_params() -> Vec<ParamSpec> {
             ty: ParamType::IntList,
             default: || json!([16, 32, 64, 64]),
             optional: false,
-            doc: "vgg: channels of each conv unit; resnet: channels of each stage (vgg-small ignores it)",
+            doc: "vgg: channels of each conv unit, each pooling the image but the last (N units need images of at least 2^(N-1)); resnet: channels of each stage, pooling between stages; 1 to 4096 each (vgg-small ignores it)",
         },
         ParamSpec {
             name: "batch_norm",
@@ -77,13 +77,18 @@ fn key_shape(params: &Params, specs: &[ParamSpec]) -> Params {
     out
 }
 
+/// The most channels one conv unit may have: far above the small CNNs of this method (16-64),
+/// low enough that a typo (`widths: [100000000]`) is an error at the line instead of an
+/// allocation of terabytes that aborts the process.
+pub const MAX_WIDTH: usize = 4096;
+
 pub fn arch_from(params: &Params, in_channels: usize) -> Result<ArchConfig, StageError> {
     // `widths` checked only where it is read: vgg-small keys it at its default, so a check
     // there would fail a cold cache and pass a warm one for one spec.
     let widths = || -> Result<Vec<usize>, StageError> {
         let widths = p::usize_list(params, "widths")?;
-        if widths.is_empty() || widths.contains(&0) {
-            return Err(StageError::new("param `widths` must be a non-empty list of positive integers"));
+        if widths.is_empty() || widths.iter().any(|&w| w == 0 || w > MAX_WIDTH) {
+            return Err(StageError::new(format!("param `widths` must be a non-empty list of integers from 1 to {MAX_WIDTH}")));
         }
         Ok(widths)
     };
@@ -290,6 +295,24 @@ impl StageKind for Train {
         // burn uses every core of the machine: by default a training holds all CPU slots.
         Resources { cpu: u32::MAX, gpu: GpuShare::NONE, ..Resources::default() }
     }
+    /// The architecture's params where it reads them, and against the image size of the data
+    /// upstream: checked when the pipeline is read, not when the run gets there.
+    fn check(&self, params: &Params, upstream: &dyn Fn(&str) -> Option<Json>) -> Vec<(String, String)> {
+        let arch = match arch_from(params, 1) {
+            Ok(a) => a,
+            Err(e) => {
+                let msg = e.to_string();
+                let msg = msg.strip_prefix("param `widths` ").unwrap_or(&msg);
+                return vec![("widths".into(), msg.to_string())];
+            }
+        };
+        match upstream_image(upstream).and_then(|(size, _)| arch.input_too_small(size, size)) {
+            // vgg-small fits every image size the data kind allows; a vgg or resnet is shaped by
+            // `widths`.
+            Some(why) => vec![("widths".into(), format!("{why} (the data's image_size); give fewer widths or larger images"))],
+            None => Vec::new(),
+        }
+    }
     fn device_memory(&self, params: &Params, upstream: &dyn Fn(&str) -> Option<Json>) -> Option<u64> {
         let (size, channels) = upstream_image(upstream)?;
         let arch = arch_from(params, channels).ok()?;
@@ -354,6 +377,9 @@ fn prepare(ctx: &mut RunContext<'_>) -> Result<Prepared, StageError> {
     let params = ctx.params;
     let ds = io::dataset(io::file(ctx.inputs, "data", io::DATASET_FILE)?)?;
     let arch = arch_from(params, ds.channels)?;
+    if let Some(why) = arch.input_too_small(ds.height, ds.width) {
+        return Err(StageError::new(why));
+    }
     let cfg = TrainConfig {
         arch: arch.clone(),
         optimizer: match p::str(params, "optimizer")? {
@@ -475,13 +501,19 @@ pub fn classifier_warnings(splits: &[(&str, &ClassificationScores)]) -> Vec<Warn
 }
 
 /// Loads a model artifact (config + weights) for a backend.
+/// The model of input `slot`, to be run on the images of `ds` (refused, with why, when they are
+/// too small for its architecture: a model and a data set may come from different stages).
 pub fn load_model<B: burn::tensor::backend::Backend>(
     inputs: &std::collections::BTreeMap<String, InputArtifact>,
     slot: &str,
     device: &B::Device,
+    ds: &Dataset,
 ) -> Result<(ArchConfig, crate::ml::model::Classifier<B>), StageError> {
     let arch: ArchConfig = serde_json::from_slice(&io::read(io::file(inputs, slot, io::CONFIG_FILE)?)?)
         .map_err(|e| StageError::new(format!("model config: {e}")))?;
+    if let Some(why) = arch.input_too_small(ds.height, ds.width) {
+        return Err(StageError::new(format!("the model of input `{slot}` cannot read this data: {why}")));
+    }
     let bytes = io::read(io::file(inputs, slot, io::WEIGHTS_FILE)?)?;
     let m = weights::from_safetensors::<B>(&arch, &bytes, device).map_err(StageError::new)?;
     Ok((arch, m))

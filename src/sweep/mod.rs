@@ -326,15 +326,36 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// Param `name` of the nearest instance upstream of `i` that has it (breadth first, inputs in
+/// slot order).
+pub fn upstream_param(instances: &[Instance], i: usize, name: &str) -> Option<Json> {
+    let mut level: Vec<usize> = instances[i].inputs.values().copied().collect();
+    let mut seen = std::collections::BTreeSet::new();
+    while !level.is_empty() {
+        let mut next = Vec::new();
+        for u in level {
+            if !seen.insert(u) {
+                continue;
+            }
+            if let Some(v) = instances[u].params.get(name) {
+                return Some(v.clone());
+            }
+            next.extend(instances[u].inputs.values().copied());
+        }
+        level = next;
+    }
+    None
+}
+
 /// [`check_count`], [`expand`], then each kind's cross-param checks on every instance (one
 /// error per stage and message): what every command that reads a pipeline does.
 pub fn expand_checked(p: &Pipeline, order: &[String], catalog: &Catalog, max_instances: u64) -> SpecResult<Vec<Instance>> {
     check_count(p, order, max_instances)?;
     let instances = expand(p, order, catalog);
     let mut errors: Vec<SpecError> = Vec::new();
-    for inst in &instances {
+    for (i, inst) in instances.iter().enumerate() {
         let Some(kind) = catalog.get(&inst.kind) else { continue };
-        for (param, msg) in kind.check(&inst.params) {
+        for (param, msg) in kind.check(&inst.params, &|name| upstream_param(&instances, i, name)) {
             let field = format!("stages.{}.params.{param}", inst.stage);
             if !errors.iter().any(|e| e.field == field && e.message == msg) {
                 let location = Some(locate_or_nearest(&p.source, &["stages", &inst.stage, "params", &param]));

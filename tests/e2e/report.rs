@@ -139,3 +139,18 @@ fn report_shows_seed_intervals() {
     // One curve plot per training instance, not per point: 2 seeds x (train + 2 retrains).
     assert_eq!(html.matches("src=\"img/curves_").count(), 6);
 }
+
+/// A report written into the cache would leave files there that `verify` then reports for
+/// ever: an output folder inside the cache is refused before anything is written.
+#[test]
+fn report_refuses_an_output_folder_inside_the_cache() {
+    let p = Project::new(TINY);
+    let pl = p.pipeline();
+    p.camflow(&["run", pl.to_str().unwrap()]).ok();
+    let inside = p.cache().join("objects").join("report");
+    let r = p.camflow(&["report", pl.to_str().unwrap(), "-o", inside.to_str().unwrap()]);
+    assert_eq!(r.code(), 2, "{}", r.stderr());
+    assert!(r.stderr().contains("that folder is inside the cache"), "{}", r.stderr());
+    assert!(!inside.exists(), "nothing written");
+    p.camflow(&["verify"]).ok();
+}

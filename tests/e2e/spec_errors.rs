@@ -58,6 +58,10 @@ fn malformed_pipelines() {
          "error: p.yaml:6:17: stages.data.resources.gpu: expected a whole number of GPUs (0 to 1024) or a fraction of one GPU between 0 and 1 (e.g. 0.25), found `-1`"),
         ("cross-param check", "name: bad\nstages:\n  data:\n    kind: data\n    params:\n      source: lgg\n".to_string(), vec![],
          "error: p.yaml:5:5: stages.data.params.root: is required for this source"),
+        ("widths out of range", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    params: {{arch: vgg, widths: [100000000]}}\n"), vec![],
+         "error: p.yaml:9:25: stages.t.params.widths: must be a non-empty list of integers from 1 to 4096"),
+        ("more pools than the data's image has pixels", format!("{HEAD}  t:\n    kind: train\n    inputs: {{data: data}}\n    params: {{arch: vgg, widths: [4, 4, 4, 4, 4, 4]}}\n"), vec![],
+         "error: p.yaml:9:25: stages.t.params.widths: `vgg` with 6 conv units halves the image 5 time(s) (2x2 max pools): it needs images of at least 32x32, and these are 16x16 (the data's image_size); give fewer widths or larger images"),
         ("bad --set", HEAD.into(), vec!["--set", "stages.data.params.count=lots"],
          "error: p.yaml: stages.data.params.count: expected an integer in 2..=1000000, found `lots` (value from --set)"),
         ("several errors at once", "name: bad\nseed: -1\nstages:\n  d:\n    kind: data\n    params: {imagesize: 3}\n  t:\n    kind: train\n    inputs: {data: nope}\n".into(), vec![],
@@ -104,4 +108,21 @@ fn run_force_with_an_unknown_stage_is_refused_before_running() {
     // A stage name and an instance label are both accepted.
     p.run(&[]).ok();
     assert_eq!(p.run(&["--force", "data"]).ok().summary("ran"), 1);
+}
+
+/// A model explained on data of another stage whose images are too small for it: the
+/// instance fails saying why, never with a Rust panic's text (the kernels' shape assertion
+/// it used to hit).
+#[test]
+fn a_model_given_images_too_small_for_it_fails_saying_why() {
+    let yaml = "name: sizes\nseed: 1\nstages:\n  big:\n    kind: data\n    params: {source: synthetic, count: 16, image_size: 32}\n  small:\n    kind: data\n    params: {source: synthetic, count: 16, image_size: 8}\n  train:\n    kind: train\n    inputs: {data: big}\n    params: {arch: vgg, epochs: 1, widths: [4, 4, 4, 4, 4, 4]}\n  cams:\n    kind: gradcam\n    inputs: {model: train, data: small}\n";
+    let p = Project::new(yaml);
+    let r = p.run(&[]);
+    assert_eq!(r.code(), 1, "{}\n{}", r.stdout(), r.stderr());
+    let all = format!("{}{}", r.stdout(), r.stderr());
+    assert!(
+        all.contains("FAILED  cams: the model of input `model` cannot read this data: `vgg` with 6 conv units halves the image 5 time(s)"),
+        "{all}"
+    );
+    assert!(!all.contains("panicked"), "{all}");
 }
