@@ -360,6 +360,23 @@ pub fn verify(cache: &std::path::Path) -> Result<()> {
     for p in store.strays() {
         problems.push(format!("{}: not an object (a wrong name or a folder); left alone", p.display()));
     }
+    // Nor is one a lock file: a run refuses it (it never follows a link there), so it would
+    // stop every run until removed. Runs make only regular files here, so removing the rest
+    // races with nothing.
+    for dir in [store.root.join("locks"), store.root.join("locks").join("runs")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_file() || t.is_dir() {
+                continue;
+            }
+            let done = match std::fs::remove_file(e.path()) {
+                Ok(()) => "removed".to_string(),
+                Err(err) => format!("cannot be removed: {err}"),
+            };
+            problems.push(format!("{}: a link or special file where lock files are kept (never followed); {done}", e.path().display()));
+        }
+    }
     let mut s = String::new();
     for p in &problems {
         s.push_str(&format!("problem: {p}\n"));

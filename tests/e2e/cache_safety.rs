@@ -596,3 +596,27 @@ fn a_record_whose_key_inputs_are_not_its_keys_is_corrupt_to_run() {
     assert_eq!(r.ran(), ["cams"], "{}", r.stdout());
     assert!(p.camflow(&["verify"]).ok().stdout().contains(", 0 problems"));
 }
+
+/// A link where a key's lock file belongs stops every run (links in the cache are never
+/// followed); `verify` names it and removes it (the link, never its target), and the next run
+/// goes through.
+#[test]
+fn verify_removes_a_link_in_place_of_a_lock_file() {
+    let p = Project::new(TINY);
+    p.run(&[]).ok();
+    let key = key_of(&p, "data");
+    let victim = p.path().join("victim.txt");
+    std::fs::write(&victim, "outside the cache").unwrap();
+    let lock = p.cache().join("locks").join(format!("{key}.lock"));
+    let _ = std::fs::remove_file(&lock);
+    std::os::unix::fs::symlink(&victim, &lock).unwrap();
+    let r = p.run(&["--force", "data"]);
+    assert_eq!(r.code(), 5, "{}\n{}", r.stdout(), r.stderr());
+    let v = p.camflow(&["verify"]);
+    assert_eq!(v.code(), 3, "{}", v.stdout());
+    assert!(v.stdout().contains("a link or special file where lock files are kept (never followed); removed"), "{}", v.stdout());
+    assert!(std::fs::symlink_metadata(&lock).is_err(), "the link is gone");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "outside the cache", "its target untouched");
+    p.run(&["--force", "data"]).ok();
+    p.camflow(&["verify"]).ok();
+}
