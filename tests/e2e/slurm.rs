@@ -615,23 +615,29 @@ fn slurm_cache_path_with_a_percent_sign_works() {
     assert_eq!(logs.len(), 1, "one job log under the cache's own path: {logs:?}");
 }
 
-/// A shim before the counting one (`shim2/sbatch`, first on PATH) that fails the first call
-/// with `message` and passes the others on.
-fn failing_first_sbatch(p: &Project, cmd: &mut Command, message: &str) {
+/// `script` as `shim2/sbatch`, first on the PATH of `cmd`, before the counting shim it passes
+/// calls on to (`shim/sbatch`).
+fn install_shim2(p: &Project, cmd: &mut Command, script: &str) {
     let dir = p.path().join("shim2");
     std::fs::create_dir_all(&dir).expect("shim2 dir");
-    let marker = p.path().join("sbatch-failed-once");
-    let script = format!(
-        "#!/bin/sh\nif [ ! -e '{m}' ]; then touch '{m}'; echo '{message}' >&2; exit 1; fi\nexec '{next}' \"$@\"\n",
-        m = marker.display(),
-        next = p.path().join("shim/sbatch").display()
-    );
     std::fs::write(dir.join("sbatch"), script).expect("write shim2");
     std::fs::set_permissions(dir.join("sbatch"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod shim2");
     let path = std::env::var_os("PATH").expect("PATH");
     let mut dirs = vec![dir, p.path().join("shim")];
     dirs.extend(std::env::split_paths(&path));
     cmd.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+}
+
+/// A shim before the counting one that fails the first call with `message` and passes the
+/// others on.
+fn failing_first_sbatch(p: &Project, cmd: &mut Command, message: &str) {
+    let marker = p.path().join("sbatch-failed-once");
+    let script = format!(
+        "#!/bin/sh\nif [ ! -e '{m}' ]; then touch '{m}'; echo '{message}' >&2; exit 1; fi\nexec '{next}' \"$@\"\n",
+        m = marker.display(),
+        next = p.path().join("shim/sbatch").display()
+    );
+    install_shim2(p, cmd, &script);
 }
 
 /// Finding 6: an sbatch call that fails for a passing reason (a socket timeout) is tried
@@ -731,8 +737,6 @@ fn slurm_first_failure_cancels_this_runs_pending_jobs() {
 /// `MaxSubmitJobs` does, any submission that would put more than `limit` of this project's
 /// jobs (each array task one) in the queue at once; each refusal is logged to `refusals.log`.
 fn limiting_sbatch(p: &Project, cmd: &mut Command, limit: usize) {
-    let dir = p.path().join("shim2");
-    std::fs::create_dir_all(&dir).expect("shim2 dir");
     let script = format!(
         r#"#!/bin/sh
 ids=$(awk -F'\t' '$1 == 0 {{ split($2, a, ";"); print a[1] }}' '{log}' 2> /dev/null | paste -sd, -)
@@ -752,19 +756,23 @@ exec '{next}' "$@"
         refusals = p.path().join("refusals.log").display(),
         next = p.path().join("shim/sbatch").display()
     );
-    std::fs::write(dir.join("sbatch"), script).expect("write shim2");
-    std::fs::set_permissions(dir.join("sbatch"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod shim2");
-    let path = std::env::var_os("PATH").expect("PATH");
-    let mut dirs = vec![dir, p.path().join("shim")];
-    dirs.extend(std::env::split_paths(&path));
-    cmd.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+    install_shim2(p, cmd, &script);
 }
 
 fn refusals(p: &Project) -> usize {
     std::fs::read_to_string(p.path().join("refusals.log")).unwrap_or_default().lines().count()
 }
 
-const FOUR_DATA: &str = "    sweep:\n      grid:\n        count: [8, 9, 10, 11]\n";
+/// Four data instances run with the executor block `executor` under a limit of `limit` jobs
+/// queued at once: the project, and the controller's exit code and output.
+fn four_under_a_limit(executor: &str, limit: usize) -> (Project, i32, String) {
+    let p = slurm_project(&(DATA_ONLY.replace("count: 8, ", "") + "    sweep:\n      grid:\n        count: [8, 9, 10, 11]\n"));
+    let prof = profile(&p, &format!("{FAST_POLL}{executor}"));
+    let mut cmd = slurm_cmd(&p, &prof, &p.cache());
+    limiting_sbatch(&p, &mut cmd, limit);
+    let (code, out) = watch(cmd).finish(Duration::from_secs(120));
+    (p, code, out)
+}
 
 /// A limit on the jobs a user may have queued (Slurm's `MaxSubmitJobs`, here 2) refuses the
 /// third of four single jobs: the run keeps two in flight and submits the rest as they end,
@@ -772,11 +780,7 @@ const FOUR_DATA: &str = "    sweep:\n      grid:\n        count: [8, 9, 10, 11]\
 #[test]
 #[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
 fn slurm_submit_limit_is_waited_out_with_this_runs_jobs_in_flight() {
-    let p = slurm_project(&(DATA_ONLY.replace("count: 8, ", "") + FOUR_DATA));
-    let prof = profile(&p, &format!("{FAST_POLL}{ONE_PER_JOB}"));
-    let mut cmd = slurm_cmd(&p, &prof, &p.cache());
-    limiting_sbatch(&p, &mut cmd, 2);
-    let (code, out) = watch(cmd).finish(Duration::from_secs(120));
+    let (p, code, out) = four_under_a_limit(ONE_PER_JOB, 2);
     assert_eq!(code, 0, "{out}");
     assert!(refusals(&p) >= 1, "the shim refused a submission:\n{out}");
     assert!(out.contains("while 2 of this run's were queued or running: a limit on the jobs you may have queued at once"), "{out}");
@@ -791,11 +795,7 @@ fn slurm_submit_limit_is_waited_out_with_this_runs_jobs_in_flight() {
 #[test]
 #[ignore = "needs a Slurm cluster: CAMFLOW_SLURM_TESTS=1, see tests/e2e/slurm.rs"]
 fn slurm_array_over_the_submit_limit_is_split() {
-    let p = slurm_project(&(DATA_ONLY.replace("count: 8, ", "") + FOUR_DATA));
-    let prof = profile(&p, &format!("{FAST_POLL}  arrays: true\n  on_controller: []\n"));
-    let mut cmd = slurm_cmd(&p, &prof, &p.cache());
-    limiting_sbatch(&p, &mut cmd, 2);
-    let (code, out) = watch(cmd).finish(Duration::from_secs(120));
+    let (p, code, out) = four_under_a_limit("  arrays: true\n  on_controller: []\n", 2);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("Slurm refused an array of 4 tasks of stage `data`"), "{out}");
     assert!(out.contains("while 0 of this run's were queued or running"), "{out}");
