@@ -51,8 +51,8 @@
 #               (its forced retrain stage is the target: 1.5x), locks compared. On the
 #               developers' 2 cores one training already keeps the cores busy (BENCHMARKS.md,
 #               "Why the CPU target (1.5x) is not reached here"); a GPU node's many cores are
-#               where stacking can pay. About 4 minutes on 16 cores: a second call of
-#               `GPU_CHECK_PARTS="cpu-fuse cpu-locked"`
+#               where stacking can pay. 337 s on those 2 cores (limit 400 s): a second device
+#               call of `GPU_CHECK_PARTS="cpu-fuse cpu-locked"`
 # Settings (environment):
 #   OUT                where the summary goes (gpu-check-summary.md); else a temp folder,
 #                      printed at the end

@@ -13,7 +13,6 @@
 //! Pure bookkeeping: the executor asks [`GpuPool::acquire`] in its dispatch loop and hands the
 //! [`Grant`] back with [`GpuPool::release`] when the instance ends.
 
-
 use crate::stage_kind::{Catalog, GpuShare, Resources};
 use crate::sweep::Instance;
 

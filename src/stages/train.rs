@@ -500,9 +500,9 @@ pub fn classifier_warnings(splits: &[(&str, &ClassificationScores)]) -> Vec<Warn
     v
 }
 
-/// Loads a model artifact (config + weights) for a backend.
-/// The model of input `slot`, to be run on the images of `ds` (refused, with why, when they are
-/// too small for its architecture: a model and a data set may come from different stages).
+/// Loads the model artifact (config + weights) of input `slot` for a backend, to be run on the
+/// images of `ds` (refused, with why, when they are too small for its architecture: a model
+/// and a data set may come from different stages).
 pub fn load_model<B: burn::tensor::backend::Backend>(
     inputs: &std::collections::BTreeMap<String, InputArtifact>,
     slot: &str,
