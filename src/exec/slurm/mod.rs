@@ -548,11 +548,10 @@ impl SlurmRunner {
         self.submit_room = Some(self.submit_room.map_or(room, |r| r.min(room)));
         let text = if tasks.len() == 1 {
             format!(
-                "Slurm refused {} more job(s) of stage `{stage}` ({error}) while {in_flight} of this run's were queued or running: \
-                 a limit on the jobs you may have queued at once; camflow keeps at most {room} in flight from now on and submits \
-                 the rest as those end (`executor.max_jobs: {room}` avoids the refused calls). If the limit is on the job's own \
-                 size or time instead, it fails once nothing else is in flight",
-                tasks.len()
+                "Slurm refused a job of stage `{stage}` ({error}) while {in_flight} of this run's were queued or running: a limit \
+                 on the jobs you may have queued at once; camflow keeps at most {room} in flight from now on and submits the rest \
+                 as those end (`executor.max_jobs: {room}` avoids the refused calls). If the limit is on the job's own size or \
+                 time instead, it fails once nothing else is in flight"
             )
         } else {
             format!(
