@@ -310,6 +310,18 @@ mod tests {
     use burn::module::AutodiffModule;
     use burn::tensor::TensorData;
 
+    /// Each 2x2 pool halves the side: the smallest input is 2^pools, and the message names it.
+    #[test]
+    fn the_smallest_input_doubles_with_each_pool() {
+        assert_eq!(ArchConfig::vgg_small(1).min_input_size(), 8);
+        assert_eq!(ArchConfig::vgg(1, vec![4; 5], false).min_input_size(), 16);
+        // A stem, then two blocks per stage and a pool between the three stages.
+        assert_eq!(ArchConfig::resnet(1, &[16, 32, 64], 2).min_input_size(), 4);
+        assert_eq!(ArchConfig::vgg_small(1).input_too_small(8, 8), None);
+        let why = ArchConfig::vgg(1, vec![4; 5], false).input_too_small(16, 12).expect("12 < 16");
+        assert!(why.contains("halves the image 4 time(s)") && why.contains("at least 16x16") && why.contains("16x12"), "{why}");
+    }
+
     fn bits<const D: usize>(t: Tensor<Flex, D>) -> Vec<u32> {
         t.into_data().convert::<f32>().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
     }
