@@ -204,13 +204,13 @@ fn read_masks(
 ) -> Result<(Vec<u8>, bool), LoadError> {
     let mut merged = vec![0u8; iw * ih];
     for m in masks {
-        let l = decode(m, &report.read(m)?, "mask")?.to_luma8();
-        let (w, h) = (l.width() as usize, l.height() as usize);
+        let img = decode(m, &report.read(m)?, "mask")?;
+        let (w, h) = (img.width() as usize, img.height() as usize);
         if (w, h) != (iw, ih) {
             return Err(err(m, format!("mask is {w}x{h} but its image {} is {iw}x{ih}", image.display())));
         }
-        for (a, b) in merged.iter_mut().zip(l.as_raw()) {
-            *a |= (*b > 0) as u8;
+        for (a, b) in merged.iter_mut().zip(marked_pixels(&img)) {
+            *a |= b;
         }
     }
     let tumor = merged.iter().any(|&m| m > 0);
@@ -220,6 +220,29 @@ fn read_masks(
         report.vanished.push(image.display().to_string());
     }
     Ok((small, tumor))
+}
+
+/// 1 where a mask marks a pixel: any colour channel above 0 in the file's own sample values.
+/// Not after a conversion to 8-bit grey, which reads a 16-bit mask of 0/1 (common in medical
+/// data) as empty and rounds a faint colour to 0.
+fn marked_pixels(img: &image::DynamicImage) -> Vec<u8> {
+    use image::DynamicImage as D;
+    fn any<T: PartialOrd + Default + Copy>(raw: &[T], channels: usize, colours: usize) -> Vec<u8> {
+        raw.chunks_exact(channels).map(|px| px[..colours].iter().any(|&v| v > T::default()) as u8).collect()
+    }
+    match img {
+        D::ImageLuma8(b) => any(b.as_raw(), 1, 1),
+        D::ImageLumaA8(b) => any(b.as_raw(), 2, 1),
+        D::ImageRgb8(b) => any(b.as_raw(), 3, 3),
+        D::ImageRgba8(b) => any(b.as_raw(), 4, 3),
+        D::ImageLuma16(b) => any(b.as_raw(), 1, 1),
+        D::ImageLumaA16(b) => any(b.as_raw(), 2, 1),
+        D::ImageRgb16(b) => any(b.as_raw(), 3, 3),
+        D::ImageRgba16(b) => any(b.as_raw(), 4, 3),
+        D::ImageRgb32F(b) => any(b.as_raw(), 3, 3),
+        D::ImageRgba32F(b) => any(b.as_raw(), 4, 3),
+        other => any(other.to_rgb32f().as_raw(), 3, 3),
+    }
 }
 
 fn sample(id: String, group: String, label: u8, image: Vec<f32>, mask: Vec<u8>) -> Sample {
@@ -323,6 +346,11 @@ fn stem(p: &Path) -> String {
     p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// A folder's whole name: a folder has no extension (`grade.2` is not `grade`).
+fn dir_name(p: &Path) -> String {
+    p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 /// `path` relative to `root`, with `/` separators: a name for the key that no location enters.
 fn rel(root: &Path, path: &Path) -> String {
     path.strip_prefix(root).unwrap_or(path).to_string_lossy().replace('\\', "/")
@@ -361,11 +389,14 @@ fn lgg_items(root: &Path) -> Result<Vec<(String, Vec<Item>)>, LoadError> {
             if !is_image(&file) || s.ends_with("_mask") {
                 continue;
             }
-            let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("tif");
-            let mask = file.with_file_name(format!("{s}_mask.{ext}"));
+            // From the file's own bytes: a name that is not UTF-8 must still find its mask.
+            let mut name = file.file_stem().unwrap_or_default().to_os_string();
+            name.push("_mask.");
+            name.push(file.extension().unwrap_or_else(|| std::ffi::OsStr::new("tif")));
+            let mask = file.with_file_name(name);
             items.push(Item { image: file, masks: vec![mask] });
         }
-        out.push((stem(&patient), items));
+        out.push((dir_name(&patient), items));
     }
     Ok(out)
 }
@@ -384,10 +415,22 @@ pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadRep
     let root = lgg_root(root)?;
     let mut report = LoadReport::default();
     let mut out = Vec::new();
+    // A slice's id is its file name: a patient folder copied or linked under another name would
+    // put the same slices in two groups, and so in two splits (train and test).
+    let mut ids: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (pname, items) in lgg_items(&root)? {
         for Item { image: file, masks } in items {
             let s = stem(&file);
             let res = (|| {
+                if let Some(first) = ids.get(&s) {
+                    return Err(err(
+                        &file,
+                        format!(
+                            "slice `{s}` again (first {}): a patient folder copied or linked under another name? each slice must appear once",
+                            first.display()
+                        ),
+                    ));
+                }
                 if !masks[0].exists() {
                     return Err(err(&file, format!("missing mask {}", masks[0].display())));
                 }
@@ -398,7 +441,10 @@ pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadRep
                 Ok(sample(s.clone(), pname.clone(), label, image, mask))
             })();
             match res {
-                Ok(x) => out.push(x),
+                Ok(x) => {
+                    ids.insert(s, file);
+                    out.push(x)
+                }
                 Err(e) => handle(&mut report, opts, e),
             }
         }
@@ -510,9 +556,9 @@ pub fn load_folders(root: &Path, positive: &[String], opts: &LoadOptions) -> Res
     let mut out = Vec::new();
     let mut ids: BTreeMap<String, PathBuf> = BTreeMap::new();
     let classes = folder_items(root)?;
-    check_positive(root, positive, &classes.iter().map(|(c, _)| stem(c)).collect::<Vec<_>>())?;
+    check_positive(root, positive, &classes.iter().map(|(c, _)| dir_name(c)).collect::<Vec<_>>())?;
     for (class, items) in classes {
-        let cname = stem(&class);
+        let cname = dir_name(&class);
         let label = positive.iter().any(|p| p == &cname) as u8;
         if items.is_empty() {
             handle(&mut report, opts, err(&class, "class folder holds no images"));
@@ -595,7 +641,13 @@ fn manifest_rows(csv_path: &Path, bytes: &[u8]) -> Result<Vec<Result<Row, LoadEr
         .records()
         .enumerate()
         .map(|(i, rec)| {
-            let line = i + 2;
+            // Where the record starts in the file (csv skips blank lines, and a quoted field
+            // may span lines); the count is a fallback for an error without a position.
+            let line = match &rec {
+                Ok(r) => r.position().map(|p| p.line() as usize),
+                Err(e) => e.position().map(|p| p.line() as usize),
+            }
+            .unwrap_or(i + 2);
             let rec = rec.map_err(|e| err(csv_path, format!("line {line}: {e}")))?;
             let field = |c: usize| rec.get(c).unwrap_or("").trim().to_string();
             Ok(Row {
@@ -940,5 +992,65 @@ mod tests {
         std::fs::write(d.path().join("m.csv"), "image,label,group\na.png,0,p1\nmissing.png,0,p2\n").unwrap();
         let e = load_manifest(&d.path().join("m.csv"), &opts()).unwrap_err().to_string();
         assert!(e.contains("m.csv: line 3: image `missing.png` does not exist"), "{e}");
+    }
+
+    /// One LGG slice of 16x16 (`P/P_n.tif`) with the given mask image.
+    fn lgg_slice(dir: &Path, patient: &str, n: u32, mask: image::DynamicImage) {
+        let p = dir.join("kaggle_3m").join(patient);
+        std::fs::create_dir_all(&p).unwrap();
+        image::RgbImage::from_pixel(16, 16, image::Rgb([40, 80, 120])).save(p.join(format!("{patient}_{n}.tif"))).unwrap();
+        mask.save(p.join(format!("{patient}_{n}_mask.tif"))).unwrap();
+    }
+
+    /// A mask pixel is tumor when any colour channel is above 0 in the file's own values: a
+    /// 16-bit mask of 0/1 and a faint colour count (8-bit grey read them as empty).
+    #[test]
+    fn masks_mark_what_is_above_zero_in_their_own_sample_values() {
+        let d = tempfile::tempdir().unwrap();
+        let block = |v: u16| image::ImageBuffer::from_fn(16, 16, move |x, y| image::Luma([if x < 8 && y < 8 { v } else { 0 }]));
+        lgg_slice(d.path(), "P1", 1, image::DynamicImage::ImageLuma16(block(1)));
+        let faint = image::RgbImage::from_fn(16, 16, |x, _| image::Rgb([0, 0, (x < 8) as u8]));
+        lgg_slice(d.path(), "P1", 2, image::DynamicImage::ImageRgb8(faint));
+        lgg_slice(d.path(), "P1", 3, image::DynamicImage::ImageLuma16(block(0)));
+        let (s, _) = load_lgg(d.path(), &opts()).unwrap();
+        let got: Vec<(&str, u8, usize)> = s.iter().map(|x| (x.id.as_str(), x.label, x.mask.iter().filter(|&&v| v > 0).count())).collect();
+        assert_eq!(got, [("P1_1", 1, 16), ("P1_2", 1, 32), ("P1_3", 0, 0)]);
+    }
+
+    /// A patient folder linked under another name would put its slices in two groups (and
+    /// two splits): refused, naming both files.
+    #[test]
+    fn an_lgg_slice_found_twice_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        lgg_slice(d.path(), "P1", 1, image::DynamicImage::ImageLuma8(image::GrayImage::new(16, 16)));
+        let k = d.path().join("kaggle_3m");
+        std::os::unix::fs::symlink(k.join("P1"), k.join("P9")).unwrap();
+        let e = load_lgg(d.path(), &opts()).unwrap_err().to_string();
+        assert!(e.contains("P9/P1_1.tif: slice `P1_1` again (first ") && e.contains("P1/P1_1.tif"), "{e}");
+    }
+
+    /// A folder's whole name is its class or patient: `grade.2` is not `grade`.
+    #[test]
+    fn folder_names_keep_their_dots() {
+        let d = tempfile::tempdir().unwrap();
+        for c in ["grade.2", "grade.3"] {
+            std::fs::create_dir_all(d.path().join(c)).unwrap();
+            write_png(&d.path().join(c).join("a.png"), 8, 8, 40);
+        }
+        write_png(&d.path().join("grade.3").join("a_mask.png"), 8, 8, 255);
+        let (s, _) = load_folders(d.path(), &["grade.3".into()], &opts()).unwrap();
+        let got: Vec<(&str, u8)> = s.iter().map(|x| (x.id.as_str(), x.label)).collect();
+        assert_eq!(got, [("grade.2/a", 0), ("grade.3/a", 1)]);
+    }
+
+    /// Manifest errors name the line the record starts on, after blank lines and quoted
+    /// fields that span lines.
+    #[test]
+    fn manifest_errors_name_the_file_line() {
+        let d = tempfile::tempdir().unwrap();
+        write_png(&d.path().join("a.png"), 8, 8, 40);
+        std::fs::write(d.path().join("m.csv"), "image,label\n\na.png,0\n\"multi\nline.png\",0\n").unwrap();
+        let e = load_manifest(&d.path().join("m.csv"), &opts()).unwrap_err().to_string();
+        assert!(e.contains("m.csv: line 4: image `multi\nline.png` does not exist"), "{e}");
     }
 }

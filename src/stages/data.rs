@@ -97,7 +97,11 @@ impl StageKind for Data {
         //    errors. Synthetic phantoms are made at image_size and are unchanged.
         // 5: skipped files are named relative to the data's own folder, however its path was
         //    written (records of v4 could hold a cwd-dependent path). Same dataset bytes.
-        5
+        // 6: a mask pixel is tumor when any colour channel is above 0 in the file's own values
+        //    (a 16-bit mask of 0/1 read as empty through 8-bit grey); class and patient folders
+        //    keep their whole names (`grade.2` was `grade`); an LGG slice found twice is an
+        //    error. Synthetic phantoms are unchanged.
+        6
     }
     fn doc(&self) -> &'static str {
         "Loads or generates labelled images with ground-truth masks, resized and normalised, split into train/val/test by group (patient)."
