@@ -695,9 +695,9 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
     let bytes = report.read(csv_path).map_err(|e| err(csv_path, format!("cannot read CSV: {}", e.reason)))?;
     let rows = manifest_rows(csv_path, &bytes)?;
     let mut out = Vec::new();
-    // Each image file by its resolved path (links followed, `./` and `..` gone): the line and
-    // the name of the row that listed it first.
-    let mut listed: BTreeMap<PathBuf, (usize, String)> = BTreeMap::new();
+    // Each image file by its device and inode (the same file under any name: symbolic and hard
+    // links, `./`, `..`): the line and the name of the row that listed it first.
+    let mut listed: BTreeMap<(u64, u64), (usize, String)> = BTreeMap::new();
     for row in rows {
         let res = (|| {
             let Row { line, image: img_rel, label, mask, group } = row?;
@@ -706,8 +706,9 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
                 return Err(err(csv_path, format!("line {line}: image `{img_rel}` does not exist")));
             }
             // One file on two rows could land in train and in test: a silent leak.
-            let real = std::fs::canonicalize(&img).unwrap_or_else(|_| img.clone());
-            if let Some((first, name)) = listed.get(&real) {
+            let meta = std::fs::metadata(&img).map_err(|e| err(&img, format!("cannot read image: {e}")))?;
+            let file_id = (std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta));
+            if let Some((first, name)) = listed.get(&file_id) {
                 return Err(err(
                     csv_path,
                     format!("line {line}: image `{img_rel}` is the same file as `{name}` on line {first} (list each image once)"),
@@ -735,13 +736,13 @@ pub fn load_manifest(csv_path: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>
                 None => vec![0u8; opts.size * opts.size],
             };
             let group = group.unwrap_or_else(|| img_rel.clone());
-            Ok((sample(img_rel.clone(), group, label, image, mask), real, line))
+            Ok((sample(img_rel.clone(), group, label, image, mask), file_id, line))
         })();
         match res {
             // Listed only once accepted: a row rejected for itself (a bad label, a missing
             // mask) is no first listing for a later, good row to be a duplicate of.
-            Ok((x, real, line)) => {
-                listed.insert(real, (line, x.id.clone()));
+            Ok((x, file_id, line)) => {
+                listed.insert(file_id, (line, x.id.clone()));
                 out.push(x)
             }
             Err(e) => handle(&mut report, opts, e),
@@ -969,12 +970,14 @@ mod tests {
         write_png(&d.path().join("a/b.png"), 8, 8, 10);
         write_png(&d.path().join("c.png"), 8, 8, 20);
         write_png(&d.path().join("e.png"), 8, 8, 30);
+        std::fs::hard_link(d.path().join("e.png"), d.path().join("hard.png")).unwrap();
         let csv = d.path().join("m.csv");
-        let rows = "a/b.png,0,p1\nc.png,0,p2\n./a/b.png,0,p3\nc.png,0,p2\ne.png,0,p4\na/../c.png,0,p5\n";
+        let rows = "a/b.png,0,p1\nc.png,0,p2\n./a/b.png,0,p3\nc.png,0,p2\ne.png,0,p4\na/../c.png,0,p5\nhard.png,1,p6\n";
         std::fs::write(&csv, format!("image,label,group\n{rows}")).unwrap();
         let e = load_manifest(&csv, &opts()).unwrap_err();
         let text = e.to_string();
-        assert_eq!(e.problems.len(), 3, "{text}");
+        assert_eq!(e.problems.len(), 4, "{text}");
+        assert!(text.contains("m.csv: line 8: image `hard.png` is the same file as `e.png` on line 6"), "{text}");
         assert!(text.contains("m.csv: line 4: image `./a/b.png` is the same file as `a/b.png` on line 2"), "{text}");
         assert!(text.contains("m.csv: line 5: image `c.png` is the same file as `c.png` on line 3"), "{text}");
         assert!(text.contains("m.csv: line 7: image `a/../c.png` is the same file as `c.png` on line 3"), "{text}");
@@ -982,7 +985,7 @@ mod tests {
         o.skip_errors = true;
         let (s, r) = load_manifest(&csv, &o).unwrap();
         assert_eq!(s.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(), ["a/b.png", "c.png", "e.png"]);
-        assert_eq!(r.skipped.len(), 3);
+        assert_eq!(r.skipped.len(), 4);
     }
 
     #[test]
