@@ -450,6 +450,10 @@ pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadRep
         }
     }
     let report = finish(&root, report)?;
+    if out.is_empty() && !report.skipped.is_empty() {
+        let first = &report.skipped[0];
+        return Err(err(&root, format!("all {} LGG slices found are bad files, skipped (on_error: skip); the first: {first}", report.skipped.len())));
+    }
     if out.is_empty() {
         return Err(err(&root, "no LGG slices found (expected <patient>/<patient>_<n>.tif with _mask.tif)"));
     }
@@ -1018,6 +1022,17 @@ mod tests {
         let (s, _) = load_lgg(d.path(), &opts()).unwrap();
         let got: Vec<(&str, u8, usize)> = s.iter().map(|x| (x.id.as_str(), x.label, x.mask.iter().filter(|&&v| v > 0).count())).collect();
         assert_eq!(got, [("P1_1", 1, 16), ("P1_2", 1, 32), ("P1_3", 0, 0)]);
+    }
+
+    /// With `on_error: skip` and every slice bad, the error says so (not "no slices found").
+    #[test]
+    fn every_lgg_slice_skipped_is_told_as_such() {
+        let d = tempfile::tempdir().unwrap();
+        lgg_slice(d.path(), "P1", 1, image::DynamicImage::ImageLuma8(image::GrayImage::new(4, 4)));
+        let mut o = opts();
+        o.skip_errors = true;
+        let e = load_lgg(d.path(), &o).unwrap_err().to_string();
+        assert!(e.contains("all 1 LGG slices found are bad files, skipped (on_error: skip); the first: ") && e.contains("mask is 4x4"), "{e}");
     }
 
     /// A patient folder linked under another name would put its slices in two groups (and

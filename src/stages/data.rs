@@ -99,8 +99,9 @@ impl StageKind for Data {
         //    written (records of v4 could hold a cwd-dependent path). Same dataset bytes.
         // 6: a mask pixel is tumor when any colour channel is above 0 in the file's own values
         //    (a 16-bit mask of 0/1 read as empty through 8-bit grey); class and patient folders
-        //    keep their whole names (`grade.2` was `grade`); an LGG slice found twice is an
-        //    error. Synthetic phantoms are unchanged.
+        //    keep their whole names (`grade.2` was `grade`); an LGG slice found twice, or a
+        //    manifest image hard-linked under two names, is an error. Synthetic phantoms are
+        //    unchanged.
         6
     }
     fn doc(&self) -> &'static str {
