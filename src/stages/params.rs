@@ -32,11 +32,12 @@ pub fn bool(p: &Params, name: &str) -> Result<bool, StageError> {
     p.get(name).and_then(|v| v.as_bool()).ok_or_else(|| StageError::new(format!("param `{name}` must be true or false")))
 }
 
+/// Every entry or an error: a negative entry is not dropped from the list.
 pub fn usize_list(p: &Params, name: &str) -> Result<Vec<usize>, StageError> {
     p.get(name)
         .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_u64().map(|u| u as usize)).collect())
-        .ok_or_else(|| StageError::new(format!("param `{name}` must be a list of integers")))
+        .and_then(|a| a.iter().map(|x| x.as_u64().map(|u| u as usize)).collect::<Option<Vec<usize>>>())
+        .ok_or_else(|| StageError::new(format!("param `{name}` must be a list of non-negative integers")))
 }
 
 pub fn str_list(p: &Params, name: &str) -> Vec<String> {

@@ -82,15 +82,17 @@ fn key_shape(params: &Params, specs: &[ParamSpec]) -> Params {
 /// allocation of terabytes that aborts the process.
 pub const MAX_WIDTH: usize = 4096;
 
+/// What `widths` must be, said of the param.
+fn widths_rule() -> String {
+    format!("must be a non-empty list of integers from 1 to {MAX_WIDTH}")
+}
+
 pub fn arch_from(params: &Params, in_channels: usize) -> Result<ArchConfig, StageError> {
     // `widths` checked only where it is read: vgg-small keys it at its default, so a check
     // there would fail a cold cache and pass a warm one for one spec.
-    let widths = || -> Result<Vec<usize>, StageError> {
-        let widths = p::usize_list(params, "widths")?;
-        if widths.is_empty() || widths.iter().any(|&w| w == 0 || w > MAX_WIDTH) {
-            return Err(StageError::new(format!("param `widths` must be a non-empty list of integers from 1 to {MAX_WIDTH}")));
-        }
-        Ok(widths)
+    let widths = || match p::usize_list(params, "widths") {
+        Ok(w) if !w.is_empty() && w.iter().all(|w| (1..=MAX_WIDTH).contains(w)) => Ok(w),
+        _ => Err(StageError::new(format!("param `widths` {}", widths_rule()))),
     };
     Ok(match p::str(params, "arch")? {
         "vgg" => ArchConfig::vgg(in_channels, widths()?, p::bool(params, "batch_norm")?),
@@ -298,13 +300,9 @@ impl StageKind for Train {
     /// The architecture's params where it reads them, and against the image size of the data
     /// upstream: checked when the pipeline is read, not when the run gets there.
     fn check(&self, params: &Params, upstream: &dyn Fn(&str) -> Option<Json>) -> Vec<(String, String)> {
-        let arch = match arch_from(params, 1) {
-            Ok(a) => a,
-            Err(e) => {
-                let msg = e.to_string();
-                let msg = msg.strip_prefix("param `widths` ").unwrap_or(&msg);
-                return vec![("widths".into(), msg.to_string())];
-            }
+        let Ok(arch) = arch_from(params, 1) else {
+            // `arch` is a choice checked before: only `widths` can be wrong.
+            return vec![("widths".into(), widths_rule())];
         };
         match upstream_image(upstream).and_then(|(size, _)| arch.input_too_small(size, size)) {
             // vgg-small fits every image size the data kind allows; a vgg or resnet is shaped by
@@ -552,5 +550,21 @@ mod tests {
         assert_ne!(key(&[resnet.clone(), ("blocks", json!(2))]), key(&[resnet]));
         let sgd = ("optimizer", json!("sgd"));
         assert_ne!(key(&[sgd.clone(), ("momentum", json!(0.1))]), key(&[sgd]));
+    }
+
+    /// `widths` is checked where an architecture reads it, every entry: a negative one used
+    /// to be dropped from the list (`[4, -1, 8]` trained `[4, 8]`).
+    #[test]
+    fn widths_are_checked_entry_by_entry_where_they_are_read() {
+        let kind = Train { retrain: false };
+        let no_upstream = |_: &str| None;
+        let check = |w: Json| kind.check(&params(&[("arch", json!("vgg")), ("widths", w)]), &no_upstream);
+        let rule = vec![("widths".to_string(), "must be a non-empty list of integers from 1 to 4096".to_string())];
+        for bad in [json!([4, -1, 8]), json!([]), json!([0]), json!([4097])] {
+            assert_eq!(check(bad.clone()), rule, "{bad}");
+        }
+        assert_eq!(check(json!([4, 8, 4096])), Vec::new());
+        let small = kind.check(&params(&[("widths", json!([-1]))]), &no_upstream);
+        assert_eq!(small, Vec::new(), "vgg-small ignores widths");
     }
 }
