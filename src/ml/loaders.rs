@@ -346,6 +346,18 @@ fn stem(p: &Path) -> String {
     p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// Claims sample id `id` for `path`; the path that claimed it first, if another did. Ids must
+/// be unique: one image under two groups could land in train and in test.
+fn claimed_before(ids: &mut BTreeMap<String, PathBuf>, id: &str, path: &Path) -> Option<PathBuf> {
+    match ids.entry(id.to_string()) {
+        std::collections::btree_map::Entry::Occupied(first) => Some(first.get().clone()),
+        std::collections::btree_map::Entry::Vacant(v) => {
+            v.insert(path.to_path_buf());
+            None
+        }
+    }
+}
+
 /// A folder's whole name: a folder has no extension (`grade.2` is not `grade`).
 fn dir_name(p: &Path) -> String {
     p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
@@ -422,7 +434,7 @@ pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadRep
         for Item { image: file, masks } in items {
             let s = stem(&file);
             let res = (|| {
-                if let Some(first) = ids.get(&s) {
+                if let Some(first) = claimed_before(&mut ids, &s, &file) {
                     return Err(err(
                         &file,
                         format!(
@@ -441,10 +453,7 @@ pub fn load_lgg(root: &Path, opts: &LoadOptions) -> Result<(Vec<Sample>, LoadRep
                 Ok(sample(s.clone(), pname.clone(), label, image, mask))
             })();
             match res {
-                Ok(x) => {
-                    ids.insert(s, file);
-                    out.push(x)
-                }
+                Ok(x) => out.push(x),
                 Err(e) => handle(&mut report, opts, e),
             }
         }
@@ -570,10 +579,9 @@ pub fn load_folders(root: &Path, positive: &[String], opts: &LoadOptions) -> Res
         for Item { image: img, masks } in items {
             let (id, group) = folder_id(&class, &cname, &img);
             let res = (|| {
-                if let Some(first) = ids.get(&id) {
+                if let Some(first) = claimed_before(&mut ids, &id, &img) {
                     return Err(err(&img, format!("has the same name as {} (image ids must be unique)", first.display())));
                 }
-                ids.insert(id.clone(), img.clone());
                 let (image, w, h) = read_image(&img, opts, &mut report)?;
                 let mask = if !masks.is_empty() {
                     read_masks(&img, (w, h), &masks, opts.size, &mut report)?.0
