@@ -393,12 +393,15 @@ impl SlurmRunner {
         }
     }
 
-    /// Whether a job this controller knows, or another controller's recorded job (only those
-    /// still in the queue, when `alive` is given), reads the job file at `path`. Job files are
-    /// named by their content, so a resubmission of the same tasks shares one.
-    fn job_file_in_use(&self, path: &Path, alive: Option<&HashSet<&str>>) -> bool {
-        self.known.values().any(|k| k.job_file == path)
-            || self.others.iter().any(|(o, _)| o.job_file == path && alive.is_none_or(|a| a.contains(o.job_id.as_str())))
+    /// Removes the job file at `path` unless a job this controller knows, or another
+    /// controller's recorded job (only those still in the queue, when `alive` is given), reads
+    /// it. Job files are named by their content, so a resubmission of the same tasks shares one.
+    fn remove_job_file_unless_used(&self, path: &Path, alive: Option<&HashSet<&str>>) {
+        let used = self.known.values().any(|k| k.job_file == path)
+            || self.others.iter().any(|(o, _)| o.job_file == path && alive.is_none_or(|a| a.contains(o.job_id.as_str())));
+        if !used {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     fn log_dir(&self) -> PathBuf {
@@ -460,8 +463,8 @@ impl SlurmRunner {
                 Err(e) if sbatch::maybe_submit_limit(&e) && limit_clears => {
                     // After a passing failure the first call may have made a job after all
                     // (then this refusal is its doing): its job file stays.
-                    if tries == 1 && !self.job_file_in_use(&job_file, None) {
-                        let _ = std::fs::remove_file(&job_file);
+                    if tries == 1 {
+                        self.remove_job_file_unless_used(&job_file, None);
                     }
                     return self.hold_back(stage, tasks, &e);
                 }
@@ -501,9 +504,7 @@ impl SlurmRunner {
             Err((msg, config)) => {
                 // No job will read it (a job file is content-addressed: another submission of
                 // the same tasks may still use it).
-                if !self.job_file_in_use(&job_file, None) {
-                    let _ = std::fs::remove_file(&job_file);
-                }
+                self.remove_job_file_unless_used(&job_file, None);
                 return fail_all(self, tasks, &msg, config);
             }
         };
@@ -826,9 +827,7 @@ impl SlurmRunner {
                     // Job files are named by their content: a job resubmitted for the same keys
                     // (a replaced pending job, a retry) has this very file. Never removed under
                     // a job that is known or still in the queue.
-                    if !self.job_file_in_use(&rec.job_file, Some(&alive)) {
-                        let _ = std::fs::remove_file(&rec.job_file);
-                    }
+                    self.remove_job_file_unless_used(&rec.job_file, Some(&alive));
                     removed = true;
                 }
             }
@@ -848,9 +847,7 @@ impl SlurmRunner {
                 if let Some(k) = self.known.remove(&j) {
                     let _ = std::fs::remove_file(&k.record);
                     // Not under a later job of the same keys (same content, same file name).
-                    if !self.job_file_in_use(&k.job_file, Some(&alive)) {
-                        let _ = std::fs::remove_file(&k.job_file);
-                    }
+                    self.remove_job_file_unless_used(&k.job_file, Some(&alive));
                 }
             }
         }
