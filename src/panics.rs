@@ -3,7 +3,7 @@
 //! panic's message and where it happened. Rust's default hook would first print the same panic
 //! as a raw `thread '...' panicked at` line with a backtrace hint, which reads as a crash of
 //! the whole run while the run goes on. [`install`] replaces it: the panic goes to the log
-//! (`-v`) and is kept for [`message`]; `cli::main` catches what nothing else does and reports it
+//! (`-vv`) and is kept for [`message`]; `cli::main` catches what nothing else does and reports it
 //! as an internal error. Only a thread whose panics nobody catches (a named helper thread such
 //! as the lease heartbeat) still prints one line itself.
 
@@ -24,8 +24,9 @@ pub fn install() {
             *last = Some((msg.clone(), at.clone()));
         }
         // Caught and reported: the main thread (by `cli::main`), the async runtime's threads
-        // (every task's result is looked at), rayon's unnamed workers (rayon raises a worker's
-        // panic again in the thread that waits for it). Any other named thread is on its own.
+        // (every task's result is looked at), unnamed threads (rayon's workers, whose panic
+        // rayon raises again in the thread that waits for it; scoped threads, joined by the
+        // thread that spawned them). Any other named thread is on its own.
         let thread = std::thread::current();
         if let Some(name) = thread.name()
             && name != "main"

@@ -430,7 +430,10 @@ fn train_together(ctxs: &mut [RunContext<'_>], ready: &[(usize, &Prepared)], kin
     match result {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => (0..n).map(|_| Err(StageError::new(&e))).collect(),
-        Err(_) => (0..n).map(|_| Err(StageError::new("the training group panicked"))).collect(),
+        Err(panic) => {
+            let why = crate::panics::message(panic.as_ref());
+            (0..n).map(|_| Err(StageError::new(format!("the training group panicked: {why}")))).collect()
+        }
     }
 }
 
