@@ -69,20 +69,24 @@ impl ArchConfig {
     /// The smallest square input every unit gets at least one pixel of: each 2x2 max pool
     /// halves the side (rounding down), so `pools` of them need a side of `2^pools`.
     pub fn min_input_size(&self) -> usize {
-        let pools = self.pool_after.iter().filter(|&&p| p).count();
-        1usize.checked_shl(pools as u32).unwrap_or(usize::MAX)
+        1usize.checked_shl(self.pools() as u32).unwrap_or(usize::MAX)
+    }
+
+    /// How many 2x2 max pools the units apply.
+    fn pools(&self) -> usize {
+        self.pool_after.iter().filter(|&&p| p).count()
     }
 
     /// Why images of `height` x `width` are too small for this architecture, if they are.
     pub fn input_too_small(&self, height: usize, width: usize) -> Option<String> {
         let need = self.min_input_size();
         (height.min(width) < need).then(|| {
-            let pools = self.pool_after.iter().filter(|&&p| p).count();
             format!(
-                "`{}` with {} conv units halves the image {pools} time(s) (2x2 max pools): it needs images of at least {need}x{need}, \
+                "`{}` with {} conv units halves the image {} time(s) (2x2 max pools): it needs images of at least {need}x{need}, \
                  and these are {height}x{width}",
                 self.name,
-                self.units()
+                self.units(),
+                self.pools()
             )
         })
     }
